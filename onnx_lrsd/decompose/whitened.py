@@ -1,0 +1,166 @@
+"""Data-aware low rank: minimise the layer-output error on calibration data, from XᵀX alone.
+
+With G = XᵀX and Σ = G + λ·(tr G / in)·I = L Lᵀ,
+    ‖X(W − A)‖²_F + λ·(tr G / in)·‖W − A‖²_F = ‖Lᵀ(W − A)‖²_F,
+and A ↦ LᵀA is a bijection on rank-r matrices, so the optimum is the truncated SVD of
+LᵀW = P S Qᵀ mapped back: U = L^{-T} P_r S_r^½, V = S_r^½ Q_rᵀ. The ridge pulls the
+approximation towards W (never towards zero), so directions the data never excites are kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import scipy.linalg
+
+from .factors import LowRankFactors, as_matrix, as_square, check_rank
+from .svd import truncated_svd
+
+__all__ = [
+    "Whitening",
+    "SequentialTarget",
+    "whitening",
+    "whitened_svd",
+    "sequential_target",
+    "data_error",
+    "bias_correction",
+]
+
+
+def _ridge_shift(gram: np.ndarray, ridge: float) -> float:
+    """λ · tr(G)/in: the ridge relative to the mean eigenvalue (mean taken as 1 if G = 0)."""
+    if not (np.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be finite and >= 0, got {ridge}")
+    mean_eig = np.trace(gram) / gram.shape[0]
+    return ridge * (mean_eig if mean_eig > 0 else 1.0)
+
+
+@dataclass(frozen=True, eq=False)
+class Whitening:
+    """A square root Σ = L Lᵀ, held as ``Lt`` = Lᵀ.
+
+    ``eigvals`` is None when Lᵀ is Cholesky's upper triangle; otherwise Lᵀ = diag(√w) Eᵀ from
+    the eigendecomposition Σ = E diag(w) Eᵀ, with w floored to stay invertible.
+    """
+
+    Lt: np.ndarray
+    eigvals: np.ndarray | None
+
+    def unwhiten(self, p: np.ndarray) -> np.ndarray:
+        """L^{-T} p."""
+        if self.eigvals is None:
+            return scipy.linalg.solve_triangular(self.Lt, p, lower=False)
+        return self.Lt.T @ (p / self.eigvals[:, None])
+
+
+def whitening(gram: np.ndarray, ridge: float = 1e-6) -> Whitening:
+    """Square root of Σ = (G + λ·(tr G/in)·I) / scale, scale = tr G/in (1 if G = 0).
+
+    The scale changes no optimum but keeps L near unit size. Cholesky first; if Σ is not
+    numerically positive definite (dead inputs with λ = 0, rounding), a symmetric
+    eigendecomposition with eigenvalues floored at in·ε·max(w, 1) is used instead.
+    """
+    g = as_matrix(gram, "gram")
+    if g.shape[0] != g.shape[1]:
+        raise ValueError(f"gram must be square, got {g.shape}")
+    n = g.shape[0]
+    mean_eig = np.trace(g) / n
+    scale = mean_eig if mean_eig > 0 else 1.0
+    sigma = (g + g.T) / (2.0 * scale)
+    sigma[np.diag_indices(n)] += _ridge_shift(g, ridge) / scale
+    try:
+        return Whitening(Lt=scipy.linalg.cholesky(sigma, lower=False), eigvals=None)
+    except np.linalg.LinAlgError:
+        w, e = scipy.linalg.eigh(sigma)
+        w = np.maximum(w, n * np.finfo(np.float64).eps * max(w[-1], 1.0))
+        return Whitening(Lt=np.sqrt(w)[:, None] * e.T, eigvals=w)
+
+
+def _balance(U: np.ndarray, V: np.ndarray) -> LowRankFactors:
+    """Rescale each pair (U[:, j], V[j]) to equal norms; U @ V is unchanged."""
+    nu = np.linalg.norm(U, axis=0)
+    nv = np.linalg.norm(V, axis=1)
+    ok = (nu > 0) & (nv > 0)
+    d = np.ones_like(nu)
+    d[ok] = np.sqrt(nv[ok] / nu[ok])
+    return LowRankFactors(U=U * d, V=V / d[:, None])
+
+
+def whitened_svd(
+    W: np.ndarray, gram: np.ndarray, rank: int, ridge: float = 1e-6
+) -> LowRankFactors:
+    """argmin over rank-r U V of ‖X(W − UV)‖²_F + λ·(tr G/in)·‖W − UV‖²_F, G = XᵀX.
+
+    Exact (U V = W) at full rank; factor pairs are rescaled to equal norms.
+    """
+    m = as_matrix(W)
+    rank = check_rank(rank, min(m.shape))
+    wh = whitening(as_square(gram, m.shape[0], "gram"), ridge)
+    f = truncated_svd(wh.Lt @ m, rank)
+    return _balance(wh.unwhiten(f.U), f.V)
+
+
+class SequentialTarget(NamedTuple):
+    """``W_star`` [in, out] and the regularised ``gram_hat_reg`` Σ̂ [in, in] it was solved with."""
+
+    W_star: np.ndarray
+    gram_hat_reg: np.ndarray
+
+
+def _solve_psd(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a⁻¹ b for symmetric PSD a (least-squares minimum-norm solution if a is singular)."""
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a), b)
+    except np.linalg.LinAlgError:
+        return scipy.linalg.lstsq(a, b)[0]
+
+
+def sequential_target(
+    W: np.ndarray, gram_hat: np.ndarray, cross: np.ndarray, ridge: float = 1e-6
+) -> SequentialTarget:
+    """Reduce min ‖XW − X̂W′‖² (+ ridge) over rank-r W′ to a whitened SVD problem.
+
+    With Σ̂ = X̂ᵀX̂ + μI, μ = λ·tr(X̂ᵀX̂)/in, and W* = Σ̂⁻¹ (X̂ᵀX + μI) W:
+        ‖XW − X̂W′‖² + μ‖W − W′‖² = ‖X̂(W* − W′)‖² + μ‖W* − W′‖² + const,
+    so the caller runs ``whitened_svd(W_star, gram_hat, r, ridge)`` (same Σ̂), or equivalently
+    ``whitened_svd(W_star, gram_hat_reg, r, ridge=0.0)``. With X̂ = X, W* = W.
+    """
+    m = as_matrix(W)
+    n = m.shape[0]
+    g = as_square(gram_hat, n, "gram_hat")
+    c = as_square(cross, n, "cross")
+    shift = _ridge_shift(g, ridge)
+    sigma = (g + g.T) / 2.0 + shift * np.eye(n)
+    w_star = _solve_psd(sigma, c @ m + shift * m)
+    return SequentialTarget(W_star=w_star, gram_hat_reg=sigma)
+
+
+def _same_shape(a: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """``a`` as float64 with exactly ``shape``, or ValueError."""
+    arr = np.asarray(a, dtype=np.float64)
+    if arr.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+    return arr
+
+
+def data_error(W: np.ndarray, W_approx: np.ndarray, gram: np.ndarray) -> float:
+    """‖X(W − W′)‖_F / ‖XW‖_F = sqrt(tr(DᵀGD) / tr(WᵀGW)), D = W − W′ (inf if XW = 0 ≠ XD)."""
+    m = as_matrix(W)
+    d = m - _same_shape(W_approx, m.shape, "W_approx")
+    g = as_square(gram, m.shape[0], "gram")
+    num = max(float(np.sum(d * (g @ d))), 0.0)
+    den = max(float(np.sum(m * (g @ m))), 0.0)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return float(np.sqrt(num / den))
+
+
+def bias_correction(W: np.ndarray, W_approx: np.ndarray, mean_x: np.ndarray) -> np.ndarray:
+    """mean_x @ (W − W′) [out]: added to the bias, it restores the mean output."""
+    m = as_matrix(W)
+    d = m - _same_shape(W_approx, m.shape, "W_approx")
+    mu = np.asarray(mean_x, dtype=np.float64)
+    if mu.shape != (m.shape[0],):
+        raise ValueError(f"mean_x must have shape ({m.shape[0]},), got {mu.shape}")
+    return mu @ d

@@ -1,0 +1,194 @@
+"""Streaming calibration statistics in float64, never holding all samples.
+
+A layer ``y = x @ W`` needs G = XᵀX (and Σx, N for the mean); sequential fitting against the
+original model also needs the cross term X̂ᵀX, where X̂ is the input the compressed layer sees
+and X the original one. Conv inputs become rows with ``im2col``, whose column order matches
+``decompose.conv_to_matrix``: conv(x, W) = im2col(x) @ conv_to_matrix(W) at every position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = ["GramAccumulator", "im2col", "channel_gram"]
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view of ``a``."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+@dataclass
+class GramAccumulator:
+    """Running G = Σ xᵀx, Σx and the row count over rows x of width ``dim``.
+
+    With ``track_cross`` it also keeps X̂ᵀX and ΣX for ``update_pair(X_hat, X)``; there a
+    plain ``update(X)`` means X̂ = X. ``gram``, ``mean`` and ``count`` describe X̂.
+    """
+
+    dim: int
+    track_cross: bool = False
+    _gram: np.ndarray = field(init=False, repr=False)
+    _sum: np.ndarray = field(init=False, repr=False)
+    _cross: np.ndarray | None = field(init=False, repr=False)
+    _target_sum: np.ndarray | None = field(init=False, repr=False)
+    _count: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)) or self.dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
+        self._gram = np.zeros((self.dim, self.dim))
+        self._sum = np.zeros(self.dim)
+        self._cross = np.zeros((self.dim, self.dim)) if self.track_cross else None
+        self._target_sum = np.zeros(self.dim) if self.track_cross else None
+
+    def _rows(self, X: np.ndarray, mask: np.ndarray | None, name: str = "X") -> np.ndarray:
+        """X [..., dim] as float64 rows [n, dim], keeping rows where ``mask`` [...] is true."""
+        x = np.asarray(X)
+        if x.ndim < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"{name} must have shape [..., {self.dim}], got {x.shape}")
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.dtype != np.bool_ or m.shape != x.shape[:-1]:
+                raise ValueError(f"mask must be boolean with shape {x.shape[:-1]}, got {m.dtype} {m.shape}")
+            x = x[m]
+        return np.asarray(x, dtype=np.float64).reshape(-1, self.dim)
+
+    def _add(self, x_hat: np.ndarray, x: np.ndarray) -> None:
+        """Accumulate rows of X̂ (gram, sum, count) and, when tracked, X̂ᵀX and ΣX."""
+        gram = x_hat.T @ x_hat
+        self._gram += gram
+        self._sum += x_hat.sum(axis=0)
+        self._count += x_hat.shape[0]
+        if self.track_cross:
+            self._cross += gram if x is x_hat else x_hat.T @ x
+            self._target_sum += x.sum(axis=0)
+
+    def update(self, X: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Add rows X [..., dim]; rows whose boolean ``mask`` [...] is False are dropped."""
+        x = self._rows(X, mask)
+        self._add(x, x)
+
+    def update_pair(self, X_hat: np.ndarray, X: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Add paired rows: X̂ (compressed model's input) and X (original model's input)."""
+        if not self.track_cross:
+            raise ValueError("update_pair needs GramAccumulator(dim, track_cross=True)")
+        if np.shape(X_hat) != np.shape(X):
+            raise ValueError(f"X_hat and X differ in shape: {np.shape(X_hat)} vs {np.shape(X)}")
+        self._add(self._rows(X_hat, mask, "X_hat"), self._rows(X, mask))
+
+    @property
+    def count(self) -> int:
+        """Number of rows accumulated."""
+        return self._count
+
+    @property
+    def gram(self) -> np.ndarray:
+        """X̂ᵀX̂ [dim, dim] (read-only view)."""
+        return _readonly(self._gram)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Column mean of X̂ [dim]."""
+        return self._sum / self._nonzero_count()
+
+    @property
+    def cross(self) -> np.ndarray:
+        """X̂ᵀX [dim, dim] (read-only view); needs ``track_cross``."""
+        return _readonly(self._tracked(self._cross))
+
+    @property
+    def target_mean(self) -> np.ndarray:
+        """Column mean of X [dim]; needs ``track_cross``."""
+        return self._tracked(self._target_sum) / self._nonzero_count()
+
+    def _nonzero_count(self) -> int:
+        if self._count == 0:
+            raise ValueError("no rows accumulated yet")
+        return self._count
+
+    def _tracked(self, a: np.ndarray | None) -> np.ndarray:
+        if a is None:
+            raise ValueError("cross statistics need GramAccumulator(dim, track_cross=True)")
+        return a
+
+    def merge(self, other: GramAccumulator) -> GramAccumulator:
+        """A new accumulator holding the sums of both (e.g. calibration shards)."""
+        if (other.dim, other.track_cross) != (self.dim, self.track_cross):
+            raise ValueError(
+                f"cannot merge dim={other.dim}, track_cross={other.track_cross} into "
+                f"dim={self.dim}, track_cross={self.track_cross}"
+            )
+        merged = GramAccumulator(self.dim, self.track_cross)
+        for acc in (self, other):
+            merged._gram += acc._gram
+            merged._sum += acc._sum
+            merged._count += acc._count
+            if self.track_cross:
+                merged._cross += acc._cross
+                merged._target_sum += acc._target_sum
+        return merged
+
+
+def _int_tuple(values, length: int, name: str, minimum: int) -> tuple[int, ...]:
+    """``values`` as a tuple of ``length`` ints, each >= ``minimum``, or ValueError."""
+    t = tuple(int(v) for v in values)
+    if len(t) != length or any(v < minimum for v in t):
+        raise ValueError(f"{name} must be {length} integers >= {minimum}, got {tuple(values)}")
+    return t
+
+
+def im2col(
+    x: np.ndarray,
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, ...] | None = None,
+    pads: tuple[int, ...] | None = None,
+    dilations: tuple[int, ...] | None = None,
+    max_positions: int | None = None,
+    rng: np.random.Generator | int | None = None,
+) -> np.ndarray:
+    """Patches of x [N, C, *spatial] as rows [M, C·prod(k)], one per output position.
+
+    Columns are ordered (c, kernel position in C order), rows (n, output position in C
+    order), so conv(x, W) = im2col(x) @ conv_to_matrix(W). ``pads`` follow ONNX (all begins,
+    then all ends). ``max_positions`` keeps a uniform random subset of rows, drawn without
+    replacement from ``rng`` (a Generator or seed; None means seed 0), in row order.
+    The dtype of x is kept.
+    """
+    x = np.asarray(x)
+    if x.ndim < 3:
+        raise ValueError(f"x must be [N, C, *spatial], got shape {x.shape}")
+    nsp = x.ndim - 2
+    k = _int_tuple(kernel_shape, nsp, "kernel_shape", 1)
+    s = _int_tuple((1,) * nsp if strides is None else strides, nsp, "strides", 1)
+    d = _int_tuple((1,) * nsp if dilations is None else dilations, nsp, "dilations", 1)
+    p = _int_tuple((0,) * (2 * nsp) if pads is None else pads, 2 * nsp, "pads", 0)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(p[i], p[i + nsp]) for i in range(nsp)])
+    span = tuple((k[i] - 1) * d[i] + 1 for i in range(nsp))
+    if any(xp.shape[2 + i] < span[i] for i in range(nsp)):
+        raise ValueError(f"kernel span {span} exceeds padded input {xp.shape[2:]}")
+    win = sliding_window_view(xp, span, axis=tuple(range(2, 2 + nsp)))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, v) for v in s + d)]
+    out = win.shape[2 : 2 + nsp]
+    total = x.shape[0] * int(np.prod(out))
+    if max_positions is not None and max_positions < 1:
+        raise ValueError(f"max_positions must be >= 1, got {max_positions}")
+    if max_positions is None or max_positions >= total:
+        return np.moveaxis(win, 1, 1 + nsp).reshape(total, -1)
+    gen = np.random.default_rng(0 if rng is None else rng)
+    rows = np.sort(gen.choice(total, size=max_positions, replace=False))
+    n_idx, *pos_idx = np.unravel_index(rows, (x.shape[0], *out))
+    return win[(n_idx, slice(None), *pos_idx)].reshape(max_positions, -1)
+
+
+def channel_gram(x: np.ndarray) -> np.ndarray:
+    """Per-input-channel Gram [C, C] = Σ_{n, position} x[n, c, pos] · x[n, c', pos]."""
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim < 3:
+        raise ValueError(f"x must be [N, C, *spatial], got shape {a.shape}")
+    a = a.reshape(a.shape[0], a.shape[1], -1)
+    return np.tensordot(a, a, axes=([0, 2], [0, 2]))
