@@ -36,10 +36,11 @@ class GramAccumulator:
     _sum: np.ndarray = field(init=False, repr=False)
     _cross: np.ndarray | None = field(init=False, repr=False)
     _target_sum: np.ndarray | None = field(init=False, repr=False)
-    _count: int = field(init=False, default=0)
+    _count: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self) -> None:
-        if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)) or self.dim < 1:
+        dim = self.dim
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
         self._gram = np.zeros((self.dim, self.dim))
         self._sum = np.zeros(self.dim)
@@ -54,7 +55,9 @@ class GramAccumulator:
         if mask is not None:
             m = np.asarray(mask)
             if m.dtype != np.bool_ or m.shape != x.shape[:-1]:
-                raise ValueError(f"mask must be boolean with shape {x.shape[:-1]}, got {m.dtype} {m.shape}")
+                raise ValueError(
+                    f"mask must be boolean with shape {x.shape[:-1]}, got {m.dtype} {m.shape}"
+                )
             x = x[m]
         return np.asarray(x, dtype=np.float64).reshape(-1, self.dim)
 

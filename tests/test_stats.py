@@ -19,8 +19,9 @@ def _loop_conv(x, w, strides, pads, dilations):
     y = np.zeros((x.shape[0], w.shape[0], *out))
     for n in range(x.shape[0]):
         for pos in np.ndindex(*out):
-            idx = tuple(slice(pos[i] * strides[i], pos[i] * strides[i] + (k[i] - 1) * dilations[i] + 1,
-                              dilations[i]) for i in range(nsp))
+            start = [pos[i] * strides[i] for i in range(nsp)]
+            idx = tuple(slice(start[i], start[i] + (k[i] - 1) * dilations[i] + 1, dilations[i])
+                        for i in range(nsp))
             patch = xp[(n, slice(None), *idx)]
             y[(n, slice(None), *pos)] = np.tensordot(w, patch, axes=nsp + 1)
     return y

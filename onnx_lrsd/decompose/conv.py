@@ -9,6 +9,7 @@ vertical part, the second conv the horizontal part); the others are unit, unpadd
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg
 
 from .factors import LowRankFactors, Tucker2Factors, as_square, check_rank
 from .whitened import whitening
@@ -97,9 +98,9 @@ def spatial_factors_to_convs(
 
 
 def _leading_left_vectors(a: np.ndarray, r: int) -> np.ndarray:
-    """The r leading left singular vectors of a (orthonormal columns)."""
-    full = r > min(a.shape)
-    return np.linalg.svd(a, full_matrices=full)[0][:, :r]
+    """The r leading left singular vectors of a: the top eigenvectors of a aᵀ (orthonormal)."""
+    n = a.shape[0]
+    return scipy.linalg.eigh(a @ a.T, subset_by_index=[n - r, n - 1])[1][:, ::-1]
 
 
 def _mode_product(w: np.ndarray, m: np.ndarray, mode: int) -> np.ndarray:
@@ -123,14 +124,16 @@ def _hooi(w: np.ndarray, rank_in: int, rank_out: int, n_iter: int) -> Tucker2Fac
     return Tucker2Factors(U_in=u_in, core=core, U_out=u_out)
 
 
-def _tucker_args(W: np.ndarray, rank_in: int, rank_out: int, n_iter: int) -> np.ndarray:
-    """Validate Tucker-2 arguments; return the weight as float64."""
+def _tucker_args(
+    W: np.ndarray, rank_in: int, rank_out: int, n_iter: int
+) -> tuple[np.ndarray, int, int, int]:
+    """Validate Tucker-2 arguments; return (weight as float64, rank_in, rank_out, n_iter)."""
     w = _conv_weight(W)
-    check_rank(rank_in, w.shape[1], "rank_in", minimum=1)
-    check_rank(rank_out, w.shape[0], "rank_out", minimum=1)
+    r_in = check_rank(rank_in, w.shape[1], "rank_in", minimum=1)
+    r_out = check_rank(rank_out, w.shape[0], "rank_out", minimum=1)
     if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 0:
         raise ValueError(f"n_iter must be an integer >= 0, got {n_iter!r}")
-    return w
+    return w, r_in, r_out, int(n_iter)
 
 
 def tucker2(W: np.ndarray, rank_in: int, rank_out: int, n_iter: int = 10) -> Tucker2Factors:
@@ -138,8 +141,7 @@ def tucker2(W: np.ndarray, rank_in: int, rank_out: int, n_iter: int = 10) -> Tuc
 
     Exact when rank_in = Cin and rank_out = Cout.
     """
-    w = _tucker_args(W, rank_in, rank_out, n_iter)
-    return _hooi(w, int(rank_in), int(rank_out), int(n_iter))
+    return _hooi(*_tucker_args(W, rank_in, rank_out, n_iter))
 
 
 def tucker2_whitened(
@@ -150,16 +152,16 @@ def tucker2_whitened(
     ridge: float = 1e-6,
     n_iter: int = 10,
 ) -> Tucker2Factors:
-    """Tucker-2 minimising Σ_k ‖Lᵀ (W − Ŵ)[:, :, k]ᵀ‖², with Σ = L Lᵀ from the channel Gram.
+    """Tucker-2 minimising Σ_k ‖Lᵀ (W − Ŵ)[:, :, k]ᵀ‖²_F, with Σ = L Lᵀ from the channel Gram.
 
     Σ is ``gram_in_channels`` [Cin, Cin] plus the relative ridge (see ``whitening``): the
     output error when input channels correlate alike at every kernel tap and taps are
     uncorrelated. HOOI runs on W ×_in Lᵀ; the input factor maps back as U_in = L^{-T} Ũ_in
     (no longer orthonormal). Exact at full ranks.
     """
-    w = _tucker_args(W, rank_in, rank_out, n_iter)
+    w, r_in, r_out, n_iter = _tucker_args(W, rank_in, rank_out, n_iter)
     wh = whitening(as_square(gram_in_channels, w.shape[1], "gram_in_channels"), ridge)
-    t = _hooi(_mode_product(w, wh.Lt.T, 1), int(rank_in), int(rank_out), int(n_iter))
+    t = _hooi(_mode_product(w, wh.Lt.T, 1), r_in, r_out, n_iter)
     return Tucker2Factors(U_in=wh.unwhiten(t.U_in), core=t.core, U_out=t.U_out)
 
 
