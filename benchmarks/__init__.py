@@ -1,0 +1,1 @@
+"""Benchmarks of onnx_lrsd: real models and real tasks (see ``benchmarks/tasks``)."""
