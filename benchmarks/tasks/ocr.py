@@ -391,11 +391,8 @@ class OcrRecTask(Task):
         _, inputs = make_lines(SEED_CALIB, n_samples, calibration_vocabulary(), (NORMAL_STYLE, HARD_STYLE))
         return [{INPUT_NAME: inputs[part]} for part in batch_slices(n_samples, batch_size)]
 
-    def recognize(self, model_path: Path, inputs: np.ndarray) -> list[str]:
-        """Decoded texts of ``inputs`` (``[n, 3, 48, 320]``) under ``model_path``."""
-        return self._recognize(make_session(model_path), inputs)
-
-    def _recognize(self, session: ort.InferenceSession, inputs: np.ndarray) -> list[str]:
+    def recognize(self, session: ort.InferenceSession, inputs: np.ndarray) -> list[str]:
+        """Decoded texts of preprocessed lines ``inputs`` (``[n, 3, 48, 320]``), one line per run."""
         self.prepare()
         assert self._characters is not None
         output = session.get_outputs()[0].name
@@ -412,7 +409,7 @@ class OcrRecTask(Task):
         session = make_session(model_path)
         metrics: dict[str, float] = {}
         for key, (truths, inputs) in self._eval_sets.items():
-            predictions = self._recognize(session, inputs)
+            predictions = self.recognize(session, inputs)
             scores = [char_accuracy(p.strip(), t) for p, t in zip(predictions, truths, strict=True)]
             metrics[key] = float(np.mean(scores))
         return metrics
