@@ -65,7 +65,8 @@ def test_matches_numpy_forward_with_padding(built: Path) -> None:
     assert feeds["attention_mask"].min() == 0, "the check batch must contain padding"
     config, weights = load_weights(minilm_dir())
     got = make_session(built).run([OUTPUT_NAME], feeds)[0]
-    want = numpy_forward(config, weights, feeds["input_ids"], feeds["attention_mask"], feeds["token_type_ids"])
+    ids, mask, types = (feeds[name] for name in INPUT_NAMES)
+    want = numpy_forward(config, weights, ids, mask, types)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=0, atol=1e-5)
 
