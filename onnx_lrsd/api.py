@@ -1,0 +1,119 @@
+"""The Python API: `inspect_model`, `compress` and `compress_file`.
+
+This module composes the passes (package `onnx_lrsd.passes`) into the pipeline; the core
+modules it draws on never import the passes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import onnx
+
+from .config import CompressConfig
+from .cost import count_params, model_macs
+from .errors import LrsdError
+from .graph import export_model, import_graph, model_template
+from .io import PROTOBUF_LIMIT, ModelSource, check_output_directory, initializer_bytes, load_model, save_model
+from .report import CompressionReport, InspectReport, LayerReport, ModelStats, TargetInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    model: onnx.ModelProto
+    report: CompressionReport
+
+
+def _context(source: onnx.ModelProto, config: CompressConfig, progress=None):
+    from .passes import PassContext
+
+    return PassContext(config=config, source=source, template=model_template(source), progress=progress)
+
+
+def inspect_model(model: ModelSource) -> InspectReport:
+    """List the layers `compress` would factorize and the weight layers it would skip."""
+    from .passes import FindTargetsPass, NameNodesPass, PassManager
+
+    source = load_model(model)
+    ctx = _context(source, CompressConfig(verify=False))
+    PassManager([NameNodesPass(), FindTargetsPass()]).run(import_graph(source), ctx)
+    params = count_params(source)
+    targets = tuple(TargetInfo(t.name, t.op, tuple(int(d) for d in t.weight.shape), t.params, t.macs,
+                               t.params / params if params else 0.0) for t in ctx.targets.values())
+    return InspectReport(params=params, macs=model_macs(source), targets=targets, skipped=tuple(ctx.skipped))
+
+
+def compress(model: ModelSource, config: Optional[CompressConfig] = None, progress=None,
+             **options) -> CompressionResult:
+    """Compress `model` (path, bytes or ModelProto; never modified) and verify it.
+
+    `options` are `CompressConfig` fields applied on top of `config`. `progress(stage, done,
+    total)` is called as layers are processed.
+    """
+    from .passes import (CleanupGraphPass, DecomposeWeightsPass, FindTargetsPass, NameNodesPass,
+                         PassManager, RewriteLowRankPass, SelectRanksPass, VerifyOutputsPass)
+
+    config = (config or CompressConfig()).replace(**options) if options else (config or CompressConfig())
+    start = time.perf_counter()
+    source = load_model(model)
+    ctx = _context(source, config, progress)
+    passes = [NameNodesPass(), FindTargetsPass(), SelectRanksPass(), DecomposeWeightsPass(),
+              RewriteLowRankPass(), CleanupGraphPass()]
+    if config.verify:
+        passes.append(VerifyOutputsPass())
+    graph = PassManager(passes).run(import_graph(source), ctx)
+    compressed = export_model(graph, ctx.template)
+    report = CompressionReport(
+        before=_stats(source), after=_stats(compressed), layers=tuple(_layer_reports(ctx)),
+        skipped=tuple(ctx.skipped), output_errors=dict(ctx.output_errors),
+        seconds=time.perf_counter() - start, timings=dict(ctx.timings), config=dataclasses.asdict(config))
+    return CompressionResult(model=compressed, report=report)
+
+
+def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, os.PathLike],
+                  config: Optional[CompressConfig] = None, progress=None, **options) -> CompressionResult:
+    """`compress` a model file and write the result atomically to `output_path` (the file
+    size in the report is the written file's)."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
+        raise LrsdError("output path is the input path; refusing to overwrite the input model")
+    if output_path.is_dir():
+        raise LrsdError(f"output path is a directory: {output_path}")
+    check_output_directory(output_path)
+    result = compress(input_path, config, progress, **options)
+    config = result.report.config
+    save_model(result.model, output_path, external_data=bool(config.get("external_data")))
+    written = output_path.stat().st_size + _data_file_size(output_path)
+    before = dataclasses.replace(result.report.before,
+                                 file_bytes=input_path.stat().st_size + _data_file_size(input_path))
+    after = dataclasses.replace(result.report.after, file_bytes=written)
+    return CompressionResult(result.model, dataclasses.replace(result.report, before=before, after=after))
+
+
+def _data_file_size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return data.stat().st_size if data.is_file() else 0
+
+
+def _stats(model: onnx.ModelProto) -> ModelStats:
+    size = initializer_bytes(model)
+    if size < PROTOBUF_LIMIT // 2:
+        size = model.ByteSize()
+    return ModelStats(params=count_params(model), macs=model_macs(model), file_bytes=size)
+
+
+def _layer_reports(ctx):
+    for name, target in ctx.targets.items():
+        plan = ctx.plans[name]
+        fact = ctx.factorizations.get(name)
+        yield LayerReport(name=name, op=target.op, method=plan.method, ranks=plan.ranks,
+                          params_before=plan.dense.params, params_after=plan.cost.params,
+                          macs_before=plan.dense.macs, macs_after=plan.cost.macs, reason=plan.reason,
+                          data_error=fact.data_error if fact else None)

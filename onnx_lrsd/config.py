@@ -1,0 +1,166 @@
+"""Typed configuration of a compression run, and its loading from JSON/YAML files."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+from .errors import LrsdError
+
+METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
+"""Factorization kinds: `svd` for Gemm/MatMul (and 1×1 convs), the others for Conv; `auto`
+picks the kind with the fewest MACs at the layer's parameter budget."""
+
+FULL_RANK = "full"
+
+Rank = Union[int, str]
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer settings for the nodes whose name matches `pattern` (exact name or glob).
+
+    `rank` forces a factorization at that rank (``"full"`` keeps every singular value) even
+    when it does not save anything; `keep` and `method` replace the global ones; `skip`
+    leaves the layer dense.
+    """
+
+    pattern: str
+    keep: Optional[float] = None
+    energy: Optional[float] = None
+    rank: Optional[Rank] = None
+    method: Optional[str] = None
+    skip: bool = False
+
+    def matches(self, name: str) -> bool:
+        return name == self.pattern or fnmatch.fnmatchcase(name, self.pattern)
+
+    def validate(self) -> None:
+        where = f"layer override '{self.pattern}'"
+        if self.keep is not None:
+            check_keep(self.keep, where)
+        if self.energy is not None:
+            check_energy(self.energy, where)
+        if self.rank is not None and self.rank != FULL_RANK:
+            if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+                raise LrsdError(f"{where}: rank must be a non-negative integer or 'full', got {self.rank!r}")
+        if self.method is not None and self.method not in METHODS:
+            raise LrsdError(f"{where}: unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything that decides how a model is compressed.
+
+    keep: fraction of each layer's weight parameters kept, in (0, 1].
+    energy: if set, each layer keeps the smallest rank holding this share of the squared
+        singular values (still capped by the `keep` budget).
+    method: factorization kind, one of `METHODS`.
+    overrides: per-layer settings; the first matching override wins.
+    conv_rank_multiple: conv ranks are rounded down to multiples of this when they are at
+        least that large (onnxruntime's NCHWc blocks), never below it.
+    verify: run original and compressed models in onnxruntime and report output errors.
+    verify_batch: batch size of the verification inputs; `dims` fixes other symbolic dims.
+    seed: seed of every random choice (verification inputs, randomized solvers).
+    external_data: always save weights as external data (always done above 2 GB).
+    """
+
+    keep: float = 0.5
+    energy: Optional[float] = None
+    method: str = "auto"
+    overrides: Tuple[LayerOverride, ...] = ()
+    conv_rank_multiple: int = 16
+    verify: bool = True
+    verify_batch: int = 1
+    dims: Tuple[Tuple[str, int], ...] = ()
+    seed: int = 0
+    external_data: bool = False
+
+    def __post_init__(self) -> None:
+        check_keep(self.keep, "keep")
+        if self.energy is not None:
+            check_energy(self.energy, "energy")
+        if self.method not in METHODS:
+            raise LrsdError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.conv_rank_multiple < 1:
+            raise LrsdError(f"conv_rank_multiple must be >= 1, got {self.conv_rank_multiple}")
+        if self.verify_batch < 1:
+            raise LrsdError(f"verify_batch must be >= 1, got {self.verify_batch}")
+        for override in self.overrides:
+            override.validate()
+
+    def override_for(self, name: str) -> Optional[LayerOverride]:
+        return next((o for o in self.overrides if o.matches(name)), None)
+
+    def unmatched_overrides(self, names) -> list:
+        """Overrides that match none of `names` (a misspelt layer name is an error)."""
+        names = list(names)
+        return [o for o in self.overrides if not any(o.matches(n) for n in names)]
+
+    def replace(self, **changes) -> "CompressConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def check_keep(keep, where: str) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise LrsdError(f"{where} must be in (0, 1], got {keep!r}")
+
+
+def check_energy(energy, where: str) -> None:
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+        raise LrsdError(f"{where}: energy must be in (0, 1], got {energy!r}")
+
+
+_FILE_KEYS = {f.name for f in dataclasses.fields(CompressConfig)} - {"overrides"} | {"layers"}
+_OVERRIDE_KEYS = {f.name for f in dataclasses.fields(LayerOverride)} - {"pattern"}
+
+
+def load_config_file(path: Union[str, Path], base: Optional[CompressConfig] = None) -> CompressConfig:
+    """Read a JSON or YAML config: top-level `CompressConfig` fields plus
+    ``layers: {name-or-glob: {keep|energy|rank|method|skip: ...}}``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise LrsdError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # parse errors of either format
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LrsdError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {first_line}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise LrsdError(f"config file {path}: top level must be a mapping")
+    unknown = set(data) - _FILE_KEYS
+    if unknown:
+        raise LrsdError(f"config file {path}: unknown keys {sorted(unknown)} (allowed: {sorted(_FILE_KEYS)})")
+    layers = data.pop("layers", {}) or {}
+    if not isinstance(layers, dict):
+        raise LrsdError(f"config file {path}: 'layers' must map layer names or globs to settings")
+    overrides = []
+    for pattern, settings in layers.items():
+        if not isinstance(settings, dict):
+            raise LrsdError(f"config file {path}: settings of layer '{pattern}' must be a mapping")
+        bad = set(settings) - _OVERRIDE_KEYS
+        if bad:
+            raise LrsdError(f"config file {path}: layer '{pattern}' has unknown keys {sorted(bad)} (allowed: {sorted(_OVERRIDE_KEYS)})")
+        overrides.append(LayerOverride(pattern=str(pattern), **settings))
+    if "dims" in data:
+        dims = data["dims"]
+        if not isinstance(dims, dict):
+            raise LrsdError(f"config file {path}: 'dims' must map dimension names to sizes")
+        data["dims"] = tuple(sorted((str(k), v) for k, v in dims.items()))
+    base = base or CompressConfig()
+    try:
+        return dataclasses.replace(base, overrides=tuple(overrides) + base.overrides, **data)
+    except TypeError as exc:
+        raise LrsdError(f"config file {path}: {exc}") from None

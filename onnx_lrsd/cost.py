@@ -1,0 +1,142 @@
+"""Parameters and MACs of a layer, dense or factorized (batch 1; symbolic dims count as 1).
+
+Chains, for a layer with ``in`` = n, ``out`` = m and `rows` activation rows:
+- svd / channel: rank r, params r·(n + m), MACs rows·r·(n + m); for Conv, n = Cin·k and the
+  second factor is a 1×1 conv, both at the output resolution.
+- spatial (2-D conv): k_h×1 Cin→r then 1×k_w r→Cout: params r·(Cin·k_h + Cout·k_w); the first
+  conv runs on H_out × W_in positions, the second on H_out × W_out.
+- tucker2: 1×1 Cin→r_in, k×k r_in→r_out, 1×1 r_out→Cout: params Cin·r_in + r_in·r_out·k +
+  r_out·Cout; the first 1×1 runs at the input resolution.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+from .targets import LayerTarget
+
+METHOD_KINDS = ("svd", "channel", "spatial", "tucker2")
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    macs: int
+
+
+def dense_cost(target: LayerTarget) -> Cost:
+    return Cost(params=target.params, macs=target.macs)
+
+
+def factorized_cost(target: LayerTarget, method: str, ranks: Tuple[int, ...]) -> Cost:
+    """Params and MACs of `target` factorized by `method` at `ranks`."""
+    if method in ("svd", "channel"):
+        (r,) = ranks
+        return Cost(params=r * (target.in_features + target.out_features),
+                    macs=target.rows * r * (target.in_features + target.out_features))
+    conv = target.conv
+    if conv is None:
+        raise ValueError(f"{method} applies to Conv layers only")
+    cin, cout, k = target.in_channels, target.out_channels, int(np.prod(conv.kernel_shape))
+    if method == "spatial":
+        (r,) = ranks
+        kh, kw = conv.kernel_shape
+        if conv.out_spatial and conv.in_spatial:
+            mid_positions = conv.out_spatial[0] * conv.in_spatial[1]
+        else:
+            mid_positions = conv.out_positions
+        return Cost(params=r * (cin * kh + cout * kw),
+                    macs=mid_positions * r * cin * kh + conv.out_positions * r * cout * kw)
+    if method == "tucker2":
+        r_in, r_out = ranks
+        in_positions = conv.in_positions if conv.in_spatial else conv.out_positions
+        return Cost(params=cin * r_in + r_in * r_out * k + r_out * cout,
+                    macs=in_positions * cin * r_in + conv.out_positions * (r_in * r_out * k + r_out * cout))
+    raise ValueError(f"unknown method {method!r}")
+
+
+def applicable_methods(target: LayerTarget) -> Tuple[str, ...]:
+    """Factorization kinds that fit the layer."""
+    if target.conv is None:
+        return ("svd",)
+    if all(k == 1 for k in target.conv.kernel_shape):
+        return ("channel",)  # a 1×1 conv is a matmul over channels
+    if len(target.conv.kernel_shape) == 2:
+        return ("channel", "spatial", "tucker2")
+    return ("channel", "tucker2")
+
+
+def full_ranks(target: LayerTarget, method: str) -> Tuple[int, ...]:
+    """Ranks at which the factorization is exact."""
+    if method in ("svd", "channel"):
+        return (min(target.in_features, target.out_features),)
+    if method == "spatial":
+        kh, kw = target.conv.kernel_shape
+        return (min(target.in_channels * kh, target.out_channels * kw),)
+    if method == "tucker2":
+        return (target.in_channels, target.out_channels)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def _dims(value_info) -> Tuple:
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim)
+
+
+def _size(dims) -> int:
+    """Product of the known dims; symbolic or unknown dims (batch, sequence) count as 1."""
+    return int(np.prod([d for d in dims if d])) if dims else 1
+
+
+def _elements(dims) -> int:
+    return int(np.prod(dims, dtype=np.int64))
+
+
+def model_macs(model) -> int:
+    """Multiply-accumulates of one inference (batch 1) over every Conv, Gemm and MatMul whose
+    shapes shape inference can tell."""
+    from .graph import infer_shapes
+
+    graph = infer_shapes(model).graph
+    shapes = {vi.name: _dims(vi) for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}
+    shapes.update({t.name: tuple(t.dims) for t in graph.initializer})
+    total = 0
+    for node in graph.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        if out is None or len(node.input) < 2:
+            continue
+        a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if node.op_type == "Conv" and b:
+            total += _size(out[1:]) * _size(b[1:])
+        elif node.op_type == "MatMul" and a:
+            total += _size(out) * (a[-1] or 1)
+        elif node.op_type == "Gemm" and b and len(b) == 2:
+            trans_b = any(attr.name == "transB" and attr.i for attr in node.attribute)
+            total += _size(out) * (b[1] if trans_b else b[0])
+    return total
+
+
+def count_params(model) -> int:
+    """Elements of every floating-point constant: initializers, sparse initializers and
+    Constant nodes (subgraphs included)."""
+    from onnx import TensorProto
+
+    float_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    total = 0
+
+    def visit(graph) -> None:
+        nonlocal total
+        total += sum(_elements(t.dims) for t in graph.initializer if t.data_type in float_types)
+        total += sum(_elements(s.dims) for s in graph.sparse_initializer if s.values.data_type in float_types)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t") and attr.t.data_type in float_types:
+                    total += _elements(attr.t.dims)
+                if attr.HasField("g"):
+                    visit(attr.g)
+                for sub in attr.graphs:
+                    visit(sub)
+
+    visit(model.graph)
+    return total

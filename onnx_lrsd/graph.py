@@ -1,0 +1,177 @@
+"""Graph helpers: ModelProto <-> onnx-graphsurgeon graph with the model's metadata kept,
+resolution of constant weights, and naming of new tensors."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from .errors import LrsdError
+from .io import runtime_ir_version
+
+log = logging.getLogger(__name__)
+
+
+def model_template(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Everything of `model` but its graph: IR version, opsets, metadata, functions."""
+    template = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if field.is_repeated:
+            getattr(template, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(template, field.name).CopyFrom(value)
+        else:
+            setattr(template, field.name, value)
+    return template
+
+
+def initializer_inputs_removed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Old models (IR < 4) list every initializer among the graph inputs; a copy without those
+    entries, so that inputs are only what a user feeds (they come back at export)."""
+    names = {t.name for t in model.graph.initializer}
+    if not names.intersection(i.name for i in model.graph.input):
+        return model
+    kept = [i for i in model.graph.input if i.name not in names]
+    model = _copied(model)
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return model
+
+
+def _copied(model: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference where it works; the model unchanged where it does not."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is best effort: unknown ops, >2 GB protos
+        log.warning("shape inference failed (%s); MACs of some layers will be unknown", str(exc).splitlines()[0])
+        return model
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    try:
+        return gs.import_onnx(infer_shapes(initializer_inputs_removed(model)))
+    except Exception as exc:  # graphsurgeon rejects malformed graphs with assorted exceptions
+        raise LrsdError(f"cannot read the graph: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn a graph back into a model with the template's IR version (capped at what
+    onnxruntime accepts), opsets, metadata_props and functions."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    exported = gs.export_onnx(graph, do_type_check=False)
+    model = onnx.ModelProto()
+    model.CopyFrom(template)
+    model.graph.CopyFrom(exported.graph)
+    model.ir_version = runtime_ir_version(template.ir_version)
+    if model.ir_version < 4:
+        listed = {i.name for i in model.graph.input}
+        model.graph.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            for t in model.graph.initializer if t.name not in listed)
+    return model
+
+
+@dataclass(frozen=True)
+class ResolvedConstant:
+    """A tensor whose value is known before run time, and the tensors it was derived through
+    (Identity, Cast, Transpose, Constant, ConstantOfShape)."""
+
+    values: np.ndarray
+    chain: Tuple[gs.Tensor, ...]
+
+
+_PASS_THROUGH = ("Identity", "Cast", "Transpose")
+
+
+def resolve_constant(tensor: gs.Tensor) -> Optional[ResolvedConstant]:
+    """The value of `tensor` if it is a constant or derived from one by Identity / Cast /
+    Transpose / Constant / ConstantOfShape nodes, else None."""
+    chain = [tensor]
+    transforms = []
+    current = tensor
+    while True:
+        if isinstance(current, gs.Constant):
+            values = np.asarray(current.values)
+            break
+        if len(current.inputs) != 1:
+            return None
+        node = current.inputs[0]
+        if node.op == "Constant":
+            values = _constant_node_value(node)
+            if values is None:
+                return None
+            break
+        if node.op == "ConstantOfShape":
+            shape = node.inputs[0] if node.inputs else None
+            if not isinstance(shape, gs.Constant):
+                return None
+            fill = node.attrs.get("value")
+            fill_value = np.asarray(fill.values).reshape(-1)[:1] if fill is not None else np.zeros(1, np.float32)
+            values = np.full(tuple(int(d) for d in np.asarray(shape.values).reshape(-1)), fill_value[0],
+                             dtype=fill_value.dtype)
+            break
+        if node.op not in _PASS_THROUGH or not node.inputs:
+            return None
+        transforms.append(node)
+        current = node.inputs[0]
+        chain.append(current)
+    for node in reversed(transforms):
+        if node.op == "Cast":
+            values = values.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+        elif node.op == "Transpose":
+            values = np.transpose(values, node.attrs.get("perm"))
+    return ResolvedConstant(values=values, chain=tuple(chain))
+
+
+def _constant_node_value(node: gs.Node) -> Optional[np.ndarray]:
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    return None
+
+
+def sole_consumer(resolved: ResolvedConstant, node: gs.Node, graph: gs.Graph) -> bool:
+    """True when every tensor on the constant's chain feeds only the next one (and `node`),
+    and none is a graph output: rewriting the weight then changes nothing else."""
+    outputs = set(id(t) for t in graph.outputs)
+    for tensor in resolved.chain:
+        if id(tensor) in outputs or len(tensor.outputs) != 1:
+            return False
+    return resolved.chain[0].outputs[0] is node
+
+
+def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    return numpy_helper.to_array(tensor)
+
+
+class TensorNamer:
+    """Makes the names of new tensors: ``{node}/lrsd/{role}``, unique in the graph."""
+
+    def __init__(self, graph: gs.Graph):
+        self._taken = set(graph.tensors().keys())
+
+    def __call__(self, node_name: str, role: str) -> str:
+        base = f"{node_name}/lrsd/{role}"
+        name, index = base, 1
+        while name in self._taken:
+            name, index = f"{base}_{index}", index + 1
+        self._taken.add(name)
+        return name

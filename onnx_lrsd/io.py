@@ -1,0 +1,173 @@
+"""Loading and saving ONNX models: any source, external data, atomic writes, an IR version
+onnxruntime accepts."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import LrsdError
+
+log = logging.getLogger(__name__)
+
+ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
+
+PROTOBUF_LIMIT = 2**31 - 1
+"""A serialized ModelProto cannot exceed 2 GB; larger models go to external data."""
+
+
+def load_model(source: ModelSource) -> onnx.ModelProto:
+    """Load a model from a path, serialized bytes or a ModelProto (copied, never modified).
+
+    External data next to a file is loaded. Errors become one-line `LrsdError`s.
+    """
+    if isinstance(source, onnx.ModelProto):
+        return _copy(source)
+    if isinstance(source, (bytes, bytearray)):
+        return _parse(bytes(source), "the given bytes")
+    path = Path(source)
+    if not path.exists():
+        raise LrsdError(f"model file not found: {path}")
+    if not path.is_file():
+        raise LrsdError(f"not a file: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LrsdError(f"cannot read {path}: {exc.strerror or exc}") from None
+    model = _parse(data, str(path))
+    _load_external_data(model, path.parent, path)
+    return model
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    clone = onnx.ModelProto()
+    clone.CopyFrom(model)
+    return clone
+
+
+def _parse(data: bytes, what: str) -> onnx.ModelProto:
+    if not data:
+        raise LrsdError(f"{what} is empty, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise LrsdError(f"{what} is not an ONNX model (protobuf parse failed; truncated or another file type?)") from None
+    if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
+        raise LrsdError(f"{what} is not an ONNX model (no graph)")
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    base = base_dir.resolve()
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if base != target and base not in target.parents:
+            raise LrsdError(f"{path}: external data '{location}' of tensor '{tensor.name}' points outside the model's directory")
+        if not target.is_file():
+            raise LrsdError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
+    try:
+        onnx.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError) as exc:
+        raise LrsdError(f"{path}: cannot load external data: {exc}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def max_runtime_ir_version() -> int:
+    """The highest IR version the installed onnxruntime loads (probed once with a tiny model)."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    for ir_version in range(onnx.IR_VERSION, 3, -1):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = ir_version
+        try:
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            return ir_version
+        except Exception:  # onnxruntime raises its own Fail type for unsupported IR
+            continue
+    return 3
+
+
+def runtime_ir_version(source_ir_version: int) -> int:
+    """Keep the source model's IR version, capped at what onnxruntime accepts."""
+    return min(source_ir_version or onnx.IR_VERSION, max_runtime_ir_version())
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Size estimate that works above 2 GB (ByteSize() does not)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    total = 0
+    for tensor in _get_all_tensors(model):
+        if tensor.HasField("raw_data"):
+            total += len(tensor.raw_data)
+        else:
+            total += 4 * (len(tensor.float_data) + len(tensor.int32_data)) + 8 * (
+                len(tensor.int64_data) + len(tensor.double_data) + len(tensor.uint64_data))
+    return total
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    return initializer_bytes(model) > PROTOBUF_LIMIT - 64 * 2**20
+
+
+def check_output_directory(path: Path) -> Path:
+    """The directory `path` will be written in; an error if it is missing or read-only."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise LrsdError(f"output directory does not exist: {directory}")
+    if not os.access(directory, os.W_OK):
+        raise LrsdError(f"output directory is not writable: {directory}")
+    return directory
+
+
+def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external_data: bool = False) -> Path:
+    """Write `model` atomically: into a temporary file in the target directory, then renamed.
+
+    With `external_data` (forced above 2 GB) the weights go to ``<name>.data`` beside it;
+    a stale data file of that name is replaced, never appended to.
+    Returns the written path.
+    """
+    path = Path(path)
+    directory = check_output_directory(path)
+    external_data = external_data or needs_external_data(model)
+    data_name = path.name + ".data"
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".onnx_lrsd-", dir=directory))
+    except OSError as exc:
+        raise LrsdError(f"cannot write to {directory}: {exc.strerror or exc}") from None
+    try:
+        staged = staging / path.name
+        if external_data:
+            model = _copy(model)  # onnx moves the weights out of the proto it saves
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(staging / data_name, directory / data_name)
+        else:
+            staged.write_bytes(model.SerializeToString())
+        os.replace(staged, path)
+    except OSError as exc:
+        raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise LrsdError(f"cannot serialize the model: {exc}") from None
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    log.info("wrote %s%s", path, " (+ external data)" if external_data else "")
+    return path

@@ -1,0 +1,120 @@
+"""Per-layer choice of factorization kind and ranks from a keep ratio, an energy threshold or
+an explicit rank."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .config import FULL_RANK, CompressConfig
+from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks
+from .decompose import rank_for_energy, singular_values, spatial_matrix
+from .targets import LayerTarget
+
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one layer: `method` is a factorization kind or "dense" (with `reason`)."""
+
+    name: str
+    op: str
+    method: str
+    ranks: Tuple[int, ...]
+    cost: Cost
+    dense: Cost
+    reason: str = ""
+
+    @property
+    def factorized(self) -> bool:
+        return self.method != DENSE
+
+
+def dense_plan(target: LayerTarget, reason: str) -> LayerPlan:
+    cost = dense_cost(target)
+    return LayerPlan(target.name, target.op, DENSE, (), cost, cost, reason)
+
+
+def round_conv_rank(rank: int, multiple: int, limit: int) -> int:
+    """Round a conv rank down to a multiple of `multiple` (onnxruntime's NCHWc blocks), only
+    when it is at least that large; never above `limit`."""
+    if rank >= multiple:
+        rank = (rank // multiple) * multiple
+    return max(1, min(rank, limit))
+
+
+def budget_ranks(target: LayerTarget, method: str, keep: float, multiple: int) -> Tuple[int, ...]:
+    """The largest ranks whose parameters fit in ``keep`` × the dense layer's."""
+    budget = keep * target.params
+    is_conv = target.conv is not None
+    if method == "tucker2":
+        cin, cout = target.in_channels, target.out_channels
+        k = int(np.prod(target.conv.kernel_shape))
+        # params(ρ) = ρ (Cin² + Cout²) + ρ² Cin Cout k with r_in = ρ Cin, r_out = ρ Cout
+        a, b = cin * cout * k, cin * cin + cout * cout
+        rho = (-b + math.sqrt(b * b + 4 * a * budget)) / (2 * a)
+        return (round_conv_rank(int(rho * cin), multiple, cin), round_conv_rank(int(rho * cout), multiple, cout))
+    per_rank = factorized_cost(target, method, (1,)).params
+    (limit,) = full_ranks(target, method)
+    rank = int(budget // per_rank)
+    return (round_conv_rank(rank, multiple, limit) if is_conv else max(1, min(rank, limit)),)
+
+
+def energy_ranks(target: LayerTarget, method: str, energy: float) -> Tuple[int, ...]:
+    """Smallest ranks that keep `energy` of the squared singular values of the matrix the
+    method factorizes (tucker2: of each mode's unfolding)."""
+    if method in ("svd", "channel"):
+        return (rank_for_energy(singular_values(target.matrix()), energy),)
+    w = np.asarray(target.weight, dtype=np.float64)
+    if method == "spatial":
+        return (rank_for_energy(singular_values(spatial_matrix(w)), energy),)
+    cin_unfold = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+    cout_unfold = w.reshape(w.shape[0], -1)
+    return (rank_for_energy(singular_values(cin_unfold), energy),
+            rank_for_energy(singular_values(cout_unfold), energy))
+
+
+def plan_layer(target: LayerTarget, config: CompressConfig) -> LayerPlan:
+    """Choose kind and ranks for one layer (overrides first, then the global settings)."""
+    override = config.override_for(target.name)
+    if override is not None and override.skip:
+        return dense_plan(target, "skipped by configuration")
+    method = (override.method if override and override.method else config.method)
+    methods = applicable_methods(target)
+    if method != "auto" and method not in methods:
+        return dense_plan(target, f"method {method} does not apply (possible: {', '.join(methods)})")
+    candidates = methods if method == "auto" else (method,)
+    forced = override.rank if override is not None else None
+    if forced is not None:
+        return _forced_plan(target, candidates[0], forced)
+    keep = override.keep if override and override.keep is not None else config.keep
+    energy = override.energy if override and override.energy is not None else config.energy
+    dense = dense_cost(target)
+    best: Optional[LayerPlan] = None
+    for kind in candidates:
+        ranks = budget_ranks(target, kind, keep, config.conv_rank_multiple)
+        if energy is not None:
+            ranks = tuple(min(a, b) for a, b in zip(ranks, energy_ranks(target, kind, energy)))
+        cost = factorized_cost(target, kind, ranks)
+        if cost.params >= dense.params or cost.macs >= dense.macs:
+            continue
+        plan = LayerPlan(target.name, target.op, kind, ranks, cost, dense)
+        if best is None or (cost.macs, cost.params) < (best.cost.macs, best.cost.params):
+            best = plan
+    if best is None:
+        return dense_plan(target, f"no factorization at keep={keep:g} cuts both params and MACs")
+    return best
+
+
+def _forced_plan(target: LayerTarget, method: str, rank) -> LayerPlan:
+    limits = full_ranks(target, method)
+    if rank == FULL_RANK:
+        ranks = limits
+    else:
+        ranks = tuple(min(int(rank), limit) for limit in limits)
+    if any(r == 0 for r in ranks):
+        return dense_plan(target, "rank 0 requested")
+    return LayerPlan(target.name, target.op, method, ranks, factorized_cost(target, method, ranks), dense_cost(target))

@@ -1,0 +1,124 @@
+"""Typed reports of `inspect` and `compress`, with JSON and text renderings."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from .targets import SkippedLayer
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """One factorizable layer as `inspect` lists it (`share`: of the model's parameters)."""
+
+    name: str
+    op: str
+    weight_shape: Tuple[int, ...]
+    params: int
+    macs: int
+    share: float
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    params: int
+    macs: int
+    targets: Tuple[TargetInfo, ...]
+    skipped: Tuple[SkippedLayer, ...]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_text(self) -> str:
+        lines = [f"parameters {self.params:,}   MACs {self.macs:,}   "
+                 f"targets {len(self.targets)} ({sum(t.share for t in self.targets):.1%} of parameters)"]
+        width = max([len(t.name) for t in self.targets] + [4])
+        for t in self.targets:
+            lines.append(f"  {t.name:<{width}}  {t.op:<6} {str(list(t.weight_shape)):<20} "
+                         f"params {t.params:>11,}  MACs {t.macs:>14,}  {t.share:6.1%}")
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)}:")
+            lines.extend(f"  {s.name}  {s.op}: {s.reason}" for s in self.skipped)
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    params: int
+    macs: int
+    file_bytes: int
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What happened to one target (`method` "dense" with a `reason` when left as is)."""
+
+    name: str
+    op: str
+    method: str
+    ranks: Tuple[int, ...]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    reason: str = ""
+    data_error: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    before: ModelStats
+    after: ModelStats
+    layers: Tuple[LayerReport, ...]
+    skipped: Tuple[SkippedLayer, ...]
+    output_errors: Dict[str, float]
+    seconds: float
+    timings: Dict[str, float] = field(default_factory=dict)
+    config: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def params_ratio(self) -> float:
+        return self.after.params / self.before.params if self.before.params else 1.0
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.after.macs / self.before.macs if self.before.macs else 1.0
+
+    @property
+    def size_ratio(self) -> float:
+        return self.after.file_bytes / self.before.file_bytes if self.before.file_bytes else 1.0
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.update(params_ratio=self.params_ratio, macs_ratio=self.macs_ratio, size_ratio=self.size_ratio)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_text(self) -> str:
+        factorized = [layer for layer in self.layers if layer.method != "dense"]
+        lines = [
+            f"{'':12}{'before':>16}{'after':>16}{'ratio':>9}",
+            f"{'parameters':12}{self.before.params:>16,}{self.after.params:>16,}{self.params_ratio:>9.3f}",
+            f"{'MACs':12}{self.before.macs:>16,}{self.after.macs:>16,}{self.macs_ratio:>9.3f}",
+            f"{'file bytes':12}{self.before.file_bytes:>16,}{self.after.file_bytes:>16,}{self.size_ratio:>9.3f}",
+            f"layers factorized {len(factorized)} of {len(self.layers)} targets; {len(self.skipped)} weight layers skipped",
+        ]
+        for name, error in self.output_errors.items():
+            lines.append(f"output {name}: relative error {error:.3e}")
+        lines.append(f"time {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+    def layer_table(self) -> str:
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  {'op':<6} {'method':<8} {'ranks':<10} {'params':>21} {'MACs':>25}  error"]
+        for layer in self.layers:
+            error = f"{layer.data_error:.3e}" if layer.data_error is not None else ""
+            ranks = "x".join(map(str, layer.ranks)) or "-"
+            lines.append(f"{layer.name:<{width}}  {layer.op:<6} {layer.method:<8} {ranks:<10} "
+                         f"{layer.params_before:>10,}>{layer.params_after:<10,} "
+                         f"{layer.macs_before:>12,}>{layer.macs_after:<12,}  {error or layer.reason}")
+        return "\n".join(lines)

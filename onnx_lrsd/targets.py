@@ -1,0 +1,253 @@
+"""Per-op adapters that turn a Gemm / MatMul / Conv node into a `LayerTarget`, or say why not.
+
+Orientation: every target exposes its weight as a matrix `W` of shape [in, out] with
+``y = x @ W`` (ONNX MatMul's B). Gemm with transB, MatMul with the weight on the left and Conv
+(through im2col) are converted by their adapter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import ResolvedConstant, resolve_constant, sole_consumer
+
+WEIGHT_OPS_NOT_SUPPORTED = {
+    "ConvTranspose": "ConvTranspose is not factorized",
+    "ConvInteger": "integer conv (quantized model)",
+    "MatMulInteger": "integer matmul (quantized model)",
+    "QLinearConv": "quantized conv",
+    "QLinearMatMul": "quantized matmul",
+}
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Attributes and spatial sizes of a Conv (1-D or 2-D); pads in ONNX order
+    (begin..., end...). Spatial sizes are None when shape inference could not tell."""
+
+    kernel_shape: Tuple[int, ...]
+    strides: Tuple[int, ...]
+    pads: Tuple[int, ...]
+    dilations: Tuple[int, ...]
+    auto_pad: str
+    in_spatial: Optional[Tuple[int, ...]]
+    out_spatial: Optional[Tuple[int, ...]]
+
+    @property
+    def in_positions(self) -> int:
+        return int(np.prod(self.in_spatial)) if self.in_spatial else 1
+
+    @property
+    def out_positions(self) -> int:
+        return int(np.prod(self.out_spatial)) if self.out_spatial else 1
+
+
+@dataclass(frozen=True)
+class GemmAttrs:
+    alpha: float
+    beta: float
+    trans_a: bool
+    trans_b: bool
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """A layer whose constant weight can be factorized.
+
+    `rows` is the number of activation rows one inference (batch 1) multiplies by the weight
+    (sequence positions of a MatMul, output positions of a Conv); `macs = rows · in · out`.
+    `weight_side` is "right" for ``x @ W`` and "left" for ``W @ x`` (MatMul only).
+    """
+
+    name: str
+    op: str
+    weight: np.ndarray
+    weight_tensor: str
+    activation: str
+    output: str
+    bias_tensor: Optional[str]
+    in_features: int
+    out_features: int
+    rows: int
+    weight_side: str = "right"
+    gemm: Optional[GemmAttrs] = None
+    conv: Optional[ConvGeometry] = None
+
+    @property
+    def params(self) -> int:
+        return int(self.weight.size)
+
+    @property
+    def macs(self) -> int:
+        return self.rows * self.in_features * self.out_features
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.weight.dtype
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    def matrix(self) -> np.ndarray:
+        """The weight as [in, out] in float64 (Conv: im2col order, channel then kernel)."""
+        w = np.asarray(self.weight, dtype=np.float64)
+        if self.conv is not None:
+            return w.reshape(w.shape[0], -1).T
+        if self.gemm is not None and self.gemm.trans_b:
+            return w.T
+        if self.weight_side == "left":
+            return w.T
+        return w
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    name: str
+    op: str
+    reason: str
+
+
+class NotATarget(Exception):
+    """Raised by an adapter with the reason a node is left dense."""
+
+
+def _weight(node: gs.Node, index: int, graph: gs.Graph) -> ResolvedConstant:
+    if len(node.inputs) <= index:
+        raise NotATarget("has no weight input")
+    tensor = node.inputs[index]
+    if tensor in graph.inputs:
+        raise NotATarget("weight is a graph input")
+    resolved = resolve_constant(tensor)
+    if resolved is None:
+        producer = tensor.inputs[0].op if tensor.inputs else "?"
+        if producer == "DequantizeLinear":
+            raise NotATarget("weight is quantized (DequantizeLinear)")
+        raise NotATarget(f"weight is computed at run time (by {producer})")
+    if not np.issubdtype(resolved.values.dtype, np.floating):
+        raise NotATarget(f"{resolved.values.dtype} weights are not factorized")
+    if not sole_consumer(resolved, node, graph):
+        raise NotATarget("weight is shared with other nodes")
+    if not np.all(np.isfinite(resolved.values)):
+        raise NotATarget("weight has NaN or inf values")
+    return resolved
+
+
+def _shape(tensor: gs.Tensor) -> Optional[Tuple]:
+    shape = getattr(tensor, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def _known_product(dims) -> int:
+    """Product of the known dims; symbolic dims (batch, sequence) count as 1."""
+    return int(np.prod([d for d in dims if isinstance(d, (int, np.integer)) and d > 0])) if dims else 1
+
+
+def gemm_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
+    """Y = alpha · A' B' + beta · C with B the constant weight."""
+    if resolve_constant(node.inputs[0]) is not None:
+        raise NotATarget("first operand is constant (weight on the left of a Gemm)")
+    resolved = _weight(node, 1, graph)
+    attrs = GemmAttrs(alpha=float(node.attrs.get("alpha", 1.0)), beta=float(node.attrs.get("beta", 1.0)),
+                      trans_a=bool(node.attrs.get("transA", 0)), trans_b=bool(node.attrs.get("transB", 0)))
+    w = resolved.values
+    if w.ndim != 2:
+        raise NotATarget(f"weight has rank {w.ndim}")
+    n_in, n_out = (w.shape[1], w.shape[0]) if attrs.trans_b else w.shape
+    x_shape = _shape(node.inputs[0])
+    rows = x_shape[1] if x_shape and attrs.trans_a else (x_shape[0] if x_shape else 1)
+    rows = int(rows) if isinstance(rows, (int, np.integer)) and rows > 0 else 1
+    return LayerTarget(name=node.name, op="Gemm", weight=w, weight_tensor=node.inputs[1].name,
+                       activation=node.inputs[0].name, output=node.outputs[0].name,
+                       bias_tensor=node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2].name else None,
+                       in_features=int(n_in), out_features=int(n_out), rows=rows, gemm=attrs)
+
+
+def matmul_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
+    """y = x @ W (weight on the right) or y = W @ x (weight on the left), W constant 2-D."""
+    right, left = resolve_constant(node.inputs[1]), resolve_constant(node.inputs[0])
+    if right is not None and left is not None:
+        raise NotATarget("both operands are constant")
+    if right is None and left is None:
+        raise NotATarget("no constant operand")
+    side, index = ("right", 1) if right is not None else ("left", 0)
+    resolved = _weight(node, index, graph)
+    w = resolved.values
+    if w.ndim != 2:
+        raise NotATarget(f"weight has rank {w.ndim} (batched matmul)")
+    x_shape = _shape(node.inputs[1 - index])
+    if side == "right":
+        n_in, n_out = w.shape
+        rows = _known_product(x_shape[:-1]) if x_shape else 1
+    else:
+        n_out, n_in = w.shape
+        rows = _known_product(x_shape[:-2] + x_shape[-1:]) if x_shape and len(x_shape) >= 2 else 1
+    if x_shape is not None and len(x_shape) < 2:
+        raise NotATarget("activation is a vector")
+    return LayerTarget(name=node.name, op="MatMul", weight=w, weight_tensor=node.inputs[index].name,
+                       activation=node.inputs[1 - index].name, output=node.outputs[0].name, bias_tensor=None,
+                       in_features=int(n_in), out_features=int(n_out), rows=rows, weight_side=side)
+
+
+def conv_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
+    """Conv with group 1, 1-D or 2-D, any strides / pads / dilations / auto_pad."""
+    if int(node.attrs.get("group", 1)) != 1:
+        raise NotATarget(f"grouped conv (group={node.attrs['group']})")
+    resolved = _weight(node, 1, graph)
+    w = resolved.values
+    if w.ndim not in (3, 4):
+        raise NotATarget(f"{w.ndim - 2}-D conv is not factorized (1-D and 2-D are)")
+    spatial = w.ndim - 2
+    kernel = tuple(int(k) for k in w.shape[2:])
+    geometry = ConvGeometry(
+        kernel_shape=kernel,
+        strides=tuple(int(s) for s in node.attrs.get("strides", [1] * spatial)),
+        pads=tuple(int(p) for p in node.attrs.get("pads", [0] * 2 * spatial)),
+        dilations=tuple(int(d) for d in node.attrs.get("dilations", [1] * spatial)),
+        auto_pad=str(node.attrs.get("auto_pad", "NOTSET")),
+        in_spatial=_spatial(_shape(node.inputs[0]), spatial),
+        out_spatial=_spatial(_shape(node.outputs[0]), spatial))
+    cout, cin = int(w.shape[0]), int(w.shape[1])
+    bias = node.inputs[2].name if len(node.inputs) > 2 and node.inputs[2].name else None
+    return LayerTarget(name=node.name, op="Conv", weight=w, weight_tensor=node.inputs[1].name,
+                       activation=node.inputs[0].name, output=node.outputs[0].name, bias_tensor=bias,
+                       in_features=cin * int(np.prod(kernel)), out_features=cout,
+                       rows=geometry.out_positions, conv=geometry)
+
+
+def _spatial(shape: Optional[Tuple], n: int) -> Optional[Tuple[int, ...]]:
+    if shape is None or len(shape) != n + 2:
+        return None
+    dims = shape[2:]
+    if all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
+        return tuple(int(d) for d in dims)
+    return None
+
+
+ADAPTERS: Dict[str, Callable[[gs.Node, gs.Graph], LayerTarget]] = {
+    "Gemm": gemm_target,
+    "MatMul": matmul_target,
+    "Conv": conv_target,
+}
+
+
+def classify(node: gs.Node, graph: gs.Graph) -> Union[LayerTarget, SkippedLayer, None]:
+    """A target, a skipped weight layer with its reason, or None for other ops."""
+    if node.domain not in ("", "ai.onnx", None):
+        return None
+    if node.op in WEIGHT_OPS_NOT_SUPPORTED:
+        return SkippedLayer(node.name, node.op, WEIGHT_OPS_NOT_SUPPORTED[node.op])
+    adapter = ADAPTERS.get(node.op)
+    if adapter is None:
+        return None
+    try:
+        return adapter(node, graph)
+    except NotATarget as reason:
+        return SkippedLayer(node.name, node.op, str(reason))

@@ -1,0 +1,84 @@
+"""Pass infrastructure: a pass rewrites the graph (or fills the context) and reports whether
+it changed anything; the manager runs passes in order and checks their contracts."""
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_lrsd.config import CompressConfig
+from onnx_lrsd.factorize import LayerFactorization
+from onnx_lrsd.rank_select import LayerPlan
+from onnx_lrsd.targets import LayerTarget, SkippedLayer
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): called as long work advances (the CLI draws bars)."""
+
+
+@dataclass
+class PassContext:
+    """What the passes share: the run's config, the source model's metadata, and what each
+    pass has found so far (targets, plans, factorizations, verification)."""
+
+    config: CompressConfig
+    source: onnx.ModelProto
+    template: onnx.ModelProto
+    progress: Optional[Progress] = None
+    targets: Dict[str, LayerTarget] = field(default_factory=dict)
+    skipped: List[SkippedLayer] = field(default_factory=list)
+    plans: Dict[str, LayerPlan] = field(default_factory=dict)
+    factorizations: Dict[str, LayerFactorization] = field(default_factory=dict)
+    output_errors: Dict[str, float] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def report_progress(self, stage: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(stage, done, total)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    graph: gs.Graph
+    modified: bool
+    stats: Dict[str, int] = field(default_factory=dict)
+
+
+class Pass(ABC):
+    """One job on the graph. `requires` names the passes that must run before it."""
+
+    name: ClassVar[str]
+    requires: ClassVar[Tuple[str, ...]] = ()
+
+    @abstractmethod
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Run the pass."""
+
+
+class PassManager:
+    """Runs passes in order and times them; the order is checked against each pass's
+    `requires` when the manager is built."""
+
+    def __init__(self, passes: Sequence[Pass]):
+        seen: List[str] = []
+        for p in passes:
+            missing = [r for r in p.requires if r not in seen]
+            if missing:
+                raise ValueError(f"pass {p.name} requires {', '.join(missing)} to run before it")
+            seen.append(p.name)
+        self.passes = list(passes)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> gs.Graph:
+        for p in self.passes:
+            start = time.perf_counter()
+            result = p.call(graph, ctx)
+            ctx.timings[p.name] = time.perf_counter() - start
+            log.debug("pass %s: modified=%s %s (%.2fs)", p.name, result.modified, result.stats, ctx.timings[p.name])
+            graph = result.graph
+        return graph

@@ -1,0 +1,23 @@
+"""Factorize each planned layer's weight (data-free: minimise the weight error)."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from onnx_lrsd.factorize import factorize_data_free
+
+from .base import Pass, PassContext, PassResult
+
+
+class DecomposeWeightsPass(Pass):
+    """Fills `ctx.factorizations` for layers that have a plan but no factors yet (layers
+    already fitted on calibration data are kept)."""
+
+    name = "decompose_weights"
+    requires = ("select_ranks",)
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        todo = [p for p in ctx.plans.values() if p.factorized and p.name not in ctx.factorizations]
+        for done, plan in enumerate(todo, 1):
+            ctx.factorizations[plan.name] = factorize_data_free(ctx.targets[plan.name], plan, ctx.config.seed)
+            ctx.report_progress("decompose", done, len(todo))
+        return PassResult(graph, modified=False, stats={"decomposed": len(todo)})

@@ -1,0 +1,44 @@
+"""Find the layers to factorize, and list every other weight layer with the reason it stays."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from onnx_lrsd.targets import ADAPTERS, WEIGHT_OPS_NOT_SUPPORTED, LayerTarget, SkippedLayer, classify
+
+from .base import Pass, PassContext, PassResult
+
+
+class FindTargetsPass(Pass):
+    """Fills `ctx.targets` (in topological order) and `ctx.skipped`. Weight layers inside
+    If / Loop / Scan bodies are listed as skipped: subgraphs are not rewritten."""
+
+    name = "find_targets"
+    requires = ("name_nodes",)
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        graph.toposort()
+        for node in graph.nodes:
+            found = classify(node, graph)
+            if isinstance(found, LayerTarget):
+                ctx.targets[found.name] = found
+            elif isinstance(found, SkippedLayer):
+                ctx.skipped.append(found)
+            for subgraph in _subgraphs(node):
+                ctx.skipped.extend(_subgraph_layers(subgraph, f"inside a {node.op} body (subgraphs are not rewritten)"))
+        return PassResult(graph, modified=False, stats={"targets": len(ctx.targets), "skipped": len(ctx.skipped)})
+
+
+def _subgraphs(node: gs.Node):
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, gs.Graph))
+
+
+def _subgraph_layers(graph: gs.Graph, reason: str):
+    for node in graph.nodes:
+        if node.op in ADAPTERS or node.op in WEIGHT_OPS_NOT_SUPPORTED:
+            yield SkippedLayer(node.name, node.op, reason)
+        for subgraph in _subgraphs(node):
+            yield from _subgraph_layers(subgraph, reason)

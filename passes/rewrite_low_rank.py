@@ -1,0 +1,166 @@
+"""Replace each factorized layer by its chain of smaller ops.
+
+The chain is built from the layer's input tensor and ends in the layer's original output
+tensor, so consumers and graph outputs are untouched. MatMul chains are emitted as (x·U)·V:
+written x·(U·V), onnxruntime's constant folding would multiply them back into one matrix.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnx_lrsd.decompose import (
+    channel_factors_to_convs,
+    spatial_factors_to_convs,
+    tucker2_to_convs,
+)
+from onnx_lrsd.factorize import LayerFactorization
+from onnx_lrsd.graph import TensorNamer, resolve_constant
+from onnx_lrsd.targets import LayerTarget
+
+from .base import Pass, PassContext, PassResult
+
+
+class RewriteLowRankPass(Pass):
+    """Rewrites every layer in `ctx.factorizations`; weights are written as initializers in
+    the layer's own dtype."""
+
+    name = "rewrite_low_rank"
+    requires = ("find_targets",)
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        nodes = {n.name: n for n in graph.nodes}
+        namer = TensorNamer(graph)
+        for name, fact in ctx.factorizations.items():
+            target = ctx.targets[name]
+            node = nodes[name]
+            emitter = _Emitter(graph, node, target, namer)
+            new_nodes = EMITTERS[target.op](emitter, fact)
+            node.outputs.clear()
+            graph.nodes.extend(new_nodes)
+        return PassResult(graph, modified=bool(ctx.factorizations), stats={"rewritten": len(ctx.factorizations)})
+
+
+class _Emitter:
+    """Builds the nodes of one layer's replacement."""
+
+    def __init__(self, graph: gs.Graph, node: gs.Node, target: LayerTarget, namer: TensorNamer):
+        self.graph, self.node, self.target, self.namer = graph, node, target, namer
+        self.nodes: List[gs.Node] = []
+
+    def const(self, role: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.namer(self.node.name, role), np.ascontiguousarray(values, dtype=self.target.dtype))
+
+    def tensor(self, role: str) -> gs.Variable:
+        return gs.Variable(self.namer(self.node.name, role))
+
+    def op(self, op: str, role: str, inputs, output: Optional[gs.Tensor] = None, **attrs) -> gs.Tensor:
+        out = output if output is not None else self.tensor(role)
+        self.nodes.append(gs.Node(op=op, name=self.namer(self.node.name, role), attrs=attrs,
+                                  inputs=list(inputs), outputs=[out]))
+        return out
+
+    @property
+    def x(self) -> gs.Tensor:
+        return next(t for t in self.node.inputs if t.name == self.target.activation)
+
+    @property
+    def y(self) -> gs.Tensor:
+        return self.node.outputs[0]
+
+    def bias(self, shift: Optional[np.ndarray]) -> Optional[gs.Tensor]:
+        """The layer's bias plus `shift`; a new constant when shifted, else the original."""
+        original = self.node.inputs[2] if self.target.bias_tensor else None
+        if shift is None:
+            return original
+        if original is None:
+            return self.const("bias", shift)
+        resolved = resolve_constant(original)
+        if resolved is None:
+            raise ValueError(f"{self.node.name}: bias correction needs a constant bias")
+        return self.const("bias", np.asarray(resolved.values, np.float64) + shift)
+
+
+def _emit_matmul(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
+    """y = (x·U)·V, or for a weight on the left y = Vᵀ·(Uᵀ·x); plus bias shift if any."""
+    f = fact.factors
+    if e.target.weight_side == "left":
+        h = e.op("MatMul", "u", [e.const("U", f.U.T), e.x])
+        out = e.y if fact.bias_shift is None else None
+        y = e.op("MatMul", "v", [e.const("V", f.V.T), h], output=out)
+        if fact.bias_shift is not None:
+            e.op("Add", "bias_add", [y, e.const("bias", fact.bias_shift[:, None])], output=e.y)
+        return e.nodes
+    h = e.op("MatMul", "u", [e.x, e.const("U", f.U)])
+    if fact.bias_shift is None:
+        e.op("MatMul", "v", [h, e.const("V", f.V)], output=e.y)
+    else:
+        y = e.op("MatMul", "v", [h, e.const("V", f.V)])
+        e.op("Add", "bias_add", [y, e.const("bias", fact.bias_shift)], output=e.y)
+    return e.nodes
+
+
+def _emit_gemm(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
+    """Y = alpha·A'·B' + beta·C as h = A'·U, Y = Gemm(h, alpha·V, C, beta)."""
+    attrs, f = e.target.gemm, fact.factors
+    a = e.op("Transpose", "trans_a", [e.x], perm=[1, 0]) if attrs.trans_a else e.x
+    h = e.op("MatMul", "u", [a, e.const("U", f.U)])
+    v = e.const("V", attrs.alpha * f.V)
+    shift = fact.bias_shift
+    has_bias = e.target.bias_tensor is not None and attrs.beta != 0
+    if not has_bias and shift is None:
+        e.op("MatMul", "v", [h, v], output=e.y)
+    elif not has_bias:
+        e.op("Gemm", "v", [h, v, e.const("bias", shift)], output=e.y)
+    else:
+        c = e.bias(None if shift is None else shift / attrs.beta)
+        e.op("Gemm", "v", [h, v, c], output=e.y, beta=attrs.beta)
+    return e.nodes
+
+
+def _conv_attrs(target: LayerTarget, kernel, strides, pads, dilations) -> dict:
+    geometry = target.conv
+    attrs = {"kernel_shape": list(kernel), "strides": list(strides), "dilations": list(dilations)}
+    if geometry.auto_pad not in ("NOTSET", ""):
+        attrs["auto_pad"] = geometry.auto_pad
+    else:
+        attrs["pads"] = list(pads)
+    return attrs
+
+
+def _pointwise_attrs(n: int) -> dict:
+    return {"kernel_shape": [1] * n, "strides": [1] * n, "pads": [0] * (2 * n), "dilations": [1] * n}
+
+
+def _emit_conv(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
+    t, g = e.target, e.target.conv
+    n = len(g.kernel_shape)
+    bias = e.bias(fact.bias_shift)
+    tail = [bias] if bias is not None else []
+    if fact.method == "channel":
+        w1, w2 = channel_factors_to_convs(fact.factors, t.in_channels, g.kernel_shape)
+        h = e.op("Conv", "channel", [e.x, e.const("W1", w1)],
+                 **_conv_attrs(t, g.kernel_shape, g.strides, g.pads, g.dilations))
+        e.op("Conv", "pointwise", [h, e.const("W2", w2)] + tail, output=e.y, **_pointwise_attrs(n))
+    elif fact.method == "spatial":
+        (kh, kw), (sh, sw), (dh, dw) = g.kernel_shape, g.strides, g.dilations
+        pt, pl, pb, pr = g.pads
+        w1, w2 = spatial_factors_to_convs(fact.factors, t.out_channels, t.in_channels, kh, kw)
+        h = e.op("Conv", "vertical", [e.x, e.const("W1", w1)],
+                 **_conv_attrs(t, (kh, 1), (sh, 1), (pt, 0, pb, 0), (dh, 1)))
+        e.op("Conv", "horizontal", [h, e.const("W2", w2)] + tail, output=e.y,
+             **_conv_attrs(t, (1, kw), (1, sw), (0, pl, 0, pr), (1, dw)))
+    elif fact.method == "tucker2":
+        w1, w2, w3 = tucker2_to_convs(fact.factors)
+        h1 = e.op("Conv", "tucker_in", [e.x, e.const("W1", w1)], **_pointwise_attrs(n))
+        h2 = e.op("Conv", "tucker_core", [h1, e.const("W2", w2)],
+                  **_conv_attrs(t, g.kernel_shape, g.strides, g.pads, g.dilations))
+        e.op("Conv", "tucker_out", [h2, e.const("W3", w3)] + tail, output=e.y, **_pointwise_attrs(n))
+    else:
+        raise ValueError(f"{t.name}: conv cannot be written with method {fact.method!r}")
+    return e.nodes
+
+
+EMITTERS = {"MatMul": _emit_matmul, "Gemm": _emit_gemm, "Conv": _emit_conv}

@@ -1,0 +1,28 @@
+"""Choose each target's factorization kind and ranks."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from onnx_lrsd.errors import LrsdError
+from onnx_lrsd.rank_select import plan_layer
+
+from .base import Pass, PassContext, PassResult
+
+
+class SelectRanksPass(Pass):
+    """Fills `ctx.plans` from the keep ratio / energy / overrides of the config. A layer
+    override naming no target is an error (a misspelt name would silently do nothing)."""
+
+    name = "select_ranks"
+    requires = ("find_targets",)
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        known = list(ctx.targets) + [s.name for s in ctx.skipped]
+        unmatched = ctx.config.unmatched_overrides(known)
+        if unmatched:
+            raise LrsdError(f"config names no layer of this model: {', '.join(o.pattern for o in unmatched)} "
+                            f"(see `onnx-lrsd inspect` for layer names)")
+        for target in ctx.targets.values():
+            ctx.plans[target.name] = plan_layer(target, ctx.config)
+        chosen = sum(p.factorized for p in ctx.plans.values())
+        return PassResult(graph, modified=False, stats={"factorized": chosen, "dense": len(ctx.plans) - chosen})
