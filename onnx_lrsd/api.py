@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import onnx
 
@@ -50,22 +50,52 @@ def inspect_model(model: ModelSource) -> InspectReport:
     return InspectReport(params=params, macs=model_macs(source), targets=targets, skipped=tuple(ctx.skipped))
 
 
-def compress(model: ModelSource, config: Optional[CompressConfig] = None, progress=None,
-             **options) -> CompressionResult:
+Calibration = Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]], Sequence[Mapping], object]
+
+
+def calibration_batches(calibration: Calibration, model: onnx.ModelProto, config: CompressConfig) -> List[dict]:
+    """Validated calibration batches of `config.calib_batch` samples from any source: a
+    reader with `get_next()` (onnxruntime's CalibrationDataReader protocol), a list of feed
+    dicts, .npz paths or directories, or "random" (seeded random inputs; a warning)."""
+    from .calibrate import CalibrationSpec, ListReader, iter_batches, open_reader
+
+    if calibration is None:
+        return []
+    if hasattr(calibration, "get_next"):
+        reader = calibration
+    elif isinstance(calibration, (str, os.PathLike)):
+        reader = open_reader(CalibrationSpec(sources=(str(calibration),), n_samples=config.calib_samples,
+                                             batch_size=config.calib_batch, dims=config.dims, seed=config.seed), model)
+    elif isinstance(calibration, Sequence) and calibration and all(isinstance(c, Mapping) for c in calibration):
+        reader = ListReader(calibration)
+    elif isinstance(calibration, Sequence) and calibration and all(isinstance(c, (str, os.PathLike)) for c in calibration):
+        reader = open_reader(CalibrationSpec(sources=tuple(str(c) for c in calibration), n_samples=config.calib_samples,
+                                             batch_size=config.calib_batch, dims=config.dims, seed=config.seed), model)
+    else:
+        raise LrsdError("calibration must be a reader with get_next(), a list of feed dicts, .npz paths or 'random'")
+    return list(iter_batches(reader, model, config.calib_samples, config.calib_batch))
+
+
+def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibration: Calibration = None,
+             progress=None, **options) -> CompressionResult:
     """Compress `model` (path, bytes or ModelProto; never modified) and verify it.
 
+    With `calibration` (see `calibration_batches`) every layer is fitted to reconstruct its
+    original feature maps (data-aware); without, the weights are factorized data-free.
     `options` are `CompressConfig` fields applied on top of `config`. `progress(stage, done,
-    total)` is called as layers are processed.
+    total)` is called as work advances.
     """
-    from .passes import (CleanupGraphPass, DecomposeWeightsPass, FindTargetsPass, NameNodesPass,
-                         PassManager, RewriteLowRankPass, SelectRanksPass, VerifyOutputsPass)
+    from .passes import (CleanupGraphPass, CollectActivationsPass, DecomposeWeightsPass, FindTargetsPass,
+                         NameNodesPass, PassManager, ReconstructFeatureMapsPass, RewriteLowRankPass,
+                         SelectRanksPass, VerifyOutputsPass)
 
     config = (config or CompressConfig()).replace(**options) if options else (config or CompressConfig())
     start = time.perf_counter()
     source = load_model(model)
     ctx = _context(source, config, progress)
-    passes = [NameNodesPass(), FindTargetsPass(), SelectRanksPass(), DecomposeWeightsPass(),
-              RewriteLowRankPass(), CleanupGraphPass()]
+    ctx.calibration = calibration_batches(calibration, source, config)
+    passes = [NameNodesPass(), FindTargetsPass(), SelectRanksPass(), CollectActivationsPass(),
+              ReconstructFeatureMapsPass(), DecomposeWeightsPass(), RewriteLowRankPass(), CleanupGraphPass()]
     if config.verify:
         passes.append(VerifyOutputsPass())
     graph = PassManager(passes).run(import_graph(source), ctx)
@@ -78,7 +108,8 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, progre
 
 
 def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, os.PathLike],
-                  config: Optional[CompressConfig] = None, progress=None, **options) -> CompressionResult:
+                  config: Optional[CompressConfig] = None, calibration: Calibration = None, progress=None,
+                  **options) -> CompressionResult:
     """`compress` a model file and write the result atomically to `output_path` (the file
     size in the report is the written file's)."""
     input_path, output_path = Path(input_path), Path(output_path)
@@ -87,7 +118,7 @@ def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, o
     if output_path.is_dir():
         raise LrsdError(f"output path is a directory: {output_path}")
     check_output_directory(output_path)
-    result = compress(input_path, config, progress, **options)
+    result = compress(input_path, config, calibration, progress, **options)
     config = result.report.config
     save_model(result.model, output_path, external_data=bool(config.get("external_data")))
     written = output_path.stat().st_size + _data_file_size(output_path)

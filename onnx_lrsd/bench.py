@@ -181,3 +181,75 @@ def relative_output_errors(
         norm = float(np.linalg.norm(ref64.ravel()))
         errors[name] = diff / norm if norm > 0 else diff
     return errors
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One side of `bench`: size and cost of a model file and its latency."""
+
+    path: str
+    params: int
+    macs: int
+    file_bytes: int
+    latency: LatencyStats
+
+
+@dataclass(frozen=True)
+class ModelComparison:
+    baseline: ModelSummary
+    candidate: ModelSummary
+    speedup: float
+    output_errors: dict
+    threads: int
+    batch: int
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    def to_text(self) -> str:
+        b, c = self.baseline, self.candidate
+
+        def row(label, x, y, fmt="{:,}"):
+            ratio = y / x if x else float("nan")
+            return f"{label:<14}{fmt.format(x):>16}{fmt.format(y):>16}{ratio:>9.3f}"
+
+        lines = [f"{'':<14}{'baseline':>16}{'candidate':>16}{'ratio':>9}",
+                 row("parameters", b.params, c.params), row("MACs", b.macs, c.macs),
+                 row("file bytes", b.file_bytes, c.file_bytes),
+                 row("median ms", b.latency.median_ms, c.latency.median_ms, "{:.3f}"),
+                 row("p90 ms", b.latency.p90_ms, c.latency.p90_ms, "{:.3f}"),
+                 f"speedup {self.speedup:.3f}x at batch {self.batch}, {self.threads} threads, "
+                 f"{b.latency.runs} interleaved runs each"]
+        lines += [f"output {name}: relative error {err:.3e}" for name, err in self.output_errors.items()]
+        return "\n".join(lines)
+
+
+def _file_bytes(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def compare_models(baseline: Path, candidate: Path, threads: int = 2, batch: int = 1, dims=None,
+                   runs: int = 50, warmup: int = 5, seed: int = 0) -> ModelComparison:
+    """Params, MACs, file size, output error and interleaved latency of two model files that
+    take the same inputs (seeded random inputs of `batch`, symbolic dims from `dims`)."""
+    from .cost import count_params, model_macs
+    from .feeds import random_feeds
+    from .io import load_model
+
+    models = [load_model(path) for path in (baseline, candidate)]
+    feeds = random_feeds(models[0], batch=batch, dims=dims, seed=seed)
+    sessions = [make_session(path, threads) for path in (baseline, candidate)]
+    inputs = [sorted(i.name for i in s.get_inputs()) for s in sessions]
+    if inputs[0] != inputs[1]:
+        raise LrsdError(f"the models take different inputs: {inputs[0]} vs {inputs[1]}")
+    reference, outputs = (run_outputs(s, feeds) for s in sessions)
+    names = [o.name for o in sessions[0].get_outputs()]
+    errors = relative_output_errors(reference, outputs, names)
+    base_stats, cand_stats = time_sessions(sessions, feeds, runs=runs, warmup=warmup)
+    summaries = [ModelSummary(str(path), count_params(model), model_macs(model), _file_bytes(Path(path)), stats)
+                 for path, model, stats in zip((baseline, candidate), models, (base_stats, cand_stats))]
+    return ModelComparison(summaries[0], summaries[1], base_stats.median_ms / cand_stats.median_ms, errors,
+                           threads, batch)

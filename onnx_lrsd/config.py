@@ -14,6 +14,8 @@ METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
 """Factorization kinds: `svd` for Gemm/MatMul (and 1×1 convs), the others for Conv; `auto`
 picks the kind with the fewest MACs at the layer's parameter budget."""
 
+MODES = ("independent", "sequential")
+
 FULL_RANK = "full"
 
 Rank = Union[int, str]
@@ -62,6 +64,8 @@ class CompressConfig:
     overrides: per-layer settings; the first matching override wins.
     conv_rank_multiple: conv ranks are rounded down to multiples of this when they are at
         least that large (onnxruntime's NCHWc blocks), never below it.
+    min_rank: a layer whose budget allows a smaller rank stays dense (tiny ranks of small
+        layers, e.g. a 1→32 stem conv, cost more accuracy than they save).
     verify: run original and compressed models in onnxruntime and report output errors.
     verify_batch: batch size of the verification inputs; `dims` fixes other symbolic dims.
     seed: seed of every random choice (verification inputs, randomized solvers).
@@ -73,11 +77,21 @@ class CompressConfig:
     method: str = "auto"
     overrides: Tuple[LayerOverride, ...] = ()
     conv_rank_multiple: int = 16
+    min_rank: int = 8
     verify: bool = True
     verify_batch: int = 1
     dims: Tuple[Tuple[str, int], ...] = ()
     seed: int = 0
     external_data: bool = False
+    mode: str = "independent"
+    ridge: float = 1e-3
+    bias_correction: bool = True
+    mask_input: Optional[str] = None
+    calib_samples: Optional[int] = None
+    calib_batch: int = 16
+    conv_positions: int = 4096
+    holdout_every: int = 5
+    stats_memory_mb: int = 4096
 
     def __post_init__(self) -> None:
         check_keep(self.keep, "keep")
@@ -85,12 +99,28 @@ class CompressConfig:
             check_energy(self.energy, "energy")
         if self.method not in METHODS:
             raise LrsdError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if not isinstance(self.min_rank, int) or self.min_rank < 1:
+            raise LrsdError(f"min_rank must be a positive integer, got {self.min_rank!r}")
         if self.conv_rank_multiple < 1:
             raise LrsdError(f"conv_rank_multiple must be >= 1, got {self.conv_rank_multiple}")
         if self.verify_batch < 1:
             raise LrsdError(f"verify_batch must be >= 1, got {self.verify_batch}")
         for override in self.overrides:
             override.validate()
+        if self.mode not in MODES:
+            raise LrsdError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
+        if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+            raise LrsdError(f"ridge must be >= 0, got {self.ridge!r}")
+        for name in ("calib_batch", "conv_positions", "stats_memory_mb"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LrsdError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.calib_samples is not None and (not isinstance(self.calib_samples, int) or self.calib_samples < 1):
+            raise LrsdError(f"calib_samples must be a positive integer, got {self.calib_samples!r}")
+        if not isinstance(self.holdout_every, int) or self.holdout_every < 0 or self.holdout_every == 1:
+            raise LrsdError(f"holdout_every must be 0 (none) or >= 2, got {self.holdout_every!r}")
+        for name, size in self.dims:
+            if not isinstance(size, int) or size < 1:
+                raise LrsdError(f"dim {name} must be a positive integer, got {size!r}")
 
     def override_for(self, name: str) -> Optional[LayerOverride]:
         return next((o for o in self.overrides if o.matches(name)), None)

@@ -9,11 +9,19 @@ import numpy as np
 from .decompose import (
     LowRankFactors,
     Tucker2Factors,
+    conv_to_matrix,
+    data_error,
+    matrix_to_conv,
     randomized_svd,
+    sequential_target,
     spatial_matrix,
+    spatial_matrix_to_conv,
     truncated_svd,
     tucker2,
+    tucker2_whitened,
+    whitened_svd,
 )
+from .stats import GramAccumulator
 from .rank_select import LayerPlan
 from .targets import LayerTarget
 
@@ -63,3 +71,54 @@ def factorize_data_free(target: LayerTarget, plan: LayerPlan, seed: int = 0) -> 
     else:
         raise ValueError(f"cannot factorize with method {plan.method!r}")
     return LayerFactorization(name=target.name, method=plan.method, factors=factors)
+
+
+def _vertical_gram(gram: np.ndarray, cin: int, kh: int, kw: int) -> np.ndarray:
+    """Gram of the (Cin·kh) vertical patches: the im2col Gram's diagonal blocks over the kw
+    horizontal taps, averaged (cross-tap correlations are dropped by the spatial objective)."""
+    g = gram.reshape(cin, kh, kw, cin, kh, kw)
+    return np.einsum("aibcjb->aicj", g).reshape(cin * kh, cin * kh) / kw
+
+
+def _channel_gram(gram: np.ndarray, cin: int, taps: int) -> np.ndarray:
+    """Per-input-channel Gram: the im2col Gram's diagonal blocks over kernel taps, averaged."""
+    return np.einsum("akbk->ab", gram.reshape(cin, taps, cin, taps)) / taps
+
+
+def factorize_data_aware(target: LayerTarget, plan: LayerPlan, stats: GramAccumulator, ridge: float,
+                         correct_bias: bool, holdout: Optional[GramAccumulator] = None) -> LayerFactorization:
+    """Factors minimising the layer's output error on calibration data.
+
+    Independent (plain statistics of X): min ‖X W − X W′‖ over the plan's structure.
+    Sequential (`stats` tracks X̂ᵀX): min ‖X W − X̂ W′‖, reduced to the independent problem on
+    W* = Σ̂⁻¹ X̂ᵀX W with X̂'s Gram. Conv kinds use the im2col Gram (channel), its vertical-patch
+    blocks (spatial) or its per-channel blocks (Tucker-2). The bias shift restores the mean
+    output: E[x] W − E[x̂] W′.
+    """
+    w = target.matrix()
+    gram = np.asarray(stats.gram)
+    sequential = stats.track_cross
+    w_fit = sequential_target(w, gram, stats.cross, ridge).W_star if sequential else w
+    if plan.method in ("svd", "channel"):
+        factors: Factors = whitened_svd(w_fit, gram, plan.ranks[0], ridge)
+        approx = factors.to_dense()
+    elif plan.method == "spatial":
+        cout, cin, kh, kw = target.weight.shape
+        conv_fit = matrix_to_conv(w_fit, cin, (kh, kw))
+        factors = whitened_svd(spatial_matrix(conv_fit), _vertical_gram(gram, cin, kh, kw), plan.ranks[0], ridge)
+        approx = conv_to_matrix(spatial_matrix_to_conv(factors.to_dense(), cout, cin, kh, kw))
+    elif plan.method == "tucker2":
+        cin, kernel = target.in_channels, target.conv.kernel_shape
+        conv_fit = matrix_to_conv(w_fit, cin, kernel)
+        channel_gram = _channel_gram(gram, cin, int(np.prod(kernel)))
+        factors = tucker2_whitened(conv_fit, channel_gram, *plan.ranks, ridge=ridge, n_iter=TUCKER_ITERATIONS)
+        approx = conv_to_matrix(factors.to_dense())
+    else:
+        raise ValueError(f"cannot factorize with method {plan.method!r}")
+    shift = None
+    if correct_bias:
+        target_mean = stats.target_mean if sequential else stats.mean
+        shift = target_mean @ w - stats.mean @ approx
+    check = holdout if holdout is not None and holdout.count else stats
+    return LayerFactorization(name=target.name, method=plan.method, factors=factors, bias_shift=shift,
+                              data_error=data_error(w, approx, np.asarray(check.gram)))

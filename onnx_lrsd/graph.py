@@ -32,17 +32,14 @@ def model_template(model: onnx.ModelProto) -> onnx.ModelProto:
     return template
 
 
-def initializer_inputs_removed(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Old models (IR < 4) list every initializer among the graph inputs; a copy without those
-    entries, so that inputs are only what a user feeds (they come back at export)."""
+def strip_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Old models (IR < 4) list every initializer among the graph inputs; drop those entries
+    in place, so that inputs are only what a user feeds (they come back at export)."""
     names = {t.name for t in model.graph.initializer}
-    if not names.intersection(i.name for i in model.graph.input):
-        return model
     kept = [i for i in model.graph.input if i.name not in names]
-    model = _copied(model)
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
-    return model
+    if len(kept) < len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
 
 
 def _copied(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -61,8 +58,12 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    inferred = infer_shapes(model)  # before stripping: IR < 4 inference reads initializers as inputs
+    if inferred is model:
+        inferred = _copied(model)
+    strip_initializer_inputs(inferred)
     try:
-        return gs.import_onnx(infer_shapes(initializer_inputs_removed(model)))
+        return gs.import_onnx(inferred)
     except Exception as exc:  # graphsurgeon rejects malformed graphs with assorted exceptions
         raise LrsdError(f"cannot read the graph: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 

@@ -99,13 +99,14 @@ def plan_layer(target: LayerTarget, config: CompressConfig) -> LayerPlan:
         if energy is not None:
             ranks = tuple(min(a, b) for a, b in zip(ranks, energy_ranks(target, kind, energy)))
         cost = factorized_cost(target, kind, ranks)
-        if cost.params >= dense.params or cost.macs >= dense.macs:
+        if cost.params >= dense.params or cost.macs >= dense.macs or min(ranks) < config.min_rank:
             continue
         plan = LayerPlan(target.name, target.op, kind, ranks, cost, dense)
         if best is None or (cost.macs, cost.params) < (best.cost.macs, best.cost.params):
             best = plan
     if best is None:
-        return dense_plan(target, f"no factorization at keep={keep:g} cuts both params and MACs")
+        return dense_plan(target, f"no factorization at keep={keep:g} cuts both params and MACs "
+                                  f"with rank >= {config.min_rank}")
     return best
 
 

@@ -1,15 +1,18 @@
 """Graph passes of the compression pipeline, one per module, each `<Verb><Object>Pass`."""
 from .base import Pass, PassContext, PassManager, PassResult
 from .cleanup_graph import CleanupGraphPass
+from .collect_activations import CollectActivationsPass
 from .decompose_weights import DecomposeWeightsPass
 from .find_targets import FindTargetsPass
 from .name_nodes import NameNodesPass
+from .reconstruct_feature_maps import ReconstructFeatureMapsPass
 from .rewrite_low_rank import RewriteLowRankPass
 from .select_ranks import SelectRanksPass
 from .verify_outputs import VerifyOutputsPass
 
 __all__ = [
     "Pass", "PassContext", "PassManager", "PassResult",
-    "NameNodesPass", "FindTargetsPass", "SelectRanksPass", "DecomposeWeightsPass",
+    "NameNodesPass", "FindTargetsPass", "SelectRanksPass", "CollectActivationsPass",
+    "ReconstructFeatureMapsPass", "DecomposeWeightsPass",
     "RewriteLowRankPass", "CleanupGraphPass", "VerifyOutputsPass",
 ]

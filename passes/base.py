@@ -11,6 +11,7 @@ from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnx_lrsd.activations import Feeds, LayerStatistics
 from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.factorize import LayerFactorization
 from onnx_lrsd.rank_select import LayerPlan
@@ -24,8 +25,9 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class PassContext:
-    """What the passes share: the run's config, the source model's metadata, and what each
-    pass has found so far (targets, plans, factorizations, verification)."""
+    """What the passes share: the run's config, the source model and its metadata, the
+    calibration batches, and what each pass has found so far (targets, plans, statistics,
+    factorizations, verification)."""
 
     config: CompressConfig
     source: onnx.ModelProto
@@ -35,6 +37,8 @@ class PassContext:
     skipped: List[SkippedLayer] = field(default_factory=list)
     plans: Dict[str, LayerPlan] = field(default_factory=dict)
     factorizations: Dict[str, LayerFactorization] = field(default_factory=dict)
+    calibration: List[Feeds] = field(default_factory=list)
+    statistics: Dict[str, LayerStatistics] = field(default_factory=dict)
     output_errors: Dict[str, float] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
 

@@ -6,7 +6,7 @@ written x·(U·V), onnxruntime's constant folding would multiply them back into 
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -31,16 +31,21 @@ class RewriteLowRankPass(Pass):
     requires = ("find_targets",)
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        nodes = {n.name: n for n in graph.nodes}
-        namer = TensorNamer(graph)
-        for name, fact in ctx.factorizations.items():
-            target = ctx.targets[name]
-            node = nodes[name]
-            emitter = _Emitter(graph, node, target, namer)
-            new_nodes = EMITTERS[target.op](emitter, fact)
-            node.outputs.clear()
-            graph.nodes.extend(new_nodes)
+        rewrite_layers(graph, ctx.targets, ctx.factorizations.values())
         return PassResult(graph, modified=bool(ctx.factorizations), stats={"rewritten": len(ctx.factorizations)})
+
+
+def rewrite_layers(graph: gs.Graph, targets: Dict[str, LayerTarget],
+                   factorizations: Iterable[LayerFactorization]) -> None:
+    """Replace each factorized layer's node by its chain (the old node is left dead for
+    cleanup; its output tensor is now produced by the chain's last node)."""
+    nodes = {n.name: n for n in graph.nodes}
+    namer = TensorNamer(graph)
+    for fact in factorizations:
+        target, node = targets[fact.name], nodes[fact.name]
+        new_nodes = EMITTERS[target.op](_Emitter(graph, node, target, namer), fact)
+        node.outputs.clear()
+        graph.nodes.extend(new_nodes)
 
 
 class _Emitter:

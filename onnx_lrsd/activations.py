@@ -1,0 +1,212 @@
+"""Layer-input statistics from calibration data run through onnxruntime.
+
+The wanted tensors are appended to `graph.output` of a copy of the model, which runs with all
+graph optimisations off (fusions would hide them). Each batch's activations are turned into
+the rows the layer multiplies (`layer_rows`) and streamed into float64 Gram accumulators; no
+activation outlives its batch.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import LrsdError
+from .stats import GramAccumulator, im2col
+from .targets import ConvGeometry, LayerTarget
+
+log = logging.getLogger(__name__)
+
+Feeds = Mapping[str, np.ndarray]
+
+
+@dataclass
+class LayerStatistics:
+    """Calibration statistics of one layer's input rows: `fit` for fitting, `holdout` (when
+    held-out batches exist) for an honest reconstruction error."""
+
+    fit: GramAccumulator
+    holdout: Optional[GramAccumulator] = None
+
+    @property
+    def nbytes(self) -> int:
+        return gram_bytes(self.fit.dim, self.fit.track_cross) * (2 if self.holdout is not None else 1)
+
+
+def is_held_out(index: int, n_batches: int, holdout_every: int) -> bool:
+    """Batch `index` is held out when every `holdout_every`-th batch is (and there are enough)."""
+    return 0 < holdout_every <= n_batches and index % holdout_every == holdout_every - 1
+
+
+def split_holdout(batches: Sequence[Feeds], holdout_every: int):
+    """(fit batches, held-out batches)."""
+    fit = [b for i, b in enumerate(batches) if not is_held_out(i, len(batches), holdout_every)]
+    held = [b for i, b in enumerate(batches) if is_held_out(i, len(batches), holdout_every)]
+    return fit, held
+
+
+def gram_bytes(dim: int, cross: bool = False) -> int:
+    return 8 * dim * dim * (2 if cross else 1)
+
+
+def explicit_pads(geometry: ConvGeometry, in_spatial: Sequence[int]) -> tuple:
+    """Pads (begins..., ends...) of a Conv for an input of `in_spatial`, resolving auto_pad."""
+    n = len(geometry.kernel_shape)
+    if geometry.auto_pad in ("NOTSET", ""):
+        return geometry.pads
+    if geometry.auto_pad == "VALID":
+        return (0,) * (2 * n)
+    begins, ends = [], []
+    for size, k, s, d in zip(in_spatial, geometry.kernel_shape, geometry.strides, geometry.dilations):
+        out = -(-size // s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begin, end = (small, large) if geometry.auto_pad == "SAME_UPPER" else (large, small)
+        begins.append(begin)
+        ends.append(end)
+    return tuple(begins + ends)
+
+
+def layer_rows(target: LayerTarget, x: np.ndarray, mask: Optional[np.ndarray], max_positions: int,
+               rng: np.random.Generator):
+    """The rows X [..., in] that the layer multiplies by its [in, out] weight, and the row
+    mask (a [...] boolean array, or None) derived from the user's padding mask."""
+    if target.conv is not None:
+        g = target.conv
+        pads = explicit_pads(g, x.shape[2:])
+        return im2col(x, g.kernel_shape, g.strides, pads, g.dilations, max_positions=max_positions, rng=rng), None
+    if target.gemm is not None:
+        return (x.T if target.gemm.trans_a else x), None
+    if target.weight_side == "left":
+        x = np.swapaxes(x, -1, -2)
+    if mask is not None and x.shape[:-1] == mask.shape:
+        return x, mask
+    return x, None
+
+
+def pruned_to(model: onnx.ModelProto, tensor_names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` whose outputs are `tensor_names`, without the nodes they do not need
+    (models with subgraphs keep every node: their bodies read outer tensors implicitly)."""
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    graph = pruned.graph
+    del graph.output[:]
+    graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensor_names)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return pruned
+    needed = set(tensor_names)
+    kept = []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    return pruned
+
+
+class ActivationRunner:
+    """Runs `model` in onnxruntime (optimisations off) returning the named tensors; the model
+    is pruned to what they need."""
+
+    def __init__(self, model: onnx.ModelProto, tensor_names: Sequence[str], threads: int = 0):
+        augmented = pruned_to(model, tensor_names)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3  # pruned copies leave unused initializers: not worth a warning
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(augmented.SerializeToString(), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            raise LrsdError(f"onnxruntime cannot run the model for calibration: {str(exc).splitlines()[0]}") from None
+        self.names = list(tensor_names)
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def run(self, feeds: Feeds) -> Dict[str, np.ndarray]:
+        try:
+            values = self.session.run(self.names, {k: v for k, v in feeds.items() if k in self.inputs})
+        except Exception as exc:  # invalid feeds surface here as onnxruntime errors
+            raise LrsdError(f"onnxruntime failed on a calibration batch: {str(exc).splitlines()[0]}") from None
+        return dict(zip(self.names, values))
+
+
+def _row_mask(feeds: Feeds, mask_input: Optional[str]) -> Optional[np.ndarray]:
+    if mask_input is None:
+        return None
+    if mask_input not in feeds:
+        raise LrsdError(f"mask input '{mask_input}' is not among the calibration inputs ({', '.join(feeds)})")
+    return np.asarray(feeds[mask_input]) != 0
+
+
+def memory_groups(targets: Sequence[LayerTarget], budget_bytes: int, per_layer_bytes) -> List[List[LayerTarget]]:
+    """Split targets into consecutive groups whose statistics fit in `budget_bytes`; a layer
+    that alone exceeds the budget is left out (it falls back to data-free)."""
+    groups: List[List[LayerTarget]] = [[]]
+    used = 0
+    for target in targets:
+        size = per_layer_bytes(target)
+        if size > budget_bytes:
+            log.warning("%s: statistics need %.0f MB, over the %.0f MB cap; fitted without data",
+                        target.name, size / 2**20, budget_bytes / 2**20)
+            continue
+        if used + size > budget_bytes and groups[-1]:
+            groups.append([])
+            used = 0
+        groups[-1].append(target)
+        used += size
+    return [g for g in groups if g]
+
+
+def collect_statistics(model: onnx.ModelProto, targets: Sequence[LayerTarget], batches: Iterable[Feeds],
+                       holdout_every: int = 0, mask_input: Optional[str] = None, max_positions: int = 4096,
+                       seed: int = 0, progress=None) -> Dict[str, LayerStatistics]:
+    """Gram statistics of every target's input over `batches` (one onnxruntime pass).
+
+    Batch i goes to the held-out statistics when `holdout_every` > 0 and
+    i % holdout_every == holdout_every − 1.
+    """
+    batches = list(batches)
+    runner = ActivationRunner(model, sorted({t.activation for t in targets}))
+    has_holdout = is_held_out(holdout_every - 1, len(batches), holdout_every)
+    stats = {t.name: LayerStatistics(GramAccumulator(t.in_features),
+                                     GramAccumulator(t.in_features) if has_holdout else None) for t in targets}
+    rng = np.random.default_rng(seed)
+    for index, feeds in enumerate(batches):
+        activations = runner.run(feeds)
+        mask = _row_mask(feeds, mask_input)
+        held_out = is_held_out(index, len(batches), holdout_every)
+        for target in targets:
+            rows, row_mask = layer_rows(target, activations[target.activation], mask, max_positions, rng)
+            layer = stats[target.name]
+            (layer.holdout if held_out else layer.fit).update(rows, row_mask)
+        if progress is not None:
+            progress(index + 1, len(batches))
+    return stats
+
+
+def collect_paired_statistics(original: onnx.ModelProto, compressed: onnx.ModelProto,
+                              targets: Sequence[LayerTarget], batches: Iterable[Feeds],
+                              mask_input: Optional[str] = None, max_positions: int = 4096,
+                              seed: int = 0) -> Dict[str, GramAccumulator]:
+    """X̂ᵀX̂, X̂ᵀX and the means, where X are a target's input rows in the original model and
+    X̂ the same rows in the partly compressed one (sequential reconstruction)."""
+    names = sorted({t.activation for t in targets})
+    reference, current = ActivationRunner(original, names), ActivationRunner(compressed, names)
+    stats = {t.name: GramAccumulator(t.in_features, track_cross=True) for t in targets}
+    for index, feeds in enumerate(batches):
+        x, x_hat = reference.run(feeds), current.run(feeds)
+        mask = _row_mask(feeds, mask_input)
+        for target in targets:
+            # the same positions must be drawn for both: one generator state per batch and layer
+            state = np.random.default_rng([seed, index])
+            rows, row_mask = layer_rows(target, x[target.activation], mask, max_positions, state)
+            state = np.random.default_rng([seed, index])
+            rows_hat, _ = layer_rows(target, x_hat[target.activation], mask, max_positions, state)
+            stats[target.name].update_pair(rows_hat, rows, row_mask)
+    return stats

@@ -1,0 +1,221 @@
+"""The `onnx-lrsd` command line: inspect, compress, bench.
+
+Exit codes: 0 success, 1 failure (bad model, bad data, runtime error), 2 usage error,
+130 interrupted. Every command takes `--json` for machine-readable output on stdout.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from .errors import LrsdError
+
+log = logging.getLogger("onnx_lrsd")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def guarded(command):
+    """Turn library errors into one line on stderr and exit code 1 (130 on Ctrl-C)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LrsdError as exc:
+            _fail(str(exc).splitlines()[0] if str(exc) else "failed")
+        except KeyboardInterrupt:
+            _fail("interrupted; no output written", 130)
+        except MemoryError:
+            _fail("out of memory")
+
+    return wrapper
+
+
+def _parse_dims(values) -> tuple:
+    dims = []
+    for item in values:
+        name, sep, size = item.partition("=")
+        if not sep or not name or not size.isdigit() or int(size) < 1:
+            raise click.BadParameter(f"expected name=positive-integer, got {item!r}", param_hint="--dim")
+        dims.append((name, int(size)))
+    return tuple(dims)
+
+
+def _parse_ranks(values) -> tuple:
+    from .config import FULL_RANK, LayerOverride
+
+    overrides = []
+    for item in values:
+        name, sep, rank = item.rpartition("=")
+        if not sep or not name or not (rank.isdigit() or rank == FULL_RANK):
+            raise click.BadParameter(f"expected layer=rank (rank an integer or 'full'), got {item!r}",
+                                     param_hint="--rank")
+        overrides.append(LayerOverride(name, rank=FULL_RANK if rank == FULL_RANK else int(rank)))
+    return tuple(overrides)
+
+
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _progress_printer(quiet: bool):
+    """A progress callback drawing one click progress bar per stage on stderr."""
+    if quiet:
+        return None
+    state = {"stage": None, "bar": None}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if state["stage"] != stage:
+            if state["bar"] is not None:
+                state["bar"].render_finish()
+            state["stage"] = stage
+            state["bar"] = click.progressbar(length=total, label=f"{stage:<12}", file=sys.stderr,
+                                             show_pos=True, show_eta=False)
+            state["bar"].render_progress()
+        bar = state["bar"]
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.render_finish()
+            state.update(stage=None, bar=None)
+
+    return progress
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnx_lrsd")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Compress ONNX models by low-rank + sparse decomposition, verified in onnxruntime."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@guarded
+def inspect(model: Path, as_json: bool) -> None:
+    """List the layers that can be factorized, and the weight layers that cannot (with why)."""
+    from .api import inspect_model
+
+    report = inspect_model(model)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(report.to_text())
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the compressed model.")
+@click.option("--keep", type=float, default=None, help="Fraction of each layer's parameters kept, in (0, 1]. [0.5]")
+@click.option("--energy", type=float, default=None,
+              help="Keep the smallest rank holding this share of the squared singular values (capped by --keep).")
+@click.option("--method", type=click.Choice(["auto", "svd", "channel", "spatial", "tucker2"]), default=None,
+              help="Factorization kind (auto: fewest MACs at the layer's budget).")
+@click.option("--rank", "ranks", multiple=True, metavar="LAYER=R",
+              help="Force a layer's rank (name or glob; R an integer or 'full'). Repeatable.")
+@click.option("--skip", "skips", multiple=True, metavar="LAYER", help="Leave a layer dense (name or glob). Repeatable.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON or YAML config (options and per-layer settings under 'layers').")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the full report as JSON to this file.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic input dim.")
+@click.option("--calib", "calib", multiple=True, metavar="PATH|random",
+              help="Calibration data: .npz files or directories keyed by input name (repeatable), or 'random'. "
+                   "Enables data-aware reconstruction.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Use at most N calibration samples.")
+@click.option("--calib-batch", type=click.IntRange(min=1), default=None, help="Samples per onnxruntime run. [16]")
+@click.option("--mode", type=click.Choice(["independent", "sequential"]), default=None,
+              help="Fit each layer on original inputs, or on the compressed network's inputs in dependency order.")
+@click.option("--mask-input", default=None, metavar="NAME",
+              help="Input whose zeros mark padding positions (dropped from the statistics).")
+@click.option("--ridge", type=float, default=None, help="Relative ridge of the whitening. [1e-3]")
+@click.option("--bias-correction/--no-bias-correction", default=None, help="Restore each layer's mean output. [on]")
+@click.option("--verify/--no-verify", default=None, help="Compare outputs with the original in onnxruntime. [on]")
+@click.option("--seed", type=int, default=None, help="Seed of every random choice. [0]")
+@click.option("--external-data", is_flag=True, default=None, help="Save weights to OUTPUT.data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@guarded
+def compress(model: Path, output: Path, keep, energy, method, ranks, skips, config_file, report_file, dims,
+             calib, calib_samples, calib_batch, mode, mask_input, ridge, bias_correction,
+             verify, seed, external_data, as_json, quiet) -> None:
+    """Factorize MODEL's Gemm / MatMul / Conv weights and write the smaller model to OUTPUT."""
+    from .api import compress_file
+    from .config import CompressConfig, LayerOverride, load_config_file
+
+    config = load_config_file(config_file) if config_file else CompressConfig()
+    cli_overrides = _parse_ranks(ranks) + tuple(LayerOverride(s, skip=True) for s in skips)
+    options = {key: value for key, value in dict(
+        keep=keep, energy=energy, method=method, verify=verify, seed=seed, external_data=external_data,
+        calib_samples=calib_samples, calib_batch=calib_batch, mode=mode, mask_input=mask_input, ridge=ridge,
+        bias_correction=bias_correction).items() if value is not None}
+    if dims:
+        options["dims"] = _parse_dims(dims)
+    config = config.replace(overrides=cli_overrides + config.overrides, **options)
+    if report_file is not None and report_file.parent and not report_file.parent.is_dir():
+        raise LrsdError(f"report directory does not exist: {report_file.parent}")
+    calibration = list(calib) if calib else None
+    result = compress_file(model, output, config, calibration, progress=_progress_printer(quiet or as_json))
+    report = result.report
+    if report_file is not None:
+        _write_text_atomic(report_file, report.to_json())
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(report.to_text())
+        click.echo(f"wrote {output}")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    handle, temp = tempfile.mkstemp(prefix=".onnx_lrsd-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temp, path)
+    except OSError as exc:
+        Path(temp).unlink(missing_ok=True)
+        raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@main.command()
+@click.argument("baseline", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="intra_op_num_threads.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size of the inputs.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic input dim.")
+@click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per model.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs per model.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@guarded
+def bench(baseline: Path, candidate: Path, threads, batch, dims, runs, warmup, seed, as_json) -> None:
+    """Latency of BASELINE and CANDIDATE in onnxruntime, interleaved in one process, with
+    params, file size, MACs and output error side by side."""
+    from .bench import compare_models
+
+    comparison = compare_models(baseline, candidate, threads=threads, batch=batch, dims=dict(_parse_dims(dims)),
+                                runs=runs, warmup=warmup, seed=seed)
+    if as_json:
+        _emit_json(comparison.to_dict())
+    else:
+        click.echo(comparison.to_text())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,37 @@
+"""Stream calibration batches through onnxruntime into each target's input statistics."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from onnx_lrsd.activations import collect_statistics, gram_bytes, memory_groups, split_holdout
+
+from .base import Pass, PassContext, PassResult
+
+
+class CollectActivationsPass(Pass):
+    """Fills `ctx.statistics` for the factorized targets (independent mode) from the original
+    model. Statistics that would exceed `stats_memory_mb` are collected in several passes over
+    the data; a single layer over the cap is left to the data-free fit."""
+
+    name = "collect_activations"
+    requires = ("select_ranks",)
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        config = ctx.config
+        if not ctx.calibration or config.mode == "sequential":  # sequential collects per wave
+            return PassResult(graph, modified=False, stats={"layers": 0})
+        targets = [ctx.targets[p.name] for p in ctx.plans.values() if p.factorized]
+        copies = 2 if split_holdout(ctx.calibration, config.holdout_every)[1] else 1
+        groups = memory_groups(targets, config.stats_memory_mb * 2**20,
+                               lambda t: copies * gram_bytes(t.in_features))
+        batches = len(ctx.calibration)
+        for index, group in enumerate(groups):
+            def progress(done, total, index=index):
+                ctx.report_progress("calibrate", index * batches + done, len(groups) * batches)
+
+            found = collect_statistics(ctx.source, group, ctx.calibration, holdout_every=config.holdout_every,
+                                       mask_input=config.mask_input, max_positions=config.conv_positions,
+                                       seed=config.seed, progress=progress)
+            ctx.statistics.update(found)
+        return PassResult(graph, modified=False, stats={"layers": len(ctx.statistics), "passes": len(groups)})
+

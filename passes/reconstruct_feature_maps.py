@@ -1,0 +1,82 @@
+"""Fit each factorized layer to reconstruct its original feature maps on calibration data."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List
+
+import onnx_graphsurgeon as gs
+
+from onnx_lrsd.activations import collect_paired_statistics, split_holdout
+from onnx_lrsd.factorize import factorize_data_aware
+from onnx_lrsd.graph import export_model
+from onnx_lrsd.targets import LayerTarget
+
+from .base import Pass, PassContext, PassResult
+from .rewrite_low_rank import rewrite_layers
+
+
+class ReconstructFeatureMapsPass(Pass):
+    """Fills `ctx.factorizations` with data-aware fits.
+
+    independent: each layer from its statistics in the original model (`collect_activations`).
+    sequential: layers in waves of dependency depth; a wave is fitted on the inputs produced
+    by the network with every earlier wave already compressed, min ‖XW − X̂W′‖, so errors do
+    not accumulate. Costs one calibration pass per wave.
+    """
+
+    name = "reconstruct_feature_maps"
+    requires = ("collect_activations",)
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        if not ctx.calibration:
+            return PassResult(graph, modified=False, stats={"fitted": 0})
+        if ctx.config.mode == "sequential":
+            self._sequential(graph, ctx)
+        else:
+            self._independent(ctx)
+        return PassResult(graph, modified=False, stats={"fitted": len(ctx.factorizations)})
+
+    def _independent(self, ctx: PassContext) -> None:
+        config = ctx.config
+        todo = [p for p in ctx.plans.values() if p.factorized and p.name in ctx.statistics]
+        for done, plan in enumerate(todo, 1):
+            stats = ctx.statistics[plan.name]
+            ctx.factorizations[plan.name] = factorize_data_aware(
+                ctx.targets[plan.name], plan, stats.fit, config.ridge, config.bias_correction, stats.holdout)
+            ctx.report_progress("fit", done, len(todo))
+
+    def _sequential(self, graph: gs.Graph, ctx: PassContext) -> None:
+        config = ctx.config
+        planned = [ctx.targets[p.name] for p in ctx.plans.values() if p.factorized]
+        waves = dependency_waves(graph, planned)
+        current = graph.copy()
+        batches = split_holdout(ctx.calibration, config.holdout_every)[0]
+        for done, wave in enumerate(waves, 1):
+            compressed = export_model(current, ctx.template)
+            stats = collect_paired_statistics(ctx.source, compressed, wave, batches, mask_input=config.mask_input,
+                                              max_positions=config.conv_positions, seed=config.seed)
+            fitted = [factorize_data_aware(t, ctx.plans[t.name], stats[t.name], config.ridge, config.bias_correction)
+                      for t in wave]
+            for fact in fitted:
+                ctx.factorizations[fact.name] = fact
+            rewrite_layers(current, ctx.targets, fitted)
+            ctx.report_progress("fit waves", done, len(waves))
+
+
+def dependency_waves(graph: gs.Graph, targets: List[LayerTarget]) -> List[List[LayerTarget]]:
+    """Group targets by depth: a target's depth is the largest number of targets on any path
+    from the graph inputs to it, so no target depends on another of its wave."""
+    wanted = {t.name for t in targets}
+    depth: Dict[str, int] = defaultdict(int)  # tensor name -> targets upstream
+    node_depth: Dict[str, int] = {}
+    graph.toposort()
+    for node in graph.nodes:
+        level = max((depth[t.name] for t in node.inputs), default=0)
+        node_depth[node.name] = level
+        out_level = level + 1 if node.name in wanted else level
+        for tensor in node.outputs:
+            depth[tensor.name] = out_level
+    waves: Dict[int, List[LayerTarget]] = defaultdict(list)
+    for target in targets:
+        waves[node_depth[target.name]].append(target)
+    return [waves[level] for level in sorted(waves)]
