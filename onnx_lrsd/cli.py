@@ -69,8 +69,8 @@ def _emit_json(data) -> None:
 
 
 def _progress_printer(quiet: bool):
-    """A progress callback drawing one click progress bar per stage on stderr."""
-    if quiet:
+    """A progress callback drawing one click progress bar per stage on stderr (a terminal)."""
+    if quiet or not sys.stderr.isatty():
         return None
     state = {"stage": None, "bar": None}
 

@@ -99,12 +99,27 @@ def _emit_matmul(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
             e.op("Add", "bias_add", [y, e.const("bias", fact.bias_shift[:, None])], output=e.y)
         return e.nodes
     h = e.op("MatMul", "u", [e.x, e.const("U", f.U)])
-    if fact.bias_shift is None:
+    if fact.bias_shift is None or _fold_into_next_add(e, fact.bias_shift):
         e.op("MatMul", "v", [h, e.const("V", f.V)], output=e.y)
     else:
         y = e.op("MatMul", "v", [h, e.const("V", f.V)])
         e.op("Add", "bias_add", [y, e.const("bias", fact.bias_shift)], output=e.y)
     return e.nodes
+
+
+def _fold_into_next_add(e: _Emitter, shift: np.ndarray) -> bool:
+    """Add `shift` to the constant bias of an Add that alone consumes the output (the usual
+    MatMul + bias pair of exported linear layers), so no extra node is needed."""
+    consumers = e.y.outputs
+    if len(consumers) != 1 or consumers[0].op != "Add" or any(t.name == e.y.name for t in e.graph.outputs):
+        return False
+    add = consumers[0]
+    other = 1 if add.inputs[0] is e.y else 0
+    resolved = resolve_constant(add.inputs[other])
+    if resolved is None or resolved.values.shape != shift.shape:
+        return False
+    add.inputs[other] = e.const("bias", np.asarray(resolved.values, np.float64) + shift)
+    return True
 
 
 def _emit_gemm(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
