@@ -1,0 +1,163 @@
+"""The `onnx-lrsd` command line through click's runner: exit codes, JSON output, one-line
+errors, no partial output files."""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from onnx_lrsd.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "models" / "digits_cnn.onnx"
+DIGITS_CALIB = REPO / "models" / "digits_calib.npz"
+
+
+def _mlp(path: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((32, 64)).astype(np.float32)
+    w2 = rng.standard_normal((64, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+        "mlp", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 16])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_inspect_lists_targets_as_json(runner, tmp_path):
+    result = runner.invoke(main, ["inspect", str(_mlp(tmp_path / "m.onnx")), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [t["name"] for t in report["targets"]] == ["fc1", "fc2"]
+    assert report["targets"][0]["weight_shape"] == [32, 64]
+    assert report["params"] == 32 * 64 + 64 * 16
+
+
+def test_compress_full_rank_round_trip(runner, tmp_path):
+    source = _mlp(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    result = runner.invoke(main, ["compress", str(source), "-o", str(out), "--rank", "*=full", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["output_errors"]["y"] < 1e-5
+    assert {layer["method"] for layer in report["layers"]} == {"svd"}
+    x = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
+    run = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for p in (source, out)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-4, atol=1e-4)
+
+
+def test_compress_with_calibration_writes_report_file(runner, tmp_path):
+    out, report_file = tmp_path / "d.onnx", tmp_path / "report.json"
+    result = runner.invoke(main, ["compress", str(DIGITS), "-o", str(out), "--calib", str(DIGITS_CALIB),
+                                  "--keep", "0.25", "--report", str(report_file), "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_file.read_text())
+    assert report["params_ratio"] < 0.3
+    fc1 = next(layer for layer in report["layers"] if layer["name"] == "fc1")
+    assert fc1["method"] == "svd" and fc1["data_error"] is not None and fc1["data_error"] < 0.5
+    assert onnx.load(str(out)).graph.output[0].name == "logits"
+
+
+def test_bench_compares_two_models(runner, tmp_path):
+    source = _mlp(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    assert runner.invoke(main, ["compress", str(source), "-o", str(out), "--keep", "0.5", "-q"]).exit_code == 0
+    result = runner.invoke(main, ["bench", str(source), str(out), "--runs", "5", "--batch", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["batch"] == 4 and data["speedup"] > 0
+    assert data["candidate"]["params"] < data["baseline"]["params"]
+    assert data["baseline"]["latency"]["runs"] == 5
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "model file not found"),
+    (b"hello", "not an ONNX model"),
+    (b"", "empty"),
+    (DIGITS.read_bytes()[:5000], "not an ONNX model"),
+])
+def test_bad_model_one_line_error_no_output(runner, tmp_path, content, message):
+    source = tmp_path / "model.onnx"
+    if content is not None:
+        source.write_bytes(content)
+    out = tmp_path / "out.onnx"
+    result = runner.invoke(main, ["compress", str(source), "-o", str(out)])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".onnx_lrsd")] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--keep", "0"], "keep must be in (0, 1]"),
+    (["--keep", "1.5"], "keep must be in (0, 1]"),
+    (["--rank", "nolayer=4"], "config names no layer"),
+    (["--calib", "/nonexistent.npz"], "does not exist"),
+])
+def test_bad_options_exit_1(runner, tmp_path, args, message):
+    out = tmp_path / "out.onnx"
+    result = runner.invoke(main, ["compress", str(_mlp(tmp_path / "m.onnx")), "-o", str(out)] + args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_usage_errors_exit_2(runner, tmp_path):
+    source = str(_mlp(tmp_path / "m.onnx"))
+    assert runner.invoke(main, ["compress", source]).exit_code == 2  # no -o
+    assert runner.invoke(main, ["compress", source, "-o", "x.onnx", "--method", "nope"]).exit_code == 2
+    assert runner.invoke(main, ["compress", source, "-o", "x.onnx", "--dim", "bad"]).exit_code == 2
+    assert runner.invoke(main, ["frobnicate"]).exit_code == 2
+
+
+def test_refuses_to_overwrite_input_and_leaves_it_untouched(runner, tmp_path):
+    source = _mlp(tmp_path / "m.onnx")
+    before = source.read_bytes()
+    result = runner.invoke(main, ["compress", str(source), "-o", str(source)])
+    assert result.exit_code == 1 and "input path" in result.output
+    assert source.read_bytes() == before
+
+
+def test_missing_output_directory(runner, tmp_path):
+    result = runner.invoke(main, ["compress", str(_mlp(tmp_path / "m.onnx")), "-o", str(tmp_path / "no" / "o.onnx")])
+    assert result.exit_code == 1 and "output directory does not exist" in result.output
+
+
+def test_config_file_yaml_overrides(runner, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("keep: 0.9\nlayers:\n  fc2: {skip: true}\n  fc1: {rank: 4}\n")
+    out = tmp_path / "out.onnx"
+    result = runner.invoke(main, ["compress", str(_mlp(tmp_path / "m.onnx")), "-o", str(out),
+                                  "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    layers = {layer["name"]: layer for layer in json.loads(result.output)["layers"]}
+    assert layers["fc1"]["ranks"] == [4] and layers["fc2"]["method"] == "dense"
+
+
+def test_config_file_errors(runner, tmp_path):
+    source = str(_mlp(tmp_path / "m.onnx"))
+    bad_key = tmp_path / "bad.json"
+    bad_key.write_text('{"kep": 0.5}')
+    result = runner.invoke(main, ["compress", source, "-o", str(tmp_path / "o.onnx"), "--config", str(bad_key)])
+    assert result.exit_code == 1 and "unknown keys" in result.output
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    result = runner.invoke(main, ["compress", source, "-o", str(tmp_path / "o.onnx"), "--config", str(broken)])
+    assert result.exit_code == 1 and "not valid" in result.output
