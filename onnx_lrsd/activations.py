@@ -191,22 +191,28 @@ def collect_statistics(model: onnx.ModelProto, targets: Sequence[LayerTarget], b
 
 
 def collect_paired_statistics(original: onnx.ModelProto, compressed: onnx.ModelProto,
-                              targets: Sequence[LayerTarget], batches: Iterable[Feeds],
+                              targets: Sequence[LayerTarget], batches: Sequence[Feeds], holdout_every: int = 0,
                               mask_input: Optional[str] = None, max_positions: int = 4096,
-                              seed: int = 0) -> Dict[str, GramAccumulator]:
+                              seed: int = 0) -> Dict[str, LayerStatistics]:
     """X̂ᵀX̂, X̂ᵀX and the means, where X are a target's input rows in the original model and
-    X̂ the same rows in the partly compressed one (sequential reconstruction)."""
+    X̂ the same rows in the partly compressed one (sequential reconstruction); held-out
+    batches as in `collect_statistics`."""
     names = sorted({t.activation for t in targets})
     reference, current = ActivationRunner(original, names), ActivationRunner(compressed, names)
-    stats = {t.name: GramAccumulator(t.in_features, track_cross=True) for t in targets}
+    has_holdout = is_held_out(holdout_every - 1, len(batches), holdout_every)
+    stats = {t.name: LayerStatistics(GramAccumulator(t.in_features, track_cross=True),
+                                     GramAccumulator(t.in_features, track_cross=True) if has_holdout else None)
+             for t in targets}
     for index, feeds in enumerate(batches):
         x, x_hat = reference.run(feeds), current.run(feeds)
         mask = _row_mask(feeds, mask_input)
+        held_out = is_held_out(index, len(batches), holdout_every)
         for target in targets:
             # the same positions must be drawn for both: one generator state per batch and layer
-            state = np.random.default_rng([seed, index])
-            rows, row_mask = layer_rows(target, x[target.activation], mask, max_positions, state)
-            state = np.random.default_rng([seed, index])
-            rows_hat, _ = layer_rows(target, x_hat[target.activation], mask, max_positions, state)
-            stats[target.name].update_pair(rows_hat, rows, row_mask)
+            rows, row_mask = layer_rows(target, x[target.activation], mask, max_positions,
+                                        np.random.default_rng([seed, index]))
+            rows_hat, _ = layer_rows(target, x_hat[target.activation], mask, max_positions,
+                                     np.random.default_rng([seed, index]))
+            layer = stats[target.name]
+            (layer.holdout if held_out else layer.fit).update_pair(rows_hat, rows, row_mask)
     return stats

@@ -6,7 +6,7 @@ from typing import Dict, List
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.activations import collect_paired_statistics, split_holdout
+from onnx_lrsd.activations import collect_paired_statistics
 from onnx_lrsd.factorize import factorize_data_aware
 from onnx_lrsd.graph import export_model
 from onnx_lrsd.targets import LayerTarget
@@ -50,13 +50,13 @@ class ReconstructFeatureMapsPass(Pass):
         planned = [ctx.targets[p.name] for p in ctx.plans.values() if p.factorized]
         waves = dependency_waves(graph, planned)
         current = graph.copy()
-        batches = split_holdout(ctx.calibration, config.holdout_every)[0]
         for done, wave in enumerate(waves, 1):
             compressed = export_model(current, ctx.template)
-            stats = collect_paired_statistics(ctx.source, compressed, wave, batches, mask_input=config.mask_input,
-                                              max_positions=config.conv_positions, seed=config.seed)
-            fitted = [factorize_data_aware(t, ctx.plans[t.name], stats[t.name], config.ridge, config.bias_correction)
-                      for t in wave]
+            stats = collect_paired_statistics(ctx.source, compressed, wave, ctx.calibration, config.holdout_every,
+                                              mask_input=config.mask_input, max_positions=config.conv_positions,
+                                              seed=config.seed)
+            fitted = [factorize_data_aware(t, ctx.plans[t.name], stats[t.name].fit, config.ridge,
+                                           config.bias_correction, stats[t.name].holdout) for t in wave]
             for fact in fitted:
                 ctx.factorizations[fact.name] = fact
             rewrite_layers(current, ctx.targets, fitted)

@@ -133,9 +133,9 @@ def _emit_gemm(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
     if not has_bias and shift is None:
         e.op("MatMul", "v", [h, v], output=e.y)
     elif not has_bias:
-        e.op("Gemm", "v", [h, v, e.const("bias", shift)], output=e.y)
+        e.op("Gemm", "v", [h, v, e.const("bias", attrs.alpha * shift)], output=e.y)
     else:
-        c = e.bias(None if shift is None else shift / attrs.beta)
+        c = e.bias(None if shift is None else attrs.alpha * shift / attrs.beta)
         e.op("Gemm", "v", [h, v, c], output=e.y, beta=attrs.beta)
     return e.nodes
 

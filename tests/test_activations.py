@@ -580,11 +580,12 @@ def test_paired_statistics_of_a_model_with_itself():
     targets = list(find_targets(model).values())
     batches = [{"x": randn(rng, 2, 2, 6, 6)} for _ in range(3)]
     paired = collect_paired_statistics(model, model, targets, batches, max_positions=13)
-    for name, acc in paired.items():
+    for name, stats in paired.items():
+        acc = stats.fit
         assert acc.track_cross
         np.testing.assert_allclose(acc.cross, acc.gram, rtol=1e-12, atol=1e-9)
         np.testing.assert_allclose(acc.target_mean, acc.mean, rtol=1e-12, atol=1e-12)
-    assert paired["conv"].count == 3 * 13
+    assert paired["conv"].fit.count == 3 * 13
 
 
 def test_paired_statistics_cross_term():
@@ -599,7 +600,7 @@ def test_paired_statistics_cross_term():
             init.CopyFrom(numpy_helper.from_array(values, "gw"))
     target = find_targets(model)["matmul"]
     batches = [{"x": randn(rng, 4, 2, 6, 6)} for _ in range(3)]
-    paired = collect_paired_statistics(model, perturbed, [target], batches)["matmul"]
+    paired = collect_paired_statistics(model, perturbed, [target], batches)["matmul"].fit
     x = np.concatenate([run_ort(model, b, ["t"])[0] for b in batches]).astype(np.float64)
     x_hat = np.concatenate([run_ort(perturbed, b, ["t"])[0] for b in batches]).astype(np.float64)
     assert not np.allclose(x, x_hat)

@@ -256,7 +256,7 @@ def test_factorize_data_aware_minimises_the_data_error_and_paired_equals_plain()
         assert e_aware <= 0.5 * e_free
         approx = aware.factors.to_dense()
         np.testing.assert_allclose(aware.bias_shift, stats.mean @ (target.matrix() - approx), rtol=1e-9, atol=1e-12)
-        again = factorize_data_aware(target, plan, paired[name], ridge=1e-6, correct_bias=True)
+        again = factorize_data_aware(target, plan, paired[name].fit, ridge=1e-6, correct_bias=True)
         np.testing.assert_allclose(again.factors.to_dense(), approx, rtol=1e-6, atol=1e-8)
         np.testing.assert_allclose(again.bias_shift, aware.bias_shift, rtol=1e-6, atol=1e-8)
 
@@ -346,9 +346,7 @@ def _mean_error(kind, original, compressed, batches):
 
 BIAS_CASES = [("matmul_add", "svd"), ("matmul", "svd"), ("matmul_left", "svd"), ("gemm", "svd"),
               ("conv", "channel"), ("conv", "spatial"), ("conv", "tucker2"),
-              pytest.param("gemm_alpha", "svd", marks=pytest.mark.xfail(strict=True, reason=(
-                  "BUG passes/rewrite_low_rank.py _emit_gemm: the shift is computed for x·W but the "
-                  "Gemm computes alpha·x·W; with alpha != 1 only 1/alpha of the mean error is corrected")))]
+              ("gemm_alpha", "svd")]
 
 
 @pytest.mark.parametrize("kind, method", BIAS_CASES)
@@ -577,10 +575,6 @@ def test_report_without_holdout_uses_the_fit_data():
     assert "y" in result.report.output_errors  # measured on seeded random inputs instead
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG passes/reconstruct_feature_maps.py _sequential: held-out batches are dropped "
-    "(split_holdout(...)[0]) and factorize_data_aware gets no holdout, so sequential data_error "
-    "is measured on the fit batches"))
 def test_report_sequential_data_error_is_held_out():
     model = mlp()
     batches = _shifted_holdout_calibration()
