@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
 import onnx
+from threadpoolctl import threadpool_limits
 
 from .config import CompressConfig
 from .cost import count_params, model_macs
@@ -98,7 +99,8 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
               ReconstructFeatureMapsPass(), DecomposeWeightsPass(), RewriteLowRankPass(), CleanupGraphPass()]
     if config.verify:
         passes.append(VerifyOutputsPass())
-    graph = PassManager(passes).run(import_graph(source), ctx)
+    with threadpool_limits(limits=config.blas_threads, user_api="blas"):
+        graph = PassManager(passes).run(import_graph(source), ctx)
     compressed = export_model(graph, ctx.template)
     report = CompressionReport(
         before=_stats(source), after=_stats(compressed), layers=tuple(_layer_reports(ctx)),
