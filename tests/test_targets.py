@@ -162,9 +162,10 @@ def _overridable_initializer_model():
     return b.model(ir_version=8)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG onnx_lrsd/graph.py initializer_inputs_removed: drops initializers from the "
-                   "graph inputs for every IR version, so an overridable initializer (IR >= 4) is factorized as a "
-                   "constant and the compressed model loses the graph input 'W' (callers feeding W break)")
+@pytest.mark.xfail(strict=True, reason="BUG onnx_lrsd/graph.py strip_initializer_inputs (via import_graph): "
+                   "drops initializers from the graph inputs for every IR version, so an overridable initializer "
+                   "(IR >= 4) is factorized as a constant and the compressed model loses the graph input 'W' "
+                   "(callers feeding W break)")
 def test_overridable_initializer_keeps_its_graph_input():
     model = _overridable_initializer_model()
     result = compress(model, keep=0.5, overrides=FULL)
