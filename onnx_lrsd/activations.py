@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import LrsdError
+from .io import serialize_for_runtime
 from .stats import GramAccumulator, im2col
 from .targets import ConvGeometry, LayerTarget
 
@@ -121,7 +122,7 @@ class ActivationRunner:
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(augmented.SerializeToString(), options,
+            self.session = ort.InferenceSession(serialize_for_runtime(augmented), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise LrsdError(f"onnxruntime cannot run the model for calibration: {str(exc).splitlines()[0]}") from None

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import LrsdError
+from .io import serialize_for_runtime
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def make_session(model: ModelLike, threads: int, optimization: str = "all") -> o
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto):
-        source: Union[str, bytes] = model.SerializeToString()
+        source: Union[str, bytes] = serialize_for_runtime(model)
     elif isinstance(model, (bytes, bytearray)):
         source = bytes(model)
     else:

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def model_template(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Everything of `model` but its graph: IR version, opsets, metadata, functions."""
+    """Everything of `model` but its graph (IR version, opsets, metadata, functions), plus
+    the graph's overridable initializers, which the graph editor would drop."""
     template = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name == "graph":
@@ -29,12 +30,25 @@ def model_template(model: onnx.ModelProto) -> onnx.ModelProto:
             getattr(template, field.name).CopyFrom(value)
         else:
             setattr(template, field.name, value)
+    template.graph.initializer.extend(overridable_initializers(model))
     return template
+
+
+def overridable_initializers(model: onnx.ModelProto) -> list:
+    """Initializers also listed as graph inputs from IR 4 on: defaults a caller may override,
+    so not constants (before IR 4 every initializer was listed so)."""
+    if model.ir_version < 4:
+        return []
+    inputs = {i.name for i in model.graph.input}
+    return [t for t in model.graph.initializer if t.name in inputs]
 
 
 def strip_initializer_inputs(model: onnx.ModelProto) -> None:
     """Old models (IR < 4) list every initializer among the graph inputs; drop those entries
-    in place, so that inputs are only what a user feeds (they come back at export)."""
+    in place, so that inputs are only what a user feeds (they come back at export). From IR 4
+    on, an initializer listed as an input is an overridable default: it stays an input."""
+    if model.ir_version >= 4:
+        return
     names = {t.name for t in model.graph.initializer}
     kept = [i for i in model.graph.input if i.name not in names]
     if len(kept) < len(model.graph.input):
@@ -62,6 +76,11 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
     if inferred is model:
         inferred = _copied(model)
     strip_initializer_inputs(inferred)
+    overridable = {t.name for t in overridable_initializers(inferred)}
+    if overridable:  # imported as plain graph inputs; `export_model` puts the defaults back
+        kept = [t for t in inferred.graph.initializer if t.name not in overridable]
+        del inferred.graph.initializer[:]
+        inferred.graph.initializer.extend(kept)
     try:
         return gs.import_onnx(inferred)
     except Exception as exc:  # graphsurgeon rejects malformed graphs with assorted exceptions
@@ -76,6 +95,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(template)
     model.graph.CopyFrom(exported.graph)
+    model.graph.initializer.extend(template.graph.initializer)
     model.ir_version = runtime_ir_version(template.ir_version)
     if model.ir_version < 4:
         listed = {i.name for i in model.graph.input}

@@ -27,10 +27,10 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
 
     External data next to a file is loaded. Errors become one-line `LrsdError`s.
     """
-    if isinstance(source, onnx.ModelProto):
-        return _copy(source)
-    if isinstance(source, (bytes, bytearray)):
-        return _parse(bytes(source), "the given bytes")
+    if isinstance(source, (onnx.ModelProto, bytes, bytearray)):
+        model = _copy(source) if isinstance(source, onnx.ModelProto) else _parse(bytes(source), "the given bytes")
+        _refuse_unloaded_external_data(model)
+        return model
     path = Path(source)
     if not path.exists():
         raise LrsdError(f"model file not found: {path}")
@@ -62,6 +62,15 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
     if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
         raise LrsdError(f"{what} is not an ONNX model (no graph)")
     return model
+
+
+def _refuse_unloaded_external_data(model: onnx.ModelProto) -> None:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    unloaded = next((t.name for t in _get_all_tensors(model) if uses_external_data(t)), None)
+    if unloaded is not None:
+        raise LrsdError(f"tensor '{unloaded}' refers to external data that is not loaded: pass the model's path, "
+                        f"or load it with onnx.load(path) (load_external_data=True)")
 
 
 def _load_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
@@ -106,6 +115,17 @@ def max_runtime_ir_version() -> int:
 def runtime_ir_version(source_ir_version: int) -> int:
     """Keep the source model's IR version, capped at what onnxruntime accepts."""
     return min(source_ir_version or onnx.IR_VERSION, max_runtime_ir_version())
+
+
+def serialize_for_runtime(model: onnx.ModelProto) -> bytes:
+    """The serialized model with its IR version capped at what onnxruntime loads (the
+    ModelProto itself is left as it was)."""
+    original = model.ir_version
+    model.ir_version = runtime_ir_version(original)
+    try:
+        return model.SerializeToString()
+    finally:
+        model.ir_version = original
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:

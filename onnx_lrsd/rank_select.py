@@ -97,7 +97,8 @@ def plan_layer(target: LayerTarget, config: CompressConfig) -> LayerPlan:
     for kind in candidates:
         ranks = budget_ranks(target, kind, keep, config.conv_rank_multiple)
         if energy is not None:
-            ranks = tuple(min(a, b) for a, b in zip(ranks, energy_ranks(target, kind, energy)))
+            ranks = tuple(min(budget, max(wanted, config.min_rank))
+                          for budget, wanted in zip(ranks, energy_ranks(target, kind, energy)))
         cost = factorized_cost(target, kind, ranks)
         if cost.params >= dense.params or cost.macs >= dense.macs or min(ranks) < config.min_rank:
             continue

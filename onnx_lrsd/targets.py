@@ -172,6 +172,8 @@ def gemm_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
 
 def matmul_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
     """y = x @ W (weight on the right) or y = W @ x (weight on the left), W constant 2-D."""
+    if any(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in node.inputs[:2]):
+        raise NotATarget("weight is quantized (DequantizeLinear)")
     right, left = resolve_constant(node.inputs[1]), resolve_constant(node.inputs[0])
     if right is not None and left is not None:
         raise NotATarget("both operands are constant")

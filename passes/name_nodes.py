@@ -12,15 +12,26 @@ class NameNodesPass(Pass):
     name = "name_nodes"
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        taken = set()
-        renamed = 0
-        for index, node in enumerate(graph.nodes):
-            name = node.name or f"{node.op}_{index}"
-            base, suffix = name, 1
-            while name in taken:
-                name, suffix = f"{base}_{suffix}", suffix + 1
-            taken.add(name)
-            if name != node.name:
-                node.name = name
-                renamed += 1
+        taken: set = set()
+        renamed = _name_nodes(graph, taken, prefix="")
         return PassResult(graph, modified=renamed > 0, stats={"renamed": renamed})
+
+
+def _name_nodes(graph: gs.Graph, taken: set, prefix: str) -> int:
+    """Name the nodes of `graph` and, recursively, of its If / Loop / Scan bodies (prefixed
+    with the owning node's name)."""
+    renamed = 0
+    for index, node in enumerate(graph.nodes):
+        name = node.name or f"{prefix}{node.op}_{index}"
+        base, suffix = name, 1
+        while name in taken:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        taken.add(name)
+        if name != node.name:
+            node.name = name
+            renamed += 1
+        for value in node.attrs.values():
+            for subgraph in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(subgraph, gs.Graph):
+                    renamed += _name_nodes(subgraph, taken, prefix=f"{node.name}/")
+    return renamed

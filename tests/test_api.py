@@ -196,10 +196,6 @@ def test_energy_per_layer_override():
     assert layer.ranks == (4,)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG onnx_lrsd/rank_select.py plan_layer: min_rank is applied after the energy "
-                   "cut, so a layer whose keep budget allows rank 13 (>= min_rank 8) but whose energy rank is 4 is "
-                   "left dense instead of factorized at max(energy rank, min_rank); config.py documents min_rank "
-                   "as applying when the *budget* allows a smaller rank")
 def test_energy_rank_below_min_rank_is_raised_not_dropped():
     model = _planted_low_rank_model()
     (layer,) = compress(model, keep=0.5, energy=0.999).report.layers  # default min_rank 8
@@ -374,9 +370,6 @@ def test_external_data_is_loaded(tmp_path):
     assert not [t for t in result.model.graph.initializer if t.external_data]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG onnx_lrsd/io.py load_model: a ModelProto or bytes whose tensors reference "
-                   "external data (e.g. onnx.load(path, load_external_data=False)) is passed through unchecked; "
-                   "reading the weights later raises onnx's ValidationError instead of a one-line LrsdError")
 def test_model_proto_with_unloaded_external_data_is_a_one_line_error(tmp_path, monkeypatch):
     _, path = _external_data_model(tmp_path)
     unloaded = onnx.load(str(path), load_external_data=False)

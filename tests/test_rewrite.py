@@ -286,10 +286,6 @@ def test_newest_ir_version_is_capped_to_what_onnxruntime_accepts():
     session(out)
 
 
-@pytest.mark.xfail(strict=True, raises=LrsdError,
-                   reason="BUG passes/verify_outputs.py: the reference session is made from the source model as "
-                   "is; onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses, so verification fails "
-                   "for any such model although the compressed model itself is capped to IR 13")
 def test_newest_ir_version_source_can_be_verified():
     model = matmul_model(ir_version=onnx.IR_VERSION)
     assert model.ir_version > max_runtime_ir_version()  # what helper.make_model writes with onnx 1.23

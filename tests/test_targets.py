@@ -162,10 +162,6 @@ def _overridable_initializer_model():
     return b.model(ir_version=8)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG onnx_lrsd/graph.py strip_initializer_inputs (via import_graph): "
-                   "drops initializers from the graph inputs for every IR version, so an overridable initializer "
-                   "(IR >= 4) is factorized as a constant and the compressed model loses the graph input 'W' "
-                   "(callers feeding W break)")
 def test_overridable_initializer_keeps_its_graph_input():
     model = _overridable_initializer_model()
     result = compress(model, keep=0.5, overrides=FULL)
@@ -230,9 +226,6 @@ def test_dequantized_gemm_weight_is_skipped_as_quantized():
     assert report.targets == () and skipped == {"layer": ("Gemm", "weight is quantized (DequantizeLinear)")}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG onnx_lrsd/targets.py matmul_target: a MatMul whose weight comes from "
-                   "DequantizeLinear (every MatMul of a QDQ model) is reported as 'no constant operand'; the "
-                   "'weight is quantized (DequantizeLinear)' reason in _weight() is unreachable for MatMul")
 def test_dequantized_matmul_weight_is_skipped_as_quantized():
     skipped, report = _skipped(_dequantized_weight_model("MatMul"))
     assert report.targets == () and skipped == {"layer": ("MatMul", "weight is quantized (DequantizeLinear)")}
@@ -326,9 +319,6 @@ def test_weight_shared_with_an_if_body_is_not_rewritten():
     assert max_rel_error(model, result.model) == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG passes/name_nodes.py NameNodesPass: names only top-level nodes, so unnamed "
-                   "layers inside If/Loop bodies are listed as skipped with an empty name (reports and overrides "
-                   "refer to layers by name)")
 def test_unnamed_layers_inside_subgraphs_are_listed_with_names():
     b = Builder(seed=10)
     b.input("x", [4, 8])
