@@ -15,6 +15,14 @@ from .conv import (
     tucker2_whitened,
 )
 from .factors import LowRankFactors, Tucker2Factors
+from .lrsd import (
+    LowRankSparse,
+    SparseResidual,
+    SplitChoice,
+    best_split,
+    lrsd_fit,
+    split_budget,
+)
 from .svd import rank_for_energy, randomized_svd, singular_values, truncated_svd
 from .whitened import (
     SequentialTarget,
@@ -49,4 +57,10 @@ __all__ = [
     "tucker2",
     "tucker2_whitened",
     "tucker2_to_convs",
+    "SparseResidual",
+    "LowRankSparse",
+    "SplitChoice",
+    "lrsd_fit",
+    "split_budget",
+    "best_split",
 ]
