@@ -62,8 +62,8 @@ class CompressConfig:
         singular values (still capped by the `keep` budget).
     method: factorization kind, one of `METHODS`.
     overrides: per-layer settings; the first matching override wins.
-    conv_rank_multiple: conv ranks are rounded down to multiples of this when they are at
-        least that large (onnxruntime's NCHWc blocks), never below it.
+    conv_rank_multiple: conv ranks are rounded down to multiples of this (onnxruntime's NCHWc
+        blocks) when that gives up at most a quarter of the rank.
     min_rank: a layer whose budget allows a smaller rank stays dense (tiny ranks of small
         layers, e.g. a 1→32 stem conv, cost more accuracy than they save).
     verify: run original and compressed models in onnxruntime and report output errors.

@@ -38,11 +38,17 @@ def dense_plan(target: LayerTarget, reason: str) -> LayerPlan:
     return LayerPlan(target.name, target.op, DENSE, (), cost, cost, reason)
 
 
+ROUNDING_LOSS = 0.25
+"""Largest share of a conv rank given up to round it down to a block multiple."""
+
+
 def round_conv_rank(rank: int, multiple: int, limit: int) -> int:
-    """Round a conv rank down to a multiple of `multiple` (onnxruntime's NCHWc blocks), only
-    when it is at least that large; never above `limit`."""
-    if rank >= multiple:
-        rank = (rank // multiple) * multiple
+    """Round a conv rank down to a multiple of `multiple` (onnxruntime's NCHWc blocks) when
+    that gives up at most `ROUNDING_LOSS` of it (a rank of 31 is not cut to 16); never above
+    `limit`."""
+    rounded = (rank // multiple) * multiple
+    if rounded >= multiple and rounded >= (1 - ROUNDING_LOSS) * rank:
+        rank = rounded
     return max(1, min(rank, limit))
 
 
