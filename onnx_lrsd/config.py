@@ -88,6 +88,7 @@ class CompressConfig:
     external_data: bool = False
     blas_threads: Optional[int] = 1
     mode: str = "independent"
+    sequential_stages: int = 12
     ridge: float = 1e-3
     bias_correction: bool = True
     mask_input: Optional[str] = None
@@ -117,7 +118,7 @@ class CompressConfig:
             raise LrsdError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
         if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
             raise LrsdError(f"ridge must be >= 0, got {self.ridge!r}")
-        for name in ("calib_batch", "conv_positions", "stats_memory_mb"):
+        for name in ("calib_batch", "conv_positions", "stats_memory_mb", "sequential_stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LrsdError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.calib_samples is not None and (not isinstance(self.calib_samples, int) or self.calib_samples < 1):

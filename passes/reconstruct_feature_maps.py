@@ -21,7 +21,8 @@ class ReconstructFeatureMapsPass(Pass):
     independent: each layer from its statistics in the original model (`collect_activations`).
     sequential: layers in waves of dependency depth; a wave is fitted on the inputs produced
     by the network with every earlier wave already compressed, min ‖XW − X̂W′‖, so errors do
-    not accumulate. Costs one calibration pass per wave.
+    not accumulate. Costs one calibration pass per wave; consecutive waves are merged into at
+    most `sequential_stages` stages (errors then accumulate within a stage only).
     """
 
     name = "reconstruct_feature_maps"
@@ -48,7 +49,7 @@ class ReconstructFeatureMapsPass(Pass):
     def _sequential(self, graph: gs.Graph, ctx: PassContext) -> None:
         config = ctx.config
         planned = [ctx.targets[p.name] for p in ctx.plans.values() if p.factorized]
-        waves = dependency_waves(graph, planned)
+        waves = merged_waves(dependency_waves(graph, planned), config.sequential_stages)
         current = graph.copy()
         for done, wave in enumerate(waves, 1):
             compressed = export_model(current, ctx.template)
@@ -61,6 +62,18 @@ class ReconstructFeatureMapsPass(Pass):
                 ctx.factorizations[fact.name] = fact
             rewrite_layers(current, ctx.targets, fitted)
             ctx.report_progress("fit waves", done, len(waves))
+
+
+def merged_waves(waves: List[List[LayerTarget]], stages: int) -> List[List[LayerTarget]]:
+    """Consecutive waves joined into at most `stages` groups of about equal layer counts."""
+    total = sum(len(w) for w in waves)
+    merged: List[List[LayerTarget]] = [[]]
+    for wave in waves:
+        if merged[-1] and len(merged) < stages and \
+                sum(len(m) for m in merged) + len(wave) > total * len(merged) / stages:
+            merged.append([])
+        merged[-1].extend(wave)
+    return [m for m in merged if m]
 
 
 def dependency_waves(graph: gs.Graph, targets: List[LayerTarget]) -> List[List[LayerTarget]]:

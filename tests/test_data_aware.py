@@ -613,3 +613,14 @@ def test_report_data_error_only_for_data_aware_layers():
         "big": True, "small": True, "tiny": False}
     # the capped layer falls back to the data-free factors
     np.testing.assert_allclose(_product(capped.model, "big"), _product(free.model, "big"), rtol=1e-4, atol=1e-6)
+
+
+def test_merged_waves_keep_order_and_cap_the_stage_count():
+    from onnx_lrsd.passes.reconstruct_feature_maps import merged_waves
+
+    waves = [[1, 2, 3], [4], [5], [6], [7], [8, 9], [10]]
+    for stages in (1, 2, 3, 4, 7, 20):
+        merged = merged_waves(waves, stages)
+        assert len(merged) == min(stages, len(waves))
+        assert [x for m in merged for x in m] == list(range(1, 11))
+    assert merged_waves(waves, 3) == [[1, 2, 3], [4, 5, 6], [7, 8, 9, 10]]
