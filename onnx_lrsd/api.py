@@ -101,7 +101,7 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
         passes.append(VerifyOutputsPass())
     with threadpool_limits(limits=config.blas_threads, user_api="blas"):
         graph = PassManager(passes).run(import_graph(source), ctx)
-    compressed = export_model(graph, ctx.template)
+    compressed = export_model(graph, ctx.template, ctx.sparse_initializers)
     report = CompressionReport(
         before=_stats(source), after=_stats(compressed), layers=tuple(_layer_reports(ctx)),
         skipped=tuple(ctx.skipped), output_errors=dict(ctx.output_errors),
@@ -146,7 +146,10 @@ def _layer_reports(ctx):
     for name, target in ctx.targets.items():
         plan = ctx.plans[name]
         fact = ctx.factorizations.get(name)
+        residual = plan.residual
         yield LayerReport(name=name, op=target.op, method=plan.method, ranks=plan.ranks,
                           params_before=plan.dense.params, params_after=plan.cost.params,
                           macs_before=plan.dense.macs, macs_after=plan.cost.macs, reason=plan.reason,
-                          data_error=fact.data_error if fact else None)
+                          data_error=fact.data_error if fact else None,
+                          residual=residual.structure if residual else "",
+                          residual_size=residual.size if residual else 0)

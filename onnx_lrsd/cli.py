@@ -64,6 +64,19 @@ def _parse_ranks(values) -> tuple:
     return tuple(overrides)
 
 
+def _parse_sparse_share(value: Optional[str]):
+    """FLOAT in [0, 1) or 'auto' (None when the option is not given)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share < 1:
+        raise click.BadParameter(f"expected a number in [0, 1) or 'auto', got {value!r}", param_hint="--sparse-share")
+    return share
+
+
 def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -142,6 +155,11 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--mask-input", default=None, metavar="NAME",
               help="Input whose zeros mark padding positions (dropped from the statistics).")
 @click.option("--ridge", type=float, default=None, help="Relative ridge of the whitening. [1e-3]")
+@click.option("--sparse-share", default=None, metavar="FLOAT|auto",
+              help="Share of each layer's parameter budget given to a sparse residual (W ≈ L + S); "
+                   "'auto' picks it per layer by held-out error. [0]")
+@click.option("--sparse-structure", type=click.Choice(["rows", "unstructured"]), default=None,
+              help="Residual of whole input rows (runs fast), or unstructured entries (smaller file only). [rows]")
 @click.option("--bias-correction/--no-bias-correction", default=None, help="Restore each layer's mean output. [on]")
 @click.option("--verify/--no-verify", default=None, help="Compare outputs with the original in onnxruntime. [on]")
 @click.option("--seed", type=int, default=None, help="Seed of every random choice. [0]")
@@ -150,8 +168,8 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @guarded
 def compress(model: Path, output: Path, keep, energy, method, ranks, skips, config_file, report_file, dims,
-             calib, calib_samples, calib_batch, mode, mask_input, ridge, bias_correction,
-             verify, seed, external_data, as_json, quiet) -> None:
+             calib, calib_samples, calib_batch, mode, mask_input, ridge, sparse_share, sparse_structure,
+             bias_correction, verify, seed, external_data, as_json, quiet) -> None:
     """Factorize MODEL's Gemm / MatMul / Conv weights and write the smaller model to OUTPUT."""
     from .api import compress_file
     from .config import CompressConfig, LayerOverride, load_config_file
@@ -161,7 +179,8 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
     options = {key: value for key, value in dict(
         keep=keep, energy=energy, method=method, verify=verify, seed=seed, external_data=external_data,
         calib_samples=calib_samples, calib_batch=calib_batch, mode=mode, mask_input=mask_input, ridge=ridge,
-        bias_correction=bias_correction).items() if value is not None}
+        bias_correction=bias_correction, sparse_share=_parse_sparse_share(sparse_share),
+        sparse_structure=sparse_structure).items() if value is not None}
     if dims:
         options["dims"] = _parse_dims(dims)
     config = config.replace(overrides=cli_overrides + config.overrides, **options)

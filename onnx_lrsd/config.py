@@ -16,6 +16,14 @@ picks the kind with the fewest MACs at the layer's parameter budget."""
 
 MODES = ("independent", "sequential")
 
+SPARSE_STRUCTURES = ("rows", "unstructured")
+
+AUTO_SHARE = "auto"
+
+AUTO_SHARES = (0.0, 0.1, 0.2, 0.35, 0.5)
+"""Shares of a layer's parameter budget tried for the sparse part when ``sparse_share="auto"``
+(0 always among them, so L + S is never worse than L alone on the data it is judged on)."""
+
 FULL_RANK = "full"
 
 Rank = Union[int, str]
@@ -70,6 +78,13 @@ class CompressConfig:
     verify_batch: batch size of the verification inputs; `dims` fixes other symbolic dims.
     seed: seed of every random choice (verification inputs, randomized solvers).
     external_data: always save weights as external data (always done above 2 GB).
+    sparse_share: share of each layer's parameter budget given to a sparse residual S (W ≈
+        L + S, LRSD / CMD), in [0, 1); ``"auto"`` picks per layer among `AUTO_SHARES` by the
+        lowest held-out data error. Applies to Gemm, MatMul with the weight on the right and
+        1×1 convs (stride 1, no padding) factorized by svd / channel.
+    sparse_structure: ``"rows"`` (whole input rows, concatenated into the chain's second
+        matmul: runs at about the cost of dense parameters) or ``"unstructured"`` (stored as a
+        sparse initializer: a file-size saving only, onnxruntime densifies it).
     blas_threads: BLAS threads of the numpy/scipy fits (None: the library's default). One is
         the default because OpenBLAS threads that wait by spinning slow a busy 2-core machine
         by an order of magnitude (PP-OCR data-free: 58 s with 2 threads under load, 3.4 s with 1).
@@ -97,6 +112,8 @@ class CompressConfig:
     conv_positions: int = 4096
     holdout_every: int = 5
     stats_memory_mb: int = 4096
+    sparse_share: Union[float, str] = 0.0
+    sparse_structure: str = "rows"
 
     def __post_init__(self) -> None:
         check_keep(self.keep, "keep")
@@ -125,6 +142,10 @@ class CompressConfig:
             raise LrsdError(f"calib_samples must be a positive integer, got {self.calib_samples!r}")
         if not isinstance(self.holdout_every, int) or self.holdout_every < 0 or self.holdout_every == 1:
             raise LrsdError(f"holdout_every must be 0 (none) or >= 2, got {self.holdout_every!r}")
+        check_sparse_share(self.sparse_share)
+        if self.sparse_structure not in SPARSE_STRUCTURES:
+            raise LrsdError(f"unknown sparse_structure {self.sparse_structure!r} "
+                            f"(choose from {', '.join(SPARSE_STRUCTURES)})")
         for name, size in self.dims:
             if not isinstance(size, int) or size < 1:
                 raise LrsdError(f"dim {name} must be a positive integer, got {size!r}")
@@ -144,6 +165,13 @@ class CompressConfig:
 def check_keep(keep, where: str) -> None:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise LrsdError(f"{where} must be in (0, 1], got {keep!r}")
+
+
+def check_sparse_share(share) -> None:
+    if share == AUTO_SHARE:
+        return
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
+        raise LrsdError(f"sparse_share must be in [0, 1) or 'auto', got {share!r}")
 
 
 def check_energy(energy, where: str) -> None:

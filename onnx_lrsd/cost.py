@@ -5,6 +5,9 @@ Chains, for a layer with ``in`` = n, ``out`` = m and `rows` activation rows:
   second factor is a 1×1 conv, both at the output resolution.
 - spatial (2-D conv): k_h×1 Cin→r then 1×k_w r→Cout: params r·(Cin·k_h + Cout·k_w); the first
   conv runs on H_out × W_in positions, the second on H_out × W_out.
+- svd / channel with a sparse residual (W ≈ UV + S): "rows" (k input rows, [x·U, x[:, P]]·[V; S_P])
+  adds k·m params and rows·k·m MACs; "unstructured" (nnz entries) adds nnz params, but
+  onnxruntime densifies it, so its MACs are the dense layer's.
 - tucker2: 1×1 Cin→r_in, k×k r_in→r_out, 1×1 r_out→Cout: params Cin·r_in + r_in·r_out·k +
   r_out·Cout; the first 1×1 runs at the input resolution.
 """
@@ -57,6 +60,15 @@ def factorized_cost(target: LayerTarget, method: str, ranks: Tuple[int, ...]) ->
     raise ValueError(f"unknown method {method!r}")
 
 
+def residual_cost(target: LayerTarget, rank: int, structure: str, size: int) -> Cost:
+    """Params and MACs of a rank-`rank` chain plus a residual of `size` rows or entries."""
+    chain = factorized_cost(target, "svd", (rank,))
+    if structure == "rows":
+        extra = size * target.out_features
+        return Cost(params=chain.params + extra, macs=chain.macs + target.rows * extra)
+    return Cost(params=chain.params + size, macs=target.macs)
+
+
 def applicable_methods(target: LayerTarget) -> Tuple[str, ...]:
     """Factorization kinds that fit the layer."""
     if target.conv is None:
@@ -95,14 +107,17 @@ def _elements(dims) -> int:
 
 def model_macs(model) -> int:
     """Multiply-accumulates of one inference (batch 1) over every Conv, Gemm and MatMul whose
-    shapes shape inference can tell."""
+    shapes shape inference can tell (nodes of constants only are folded away: not counted)."""
     from .graph import infer_shapes
 
     graph = infer_shapes(model).graph
     shapes = {vi.name: _dims(vi) for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}
     shapes.update({t.name: tuple(t.dims) for t in graph.initializer})
+    constants = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
     total = 0
     for node in graph.node:
+        if all(name in constants for name in node.input):
+            continue  # a constant subgraph (U·V of an unstructured residual): folded at session creation
         out = shapes.get(node.output[0]) if node.output else None
         if out is None or len(node.input) < 2:
             continue
@@ -118,8 +133,8 @@ def model_macs(model) -> int:
 
 
 def count_params(model) -> int:
-    """Elements of every floating-point constant: initializers, sparse initializers and
-    Constant nodes (subgraphs included)."""
+    """Elements of every floating-point constant: initializers, the stored values of sparse
+    initializers and Constant nodes (subgraphs included)."""
     from onnx import TensorProto
 
     float_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
@@ -128,7 +143,8 @@ def count_params(model) -> int:
     def visit(graph) -> None:
         nonlocal total
         total += sum(_elements(t.dims) for t in graph.initializer if t.data_type in float_types)
-        total += sum(_elements(s.dims) for s in graph.sparse_initializer if s.values.data_type in float_types)
+        total += sum(_elements(s.values.dims) for s in graph.sparse_initializer
+                     if s.values.data_type in float_types)  # stored values, not the dense size
         for node in graph.node:
             for attr in node.attribute:
                 if attr.HasField("t") and attr.t.data_type in float_types:

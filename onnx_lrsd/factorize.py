@@ -6,8 +6,14 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .config import AUTO_SHARE, AUTO_SHARES
 from .decompose import (
     LowRankFactors,
+    LowRankSparse,
+    SparseResidual,
+    best_split,
+    lrsd_fit,
+    split_budget,
     Tucker2Factors,
     conv_to_matrix,
     data_error,
@@ -22,10 +28,10 @@ from .decompose import (
     whitened_svd,
 )
 from .stats import GramAccumulator
-from .rank_select import LayerPlan
+from .rank_select import LayerPlan, SparseRequest
 from .targets import LayerTarget
 
-Factors = Union[LowRankFactors, Tucker2Factors]
+Factors = Union[LowRankFactors, Tucker2Factors, LowRankSparse]
 
 EXACT_SVD_LIMIT = 2048
 """Above this smaller dimension, low ranks use the randomized SVD (exact SVD of VGG's
@@ -40,8 +46,9 @@ TUCKER_ITERATIONS = 3
 class LayerFactorization:
     """The factors replacing one layer's weight.
 
-    For svd/channel the factors approximate `target.matrix()` ([in, out]); for spatial they
-    approximate `spatial_matrix(W)`; tucker2 holds `Tucker2Factors` of the conv weight.
+    For svd/channel the factors approximate `target.matrix()` ([in, out]) — `LowRankFactors`,
+    or `LowRankSparse` (W ≈ UV + S) when a non-empty sparse residual was fitted; for spatial
+    they approximate `spatial_matrix(W)`; tucker2 holds `Tucker2Factors` of the conv weight.
     `bias_shift` ([out]) is added to the layer's output (bias correction); `data_error` is the
     relative reconstruction error of the layer's output on calibration data, when known.
     """
@@ -52,6 +59,16 @@ class LayerFactorization:
     bias_shift: Optional[np.ndarray] = None
     data_error: Optional[float] = None
 
+    @property
+    def low_rank(self) -> Factors:
+        """The factors without the sparse residual."""
+        return self.factors.low_rank if isinstance(self.factors, LowRankSparse) else self.factors
+
+    @property
+    def sparse(self) -> Optional[SparseResidual]:
+        """The sparse residual S, if any (never empty)."""
+        return self.factors.sparse if isinstance(self.factors, LowRankSparse) else None
+
 
 def low_rank(matrix: np.ndarray, rank: int, seed: int = 0) -> LowRankFactors:
     """Best rank-`rank` factors of `matrix` (randomized for large, thin-rank problems)."""
@@ -60,10 +77,28 @@ def low_rank(matrix: np.ndarray, rank: int, seed: int = 0) -> LowRankFactors:
     return truncated_svd(matrix, rank)
 
 
+def fit_low_rank_sparse(w: np.ndarray, gram: Optional[np.ndarray], request: SparseRequest, budget: int,
+                        ridge: float, eval_gram: Optional[np.ndarray] = None,
+                        seed: int = 0) -> Union[LowRankFactors, LowRankSparse]:
+    """W ≈ L + S within `budget` parameters, min ‖X(W − L − S)‖² + μ‖W − L − S‖² (G = XᵀX;
+    None: G = I, the weight error). A fixed share splits the budget (`split_budget`); "auto"
+    fits every share of `AUTO_SHARES` and keeps the lowest error on `eval_gram` (held-out
+    statistics; default `gram`). An empty residual comes back as plain `LowRankFactors`."""
+    if request.share == AUTO_SHARE:
+        fit = best_split(w, gram, budget, AUTO_SHARES, request.structure, ridge, eval_gram=eval_gram, seed=seed).fit
+    else:
+        rank, sparse_budget = split_budget(*w.shape, budget, request.share, request.structure)
+        fit = lrsd_fit(w, gram, rank, sparse_budget, request.structure, ridge, seed=seed)
+    return fit if fit.sparse.nnz else fit.low_rank
+
+
 def factorize_data_free(target: LayerTarget, plan: LayerPlan, seed: int = 0) -> LayerFactorization:
-    """Factors that minimise the weight error ‖W − W′‖_F (no calibration data)."""
-    if plan.method in ("svd", "channel"):
-        factors: Factors = low_rank(target.matrix(), plan.ranks[0], seed)
+    """Factors that minimise the weight error ‖W − W′‖_F (no calibration data; a sparse
+    residual is fitted with G = I)."""
+    if plan.sparse is not None:
+        factors: Factors = fit_low_rank_sparse(target.matrix(), None, plan.sparse, plan.cost.params, 0.0, seed=seed)
+    elif plan.method in ("svd", "channel"):
+        factors = low_rank(target.matrix(), plan.ranks[0], seed)
     elif plan.method == "spatial":
         factors = low_rank(spatial_matrix(np.asarray(target.weight, dtype=np.float64)), plan.ranks[0], seed)
     elif plan.method == "tucker2":
@@ -91,16 +126,22 @@ def factorize_data_aware(target: LayerTarget, plan: LayerPlan, stats: GramAccumu
 
     Independent (plain statistics of X): min ‖X W − X W′‖ over the plan's structure.
     Sequential (`stats` tracks X̂ᵀX): min ‖X W − X̂ W′‖, reduced to the independent problem on
-    W* = Σ̂⁻¹ X̂ᵀX W with X̂'s Gram. Conv kinds use the im2col Gram (channel), its vertical-patch
-    blocks (spatial) or its per-channel blocks (Tucker-2). The bias shift restores the mean
+    W* = Σ̂⁻¹ X̂ᵀX W with X̂'s Gram. A requested sparse residual is fitted in the same metric
+    (`fit_low_rank_sparse`, "auto" judged on the held-out Gram). Conv kinds use the im2col
+    Gram (channel), its vertical-patch blocks (spatial) or its per-channel blocks (Tucker-2). The bias shift restores the mean
     output: E[x] W − E[x̂] W′.
     """
     w = target.matrix()
     gram = np.asarray(stats.gram)
     sequential = stats.track_cross
     w_fit = sequential_target(w, gram, stats.cross, ridge).W_star if sequential else w
-    if plan.method in ("svd", "channel"):
-        factors: Factors = whitened_svd(w_fit, gram, plan.ranks[0], ridge)
+    check = holdout if holdout is not None and holdout.count else stats
+    if plan.sparse is not None:
+        eval_gram = np.asarray(holdout.gram) if check is holdout else None
+        factors: Factors = fit_low_rank_sparse(w_fit, gram, plan.sparse, plan.cost.params, ridge, eval_gram)
+        approx = factors.to_dense()
+    elif plan.method in ("svd", "channel"):
+        factors = whitened_svd(w_fit, gram, plan.ranks[0], ridge)
         approx = factors.to_dense()
     elif plan.method == "spatial":
         cout, cin, kh, kw = target.weight.shape
@@ -119,6 +160,5 @@ def factorize_data_aware(target: LayerTarget, plan: LayerPlan, stats: GramAccumu
     if correct_bias:
         target_mean = stats.target_mean if sequential else stats.mean
         shift = target_mean @ w - stats.mean @ approx
-    check = holdout if holdout is not None and holdout.count else stats
     return LayerFactorization(name=target.name, method=plan.method, factors=factors, bias_shift=shift,
                               data_error=data_error(w, approx, np.asarray(check.gram)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -87,14 +87,16 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         raise LrsdError(f"cannot read the graph: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+def export_model(graph: gs.Graph, template: onnx.ModelProto, sparse: Iterable[str] = ()) -> onnx.ModelProto:
     """Turn a graph back into a model with the template's IR version (capped at what
-    onnxruntime accepts), opsets, metadata_props and functions."""
+    onnxruntime accepts), opsets, metadata_props and functions. The initializers named in
+    `sparse` are saved as sparse initializers (`to_sparse_initializer`)."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     exported = gs.export_onnx(graph, do_type_check=False)
     model = onnx.ModelProto()
     model.CopyFrom(template)
     model.graph.CopyFrom(exported.graph)
+    _sparsify_initializers(model.graph, set(sparse))
     model.graph.initializer.extend(template.graph.initializer)
     model.ir_version = runtime_ir_version(template.ir_version)
     if model.ir_version < 4:
@@ -103,6 +105,27 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
             onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
             for t in model.graph.initializer if t.name not in listed)
     return model
+
+
+def to_sparse_initializer(tensor: onnx.TensorProto) -> onnx.SparseTensorProto:
+    """COO sparse tensor of `tensor`'s non-zeros: values [nnz] and linear indices [nnz]
+    (int64, row-major, ascending), dims the dense shape."""
+    dense = numpy_helper.to_array(tensor)
+    flat = np.flatnonzero(dense)
+    values = numpy_helper.from_array(dense.reshape(-1)[flat], tensor.name)
+    indices = numpy_helper.from_array(flat.astype(np.int64), f"{tensor.name}/indices")
+    return onnx.helper.make_sparse_tensor(values, indices, list(tensor.dims))
+
+
+def _sparsify_initializers(graph: onnx.GraphProto, names: Set[str]) -> None:
+    """Move the initializers named in `names` to `graph.sparse_initializer`."""
+    if not names:
+        return
+    kept = [t for t in graph.initializer if t.name not in names]
+    moved = [t for t in graph.initializer if t.name in names]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.sparse_initializer.extend(to_sparse_initializer(t) for t in moved)
 
 
 @dataclass(frozen=True)

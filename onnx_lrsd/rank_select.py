@@ -2,14 +2,15 @@
 an explicit rank."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
 from .config import FULL_RANK, CompressConfig
-from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks
+from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks, residual_cost
 from .decompose import rank_for_energy, singular_values, spatial_matrix
 from .targets import LayerTarget
 
@@ -17,8 +18,28 @@ DENSE = "dense"
 
 
 @dataclass(frozen=True)
+class SparseRequest:
+    """A sparse residual wanted for a layer: `share` of its budget (a float, or "auto")."""
+
+    share: Union[float, str]
+    structure: str
+
+
+@dataclass(frozen=True)
+class Residual:
+    """The sparse residual a layer got: `size` is k input rows ("rows") or nnz entries."""
+
+    structure: str
+    size: int
+
+
+@dataclass(frozen=True)
 class LayerPlan:
-    """What happens to one layer: `method` is a factorization kind or "dense" (with `reason`)."""
+    """What happens to one layer: `method` is a factorization kind or "dense" (with `reason`).
+
+    `sparse`: the residual requested (its budget is `cost.params` of the L-only plan);
+    `residual`: the one fitted, with `ranks` and `cost` updated to the L + S chain.
+    """
 
     name: str
     op: str
@@ -27,10 +48,31 @@ class LayerPlan:
     cost: Cost
     dense: Cost
     reason: str = ""
+    sparse: Optional[SparseRequest] = None
+    residual: Optional[Residual] = None
 
     @property
     def factorized(self) -> bool:
         return self.method != DENSE
+
+    def with_residual(self, target: LayerTarget, rank: int, residual: Optional[Residual]) -> "LayerPlan":
+        """This plan after an L + S fit: rank `rank` plus `residual` (None: the fit kept none)."""
+        if residual is None:
+            cost = factorized_cost(target, self.method, (rank,))
+        else:
+            cost = residual_cost(target, rank, residual.structure, residual.size)
+        return dataclasses.replace(self, ranks=(rank,), cost=cost, residual=residual)
+
+
+def sparse_applies(target: LayerTarget, method: str) -> bool:
+    """Residuals fit Gemm and MatMul with the weight on the right (svd), and 1×1 convs with
+    stride 1 and no padding (channel: a matmul over channels, so x[:, P] is a channel Gather)."""
+    if method == "svd":
+        return target.conv is None and target.weight_side == "right"
+    conv = target.conv
+    return (method == "channel" and conv is not None and all(k == 1 for k in conv.kernel_shape)
+            and all(s == 1 for s in conv.strides) and not any(conv.pads)
+            and conv.auto_pad in ("NOTSET", ""))
 
 
 def dense_plan(target: LayerTarget, reason: str) -> LayerPlan:
@@ -84,7 +126,16 @@ def energy_ranks(target: LayerTarget, method: str, energy: float) -> Tuple[int, 
 
 
 def plan_layer(target: LayerTarget, config: CompressConfig) -> LayerPlan:
-    """Choose kind and ranks for one layer (overrides first, then the global settings)."""
+    """Choose kind and ranks for one layer (overrides first, then the global settings), and
+    ask for a sparse residual within the same budget when `config.sparse_share` is set."""
+    plan = _plan_low_rank(target, config)
+    if plan.factorized and config.sparse_share != 0 and sparse_applies(target, plan.method):
+        return dataclasses.replace(plan, sparse=SparseRequest(config.sparse_share, config.sparse_structure))
+    return plan
+
+
+def _plan_low_rank(target: LayerTarget, config: CompressConfig) -> LayerPlan:
+    """The L-only plan."""
     override = config.override_for(target.name)
     if override is not None and override.skip:
         return dense_plan(target, "skipped by configuration")

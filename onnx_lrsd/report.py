@@ -53,7 +53,12 @@ class ModelStats:
 
 @dataclass(frozen=True)
 class LayerReport:
-    """What happened to one target (`method` "dense" with a `reason` when left as is)."""
+    """What happened to one target (`method` "dense" with a `reason` when left as is).
+
+    `residual`: structure of the sparse residual ("" when none) and `residual_size` its k
+    input rows ("rows": k·out params, run as dense ones) or nnz entries ("unstructured":
+    counted in `params_after`, but a file-size saving only, onnxruntime densifies them).
+    """
 
     name: str
     op: str
@@ -65,6 +70,18 @@ class LayerReport:
     macs_after: int
     reason: str = ""
     data_error: Optional[float] = None
+    residual: str = ""
+    residual_size: int = 0
+
+    @property
+    def ranks_text(self) -> str:
+        """Ranks, plus the residual: "64+12 rows" or "64+5000 nnz"."""
+        ranks = "x".join(map(str, self.ranks)) or "-"
+        if self.residual == "rows":
+            return f"{ranks}+{self.residual_size} rows"
+        if self.residual:
+            return f"{ranks}+{self.residual_size} nnz"
+        return ranks
 
 
 @dataclass(frozen=True)
@@ -107,18 +124,31 @@ class CompressionReport:
             f"{'file bytes':12}{self.before.file_bytes:>16,}{self.after.file_bytes:>16,}{self.size_ratio:>9.3f}",
             f"layers factorized {len(factorized)} of {len(self.layers)} targets; {len(self.skipped)} weight layers skipped",
         ]
+        lines.extend(self._residual_lines())
         for name, error in self.output_errors.items():
             lines.append(f"output {name}: relative error {error:.3e}")
         lines.append(f"time {self.seconds:.1f} s")
         return "\n".join(lines)
+
+    def _residual_lines(self) -> list:
+        lines = []
+        rows = [layer for layer in self.layers if layer.residual == "rows"]
+        entries = [layer for layer in self.layers if layer.residual == "unstructured"]
+        if rows:
+            lines.append(f"sparse residuals (rows): {len(rows)} layers, {sum(r.residual_size for r in rows):,} "
+                         f"input rows gathered into the chains' second matmuls")
+        if entries:
+            lines.append(f"sparse residuals (unstructured): {len(entries)} layers, "
+                         f"{sum(r.residual_size for r in entries):,} stored values; file size only, no speed-up: "
+                         f"onnxruntime densifies sparse initializers and runs these layers dense")
+        return lines
 
     def layer_table(self) -> str:
         width = max([len(layer.name) for layer in self.layers] + [5])
         lines = [f"{'layer':<{width}}  {'op':<6} {'method':<8} {'ranks':<10} {'params':>21} {'MACs':>25}  error"]
         for layer in self.layers:
             error = f"{layer.data_error:.3e}" if layer.data_error is not None else ""
-            ranks = "x".join(map(str, layer.ranks)) or "-"
-            lines.append(f"{layer.name:<{width}}  {layer.op:<6} {layer.method:<8} {ranks:<10} "
+            lines.append(f"{layer.name:<{width}}  {layer.op:<6} {layer.method:<8} {layer.ranks_text:<10} "
                          f"{layer.params_before:>10,}>{layer.params_after:<10,} "
                          f"{layer.macs_before:>12,}>{layer.macs_after:<12,}  {error or layer.reason}")
         return "\n".join(lines)

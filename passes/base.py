@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from onnx_lrsd.activations import Feeds, LayerStatistics
 from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.factorize import LayerFactorization
-from onnx_lrsd.rank_select import LayerPlan
+from onnx_lrsd.rank_select import LayerPlan, Residual
 from onnx_lrsd.targets import LayerTarget, SkippedLayer
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,8 @@ Progress = Callable[[str, int, int], None]
 class PassContext:
     """What the passes share: the run's config, the source model and its metadata, the
     calibration batches, and what each pass has found so far (targets, plans, statistics,
-    factorizations, verification)."""
+    factorizations, verification). `sparse_initializers` names the constants the rewrite
+    wants saved as sparse initializers (unstructured residuals)."""
 
     config: CompressConfig
     source: onnx.ModelProto
@@ -41,6 +42,18 @@ class PassContext:
     statistics: Dict[str, LayerStatistics] = field(default_factory=dict)
     output_errors: Dict[str, float] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
+    sparse_initializers: List[str] = field(default_factory=list)
+
+    def add_factorization(self, fact: LayerFactorization) -> None:
+        """Store a layer's factors; a plan that asked for a sparse residual is updated to the
+        rank and residual the fit chose."""
+        self.factorizations[fact.name] = fact
+        plan = self.plans[fact.name]
+        if plan.sparse is not None:
+            sparse = fact.sparse
+            residual = None if sparse is None else Residual(
+                sparse.structure, sparse.rows.size if sparse.structure == "rows" else sparse.nnz)
+            self.plans[fact.name] = plan.with_residual(self.targets[fact.name], fact.low_rank.rank, residual)
 
     def report_progress(self, stage: str, done: int, total: int) -> None:
         if self.progress is not None:

@@ -18,6 +18,6 @@ class DecomposeWeightsPass(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         todo = [p for p in ctx.plans.values() if p.factorized and p.name not in ctx.factorizations]
         for done, plan in enumerate(todo, 1):
-            ctx.factorizations[plan.name] = factorize_data_free(ctx.targets[plan.name], plan, ctx.config.seed)
+            ctx.add_factorization(factorize_data_free(ctx.targets[plan.name], plan, ctx.config.seed))
             ctx.report_progress("decompose", done, len(todo))
         return PassResult(graph, modified=False, stats={"decomposed": len(todo)})

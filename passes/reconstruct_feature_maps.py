@@ -42,8 +42,8 @@ class ReconstructFeatureMapsPass(Pass):
         todo = [p for p in ctx.plans.values() if p.factorized and p.name in ctx.statistics]
         for done, plan in enumerate(todo, 1):
             stats = ctx.statistics[plan.name]
-            ctx.factorizations[plan.name] = factorize_data_aware(
-                ctx.targets[plan.name], plan, stats.fit, config.ridge, config.bias_correction, stats.holdout)
+            ctx.add_factorization(factorize_data_aware(
+                ctx.targets[plan.name], plan, stats.fit, config.ridge, config.bias_correction, stats.holdout))
             ctx.report_progress("fit", done, len(todo))
 
     def _sequential(self, graph: gs.Graph, ctx: PassContext) -> None:
@@ -59,7 +59,7 @@ class ReconstructFeatureMapsPass(Pass):
             fitted = [factorize_data_aware(t, ctx.plans[t.name], stats[t.name].fit, config.ridge,
                                            config.bias_correction, stats[t.name].holdout) for t in wave]
             for fact in fitted:
-                ctx.factorizations[fact.name] = fact
+                ctx.add_factorization(fact)
             rewrite_layers(current, ctx.targets, fitted)
             ctx.report_progress("fit waves", done, len(waves))
 

@@ -26,7 +26,7 @@ class VerifyOutputsPass(Pass):
             random_feeds(ctx.source, batch=config.verify_batch, dims=dict(config.dims), seed=config.seed)]
         names = [o.name for o in ctx.source.graph.output]
         original = make_session(ctx.source, threads=1)
-        compressed = make_session(export_model(graph, ctx.template), threads=1)
+        compressed = make_session(export_model(graph, ctx.template, ctx.sparse_initializers), threads=1)
         reference, outputs = [], []
         for feeds in batches:
             reference.append(run_outputs(original, feeds))

@@ -1,0 +1,250 @@
+"""Low rank + sparse residuals (W ≈ UV + S) end to end: emission in onnxruntime, equal budgets,
+the automatic share, a layer where rows pay off, unstructured files, config and CLI.
+
+Emission is checked against x·(UV + S) computed in float64 from hand-built factors, for
+every target kind the residual applies to (relative error ≤ 1e-5).
+"""
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from graphs import conv_model, gemm_model, matmul_model, rel_error, run
+from onnx_lrsd.api import _context, compress
+from onnx_lrsd.cli import main
+from onnx_lrsd.config import CompressConfig
+from onnx_lrsd.cost import count_params
+from onnx_lrsd.decompose import LowRankFactors, LowRankSparse, SparseResidual, data_error
+from onnx_lrsd.errors import LrsdError
+from onnx_lrsd.factorize import LayerFactorization
+from onnx_lrsd.graph import export_model, import_graph
+from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassManager
+from onnx_lrsd.passes.rewrite_low_rank import rewrite_layers
+
+TOL = 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# Emission: the graph computes x·(UV + S)
+# --------------------------------------------------------------------------------------------
+def _fit(n_in, n_out, rank, structure, seed=0):
+    rng = np.random.default_rng(seed)
+    low = LowRankFactors(rng.standard_normal((n_in, rank)), rng.standard_normal((rank, n_out)))
+    if structure == "rows":
+        sparse = SparseResidual.from_rows(np.array([1, n_in - 2]), rng.standard_normal((2, n_out)))
+    else:
+        flat = rng.choice(n_in * n_out, size=7, replace=False)
+        sparse = SparseResidual.from_entries(np.stack(np.unravel_index(flat, (n_in, n_out)), 1),
+                                             rng.standard_normal(7))
+    return LowRankSparse(low, sparse)
+
+
+def _rewrite(model, fit, method="svd"):
+    """`model` with its layer "layer" replaced by `fit`, as `compress` writes it."""
+    ctx = _context(model, CompressConfig())
+    graph = PassManager([NameNodesPass(), FindTargetsPass()]).run(import_graph(model), ctx)
+    sparse = rewrite_layers(graph, ctx.targets, [LayerFactorization("layer", method, fit)])
+    return export_model(graph, ctx.template, sparse)
+
+
+def _init(model, name):
+    return next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def _feeds(shape, seed=1):
+    return {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+@pytest.mark.parametrize("structure", ["rows", "unstructured"])
+@pytest.mark.parametrize("x_shape", [(4, 12), (2, 3, 12)])
+def test_matmul_computes_x_times_low_rank_plus_sparse(structure, x_shape):
+    fit = _fit(12, 10, 3, structure)
+    out = _rewrite(matmul_model(x_shape, 10), fit)
+    feeds = _feeds(x_shape)
+    (y,) = run(out, feeds)
+    assert rel_error(feeds["x"].astype(np.float64) @ fit.to_dense(), y) <= TOL
+
+
+@pytest.mark.parametrize("structure", ["rows", "unstructured"])
+@pytest.mark.parametrize("trans_a,trans_b,alpha,beta,bias", [
+    (0, 0, 1.0, 1.0, "n"), (1, 0, 0.5, 2.0, "mn"), (0, 1, 1.5, 0.0, "n"), (1, 1, 2.0, 0.7, None)])
+def test_gemm_computes_alpha_x_times_low_rank_plus_sparse_plus_bias(structure, trans_a, trans_b, alpha, beta,
+                                                                     bias):
+    model = gemm_model(4, 12, 10, trans_a, trans_b, alpha, beta, bias)
+    fit = _fit(12, 10, 3, structure)
+    out = _rewrite(model, fit)
+    feeds = _feeds((12, 4) if trans_a else (4, 12))
+    a = feeds["x"].astype(np.float64)
+    expected = alpha * (a.T if trans_a else a) @ fit.to_dense()
+    if bias is not None:
+        expected = expected + beta * _init(model, "C")
+    (y,) = run(out, feeds)
+    assert rel_error(expected, y) <= TOL
+
+
+@pytest.mark.parametrize("structure", ["rows", "unstructured"])
+def test_pointwise_conv_computes_the_channel_matmul(structure):
+    model = conv_model(cin=12, cout=10, kernel=(1, 1), spatial=(5, 6))
+    fit = _fit(12, 10, 3, structure)
+    out = _rewrite(model, fit, method="channel")
+    feeds = _feeds((1, 12, 5, 6))
+    expected = np.einsum("nchw,co->nohw", feeds["x"].astype(np.float64), fit.to_dense())
+    expected += _init(model, "B")[None, :, None, None]
+    (y,) = run(out, feeds)
+    assert rel_error(expected, y) <= TOL
+
+
+def test_rows_residual_is_one_second_matmul_and_counts_k_times_out():
+    fit = _fit(12, 10, 3, "rows")
+    out = _rewrite(matmul_model((4, 12), 10), fit)
+    ops = [n.op_type for n in out.graph.node]
+    assert sorted(ops) == ["Concat", "Gather", "MatMul", "MatMul"]
+    assert count_params(out) == 3 * (12 + 10) + 2 * 10 == fit.n_params
+
+
+# --------------------------------------------------------------------------------------------
+# Compression with calibration data
+# --------------------------------------------------------------------------------------------
+def _heavy_rows_layer(n_in=48, n_out=40, seed=0):
+    """A MatMul whose weight is rank 3 plus 4 heavy input rows (rank 7 together: more than the
+    rank 6 of its L-only budget at keep 0.3, while share 0.35 buys rank 3 + 4 rows), with correlated
+    (low-dimensional plus noise) calibration data, and held-out test batches."""
+    rng = np.random.default_rng(seed)
+    model = matmul_model(("batch", n_in), n_out, seed=seed)
+    w = rng.standard_normal((n_in, 3)) @ rng.standard_normal((3, n_out)) / 2
+    w[[3, 17, 29, 41]] += 4 * rng.standard_normal((4, n_out))
+    w += 0.05 * rng.standard_normal((n_in, n_out))
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), "W"))
+    mix = rng.standard_normal((8, n_in))
+
+    def batch(i):
+        r = np.random.default_rng(100 + i)
+        x = r.standard_normal((64, 8)) @ mix + 0.3 * r.standard_normal((64, n_in))
+        return {"x": x.astype(np.float32)}
+
+    return model, [batch(i) for i in range(10)], [batch(50 + i) for i in range(4)]
+
+
+def _test_error(original, compressed, batches):
+    return float(np.mean([rel_error(run(original, b)[0], run(compressed, b)[0]) for b in batches]))
+
+
+OPTIONS = dict(keep=0.3, min_rank=2, calib_batch=64)
+
+
+def test_rows_residual_beats_low_rank_only_at_equal_params():
+    model, calibration, test = _heavy_rows_layer()
+    plain = compress(model, calibration=calibration, **OPTIONS)
+    mixed = compress(model, calibration=calibration, sparse_share=0.35, **OPTIONS)
+    (layer,) = mixed.report.layers
+    assert layer.residual == "rows" and layer.residual_size > 0
+    assert layer.params_after <= plain.report.layers[0].params_after
+    assert count_params(mixed.model) <= count_params(plain.model)
+    bias = 40  # the bias-correction Add of a lone MatMul, outside the layer's budget in both
+    assert count_params(mixed.model) == layer.params_after + bias == mixed.report.after.params
+    assert _test_error(model, mixed.model, test) < 0.7 * _test_error(model, plain.model, test)
+    assert "sparse residuals (rows)" in mixed.report.to_text()
+
+
+def test_auto_share_is_never_worse_than_low_rank_only_on_held_out_data():
+    model, calibration, test = _heavy_rows_layer(seed=1)
+    plain = compress(model, calibration=calibration, **OPTIONS)
+    auto = compress(model, calibration=calibration, sparse_share="auto", **OPTIONS)
+    assert auto.report.layers[0].params_after <= plain.report.layers[0].params_after
+    assert auto.report.layers[0].data_error <= plain.report.layers[0].data_error * (1 + 1e-9)
+
+
+def test_auto_share_keeps_a_plain_chain_when_sparsity_does_not_help():
+    """A truly low-rank weight: no residual beats the rank it would cost."""
+    rng = np.random.default_rng(3)
+    model = matmul_model(("batch", 32), 32)
+    w = rng.standard_normal((32, 8)) @ rng.standard_normal((8, 32))
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), "W"))
+    calibration = [{"x": rng.standard_normal((64, 32)).astype(np.float32)} for _ in range(6)]
+    result = compress(model, calibration=calibration, sparse_share="auto", keep=0.5, min_rank=2, calib_batch=64)
+    (layer,) = result.report.layers
+    assert layer.residual == "" and layer.ranks == (8,)
+
+
+def test_unstructured_file_is_smaller_than_dense_and_runs(tmp_path):
+    model, calibration, test = _heavy_rows_layer()
+    result = compress(model, calibration=calibration, sparse_share=0.35, sparse_structure="unstructured",
+                      **OPTIONS)
+    out = result.model
+    (layer,) = result.report.layers
+    assert len(out.graph.sparse_initializer) == 1
+    nnz = out.graph.sparse_initializer[0].values.dims[0]
+    assert layer.residual == "unstructured" and layer.residual_size == nnz > 0
+    assert layer.params_after <= 6 * (48 + 40)  # the L-only budget: rank 6
+    assert count_params(out) == layer.params_after + 40 == result.report.after.params  # + bias shift
+    assert out.ByteSize() < model.ByteSize()
+    assert result.report.after.macs == result.report.before.macs  # densified: no speed-up
+    onnx.checker.check_model(out)
+    assert _test_error(model, out, test) < 0.5
+    assert "no speed-up" in result.report.to_text()
+
+
+@pytest.mark.parametrize("structure", ["rows", "unstructured"])
+def test_pointwise_conv_gets_a_residual_from_calibration_data(structure):
+    model = conv_model(cin=32, cout=24, kernel=(1, 1), spatial=(6, 6), seed=2)
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.standard_normal((4, 32, 6, 6)).astype(np.float32)} for _ in range(4)]
+    options = dict(keep=0.5, min_rank=2, conv_rank_multiple=1, calib_batch=4, bias_correction=False)
+    plain = compress(model, calibration=calibration, **options)
+    mixed = compress(model, calibration=calibration, sparse_share=0.35, sparse_structure=structure, **options)
+    (layer,) = mixed.report.layers
+    assert layer.residual == structure and layer.params_after <= plain.report.layers[0].params_after
+    assert count_params(mixed.model) == layer.params_after + 24  # + the conv bias
+    assert max(mixed.report.output_errors.values()) < 1
+
+
+def test_data_free_sparse_share_uses_the_weight_error():
+    model = matmul_model((4, 24), 20)
+    result = compress(model, keep=0.5, min_rank=2, sparse_share=0.3)
+    (layer,) = result.report.layers
+    assert layer.residual == "rows"
+    assert count_params(result.model) == layer.params_after <= 0.5 * 24 * 20
+
+
+def test_left_weights_and_wide_convs_stay_plain_chains():
+    for model, method in ((matmul_model((12, 4), 10, side="left"), None),
+                          (conv_model(cin=12, cout=16, kernel=(3, 3)), "channel")):
+        options = dict(keep=0.5, min_rank=1, sparse_share=0.3, conv_rank_multiple=1)
+        result = compress(model, method=method or "auto", **options)
+        assert all(layer.residual == "" for layer in result.report.layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and CLI
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [dict(sparse_share=1.0), dict(sparse_share=-0.1), dict(sparse_share="most"),
+                                     dict(sparse_share=True), dict(sparse_structure="columns")])
+def test_config_refuses_bad_sparse_options_in_one_line(options):
+    with pytest.raises(LrsdError) as info:
+        CompressConfig(**options)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("args,share,structure", [
+    (["--sparse-share", "0.2"], 0.2, "rows"),
+    (["--sparse-share", "auto", "--sparse-structure", "unstructured"], "auto", "unstructured")])
+def test_cli_passes_sparse_options(tmp_path, args, share, structure):
+    source, out, report = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(matmul_model((4, 24), 20), source)
+    result = CliRunner().invoke(main, ["compress", str(source), "-o", str(out), "--keep", "0.5",
+                                       "--report", str(report), *args])
+    assert result.exit_code == 0, result.output
+    import json
+
+    config = json.loads(report.read_text())["config"]
+    assert (config["sparse_share"], config["sparse_structure"]) == (share, structure)
+
+
+@pytest.mark.parametrize("args", [["--sparse-share", "1.5"], ["--sparse-share", "many"],
+                                  ["--sparse-structure", "columns"]])
+def test_cli_rejects_bad_sparse_options_as_usage_errors(tmp_path, args):
+    source = tmp_path / "m.onnx"
+    onnx.save(matmul_model((4, 24), 20), source)
+    result = CliRunner().invoke(main, ["compress", str(source), "-o", str(tmp_path / "o.onnx"), *args])
+    assert result.exit_code == 2
+    assert "sparse" in result.output
