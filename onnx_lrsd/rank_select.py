@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -125,47 +125,56 @@ def energy_ranks(target: LayerTarget, method: str, energy: float) -> Tuple[int, 
             rank_for_energy(singular_values(cout_unfold), energy))
 
 
-def plan_layer(target: LayerTarget, config: CompressConfig) -> LayerPlan:
-    """Choose kind and ranks for one layer (overrides first, then the global settings), and
-    ask for a sparse residual within the same budget when `config.sparse_share` is set."""
-    plan = _plan_low_rank(target, config)
+def plan_layer(target: LayerTarget, config: CompressConfig, total_params: int = 0) -> LayerPlan:
+    """Choose kind and ranks for one layer (overrides first, then the global settings): of
+    the candidate plans, the one with the fewest MACs."""
+    return min(candidate_plans(target, config, total_params), key=lambda p: (p.cost.macs, p.cost.params))
+
+
+def candidate_plans(target: LayerTarget, config: CompressConfig, total_params: int = 0) -> List[LayerPlan]:
+    """Every plan the configuration allows for the layer: one per applicable kind that cuts
+    both params and MACs at the layer's budget (a data-aware fit then keeps the one with the
+    lowest error), a single forced plan, or a single dense plan with the reason. Plans ask for
+    a sparse residual within the same budget when `config.sparse_share` is set."""
+    return [_with_residual(plan, target, config) for plan in _low_rank_plans(target, config, total_params)]
+
+
+def _with_residual(plan: LayerPlan, target: LayerTarget, config: CompressConfig) -> LayerPlan:
     if plan.factorized and config.sparse_share != 0 and sparse_applies(target, plan.method):
         return dataclasses.replace(plan, sparse=SparseRequest(config.sparse_share, config.sparse_structure))
     return plan
 
 
-def _plan_low_rank(target: LayerTarget, config: CompressConfig) -> LayerPlan:
-    """The L-only plan."""
+def _low_rank_plans(target: LayerTarget, config: CompressConfig, total_params: int) -> List[LayerPlan]:
+    """The L-only candidates. A layer under `config.min_layer_share` of `total_params` (all
+    targets' parameters) stays dense unless an override gives it a keep ratio."""
     override = config.override_for(target.name)
     if override is not None and override.skip:
-        return dense_plan(target, "skipped by configuration")
+        return [dense_plan(target, "skipped by configuration")]
     method = (override.method if override and override.method else config.method)
     methods = applicable_methods(target)
     if method != "auto" and method not in methods:
-        return dense_plan(target, f"method {method} does not apply (possible: {', '.join(methods)})")
-    candidates = methods if method == "auto" else (method,)
+        return [dense_plan(target, f"method {method} does not apply (possible: {', '.join(methods)})")]
+    kinds = methods if method == "auto" else (method,)
     forced = override.rank if override is not None else None
     if forced is not None:
-        return _forced_plan(target, candidates[0], forced)
+        return [_forced_plan(target, kinds[0], forced)]
     keep = override.keep if override and override.keep is not None else config.keep
+    if target.params < config.min_layer_share * total_params and (override is None or override.keep is None):
+        return [dense_plan(target, f"under {config.min_layer_share:.1%} of the factorizable parameters")]
     energy = override.energy if override and override.energy is not None else config.energy
     dense = dense_cost(target)
-    best: Optional[LayerPlan] = None
-    for kind in candidates:
+    plans = []
+    for kind in kinds:
         ranks = budget_ranks(target, kind, keep, config.conv_rank_multiple)
         if energy is not None:
             ranks = tuple(min(budget, max(wanted, config.min_rank))
                           for budget, wanted in zip(ranks, energy_ranks(target, kind, energy)))
         cost = factorized_cost(target, kind, ranks)
-        if cost.params >= dense.params or cost.macs >= dense.macs or min(ranks) < config.min_rank:
-            continue
-        plan = LayerPlan(target.name, target.op, kind, ranks, cost, dense)
-        if best is None or (cost.macs, cost.params) < (best.cost.macs, best.cost.params):
-            best = plan
-    if best is None:
-        return dense_plan(target, f"no factorization at keep={keep:g} cuts both params and MACs "
-                                  f"with rank >= {config.min_rank}")
-    return best
+        if cost.params < dense.params and cost.macs < dense.macs and min(ranks) >= config.min_rank:
+            plans.append(LayerPlan(target.name, target.op, kind, ranks, cost, dense))
+    return plans or [dense_plan(target, f"no factorization at keep={keep:g} cuts both params and MACs "
+                                        f"with rank >= {config.min_rank}")]
 
 
 def _forced_plan(target: LayerTarget, method: str, rank) -> LayerPlan:

@@ -37,6 +37,7 @@ class PassContext:
     targets: Dict[str, LayerTarget] = field(default_factory=dict)
     skipped: List[SkippedLayer] = field(default_factory=list)
     plans: Dict[str, LayerPlan] = field(default_factory=dict)
+    plan_options: Dict[str, List[LayerPlan]] = field(default_factory=dict)
     factorizations: Dict[str, LayerFactorization] = field(default_factory=dict)
     calibration: List[Feeds] = field(default_factory=list)
     statistics: Dict[str, LayerStatistics] = field(default_factory=dict)

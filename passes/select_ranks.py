@@ -4,13 +4,14 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.rank_select import plan_layer
+from onnx_lrsd.rank_select import candidate_plans
 
 from .base import Pass, PassContext, PassResult
 
 
 class SelectRanksPass(Pass):
-    """Fills `ctx.plans` from the keep ratio / energy / overrides of the config. A layer
+    """Fills `ctx.plans` from the keep ratio / energy / overrides of the config (the kind with
+    the fewest MACs) and `ctx.plan_options` with the other kinds a data-aware fit may pick. A layer
     override naming no target is an error (a misspelt name would silently do nothing)."""
 
     name = "select_ranks"
@@ -22,7 +23,11 @@ class SelectRanksPass(Pass):
         if unmatched:
             raise LrsdError(f"config names no layer of this model: {', '.join(o.pattern for o in unmatched)} "
                             f"(see `onnx-lrsd inspect` for layer names)")
+        total = sum(t.params for t in ctx.targets.values())
         for target in ctx.targets.values():
-            ctx.plans[target.name] = plan_layer(target, ctx.config)
+            options = candidate_plans(target, ctx.config, total)
+            ctx.plans[target.name] = min(options, key=lambda p: (p.cost.macs, p.cost.params))
+            if len(options) > 1:
+                ctx.plan_options[target.name] = options
         chosen = sum(p.factorized for p in ctx.plans.values())
         return PassResult(graph, modified=False, stats={"factorized": chosen, "dense": len(ctx.plans) - chosen})

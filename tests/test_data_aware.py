@@ -624,3 +624,25 @@ def test_merged_waves_keep_order_and_cap_the_stage_count():
         assert len(merged) == min(stages, len(waves))
         assert [x for m in merged for x in m] == list(range(1, 11))
     assert merged_waves(waves, 3) == [[1, 2, 3], [4, 5, 6], [7, 8, 9, 10]]
+
+
+def test_data_aware_fit_keeps_the_kind_with_the_lowest_held_out_error():
+    """With method auto, every applicable conv kind is fitted and the lowest held-out data
+    error wins, whatever its MACs."""
+    model = cnn()
+    options = dict(calibration=CNN_CALIBRATION, keep=0.5, min_rank=2, conv_rank_multiple=1, holdout_every=3)
+    chosen = {layer.name: layer for layer in compress(model, **options).report.layers}
+    for method in ("channel", "spatial", "tucker2"):
+        forced = compress(model, overrides=(LayerOverride("*", method=method),), **options)
+        for layer in forced.report.layers:
+            if layer.method == method and chosen[layer.name].data_error is not None:
+                assert chosen[layer.name].data_error <= layer.data_error + 1e-12
+
+
+def test_small_layers_stay_dense_under_min_layer_share():
+    model = mlp(widths=(128, 128, 128, 2))
+    names = {layer.name: layer for layer in compress(model, keep=0.5, min_rank=1).report.layers}
+    tiny = min(names.values(), key=lambda layer: layer.params_before)
+    assert tiny.method == "dense" and "factorizable parameters" in tiny.reason
+    again = {layer.name: layer for layer in compress(model, keep=0.5, min_rank=1, min_layer_share=0).report.layers}
+    assert again[tiny.name].method == "svd"

@@ -122,7 +122,9 @@ def test_alexnet_compresses_at_keep_half_with_small_big_gemms():
     skipped = {s.name: s.reason for s in result.report.skipped}
     assert skipped == {n: "grouped conv (group=2)" for n in ("n4", "n10", "n12")}
     layers = {layer.name: layer for layer in result.report.layers}
-    assert layers["n22"].method == "svd" and layers["n0"].method != "dense"
+    assert layers["n22"].method == "svd"
+    # the 11x11 stem conv holds 0.06% of the parameters: left dense by min_layer_share
+    assert layers["n0"].method == "dense" and "factorizable parameters" in layers["n0"].reason
 
 
 def test_alexnet_full_rank_matches_without_its_big_gemms():
