@@ -582,7 +582,9 @@ def markdown(results: dict) -> str:
                   "errors (~0.5–1) are expected and say nothing about real-weight accuracy. PP-OCRv4 has real "
                   "weights but data-free truncation still wrecks it (DESIGN §3: activation-aware fitting is "
                   "needed). `compress s` uses the inherited BLAS threading; `1-BLAS s` the same command with "
-                  "`OPENBLAS_NUM_THREADS=1`.", "",
+                  "`OPENBLAS_NUM_THREADS=1`. Since e364837 `compress` runs its fits under "
+                  "`threadpool_limits(config.blas_threads=1)`, so the two columns should agree (part 4 shows "
+                  "what that avoids).", "",
                   "| model | file MB | targets | skipped | factorized | params | MACs | file | error @0.5 "
                   "| compress s | 1-BLAS s | peak RSS MB | full-rank error | ≤1e-5 |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
@@ -718,7 +720,8 @@ def markdown(results: dict) -> str:
                   "Median time of one exact SVD (`scipy.linalg.svd`, gesdd) of a 576×256 matrix — the size of a "
                   "3×3 conv 64→256 — in a fresh process, with OpenBLAS's default threads (2 here) and with "
                   "`OPENBLAS_NUM_THREADS=1`, while 0 or 1 extra busy-loop processes run (plus the machine's "
-                  "other jobs).", "",
+                  "other jobs). This is why `compress` pins its fits to one BLAS thread (`blas_threads`, "
+                  "default 1); code that calls `onnx_lrsd.decompose` directly still gets the default threads.", "",
                   "| extra busy processes | load | default threads ms | 1 thread ms | slowdown |",
                   "|---:|---:|---:|---:|---:|"]
         for row in p4["svd_576x256"]:
