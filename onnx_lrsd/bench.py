@@ -242,6 +242,10 @@ def compare_models(baseline: Path, candidate: Path, threads: int = 2, batch: int
 
     models = [load_model(path) for path in (baseline, candidate)]
     feeds = random_feeds(models[0], batch=batch, dims=dims, seed=seed)
+    first = next(iter(feeds.values()), None)
+    fed = int(first.shape[0]) if first is not None and first.ndim else 1
+    if fed != batch:
+        raise LrsdError(f"the model fixes its batch size to {fed}; --batch {batch} cannot be applied")
     sessions = [make_session(path, threads) for path in (baseline, candidate)]
     inputs = [sorted(i.name for i in s.get_inputs()) for s in sessions]
     if inputs[0] != inputs[1]:

@@ -161,3 +161,13 @@ def test_config_file_errors(runner, tmp_path):
     broken.write_text("{")
     result = runner.invoke(main, ["compress", source, "-o", str(tmp_path / "o.onnx"), "--config", str(broken)])
     assert result.exit_code == 1 and "not valid" in result.output
+
+
+def test_bench_refuses_a_batch_the_model_cannot_take(runner, tmp_path):
+    model = onnx.load(str(_mlp(tmp_path / "m.onnx")))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, fixed)
+    result = runner.invoke(main, ["bench", str(fixed), str(fixed), "--batch", "8", "--runs", "3"])
+    assert result.exit_code == 1 and "fixes its batch size to 1" in result.output
+    assert runner.invoke(main, ["bench", str(fixed), str(fixed), "--batch", "1", "--runs", "3"]).exit_code == 0
