@@ -25,6 +25,18 @@ from onnx import TensorProto, helper, numpy_helper
 FLOAT = TensorProto.FLOAT
 FLOAT16 = TensorProto.FLOAT16
 
+def make_model(nodes, inputs, outputs, inits=None, opset=13):
+    """A one-graph model at IR 8. inputs / outputs: [(name, elem_type, shape or None)]; inits: {name: array}."""
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+        [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs],
+        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
 WEIGHT_VIAS = ("initializer", "constant", "identity", "cast_fp16", "transpose", "constant_of_shape")
 
 DEFAULT_IR = 8

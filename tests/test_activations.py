@@ -33,23 +33,13 @@ from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.graph import import_graph, model_template
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassContext, PassManager
 
+from graphs import make_model
+
 F = TensorProto.FLOAT
 
 
 # ---------------------------------------------------------------------------------------------
 # graph builders and helpers
-
-
-def make_model(nodes, inputs, outputs, inits=None, opset=13):
-    """inputs / outputs: [(name, elem_type, shape or None)]; inits: {name: array}."""
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
-        [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs],
-        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
 
 
 def run_ort(model, feeds, names=None):

@@ -21,23 +21,13 @@ from onnx_lrsd.passes.reconstruct_feature_maps import dependency_waves
 from onnx_lrsd.rank_select import plan_layer
 from onnx_lrsd.stats import im2col
 
+from graphs import make_model
+
 F = TensorProto.FLOAT
 
 
 # ---------------------------------------------------------------------------------------------
 # builders and measurements
-
-
-def make_model(nodes, inputs, outputs, inits=None, opset=13):
-    """inputs / outputs: [(name, elem_type, shape or None)]; inits: {name: array}."""
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
-        [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs],
-        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
 
 
 def mlp(widths=(64, 64, 64, 32), seed=0, bias=1.0):
