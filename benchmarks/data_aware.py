@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python -m benchmarks.data_aware                      # everything (20-60 min on 2 busy cores)
-    python -m benchmarks.data_aware --quick              # digits only, keeps 0.5 and 0.1 (smoke check)
+    python -m benchmarks.data_aware                      # everything (about 40 min on 2 busy cores)
+    python -m benchmarks.data_aware --quick              # digits only, keeps 0.5 and 0.1 (~15 s)
     python -m benchmarks.data_aware --tasks minilm --keeps 0.5 --methods independent
 
 For every task (``benchmarks/tasks``: ``digits_cnn``, ``ppocr_rec``, ``minilm``), keep ratio and
@@ -26,16 +26,20 @@ the calibration samples.
 
 Latency (DESIGN §2): for each task and keep, the original and the compressed models of every
 method are opened together (``onnx_lrsd.bench.make_session``: 2 threads, spinning off), warmed
-up and timed interleaved (``time_sessions``); the table shows ratios of medians. A MiniLM study
-runs each calibration size (64 / 128 / 256 sentences) in its own subprocess, so that peak RSS
-(``getrusage`` and a sampling thread) is not mixed between configurations, and times
-calibration + fit, also with OpenBLAS limited to one thread.
+up and timed interleaved with ``time_sessions`` in 5 blocks; the table shows the median over
+blocks of each block's ratio of medians, so a burst of load from other processes spoils one
+block, not the result (``benchmarks.common.time_against_original``).
 
-BLAS threads of the fits are the library's default (``CompressConfig.blas_threads``, one thread;
-``--blas-threads`` overrides it): on the shared 2-core machine OpenBLAS's own two threads made
-the whitened fits several times slower; the MiniLM study times both. When a floor of the issue is missed, the configuration is rerun with
-configuration-only ablations (fragile layers left dense, conv rank rounding off) to show where
-the damage comes from.
+A MiniLM study runs keep 0.5 / independent at 64, 128 and 256 calibration sentences, each in its
+own subprocess so that peak RSS (``getrusage`` and a 20 ms sampling thread) is not mixed between
+configurations, and times calibration + fit, with the library's BLAS default (one thread,
+``CompressConfig.blas_threads``) and with OpenBLAS unlimited (two threads here).
+
+When a floor of the issue is missed, that configuration is rerun with configuration-only
+ablations (layers left dense with ``LayerOverride(skip=True)``; for PP-OCR also the channel kind
+forced and conv rank rounding off) to show where the damage comes from. ``--resume`` reuses
+what an interrupted run wrote (same library commit only); ``--render-only`` rewrites the
+Markdown from the JSON.
 
 Results: ``benchmarks/results/data_aware.json`` (every number, per-layer ranks and data errors,
 machine info) and ``benchmarks/results/data_aware.md`` (the table); the table is also printed.
@@ -308,12 +312,12 @@ def ablation_specs(task: str, base: dict[str, Any]) -> list[tuple[str, dict[str,
                       dense([l["name"] for l in base["layers"] if "attention.output.dense" in l["name"]])))
     for count in (3, 6):
         worst = _worst_layers(base, count)
-        specs.append((f"the {count} layers with the largest held-out data error left dense: " + ", ".join(worst),
-                      dense(worst)))
+        specs.append((f"the {count} layers with the largest held-out data error left dense", dense(worst)))
     if task == "ppocr_rec":
         worst = _worst_layers(base, 6)
         specs.append(("channel kind for every Conv, and the same 6 layers dense",
-                      {"overrides": dense(worst)["overrides"] + (LayerOverride(pattern="p2o.Conv.*", method="channel"),)}))
+                      {"overrides": dense(worst)["overrides"]
+                       + (LayerOverride(pattern="p2o.Conv.*", method="channel"),)}))
     return specs
 
 
@@ -362,19 +366,25 @@ def ablations(task_data: dict[str, Any], blas: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _short(label: str) -> str:
+    return label.split(":")[0]
+
+
 def ablation_table(tasks: list[dict[str, Any]]) -> str:
     rows = []
     for t in tasks:
+        shown = set()
         for a in t.get("ablations") or []:
             base = next(c for c in t["configs"] if c["keep"] == a["keep"] and c["method"] == a["method"])
-            if not rows or rows[-1][0] != t["task"] or rows[-1][2] != "(as in the table)":
+            if a["keep"] not in shown:
+                shown.add(a["keep"])
                 rows.append([t["task"], f"{a['keep']:g}", "(as in the table)", *_metric_cells(base.get("metrics")),
                              fmt(base.get("params_ratio"))])
             if "error" in a:
-                rows.append([t["task"], f"{a['keep']:g}", a["variant"] + " — FAILED: " + a["error"][:80],
+                rows.append([t["task"], f"{a['keep']:g}", _short(a["variant"]) + " — FAILED: " + a["error"][:80],
                              *[""] * len(METRIC_COLUMNS), ""])
             else:
-                rows.append([t["task"], f"{a['keep']:g}", a["variant"], *_metric_cells(a["metrics"]),
+                rows.append([t["task"], f"{a['keep']:g}", _short(a["variant"]), *_metric_cells(a["metrics"]),
                              fmt(a["params_ratio"])])
     if not rows:
         return ""
@@ -396,8 +406,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     feeds = task.calibration_feeds(settings.samples, settings.batch)
     feeds_s = time.perf_counter() - start
     maxrss_before = max_rss_bytes()
+    dims = symbolic_dims(task.model_path, task.latency_feeds(1))  # random verification without a held-out batch
     result, seconds, memory = compress_one(task.model_path, spec["keep"], spec["mode"], feeds, settings,
-                                           task.mask_input, spec["blas"])
+                                           task.mask_input, spec["blas"], dims=dims)
     timings = result.report.timings
     out = {**spec, "calibration_feeds_s": feeds_s, "compress_s": seconds,
            "calibrate_s": timings.get("collect_activations", 0.0),
@@ -467,16 +478,27 @@ def _floor_marks(task: str, config: dict[str, Any]) -> str:
     return "; ".join(marks)
 
 
-def rank_mismatches(tasks: list[dict[str, Any]]) -> list[str]:
-    """(task, keep) pairs whose methods did not produce the same per-layer ranks."""
-    out = []
+def rank_note(tasks: list[dict[str, Any]]) -> str:
+    """Which rows of one keep share per-layer kinds and ranks (then latency differences between
+    them are measurement noise)."""
+    same, differ = [], []
     for t in tasks:
-        for keep in sorted({c["keep"] for c in t["configs"]}):
-            plans = {json.dumps([(l["name"], l["method"], l["ranks"]) for l in c["layers"]])
+        for keep in sorted({c["keep"] for c in t["configs"]}, reverse=True):
+            plans = {c["method"]: json.dumps([(l["name"], l["method"], l["ranks"]) for l in c["layers"]])
                      for c in t["configs"] if c["keep"] == keep and "layers" in c}
-            if len(plans) > 1:
-                out.append(f"{t['task']} keep {keep:g}")
-    return out
+            groups: dict[str, list[str]] = {}
+            for method, plan in plans.items():
+                groups.setdefault(plan, []).append(method)
+            (same if len(groups) == 1 else differ).append(
+                f"{t['task']} {keep:g}" + ("" if len(groups) == 1 else
+                                           " (" + " | ".join("+".join(g) for g in groups.values()) + ")"))
+    note = ""
+    if same:
+        note += "Same per-layer kinds and ranks for every method at: " + ", ".join(same) + ". "
+    if differ:
+        note += ("Kinds or ranks differ at: " + ", ".join(differ) + " (data-aware fits keep the conv kind with "
+                 "the lowest held-out error). ")
+    return note
 
 
 def results_table(tasks: list[dict[str, Any]]) -> str:
@@ -528,7 +550,8 @@ def fragile_layers(tasks: list[dict[str, Any]], top: int = 6) -> str:
                 layers.sort(key=lambda l: -l["data_error"])
                 dense = sum(1 for l in c["layers"] if l["method"] == "dense")
                 rows = [[l["name"], l["method"], "x".join(map(str, l["ranks"])),
-                         f"{l['params_after']:,}/{l['params_before']:,}", f"{l['data_error']:.3f}"] for l in layers[:top]]
+                         f"{l['params_after']:,}/{l['params_before']:,}", f"{l['data_error']:.3f}"]
+                        for l in layers[:top]]
                 errors = sorted(l["data_error"] for l in layers)
                 median = errors[len(errors) // 2] if errors else float("nan")
                 blocks.append(f"**{t['task']} keep {keep:g} independent** — {len(layers)} layers factorized, "
@@ -560,10 +583,13 @@ def render(data: dict[str, Any]) -> str:
         "",
         f"`{' '.join(['python -m benchmarks.data_aware', *data['argv']])}` "
         f"— {m['date']}, {m['cores_logical']} cores ({m['cpu']}), onnxruntime {m['onnxruntime']}, "
-        f"onnx {m['onnx']}, numpy {m['numpy']}, scipy {m['scipy']}; load average at start "
+        f"onnx {m['onnx']}, numpy {m['numpy']}, scipy {m['scipy']}; onnx_lrsd commit {m.get('git_commit')}; "
+        "load average at start "
         f"{m['load_average_at_start']} (other work was running: read ratios, not absolute times). "
         f"Total run {(data['total_s'] + data.get('previous_runs_s', 0.0)) / 60:.1f} min"
-        + (" (resumed after an interruption)." if data.get("resumed_from") else "."),
+        + (f" (resumed with `--resume` from the run started {data['resumed_from']}: the keeps, latencies and "
+           "ablations it completed were reused, see `resumed_keeps` in the JSON)."
+           if data.get("resumed_from") else "."),
         "",
         "Metrics: digits `accuracy`; ppocr_rec `char_acc` / `char_acc_hard`; minilm `recall@1`, `mrr`, "
         "`cosine` (to the original model's embeddings). `params`: parameters after / before (compression "
@@ -574,9 +600,7 @@ def render(data: dict[str, Any]) -> str:
         + ", ".join(f"{t['task']} {t['samples']} samples in batches of {t['batch']}"
                     + (f" (mask `{t['mask_input']}`)" if t.get("mask_input") else "") for t in data["tasks"])
         + f"; every {HOLDOUT_EVERY}th batch is held out for verification, not fitted. "
-        + ("Data-free, independent and sequential rows of one keep have the same per-layer ranks (checked). "
-           if not rank_mismatches(data["tasks"]) else
-           f"Per-layer ranks differ between methods at: {', '.join(rank_mismatches(data['tasks']))}. ")
+        + rank_note(data["tasks"])
         + f"BLAS threads of the fits: {_blas_label(data['blas_threads'])} (onnxruntime uses {THREADS}).",
         "",
         results_table(data["tasks"]),
@@ -588,14 +612,25 @@ def render(data: dict[str, Any]) -> str:
         parts += ["", "## Where the error is (held-out per-layer data error ‖X(W−W′)‖/‖XW‖)", "", fragile]
     ablation = ablation_table(data["tasks"])
     if ablation:
-        parts += ["", "## Missed floors: configuration ablations (library unchanged)", "", ablation]
+        parts += ["", "## Missed floors: configuration ablations (library unchanged)", "", ablation, "",
+                  "Layers left dense by the ablations (`LayerOverride(skip=True)`; the largest held-out data "
+                  "errors of the configuration in the table):"]
+        for t in data["tasks"]:
+            for a in t.get("ablations") or []:
+                names = [o.split("pattern='")[1].split("'")[0] for o in str(a["changes"].get("overrides", "")).split(
+                    "LayerOverride(")[1:] if "skip=True" in o]
+                if names:
+                    parts.append(f"- {t['task']} keep {a['keep']:g}, {_short(a['variant'])}: "
+                                 + ", ".join(f"`{n}`" for n in names))
     if data.get("memory_study"):
         parts += ["", f"## MiniLM: calibration + fit time and memory (keep {MEMORY_STUDY_KEEP:g}, independent, "
                       f"batch {TASKS['minilm'].batch}, one subprocess per row)", "",
                   memory_table(data["memory_study"]), "",
                   "`RSS before`: after loading the task and building the feeds; `peak RSS` / `added`: sampled "
                   "every 20 ms during `compress`; `ru_maxrss`: the subprocess's peak over its whole life "
-                  "(task preparation included, evaluation excluded)."]
+                  "(task preparation included, evaluation excluded). With fewer than "
+                  f"{HOLDOUT_EVERY} batches (64 and 128 sentences) nothing is held out, so those rows also lack "
+                  "the held-out Gram accumulators (and verify on random inputs)."]
     return "\n".join(parts) + "\n"
 
 
@@ -620,10 +655,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="results prefix (default benchmarks/results/data_aware, --quick: data_aware.quick)")
     parser.add_argument("--resume", action="store_true",
                         help="reuse the keeps, ablations and memory study an interrupted run already wrote")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and print it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    if args.render_only:
+        prefix = str(args.output or RESULTS_DIR / ("data_aware.quick" if args.quick else "data_aware"))
+        text = render(json.loads(Path(prefix + ".json").read_text()))
+        write_text(Path(prefix + ".md"), text)
+        print(text)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("onnx_lrsd").setLevel(logging.WARNING)
@@ -634,7 +676,8 @@ def main(argv: list[str] | None = None) -> None:
     blas: Any = LIBRARY_DEFAULT if args.blas_threads < 0 else (args.blas_threads or None)
     output = args.output or RESULTS_DIR / ("data_aware.quick" if args.quick else "data_aware")
     data: dict[str, Any] = {"argv": argv if argv is not None else sys.argv[1:], "machine": machine_info(),
-                            "threads": THREADS, "latency_batches": list(LATENCY_BATCHES), "holdout_every": HOLDOUT_EVERY,
+                            "threads": THREADS, "latency_batches": list(LATENCY_BATCHES),
+                            "holdout_every": HOLDOUT_EVERY,
                             "blas_threads": blas, "floors": [f.__dict__ for f in FLOORS],
                             "tasks": []}
     json_path, md_path = Path(str(output) + ".json"), Path(str(output) + ".md")
