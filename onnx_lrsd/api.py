@@ -62,11 +62,10 @@ def calibration_batches(calibration: Calibration, model: onnx.ModelProto, config
 
     if calibration is None:
         return []
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = [calibration]
     if hasattr(calibration, "get_next"):
         reader = calibration
-    elif isinstance(calibration, (str, os.PathLike)):
-        reader = open_reader(CalibrationSpec(sources=(str(calibration),), n_samples=config.calib_samples,
-                                             batch_size=config.calib_batch, dims=config.dims, seed=config.seed), model)
     elif isinstance(calibration, Sequence) and calibration and all(isinstance(c, Mapping) for c in calibration):
         reader = ListReader(calibration)
     elif isinstance(calibration, Sequence) and calibration and all(isinstance(c, (str, os.PathLike)) for c in calibration):
