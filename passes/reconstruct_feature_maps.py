@@ -12,7 +12,7 @@ from onnx_lrsd.graph import export_model
 from onnx_lrsd.targets import LayerTarget
 
 from .base import Pass, PassContext, PassResult
-from .rewrite_low_rank import rewrite_layers
+from onnx_lrsd.rewrite import rewrite_layers
 
 
 class ReconstructFeatureMapsPass(Pass):

@@ -19,7 +19,7 @@ from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.factorize import LayerFactorization
 from onnx_lrsd.graph import export_model, import_graph
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassManager
-from onnx_lrsd.passes.rewrite_low_rank import rewrite_layers
+from onnx_lrsd.rewrite import rewrite_layers
 
 TOL = 1e-5
 
