@@ -14,6 +14,7 @@ from .conv import (
     tucker2_to_convs,
     tucker2_whitened,
 )
+from .evbmf import EVBMFResult, evbmf, evbmf_rank, weakened_rank
 from .factors import LowRankFactors, Tucker2Factors
 from .lrsd import (
     LowRankSparse,
@@ -63,4 +64,8 @@ __all__ = [
     "lrsd_fit",
     "split_budget",
     "best_split",
+    "EVBMFResult",
+    "evbmf",
+    "evbmf_rank",
+    "weakened_rank",
 ]
