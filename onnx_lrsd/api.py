@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
@@ -85,27 +86,102 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
     `options` are `CompressConfig` fields applied on top of `config`. `progress(stage, done,
     total)` is called as work advances.
     """
-    from .passes import (CleanupGraphPass, CollectActivationsPass, DecomposeWeightsPass, FindTargetsPass,
-                         NameNodesPass, PassManager, ReconstructFeatureMapsPass, RewriteLowRankPass,
-                         SelectRanksPass, VerifyOutputsPass)
+    from .passes import CollectActivationsPass, FindTargetsPass, NameNodesPass, PassManager, SelectRanksPass
 
     config = (config or CompressConfig()).replace(**options) if options else (config or CompressConfig())
     start = time.perf_counter()
     source = load_model(model)
     ctx = _context(source, config, progress)
     ctx.calibration = calibration_batches(calibration, source, config)
-    passes = [NameNodesPass(), FindTargetsPass(), SelectRanksPass(), CollectActivationsPass(),
-              ReconstructFeatureMapsPass(), DecomposeWeightsPass(), RewriteLowRankPass(), CleanupGraphPass()]
-    if config.verify:
-        passes.append(VerifyOutputsPass())
+    prepare = [NameNodesPass(), FindTargetsPass(), SelectRanksPass(), CollectActivationsPass()]
     with threadpool_limits(limits=config.blas_threads, user_api="blas"):
-        graph = PassManager(passes).run(import_graph(source), ctx)
-    compressed = export_model(graph, ctx.template, ctx.sparse_initializers)
+        prepared = PassManager(prepare).run(import_graph(source), ctx)
+        done = [p.name for p in prepare]
+        if config.target is not None and config.target[0] == "latency":
+            ctx, compressed = _compress_to_latency(prepared, ctx, done)
+        elif config.target is not None and config.target[0] == "error" and config.verify:
+            ctx, compressed = _compress_to_error(prepared, ctx, done)
+        else:
+            ctx, compressed = _finish(prepared, ctx, done)
     report = CompressionReport(
         before=_stats(source), after=_stats(compressed), layers=tuple(_layer_reports(ctx)),
         skipped=tuple(ctx.skipped), output_errors=dict(ctx.output_errors),
-        seconds=time.perf_counter() - start, timings=dict(ctx.timings), config=dataclasses.asdict(config))
+        seconds=time.perf_counter() - start, timings=dict(ctx.timings), config=dataclasses.asdict(config),
+        allocation=ctx.allocation)
     return CompressionResult(model=compressed, report=report)
+
+
+LATENCY_TOLERANCE = 0.10
+"""A latency target is met when the measured speedup is within this share of it."""
+
+TARGET_ROUNDS = 3
+"""Allocations tried for a latency or error target: each corrects the prediction by what was
+measured on the previous round's written model."""
+
+
+def _finish(prepared, ctx, done, correction: float = 1.0):
+    """Allocate (with a target), fit, rewrite, clean up and verify on a copy of the prepared
+    graph and a fresh copy of the context: returns (context, compressed model)."""
+    from .passes import (AllocateBudgetPass, CleanupGraphPass, DecomposeWeightsPass, PassManager,
+                         ReconstructFeatureMapsPass, RewriteLowRankPass, VerifyOutputsPass)
+
+    ctx = dataclasses.replace(ctx, plans=dict(ctx.plans), plan_options=dict(ctx.plan_options), factorizations={},
+                              output_errors={}, sparse_initializers=[], allocation=None, timings=dict(ctx.timings))
+    passes = [AllocateBudgetPass(correction), ReconstructFeatureMapsPass(), DecomposeWeightsPass(),
+              RewriteLowRankPass(), CleanupGraphPass()]
+    if ctx.config.verify:
+        passes.append(VerifyOutputsPass())
+    graph = PassManager(passes, done=done).run(prepared.copy(), ctx)
+    return ctx, export_model(graph, ctx.template, ctx.sparse_initializers)
+
+
+def _compress_to_latency(prepared, ctx, done):
+    """Rounds of allocation until the written model's measured speedup is within
+    `LATENCY_TOLERANCE` of the target: the measured savings rescale the predicted ones."""
+    from .bench import compare_latency
+    from .passes.allocate_budget import deployment_feed
+
+    config = ctx.config
+    wanted = config.target_latency
+    feed = deployment_feed(ctx)
+    scale = 1.0
+    for rounds in range(1, TARGET_ROUNDS + 1):
+        result_ctx, compressed = _finish(prepared, ctx, done, scale)
+        measured = compare_latency(ctx.source, compressed, feed, threads=config.latency_threads, runs=40).speedup
+        allocation = dataclasses.replace(result_ctx.allocation, measured_speedup=measured, rounds=rounds)
+        result_ctx.allocation = allocation
+        log.info("latency round %d: predicted %.3fx, measured %.3fx (target %.3fx)", rounds, allocation.predicted,
+                 measured, wanted)
+        if abs(measured / wanted - 1) <= LATENCY_TOLERANCE or rounds == TARGET_ROUNDS:
+            break
+        predicted_saving = 1 - 1 / allocation.predicted
+        measured_saving = 1 - 1 / measured
+        if predicted_saving <= 0 or measured_saving <= 0:
+            break
+        scale *= measured_saving / predicted_saving
+    if abs(measured / wanted - 1) > LATENCY_TOLERANCE:
+        log.warning("measured speedup %.2fx is not within %d%% of the target %.2fx after %d rounds", measured,
+                    round(100 * LATENCY_TOLERANCE), wanted, rounds)
+    return result_ctx, compressed
+
+
+def _compress_to_error(prepared, ctx, done):
+    """Rounds of allocation until the verified output error (the largest over the outputs)
+    is at most `max_error`: each round shrinks the error budget by the excess measured."""
+    wanted = ctx.config.max_error
+    correction = 1.0
+    for rounds in range(1, TARGET_ROUNDS + 1):
+        result_ctx, compressed = _finish(prepared, ctx, done, correction)
+        measured = max(result_ctx.output_errors.values(), default=0.0)
+        result_ctx.allocation = dataclasses.replace(result_ctx.allocation, rounds=rounds)
+        log.info("error round %d: predicted %.4g, measured %.4g (target %.4g)", rounds,
+                 result_ctx.allocation.predicted_error, measured, wanted)
+        if measured <= wanted or not np.isfinite(measured) or measured == 0:
+            break
+        correction *= wanted / measured
+    if measured > wanted:
+        log.warning("measured output error %.3g is above the target %.3g after %d rounds", measured, wanted, rounds)
+    return result_ctx, compressed
 
 
 def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, os.PathLike],

@@ -161,6 +161,22 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--sparse-structure", type=click.Choice(["rows", "unstructured"]), default=None,
               help="Residual of whole input rows (runs fast), or unstructured entries (smaller file only). [rows]")
 @click.option("--bias-correction/--no-bias-correction", default=None, help="Restore each layer's mean output. [on]")
+@click.option("--target-params", type=float, default=None, metavar="R",
+              help="Global allocation: the whole model keeps this fraction of its parameters.")
+@click.option("--target-macs", type=float, default=None, metavar="R",
+              help="Global allocation: the whole model keeps this fraction of its MACs.")
+@click.option("--target-latency", type=float, default=None, metavar="S",
+              help="Global allocation: this speedup over the original, measured in onnxruntime.")
+@click.option("--max-error", type=float, default=None, metavar="E",
+              help="Global allocation: fewest parameters with relative output error at most E.")
+@click.option("--latency-batch", type=click.IntRange(min=1), default=None,
+              help="Batch at which latency is measured for --target-latency. [1]")
+@click.option("--latency-threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime threads for latency measurements and sensitivity probes. [2]")
+@click.option("--sensitivity/--no-sensitivity", default=None,
+              help="Weight layer errors by their measured effect on the outputs (global allocation). [on]")
+@click.option("--evbmf", type=float, default=None, metavar="W",
+              help="Ranks from EVBMF weakened by W in [0, 1] (1: plain EVBMF), capped by --keep.")
 @click.option("--verify/--no-verify", default=None, help="Compare outputs with the original in onnxruntime. [on]")
 @click.option("--seed", type=int, default=None, help="Seed of every random choice. [0]")
 @click.option("--external-data", is_flag=True, default=None, help="Save weights to OUTPUT.data.")
@@ -169,7 +185,8 @@ def inspect(model: Path, as_json: bool) -> None:
 @guarded
 def compress(model: Path, output: Path, keep, energy, method, ranks, skips, config_file, report_file, dims,
              calib, calib_samples, calib_batch, mode, mask_input, ridge, sparse_share, sparse_structure,
-             bias_correction, verify, seed, external_data, as_json, quiet) -> None:
+             bias_correction, target_params, target_macs, target_latency, max_error, latency_batch, latency_threads,
+             sensitivity, evbmf, verify, seed, external_data, as_json, quiet) -> None:
     """Factorize MODEL's Gemm / MatMul / Conv weights and write the smaller model to OUTPUT."""
     from .api import compress_file
     from .config import CompressConfig, LayerOverride, load_config_file
@@ -180,7 +197,9 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
         keep=keep, energy=energy, method=method, verify=verify, seed=seed, external_data=external_data,
         calib_samples=calib_samples, calib_batch=calib_batch, mode=mode, mask_input=mask_input, ridge=ridge,
         bias_correction=bias_correction, sparse_share=_parse_sparse_share(sparse_share),
-        sparse_structure=sparse_structure).items() if value is not None}
+        sparse_structure=sparse_structure, target_params=target_params, target_macs=target_macs,
+        target_latency=target_latency, max_error=max_error, latency_batch=latency_batch,
+        latency_threads=latency_threads, sensitivity=sensitivity, evbmf=evbmf).items() if value is not None}
     if dims:
         options["dims"] = _parse_dims(dims)
     config = config.replace(overrides=cli_overrides + config.overrides, **options)

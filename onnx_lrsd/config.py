@@ -24,6 +24,9 @@ AUTO_SHARES = (0.0, 0.1, 0.2, 0.35, 0.5)
 """Shares of a layer's parameter budget tried for the sparse part when ``sparse_share="auto"``
 (0 always among them, so L + S is never worse than L alone on the data it is judged on)."""
 
+TARGETS = {"params": "target_params", "macs": "target_macs", "latency": "target_latency", "error": "max_error"}
+"""Global targets: kind -> the `CompressConfig` field holding its value."""
+
 FULL_RANK = "full"
 
 Rank = Union[int, str]
@@ -88,6 +91,19 @@ class CompressConfig:
     sparse_structure: ``"rows"`` (whole input rows, concatenated into the chain's second
         matmul: runs at about the cost of dense parameters) or ``"unstructured"`` (stored as a
         sparse initializer: a file-size saving only, onnxruntime densifies it).
+    target_params / target_macs: the whole model's params / MACs after ÷ before, in (0, 1];
+        target_latency: the wanted speedup over the original in onnxruntime (> 1, measured at
+        `latency_batch` and `latency_threads`); max_error: the largest relative output error.
+        At most one; with one, every layer's kind and rank come from a global allocation
+        (least predicted output error for the budget, or least params for `max_error`) and
+        `keep` / `energy` apply only to layer overrides.
+    sensitivity: weight each layer's predicted error by how much of it reaches the model's
+        outputs, measured in onnxruntime by compressing that layer alone (needs calibration).
+    evbmf: if set, each layer's rank comes from EVBMF (MUSCO) weakened by this factor in
+        [0, 1]: r = R − evbmf·(R − r_EVBMF) (0 keeps the full rank R, 1 is plain EVBMF),
+        still capped by the `keep` budget.
+    stages: compress in this many stages (MUSCO), each cutting further and refitting on the
+        current compressed model; the target or keep is reached at the last stage.
     blas_threads: BLAS threads of the numpy/scipy fits (None: the library's default). One is
         the default because OpenBLAS threads that wait by spinning slow a busy 2-core machine
         by an order of magnitude (PP-OCR data-free: 58 s with 2 threads under load, 3.4 s with 1).
@@ -118,6 +134,21 @@ class CompressConfig:
     stats_memory_mb: int = 4096
     sparse_share: Union[float, str] = 0.0
     sparse_structure: str = "rows"
+    target_params: Optional[float] = None
+    target_macs: Optional[float] = None
+    target_latency: Optional[float] = None
+    max_error: Optional[float] = None
+    latency_batch: int = 1
+    latency_threads: int = 2
+    sensitivity: bool = True
+    evbmf: Optional[float] = None
+    stages: int = 1
+
+    @property
+    def target(self) -> Optional[Tuple[str, float]]:
+        """The global target as (kind, value), kind one of `TARGETS`, or None."""
+        chosen = [(kind, getattr(self, field)) for kind, field in TARGETS.items() if getattr(self, field) is not None]
+        return chosen[0] if chosen else None
 
     def __post_init__(self) -> None:
         check_keep(self.keep, "keep")
@@ -152,9 +183,33 @@ class CompressConfig:
         if self.sparse_structure not in SPARSE_STRUCTURES:
             raise LrsdError(f"unknown sparse_structure {self.sparse_structure!r} "
                             f"(choose from {', '.join(SPARSE_STRUCTURES)})")
+        self._check_targets()
         for name, size in self.dims:
             if not isinstance(size, int) or size < 1:
                 raise LrsdError(f"dim {name} must be a positive integer, got {size!r}")
+
+    def _check_targets(self) -> None:
+        chosen = [field for field in TARGETS.values() if getattr(self, field) is not None]
+        if len(chosen) > 1:
+            raise LrsdError(f"choose one target, got {' and '.join(chosen)}")
+        for field in ("target_params", "target_macs"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value <= 1):
+                raise LrsdError(f"{field} must be in (0, 1], got {value!r}")
+        if self.target_latency is not None and (isinstance(self.target_latency, bool) or
+                                                not isinstance(self.target_latency, (int, float))
+                                                or not self.target_latency > 1):
+            raise LrsdError(f"target_latency is a speedup and must be > 1, got {self.target_latency!r}")
+        if self.max_error is not None and (isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float))
+                                           or not self.max_error > 0):
+            raise LrsdError(f"max_error must be > 0, got {self.max_error!r}")
+        for name in ("latency_batch", "latency_threads", "stages"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise LrsdError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.evbmf is not None and (isinstance(self.evbmf, bool) or not isinstance(self.evbmf, (int, float))
+                                       or not 0 <= self.evbmf <= 1):
+            raise LrsdError(f"evbmf (the weakening factor) must be in [0, 1], got {self.evbmf!r}")
 
     def override_for(self, name: str) -> Optional[LayerOverride]:
         return next((o for o in self.overrides if o.matches(name)), None)

@@ -108,14 +108,14 @@ def factorize_data_free(target: LayerTarget, plan: LayerPlan, seed: int = 0) -> 
     return LayerFactorization(name=target.name, method=plan.method, factors=factors)
 
 
-def _vertical_gram(gram: np.ndarray, cin: int, kh: int, kw: int) -> np.ndarray:
+def vertical_gram(gram: np.ndarray, cin: int, kh: int, kw: int) -> np.ndarray:
     """Gram of the (Cin·kh) vertical patches: the im2col Gram's diagonal blocks over the kw
     horizontal taps, averaged (cross-tap correlations are dropped by the spatial objective)."""
     g = gram.reshape(cin, kh, kw, cin, kh, kw)
     return np.einsum("aibcjb->aicj", g).reshape(cin * kh, cin * kh) / kw
 
 
-def _channel_gram(gram: np.ndarray, cin: int, taps: int) -> np.ndarray:
+def channel_block_gram(gram: np.ndarray, cin: int, taps: int) -> np.ndarray:
     """Per-input-channel Gram: the im2col Gram's diagonal blocks over kernel taps, averaged."""
     return np.einsum("akbk->ab", gram.reshape(cin, taps, cin, taps)) / taps
 
@@ -146,13 +146,13 @@ def factorize_data_aware(target: LayerTarget, plan: LayerPlan, stats: GramAccumu
     elif plan.method == "spatial":
         cout, cin, kh, kw = target.weight.shape
         conv_fit = matrix_to_conv(w_fit, cin, (kh, kw))
-        factors = whitened_svd(spatial_matrix(conv_fit), _vertical_gram(gram, cin, kh, kw), plan.ranks[0], ridge)
+        factors = whitened_svd(spatial_matrix(conv_fit), vertical_gram(gram, cin, kh, kw), plan.ranks[0], ridge)
         approx = conv_to_matrix(spatial_matrix_to_conv(factors.to_dense(), cout, cin, kh, kw))
     elif plan.method == "tucker2":
         cin, kernel = target.in_channels, target.conv.kernel_shape
         conv_fit = matrix_to_conv(w_fit, cin, kernel)
-        channel_gram = _channel_gram(gram, cin, int(np.prod(kernel)))
-        factors = tucker2_whitened(conv_fit, channel_gram, *plan.ranks, ridge=ridge, n_iter=TUCKER_ITERATIONS)
+        cgram = channel_block_gram(gram, cin, int(np.prod(kernel)))
+        factors = tucker2_whitened(conv_fit, cgram, *plan.ranks, ridge=ridge, n_iter=TUCKER_ITERATIONS)
         approx = conv_to_matrix(factors.to_dense())
     else:
         raise ValueError(f"cannot factorize with method {plan.method!r}")

@@ -85,6 +85,38 @@ class LayerReport:
 
 
 @dataclass(frozen=True)
+class AllocationSummary:
+    """A global allocation: the `target` kind ("params", "macs", "latency", "error") and
+    `value` asked for, what the allocation predicted (`predicted`: params or MACs ratio of the
+    whole model, speedup, or output error; `predicted_error`: the model's relative output error
+    from the layers' error curves and sensitivities), and for latency the speedup measured in
+    onnxruntime on the written model (`measured_speedup`, at `batch` and `threads`)."""
+
+    target: str
+    value: float
+    predicted: float
+    predicted_error: float
+    layers: int
+    factorized: int
+    sensitivity: bool
+    measured_speedup: Optional[float] = None
+    batch: int = 1
+    threads: int = 2
+    rounds: int = 1
+
+    def to_text(self) -> str:
+        asked = f"speedup {self.value:g}x" if self.target == "latency" else f"{self.target} {self.value:g}"
+        predicted = f"{self.predicted:.3f}x" if self.target == "latency" else f"{self.predicted:.3g}"
+        line = (f"global allocation for {asked}: {self.factorized} of {self.layers} layers factorized, predicted "
+                f"{predicted}, predicted output error {self.predicted_error:.3g}"
+                + ("" if self.sensitivity else " (no sensitivity probes)"))
+        if self.measured_speedup is not None:
+            line += (f"; measured speedup {self.measured_speedup:.3f}x at batch {self.batch}, {self.threads} threads"
+                     f" ({self.rounds} round{'s' if self.rounds > 1 else ''})")
+        return line
+
+
+@dataclass(frozen=True)
 class CompressionReport:
     before: ModelStats
     after: ModelStats
@@ -94,6 +126,7 @@ class CompressionReport:
     seconds: float
     timings: Dict[str, float] = field(default_factory=dict)
     config: Dict[str, object] = field(default_factory=dict)
+    allocation: Optional[AllocationSummary] = None
 
     @property
     def params_ratio(self) -> float:
@@ -125,6 +158,8 @@ class CompressionReport:
             f"layers factorized {len(factorized)} of {len(self.layers)} targets; {len(self.skipped)} weight layers skipped",
         ]
         lines.extend(self._residual_lines())
+        if self.allocation is not None:
+            lines.append(self.allocation.to_text())
         for name, error in self.output_errors.items():
             lines.append(f"output {name}: relative error {error:.3e}")
         lines.append(f"time {self.seconds:.1f} s")

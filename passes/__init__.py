@@ -1,4 +1,5 @@
 """Graph passes of the compression pipeline, one per module, each `<Verb><Object>Pass`."""
+from .allocate_budget import AllocateBudgetPass
 from .base import Pass, PassContext, PassManager, PassResult
 from .cleanup_graph import CleanupGraphPass
 from .collect_activations import CollectActivationsPass
@@ -12,7 +13,7 @@ from .verify_outputs import VerifyOutputsPass
 
 __all__ = [
     "Pass", "PassContext", "PassManager", "PassResult",
-    "NameNodesPass", "FindTargetsPass", "SelectRanksPass", "CollectActivationsPass",
+    "NameNodesPass", "FindTargetsPass", "SelectRanksPass", "CollectActivationsPass", "AllocateBudgetPass",
     "ReconstructFeatureMapsPass", "DecomposeWeightsPass",
     "RewriteLowRankPass", "CleanupGraphPass", "VerifyOutputsPass",
 ]

@@ -15,6 +15,7 @@ from onnx_lrsd.activations import Feeds, LayerStatistics
 from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.factorize import LayerFactorization
 from onnx_lrsd.rank_select import LayerPlan, Residual
+from onnx_lrsd.report import AllocationSummary
 from onnx_lrsd.targets import LayerTarget, SkippedLayer
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,10 @@ Progress = Callable[[str, int, int], None]
 @dataclass
 class PassContext:
     """What the passes share: the run's config, the source model and its metadata, the
-    calibration batches, and what each pass has found so far (targets, plans, statistics,
-    factorizations, verification). `sparse_initializers` names the constants the rewrite
-    wants saved as sparse initializers (unstructured residuals)."""
+    calibration batches, and what each pass has found so far (targets, plans, the layers a
+    global allocation may choose for, statistics, factorizations, verification).
+    `sparse_initializers` names the constants the rewrite wants saved as sparse initializers
+    (unstructured residuals)."""
 
     config: CompressConfig
     source: onnx.ModelProto
@@ -38,6 +40,8 @@ class PassContext:
     skipped: List[SkippedLayer] = field(default_factory=list)
     plans: Dict[str, LayerPlan] = field(default_factory=dict)
     plan_options: Dict[str, List[LayerPlan]] = field(default_factory=dict)
+    allocatable: List[str] = field(default_factory=list)
+    allocation: Optional[AllocationSummary] = None
     factorizations: Dict[str, LayerFactorization] = field(default_factory=dict)
     calibration: List[Feeds] = field(default_factory=list)
     statistics: Dict[str, LayerStatistics] = field(default_factory=dict)
@@ -83,8 +87,9 @@ class PassManager:
     """Runs passes in order and times them; the order is checked against each pass's
     `requires` when the manager is built."""
 
-    def __init__(self, passes: Sequence[Pass]):
-        seen: List[str] = []
+    def __init__(self, passes: Sequence[Pass], done: Sequence[str] = ()):
+        """`done`: names of the passes an earlier manager already ran on the graph."""
+        seen: List[str] = list(done)
         for p in passes:
             missing = [r for r in p.requires if r not in seen]
             if missing:

@@ -9,8 +9,8 @@ from .base import Pass, PassContext, PassResult
 
 
 class CollectActivationsPass(Pass):
-    """Fills `ctx.statistics` for the factorized targets (independent mode) from the original
-    model. Statistics that would exceed `stats_memory_mb` are collected in several passes over
+    """Fills `ctx.statistics` for the factorized targets (independent mode) and the targets a
+    global allocation may factorize (`ctx.allocatable`, any mode) from the original model. Statistics that would exceed `stats_memory_mb` are collected in several passes over
     the data; a single layer over the cap is left to the data-free fit."""
 
     name = "collect_activations"
@@ -18,9 +18,14 @@ class CollectActivationsPass(Pass):
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = ctx.config
-        if not ctx.calibration or config.mode == "sequential":  # sequential collects per wave
+        if not ctx.calibration:
             return PassResult(graph, modified=False, stats={"layers": 0})
-        targets = [ctx.targets[p.name] for p in ctx.plans.values() if p.factorized]
+        wanted = set(ctx.allocatable)
+        if config.mode != "sequential":  # sequential collects per wave
+            wanted |= {p.name for p in ctx.plans.values() if p.factorized}
+        targets = [t for name, t in ctx.targets.items() if name in wanted]
+        if not targets:
+            return PassResult(graph, modified=False, stats={"layers": 0})
         copies = 2 if split_holdout(ctx.calibration, config.holdout_every)[1] else 1
         groups = memory_groups(targets, config.stats_memory_mb * 2**20,
                                lambda t: copies * gram_bytes(t.in_features))

@@ -12,7 +12,10 @@ from .base import Pass, PassContext, PassResult
 class SelectRanksPass(Pass):
     """Fills `ctx.plans` from the keep ratio / energy / overrides of the config (the kind with
     the fewest MACs) and `ctx.plan_options` with the other kinds a data-aware fit may pick. A layer
-    override naming no target is an error (a misspelt name would silently do nothing)."""
+    override naming no target is an error (a misspelt name would silently do nothing).
+
+    With a global target (`config.target`), the layers without an override and above
+    `min_layer_share` go to `ctx.allocatable`: `allocate_budget` replaces their plans."""
 
     name = "select_ranks"
     requires = ("find_targets",)
@@ -29,5 +32,9 @@ class SelectRanksPass(Pass):
             ctx.plans[target.name] = min(options, key=lambda p: (p.cost.macs, p.cost.params))
             if len(options) > 1:
                 ctx.plan_options[target.name] = options
+        if ctx.config.target is not None:
+            ctx.allocatable = [t.name for t in ctx.targets.values()
+                               if ctx.config.override_for(t.name) is None
+                               and t.params >= ctx.config.min_layer_share * total]
         chosen = sum(p.factorized for p in ctx.plans.values())
         return PassResult(graph, modified=False, stats={"factorized": chosen, "dense": len(ctx.plans) - chosen})

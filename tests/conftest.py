@@ -7,6 +7,7 @@
   threads fight over the cores and a 576×256 SVD takes seconds instead of 40 ms, which makes
   test times meaningless. Set before numpy is imported, and again at run time in case a
   plugin imported numpy first.
+- The latency cache of global allocations lives in a temporary directory, never the user's.
 """
 import os
 import sys
@@ -30,6 +31,17 @@ try:
     threadpoolctl.threadpool_limits(int(os.environ["OPENBLAS_NUM_THREADS"]))
 except ImportError:  # pragma: no cover - threadpoolctl is optional
     pass
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_latency_cache(tmp_path_factory):
+    previous = os.environ.get("ONNX_LRSD_CACHE_DIR")
+    os.environ["ONNX_LRSD_CACHE_DIR"] = str(tmp_path_factory.mktemp("lrsd-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ONNX_LRSD_CACHE_DIR", None)
+    else:
+        os.environ["ONNX_LRSD_CACHE_DIR"] = previous
 
 
 def pytest_configure(config):

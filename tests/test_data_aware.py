@@ -14,7 +14,7 @@ from onnx_lrsd.activations import collect_paired_statistics, collect_statistics
 from onnx_lrsd.api import compress
 from onnx_lrsd.config import CompressConfig, LayerOverride
 from onnx_lrsd.decompose import conv_to_matrix, data_error
-from onnx_lrsd.factorize import _channel_gram, _vertical_gram, factorize_data_aware, factorize_data_free
+from onnx_lrsd.factorize import channel_block_gram, vertical_gram, factorize_data_aware, factorize_data_free
 from onnx_lrsd.graph import import_graph, model_template
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassContext, PassManager
 from onnx_lrsd.passes.reconstruct_feature_maps import dependency_waves
@@ -215,15 +215,15 @@ def test_vertical_gram_is_the_mean_gram_of_vertical_patches():
     gram = rows.T @ rows
     patches = rows.reshape(-1, cin, kh, kw)
     expected = sum(p.T @ p for p in (patches[:, :, :, b].reshape(-1, cin * kh) for b in range(kw))) / kw
-    np.testing.assert_allclose(_vertical_gram(gram, cin, kh, kw), expected, rtol=1e-12)
+    np.testing.assert_allclose(vertical_gram(gram, cin, kh, kw), expected, rtol=1e-12)
 
 
-def test_channel_gram_is_the_mean_gram_over_taps():
+def test_channel_block_gram_is_the_mean_gram_over_taps():
     rows, cin, k = _conv_rows(1, cin=4, k=(3, 3))
     gram = rows.T @ rows
     taps = rows.reshape(-1, cin, 9)
     expected = sum(taps[:, :, t].T @ taps[:, :, t] for t in range(9)) / 9
-    np.testing.assert_allclose(_channel_gram(gram, cin, 9), expected, rtol=1e-12)
+    np.testing.assert_allclose(channel_block_gram(gram, cin, 9), expected, rtol=1e-12)
 
 
 def test_factorize_data_aware_minimises_the_data_error_and_paired_equals_plain():

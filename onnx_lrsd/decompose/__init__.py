@@ -31,6 +31,8 @@ from .whitened import (
     bias_correction,
     data_error,
     sequential_target,
+    relative_tail_errors,
+    whitened_spectrum,
     whitened_svd,
     whitening,
 )
@@ -45,6 +47,8 @@ __all__ = [
     "Whitening",
     "SequentialTarget",
     "whitening",
+    "relative_tail_errors",
+    "whitened_spectrum",
     "whitened_svd",
     "sequential_target",
     "data_error",

@@ -101,6 +101,22 @@ def whitened_svd(
     return _balance(wh.unwhiten(f.U), f.V)
 
 
+def whitened_spectrum(W: np.ndarray, gram: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """Singular values s of LᵀW (LLᵀ = G + ridge), descending: the rank-r whitened SVD leaves
+    ‖X(W − W′)‖² = Σ_{i>r} s_i², so one spectrum gives a layer's error at every rank."""
+    m = as_matrix(W)
+    wh = whitening(as_square(gram, m.shape[0], "gram"), ridge)
+    return np.linalg.svd(wh.Lt @ m, compute_uv=False)
+
+
+def relative_tail_errors(spectrum: np.ndarray) -> np.ndarray:
+    """e[r] = sqrt(Σ_{i≥r} s_i² / Σ s_i²) for r = 0 … len(s): the relative error at rank r."""
+    s2 = np.asarray(spectrum, dtype=np.float64) ** 2
+    total = float(s2.sum())
+    tails = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])
+    return np.sqrt(np.maximum(tails, 0.0) / total) if total > 0 else np.zeros(len(s2) + 1)
+
+
 class SequentialTarget(NamedTuple):
     """``W_star`` [in, out] and the regularised ``gram_hat_reg`` Σ̂ [in, in] it was solved with."""
 

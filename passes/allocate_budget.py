@@ -1,0 +1,226 @@
+"""Choose every allocatable layer's kind and rank at once for the configured global target."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnx_lrsd.activations import ActivationRunner, split_holdout
+from onnx_lrsd.allocate import Allocation, Option, allocate_budget, allocate_damage
+from onnx_lrsd.bench import make_session, run_outputs, time_sessions
+from onnx_lrsd.cost import count_params, model_macs
+from onnx_lrsd.error_curves import LayerCandidate, layer_candidates
+from onnx_lrsd.errors import LrsdError
+from onnx_lrsd.factorize import factorize_data_aware
+from onnx_lrsd.feeds import random_feeds
+from onnx_lrsd.graph import export_model
+from onnx_lrsd.latency import LatencyModel, interpolate_latency
+from onnx_lrsd.rank_select import LayerPlan, dense_plan
+from onnx_lrsd.report import AllocationSummary
+from onnx_lrsd.rewrite import rewrite_layers
+from onnx_lrsd.targets import LayerTarget
+
+from .base import Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+PROBE_BATCHES = 2
+"""Calibration batches (held-out ones first) run per sensitivity probe."""
+
+LATENCY_POINTS = 4
+"""Ranks per kind whose latency is measured; the others are interpolated."""
+
+TINY = 1e-12
+
+
+class AllocateBudgetPass(Pass):
+    """Replaces the plans of `ctx.allocatable` by a global allocation (CMD): each layer's
+    candidates (kind × rank, `error_curves`) get a predicted damage w_l·e_l² — e_l the relative
+    reconstruction error from the calibration statistics, w_l the layer's sensitivity (the
+    model's squared relative output error per unit of e_l², measured in onnxruntime by
+    compressing that layer alone) — and a cost (params, MACs, or latency measured per candidate
+    shape by `LatencyModel`); `onnx_lrsd.allocate` picks the least total damage for the budget
+    (or the fewest params within `max_error`). Dense is always an option.
+
+    `correction` comes from measuring the written model (`onnx_lrsd.api`): for a latency target
+    it multiplies the predicted latency savings, for an error target the error budget."""
+
+    name = "allocate_budget"
+    requires = ("select_ranks", "collect_activations")
+
+    def __init__(self, correction: float = 1.0):
+        self.correction = correction
+
+    def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        config = ctx.config
+        if config.target is None or not ctx.allocatable:
+            return PassResult(graph, modified=False, stats={"allocated": 0})
+        kind, value = config.target
+        names = list(ctx.allocatable)
+        curves = {}
+        for done, name in enumerate(names, 1):
+            curves[name] = layer_candidates(ctx.targets[name], _gram(ctx, name), config)
+            ctx.report_progress("error curves", done, len(names))
+        probed = config.sensitivity and bool(ctx.calibration)
+        weights = layer_sensitivities(graph, ctx, curves) if probed else {name: 1.0 for name in names}
+        damages = {name: [weights[name] * c.error ** 2 for c in curves[name]] for name in names}
+        if kind == "latency":
+            allocation, predicted = self._latency(ctx, names, curves, damages, value)
+        else:
+            allocation, predicted = _static(ctx, kind, value, names, curves, damages, self.correction)
+        for name, index in zip(names, allocation.choice):
+            target, options = ctx.targets[name], curves[name]
+            if index == 0:
+                ctx.plans[name] = dense_plan(target, "the global allocation keeps it dense")
+            else:
+                c = options[index - 1]
+                ctx.plans[name] = LayerPlan(name, target.op, c.method, c.ranks, c.cost, ctx.plans[name].dense)
+            ctx.plan_options.pop(name, None)
+        factorized = sum(ctx.plans[n].factorized for n in names)
+        ctx.allocation = AllocationSummary(
+            target=kind, value=float(value), predicted=float(predicted),
+            predicted_error=float(np.sqrt(allocation.damage)), layers=len(names), factorized=factorized,
+            sensitivity=probed, batch=config.latency_batch, threads=config.latency_threads)
+        log.info("allocation for %s %g: %d of %d layers factorized, predicted %.4g", kind, value, factorized,
+                 len(names), predicted)
+        return PassResult(graph, modified=False, stats={"allocated": len(names), "factorized": factorized})
+
+    def _latency(self, ctx: PassContext, names: List[str], curves, damages, speedup: float):
+        config = ctx.config
+        feed = deployment_feed(ctx)
+        shapes = _input_shapes(ctx, names, feed)
+        original_ms = _model_ms(ctx, feed)
+        model = LatencyModel(threads=config.latency_threads)
+        memo: Dict[tuple, Tuple[float, List[float]]] = {}
+        options, dense_total = [], 0.0
+        for done, name in enumerate(names, 1):
+            target = ctx.targets[name]
+            key = _shape_key(target, shapes[name], curves[name])
+            if key not in memo:
+                memo[key] = _candidate_ms(model, target, shapes[name], curves[name])
+            dense_ms, candidate_ms = memo[key]
+            dense_total += dense_ms
+            options.append([Option(dense_ms, 0.0)] + [
+                Option(dense_ms - self.correction * (dense_ms - ms), d)
+                for ms, d in zip(candidate_ms, damages[name])])
+            ctx.report_progress("latency", done, len(names))
+        rest = original_ms - dense_total
+        budget = original_ms / speedup - rest
+        allocation = _solve_budget(options, budget, lambda a: f"at most {original_ms / (rest + a.cost):.2f}x "
+                                                               f"predicted", f"speedup {speedup:g}x")
+        return allocation, original_ms / max(rest + allocation.cost, TINY)
+
+
+def _static(ctx: PassContext, kind: str, value: float, names: List[str], curves, damages, correction: float):
+    """Params / MACs budgets and the error target: costs from the cost model's counts."""
+    field = "macs" if kind == "macs" else "params"
+    total = model_macs(ctx.source) if kind == "macs" else count_params(ctx.source)
+    options = [[Option(getattr(ctx.plans[n].dense, field), 0.0)] +
+               [Option(getattr(c.cost, field), d) for c, d in zip(curves[n], damages[n])] for n in names]
+    fixed = total - sum(layer[0].cost for layer in options)
+    if kind == "error":
+        allocation = allocate_damage(options, (correction * value) ** 2)
+        return allocation, float(np.sqrt(allocation.damage))
+    allocation = _solve_budget(options, value * total - fixed,
+                               lambda a: f"the smallest allocation keeps {(fixed + a.cost) / total:.3f}",
+                               f"target {kind} {value:g}")
+    return allocation, (fixed + allocation.cost) / total
+
+
+def _solve_budget(options, budget: float, best_text, asked: str) -> Allocation:
+    try:
+        return allocate_budget(options, budget)
+    except ValueError:
+        cheapest = Allocation((), sum(min(o.cost for o in layer) for layer in options), 0.0)
+        raise LrsdError(f"{asked} is unreachable: {best_text(cheapest)}") from None
+
+
+def _gram(ctx: PassContext, name: str) -> Optional[np.ndarray]:
+    stats = ctx.statistics.get(name)
+    return None if stats is None else np.asarray(stats.fit.gram)
+
+
+def probe_candidate(target: LayerTarget, candidates: Sequence[LayerCandidate]) -> LayerCandidate:
+    """The candidate nearest half the layer's parameters: where a layer's sensitivity is read."""
+    return min(candidates, key=lambda c: (abs(c.cost.params - 0.5 * target.params), c.error))
+
+
+def layer_sensitivities(graph: gs.Graph, ctx: PassContext, curves: Dict[str, List[LayerCandidate]]) -> Dict[str, float]:
+    """w_l = ‖y_l − y‖² / ‖y‖² ÷ e_l²: the model's squared relative output error (all float
+    outputs, `PROBE_BATCHES` calibration batches) with layer l alone replaced by its fit at the
+    probe candidate, per unit of that candidate's squared reconstruction error."""
+    config = ctx.config
+    batches = (split_holdout(ctx.calibration, config.holdout_every)[1] or ctx.calibration)[:PROBE_BATCHES]
+    original = make_session(ctx.source, threads=config.latency_threads)
+    reference = [run_outputs(original, feeds) for feeds in batches]
+    weights: Dict[str, float] = {}
+    for done, (name, candidates) in enumerate(curves.items(), 1):
+        ctx.report_progress("sensitivity", done, len(curves))
+        target = ctx.targets[name]
+        if not candidates or name not in ctx.statistics:
+            weights[name] = 1.0
+            continue
+        probe = probe_candidate(target, candidates)
+        plan = LayerPlan(name, target.op, probe.method, probe.ranks, probe.cost, ctx.plans[name].dense)
+        fact = factorize_data_aware(target, plan, ctx.statistics[name].fit, config.ridge, config.bias_correction)
+        probe_graph = graph.copy()
+        rewrite_layers(probe_graph, ctx.targets, [fact])
+        session = make_session(export_model(probe_graph, ctx.template), threads=config.latency_threads)
+        err = ref = 0.0
+        for feeds, expected in zip(batches, reference):
+            for got, want in zip(run_outputs(session, feeds), expected):
+                if np.issubdtype(np.asarray(want).dtype, np.floating):
+                    err += float(np.sum((np.asarray(got, np.float64) - want) ** 2))
+                    ref += float(np.sum(np.asarray(want, np.float64) ** 2))
+        weights[name] = (err / max(ref, TINY)) / max(probe.error ** 2, TINY)
+        log.debug("sensitivity %s: %.4g", name, weights[name])
+    return weights
+
+
+def deployment_feed(ctx: PassContext) -> Dict[str, np.ndarray]:
+    """Inputs at `latency_batch`: the first calibration batch cut or cycled along axis 0
+    (taken as the batch axis), else seeded random inputs."""
+    batch = ctx.config.latency_batch
+    if not ctx.calibration:
+        return random_feeds(ctx.source, batch=batch, dims=dict(ctx.config.dims), seed=ctx.config.seed)
+    first = ctx.calibration[0]
+    return {k: np.asarray(v)[np.arange(batch) % len(v)] for k, v in first.items()}
+
+
+def _input_shapes(ctx: PassContext, names: List[str], feed) -> Dict[str, Tuple[int, ...]]:
+    tensors = sorted({ctx.targets[n].activation for n in names})
+    values = ActivationRunner(ctx.source, tensors).run(feed)
+    return {n: tuple(int(d) for d in values[ctx.targets[n].activation].shape) for n in names}
+
+
+def _model_ms(ctx: PassContext, feed) -> float:
+    session = make_session(ctx.source, threads=ctx.config.latency_threads)
+    return time_sessions([session], feed, runs=30, warmup=3)[0].median_ms
+
+
+def _shape_key(target: LayerTarget, shape, candidates: Sequence[LayerCandidate]) -> tuple:
+    return (target.op, target.weight.shape, shape, target.weight_side, target.gemm, target.conv,
+            target.bias_tensor is not None, tuple((c.method, c.ranks) for c in candidates))
+
+
+def _candidate_ms(model: LatencyModel, target: LayerTarget, shape, candidates: Sequence[LayerCandidate]):
+    """Dense time and every candidate's time: `LATENCY_POINTS` ranks per kind measured (all of
+    them, interleaved, in one call), the rest interpolated in the first rank."""
+    by_kind: Dict[str, List[int]] = {}
+    for index, c in enumerate(candidates):
+        by_kind.setdefault(c.method, []).append(index)
+    measured = []
+    for indices in by_kind.values():
+        picks = np.unique(np.linspace(0, len(indices) - 1, num=min(LATENCY_POINTS, len(indices))).round().astype(int))
+        measured.extend(indices[i] for i in picks)
+    times = model.measure(target, shape, [("dense", ())] + [(candidates[i].method, candidates[i].ranks)
+                                                          for i in measured])
+    dense_ms, at = times[0], dict(zip(measured, times[1:]))
+    out = []
+    for index, c in enumerate(candidates):
+        points = [i for i in by_kind[c.method] if i in at]
+        out.append(at[index] if index in at else interpolate_latency(
+            [candidates[i].ranks[0] for i in points], [at[i] for i in points], c.ranks[0]))
+    return dense_ms, out
