@@ -56,45 +56,63 @@ def _result(options: Sequence[Sequence[Option]], choice: List[int]) -> Allocatio
     return Allocation(tuple(choice), cost, damage)
 
 
-def _lagrangian_choice(options: Sequence[Sequence[Option]], lam: float) -> List[int]:
-    """Each layer's argmin D + λC (ties: the cheaper option)."""
-    return [min(range(len(layer)), key=lambda i: (layer[i].damage + lam * layer[i].cost, layer[i].cost))
-            for layer in options]
+def _tables(options: Sequence[Sequence[Option]]):
+    """Costs and damages as [layers, most options] arrays, missing options at +inf."""
+    width = max(len(layer) for layer in options)
+    cost = np.full((len(options), width), np.inf)
+    damage = np.full((len(options), width), np.inf)
+    for l, layer in enumerate(options):
+        cost[l, :len(layer)] = [o.cost for o in layer]
+        damage[l, :len(layer)] = [o.damage for o in layer]
+    return cost, damage
+
+
+def _lagrangian_choice(tables, lam: float) -> List[int]:
+    """Each layer's argmin D + λC (ties: the first, and options are tried cheapest first)."""
+    cost, damage = tables
+    order = np.argsort(np.where(np.isfinite(cost), cost, np.inf), axis=1, kind="stable")
+    score = np.take_along_axis(damage + lam * np.where(np.isfinite(cost), cost, 0.0), order, axis=1)
+    score[~np.isfinite(np.take_along_axis(cost, order, axis=1))] = np.inf
+    return [int(i) for i in order[np.arange(len(order)), np.argmin(score, axis=1)]]
+
+
+def _totals(tables, choice: List[int]) -> tuple:
+    cost, damage = tables
+    rows = np.arange(len(choice))
+    return float(cost[rows, choice].sum()), float(damage[rows, choice].sum())
 
 
 def _cost_scale(options: Sequence[Sequence[Option]]) -> tuple:
     """A λ range wide enough to go from 'cheapest everywhere' to 'least damage everywhere'."""
     damages = [o.damage for layer in options for o in layer if o.damage > 0]
     costs = [abs(o.cost) for layer in options for o in layer if o.cost != 0]
-    d = max(damages) if damages else 1.0
-    c = min(costs) if costs else 1.0
-    lo = (min(damages) if damages else 1.0) / max(max(costs) if costs else 1.0, 1e-300) * 1e-6
-    hi = d / max(c, 1e-300) * 1e6
-    return max(lo, 1e-300), hi
+    d_lo, d_hi = (min(damages), max(damages)) if damages else (1.0, 1.0)
+    c_lo, c_hi = (min(costs), max(costs)) if costs else (1.0, 1.0)
+    return max(d_lo / c_hi * 1e-6, 1e-300), d_hi / max(c_lo, 1e-300) * 1e6
 
 
 def allocate_budget(options: Sequence[Sequence[Option]], budget: float) -> Allocation:
     """Least total damage with total cost ≤ `budget` (ValueError if even the cheapest
     choice of every layer costs more)."""
     _validate(options)
+    tables = _tables(options)
     cheapest = [min(range(len(layer)), key=lambda i: (layer[i].cost, layer[i].damage)) for layer in options]
-    floor = _result(options, cheapest)
-    if floor.cost > budget:
-        raise ValueError(f"budget {budget:g} is below the cheapest allocation's cost {floor.cost:g}")
+    if _totals(tables, cheapest)[0] > budget:
+        raise ValueError(f"budget {budget:g} is below the cheapest allocation's cost {_totals(tables, cheapest)[0]:g}")
     lo, hi = _cost_scale(options)  # λ = hi: cheapest; λ = lo: least damage
-    if _result(options, _lagrangian_choice(options, lo)).cost <= budget:
-        best = _lagrangian_choice(options, lo)
+    if _totals(tables, _lagrangian_choice(tables, lo))[0] <= budget:
+        best = _lagrangian_choice(tables, lo)
     else:
         for _ in range(BISECTION_STEPS):
             mid = float(np.sqrt(lo * hi))
-            if _result(options, _lagrangian_choice(options, mid)).cost <= budget:
+            if _totals(tables, _lagrangian_choice(tables, mid))[0] <= budget:
                 hi = mid
             else:
                 lo = mid
             if hi / lo < 1 + 1e-9:
                 break
-        best = _lagrangian_choice(options, hi)
-        if _result(options, best).cost > budget:
+        best = _lagrangian_choice(tables, hi)
+        if _totals(tables, best)[0] > budget:
             best = cheapest
     return _spend(options, best, budget)
 
@@ -123,46 +141,28 @@ def _spend(options: Sequence[Sequence[Option]], choice: List[int], budget: float
 
 
 def allocate_damage(options: Sequence[Sequence[Option]], max_damage: float) -> Allocation:
-    """Least total cost with total damage ≤ `max_damage` (the least-damage choice of every
-    layer is taken when nothing cheaper meets it)."""
+    """Least total cost with total damage ≤ `max_damage`: the smallest budget whose
+    `allocate_budget` stays within it, by bisection on the budget (the least-damage choice of
+    every layer when nothing cheaper meets it)."""
     _validate(options)
     if max_damage < 0:
         raise ValueError(f"max_damage must be >= 0, got {max_damage}")
-    lo, hi = _cost_scale(options)
-    if _result(options, _lagrangian_choice(options, hi)).damage <= max_damage:
-        return _result(options, _lagrangian_choice(options, hi))
+    least = _result(options, [min(range(len(layer)), key=lambda i: (layer[i].damage, layer[i].cost))
+                              for layer in options])
+    lo = sum(min(o.cost for o in layer) for layer in options)
+    best = allocate_budget(options, lo)
+    if best.damage <= max_damage:
+        return best
+    if least.damage > max_damage:
+        return least
+    best, hi = least, least.cost
     for _ in range(BISECTION_STEPS):
-        mid = float(np.sqrt(lo * hi))
-        if _result(options, _lagrangian_choice(options, mid)).damage <= max_damage:
-            lo = mid
-        else:
-            hi = mid
-        if hi / lo < 1 + 1e-9:
+        if hi - lo <= 1e-9 * max(abs(hi), 1.0):
             break
-    choice = _lagrangian_choice(options, lo)
-    if _result(options, choice).damage > max_damage:
-        choice = [min(range(len(layer)), key=lambda i: (layer[i].damage, layer[i].cost)) for layer in options]
-    return _save(options, choice, max_damage)
-
-
-def _save(options: Sequence[Sequence[Option]], choice: List[int], max_damage: float) -> Allocation:
-    """Greedy downgrades within the damage left: most cost saved per unit of damage first."""
-    choice = list(choice)
-    damage = _result(options, choice).damage
-    while True:
-        best, best_gain = None, 0.0
-        for l, layer in enumerate(options):
-            current = layer[choice[l]]
-            for i, option in enumerate(layer):
-                saved = current.cost - option.cost
-                extra = option.damage - current.damage
-                if saved <= 0 or damage + extra > max_damage:
-                    continue
-                gain = saved / extra if extra > 0 else np.inf
-                if gain > best_gain:
-                    best, best_gain = (l, i), gain
-        if best is None:
-            return _result(options, choice)
-        l, i = best
-        damage += options[l][i].damage - options[l][choice[l]].damage
-        choice[l] = i
+        mid = 0.5 * (lo + hi)
+        trial = allocate_budget(options, mid)
+        if trial.damage <= max_damage:
+            best, hi = (trial if trial.cost <= best.cost else best), mid
+        else:
+            lo = mid
+    return best

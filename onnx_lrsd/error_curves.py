@@ -24,7 +24,8 @@ from .rank_select import round_conv_rank
 from .targets import LayerTarget
 
 GRID_POINTS = 24
-"""Ranks per kind on a layer's curve (evenly spaced up to where factorizing stops paying)."""
+"""Ranks per kind on a layer's curve: this many evenly spaced and as many geometrically spaced
+(denser at low ranks, where a layer's true rank often lies) up to where factorizing stops paying."""
 
 TUCKER_GRID = (0.08, 0.12, 0.18, 0.25, 0.35, 0.5)
 """Tucker-2 rank fractions ρ (r_in = ρ·Cin, r_out = ρ·Cout) tried per layer."""
@@ -45,11 +46,13 @@ def saves(cost: Cost, dense: Cost) -> bool:
 
 
 def rank_grid(largest: int, smallest: int, multiple: int, points: int = GRID_POINTS) -> List[int]:
-    """About `points` ranks from `smallest` to `largest`, multiples of `multiple` where that
+    """Up to 2·`points` ranks from `smallest` to `largest` (linear and geometric), multiples of `multiple` where that
     loses little (conv blocks), ascending and distinct."""
     if largest < smallest:
         return []
-    raw = np.unique(np.linspace(smallest, largest, num=min(points, largest - smallest + 1)).astype(int))
+    count = min(points, largest - smallest + 1)
+    raw = np.unique(np.concatenate([np.linspace(smallest, largest, num=count),
+                                    np.geomspace(smallest, largest, num=count)]).astype(int))
     ranks = {round_conv_rank(int(r), multiple, largest) if multiple > 1 else int(r) for r in raw}
     return sorted(r for r in ranks if r >= smallest)
 

@@ -118,8 +118,11 @@ def _static(ctx: PassContext, kind: str, value: float, names: List[str], curves,
     field = "macs" if kind == "macs" else "params"
     total = model_macs(ctx.source) if kind == "macs" else count_params(ctx.source)
     options = [[Option(getattr(ctx.plans[n].dense, field), 0.0)] +
-               [Option(getattr(c.cost, field), d) for c, d in zip(curves[n], damages[n])] for n in names]
-    fixed = total - sum(layer[0].cost for layer in options)
+               [Option(getattr(c.cost, field) + _shift_params(ctx, n, field), d) for c, d in zip(curves[n], damages[n])]
+               for n in names]
+    others = [plan for name, plan in ctx.plans.items() if name not in names]
+    fixed = total - sum(layer[0].cost for layer in options) - sum(
+        getattr(plan.dense, field) - getattr(plan.cost, field) for plan in others)
     if kind == "error":
         allocation = allocate_damage(options, (correction * value) ** 2)
         return allocation, float(np.sqrt(allocation.damage))
@@ -127,6 +130,14 @@ def _static(ctx: PassContext, kind: str, value: float, names: List[str], curves,
                                lambda a: f"the smallest allocation keeps {(fixed + a.cost) / total:.3f}",
                                f"target {kind} {value:g}")
     return allocation, (fixed + allocation.cost) / total
+
+
+def _shift_params(ctx: PassContext, name: str, field: str) -> int:
+    """A bias correction may add a bias vector to a layer that has none (when no Add follows
+    to fold it into): counted, so a params target holds either way."""
+    target = ctx.targets[name]
+    corrected = ctx.config.bias_correction and bool(ctx.calibration) and name in ctx.statistics
+    return target.out_features if field == "params" and corrected and target.bias_tensor is None else 0
 
 
 def _solve_budget(options, budget: float, best_text, asked: str) -> Allocation:
@@ -142,9 +153,15 @@ def _gram(ctx: PassContext, name: str) -> Optional[np.ndarray]:
     return None if stats is None else np.asarray(stats.fit.gram)
 
 
-def probe_candidate(target: LayerTarget, candidates: Sequence[LayerCandidate]) -> LayerCandidate:
-    """The candidate nearest half the layer's parameters: where a layer's sensitivity is read."""
-    return min(candidates, key=lambda c: (abs(c.cost.params - 0.5 * target.params), c.error))
+PROBE_ERROR = 0.25
+"""Reconstruction error at which a layer's sensitivity is read: large enough to rise above
+float32 noise at the outputs, small enough to stay in the near-linear regime."""
+
+
+def probe_candidate(candidates: Sequence[LayerCandidate]) -> LayerCandidate:
+    """The candidate whose error is nearest `PROBE_ERROR` on a log scale (a layer that is
+    nearly exact at half its parameters is probed at a lower rank, where it loses something)."""
+    return min(candidates, key=lambda c: (abs(np.log(max(c.error, TINY) / PROBE_ERROR)), c.cost.params))
 
 
 def layer_sensitivities(graph: gs.Graph, ctx: PassContext, curves: Dict[str, List[LayerCandidate]]) -> Dict[str, float]:
@@ -162,7 +179,7 @@ def layer_sensitivities(graph: gs.Graph, ctx: PassContext, curves: Dict[str, Lis
         if not candidates or name not in ctx.statistics:
             weights[name] = 1.0
             continue
-        probe = probe_candidate(target, candidates)
+        probe = probe_candidate(candidates)
         plan = LayerPlan(name, target.op, probe.method, probe.ranks, probe.cost, ctx.plans[name].dense)
         fact = factorize_data_aware(target, plan, ctx.statistics[name].fit, config.ridge, config.bias_correction)
         probe_graph = graph.copy()
