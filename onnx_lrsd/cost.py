@@ -73,17 +73,17 @@ def applicable_methods(target: LayerTarget) -> Tuple[str, ...]:
     """Factorization kinds that fit the layer."""
     if target.conv is None:
         return ("svd",)
-    if all(k == 1 for k in target.conv.kernel_shape):
-        return ("channel",)  # a 1×1 conv is a matmul over channels
+    if all(k == 1 for k in target.conv.kernel_shape) or target.chain_rank is not None:
+        return ("channel",)  # a 1×1 conv is a matmul over channels; a chain is re-factored as it is
     if len(target.conv.kernel_shape) == 2:
         return ("channel", "spatial", "tucker2")
     return ("channel", "tucker2")
 
 
 def full_ranks(target: LayerTarget, method: str) -> Tuple[int, ...]:
-    """Ranks at which the factorization is exact."""
+    """Ranks at which the factorization is exact (a chain's: its inner width)."""
     if method in ("svd", "channel"):
-        return (min(target.in_features, target.out_features),)
+        return (min(target.in_features, target.out_features, target.chain_rank or target.in_features),)
     if method == "spatial":
         kh, kw = target.conv.kernel_shape
         return (min(target.in_channels * kh, target.out_channels * kw),)

@@ -11,7 +11,7 @@ import numpy as np
 
 from .config import FULL_RANK, CompressConfig
 from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks, residual_cost
-from .decompose import rank_for_energy, singular_values, spatial_matrix
+from .decompose import evbmf_rank, rank_for_energy, singular_values, spatial_matrix, weakened_rank
 from .targets import LayerTarget
 
 DENSE = "dense"
@@ -111,18 +111,28 @@ def budget_ranks(target: LayerTarget, method: str, keep: float, multiple: int) -
     return (round_conv_rank(rank, multiple, limit) if is_conv else max(1, min(rank, limit)),)
 
 
-def energy_ranks(target: LayerTarget, method: str, energy: float) -> Tuple[int, ...]:
-    """Smallest ranks that keep `energy` of the squared singular values of the matrix the
-    method factorizes (tucker2: of each mode's unfolding)."""
+def _unfoldings(target: LayerTarget, method: str) -> List[np.ndarray]:
+    """The matrices whose ranks `method` sets: the layer matrix (svd, channel), the spatial
+    matrix, or the Cin and Cout unfoldings of the kernel (tucker2)."""
     if method in ("svd", "channel"):
-        return (rank_for_energy(singular_values(target.matrix()), energy),)
+        return [target.matrix()]
     w = np.asarray(target.weight, dtype=np.float64)
     if method == "spatial":
-        return (rank_for_energy(singular_values(spatial_matrix(w)), energy),)
-    cin_unfold = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
-    cout_unfold = w.reshape(w.shape[0], -1)
-    return (rank_for_energy(singular_values(cin_unfold), energy),
-            rank_for_energy(singular_values(cout_unfold), energy))
+        return [spatial_matrix(w)]
+    return [np.moveaxis(w, 1, 0).reshape(w.shape[1], -1), w.reshape(w.shape[0], -1)]
+
+
+def energy_ranks(target: LayerTarget, method: str, energy: float) -> Tuple[int, ...]:
+    """Smallest ranks that keep `energy` of the squared singular values of the matrices the
+    method factorizes (tucker2: of each mode's unfolding)."""
+    return tuple(rank_for_energy(singular_values(m), energy) for m in _unfoldings(target, method))
+
+
+def evbmf_ranks(target: LayerTarget, method: str, weakening: float) -> Tuple[int, ...]:
+    """MUSCO's weakened EVBMF ranks of the matrices `method` factorizes:
+    R − weakening·(R − r_EVBMF), R the full rank of each (a matrix with a side of 1 keeps it)."""
+    return tuple(min(m.shape) if min(m.shape) < 2 else weakened_rank(min(m.shape), evbmf_rank(m).rank, weakening)
+                 for m in _unfoldings(target, method))
 
 
 def plan_layer(target: LayerTarget, config: CompressConfig, total_params: int = 0) -> LayerPlan:
@@ -167,9 +177,10 @@ def _low_rank_plans(target: LayerTarget, config: CompressConfig, total_params: i
     plans = []
     for kind in kinds:
         ranks = budget_ranks(target, kind, keep, config.conv_rank_multiple)
-        if energy is not None:
-            ranks = tuple(min(budget, max(wanted, config.min_rank))
-                          for budget, wanted in zip(ranks, energy_ranks(target, kind, energy)))
+        wanted = (energy_ranks(target, kind, energy) if energy is not None else
+                  evbmf_ranks(target, kind, config.evbmf) if config.evbmf is not None else None)
+        if wanted is not None:
+            ranks = tuple(min(budget, max(rank, config.min_rank)) for budget, rank in zip(ranks, wanted))
         cost = factorized_cost(target, kind, ranks)
         if cost.params < dense.params and cost.macs < dense.macs and min(ranks) >= config.min_rank:
             plans.append(LayerPlan(target.name, target.op, kind, ranks, cost, dense))

@@ -83,7 +83,9 @@ class _Emitter:
 
     @property
     def x(self) -> gs.Tensor:
-        return next(t for t in self.node.inputs if t.name == self.target.activation)
+        """The layer's input (of a chain target: the first node's input)."""
+        found = next((t for t in self.node.inputs if t.name == self.target.activation), None)
+        return found if found is not None else self.graph.tensors()[self.target.activation]
 
     @property
     def y(self) -> gs.Tensor:

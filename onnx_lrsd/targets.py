@@ -6,6 +6,7 @@ Orientation: every target exposes its weight as a matrix `W` of shape [in, out] 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -60,6 +61,11 @@ class LayerTarget:
     `rows` is the number of activation rows one inference (batch 1) multiplies by the weight
     (sequence positions of a MatMul, output positions of a Conv); `macs = rows · in · out`.
     `weight_side` is "right" for ``x @ W`` and "left" for ``W @ x`` (MatMul only).
+
+    A low-rank chain already in the graph (x·U then ·V; or a conv then a 1×1 conv) is one
+    target named after its second node: `weight` is the product, `activation` the first
+    node's input, `chain_first` the first node and `chain_rank` its inner width, so params and
+    MACs are the chain's and a re-factorization can only lower the rank (fold, don't re-expand).
     """
 
     name: str
@@ -75,14 +81,23 @@ class LayerTarget:
     weight_side: str = "right"
     gemm: Optional[GemmAttrs] = None
     conv: Optional[ConvGeometry] = None
+    chain_first: Optional[str] = None
+    chain_rank: Optional[int] = None
+
+    @property
+    def width(self) -> int:
+        """Per activation row: in·out for a dense layer, r·(in + out) for a rank-r chain."""
+        if self.chain_rank is not None:
+            return self.chain_rank * (self.in_features + self.out_features)
+        return self.in_features * self.out_features
 
     @property
     def params(self) -> int:
-        return int(self.weight.size)
+        return self.width if self.chain_rank is not None else int(self.weight.size)
 
     @property
     def macs(self) -> int:
-        return self.rows * self.in_features * self.out_features
+        return self.rows * self.width
 
     @property
     def dtype(self) -> np.dtype:
@@ -233,6 +248,52 @@ def _spatial(shape: Optional[Tuple], n: int) -> Optional[Tuple[int, ...]]:
     return None
 
 
+def _chain_head(second: LayerTarget, node: gs.Node, graph: gs.Graph) -> Optional[gs.Node]:
+    """The node producing `second`'s activation if the two form a low-rank chain: a constant
+    right-weight MatMul (before a MatMul / Gemm with the weight on the right) or a group-1 conv
+    without bias (before a 1×1, stride-1, unpadded conv), consumed by `node` alone, with an
+    inner width below both outer ones."""
+    x = next((t for t in node.inputs if t.name == second.activation), None)
+    if x is None or len(x.inputs) != 1 or len(x.outputs) != 1 or x in graph.outputs:
+        return None
+    first = x.inputs[0]
+    if second.conv is None:
+        plain = second.weight_side == "right" and (second.gemm is None or not second.gemm.trans_a)
+        if not plain or first.op != "MatMul" or resolve_constant(first.inputs[1]) is None:
+            return None
+    else:
+        c = second.conv
+        pointwise = (all(k == 1 for k in c.kernel_shape) and all(s == 1 for s in c.strides) and not any(c.pads)
+                     and c.auto_pad in ("NOTSET", ""))
+        if not pointwise or first.op != "Conv" or len(first.inputs) > 2 or int(first.attrs.get("group", 1)) != 1:
+            return None
+    return first
+
+
+def chain_target(second: LayerTarget, node: gs.Node, graph: gs.Graph) -> Optional[LayerTarget]:
+    """`second` widened to the whole chain ending in `node`, or None when there is none."""
+    first = _chain_head(second, node, graph)
+    if first is None:
+        return None
+    try:
+        head = (matmul_target if second.conv is None else conv_target)(first, graph)
+    except NotATarget:
+        return None
+    if head.weight_side != "right" or head.out_features >= min(head.in_features, second.out_features):
+        return None
+    product = head.matrix() @ second.matrix()  # [in, out]
+    if second.conv is not None:
+        weight = product.T.reshape(second.out_channels, *head.weight.shape[1:])
+    elif second.gemm is not None and second.gemm.trans_b:
+        weight = product.T
+    else:
+        weight = product
+    geometry = second.conv if head.conv is None else dataclasses.replace(head.conv, out_spatial=second.conv.out_spatial)
+    return dataclasses.replace(second, weight=weight.astype(second.weight.dtype), activation=head.activation,
+                               in_features=head.in_features, rows=head.rows if second.conv is None else second.rows,
+                               conv=geometry, chain_first=first.name, chain_rank=head.out_features)
+
+
 ADAPTERS: Dict[str, Callable[[gs.Node, gs.Graph], LayerTarget]] = {
     "Gemm": gemm_target,
     "MatMul": matmul_target,
@@ -250,6 +311,7 @@ def classify(node: gs.Node, graph: gs.Graph) -> Union[LayerTarget, SkippedLayer,
     if adapter is None:
         return None
     try:
-        return adapter(node, graph)
+        target = adapter(node, graph)
     except NotATarget as reason:
         return SkippedLayer(node.name, node.op, str(reason))
+    return chain_target(target, node, graph) or target

@@ -59,12 +59,15 @@ class AllocateBudgetPass(Pass):
             return PassResult(graph, modified=False, stats={"allocated": 0})
         kind, value = config.target
         names = list(ctx.allocatable)
-        curves = {}
         for done, name in enumerate(names, 1):
-            curves[name] = layer_candidates(ctx.targets[name], _gram(ctx, name), config)
+            if name not in ctx.curves:
+                ctx.curves[name] = layer_candidates(ctx.targets[name], _gram(ctx, name), config)
             ctx.report_progress("error curves", done, len(names))
+        curves = {name: ctx.curves[name] for name in names}
         probed = config.sensitivity and bool(ctx.calibration)
-        weights = layer_sensitivities(graph, ctx, curves) if probed else {name: 1.0 for name in names}
+        if probed and not ctx.sensitivities:
+            ctx.sensitivities.update(layer_sensitivities(graph, ctx, curves))  # shared with later rounds
+        weights = ctx.sensitivities if probed else {name: 1.0 for name in names}
         damages = {name: [weights[name] * c.error ** 2 for c in curves[name]] for name in names}
         if kind == "latency":
             allocation, predicted = self._latency(ctx, names, curves, damages, value)

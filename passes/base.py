@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_lrsd.activations import Feeds, LayerStatistics
 from onnx_lrsd.config import CompressConfig
+from onnx_lrsd.error_curves import LayerCandidate
 from onnx_lrsd.factorize import LayerFactorization
 from onnx_lrsd.rank_select import LayerPlan, Residual
 from onnx_lrsd.report import AllocationSummary
@@ -28,7 +29,8 @@ Progress = Callable[[str, int, int], None]
 class PassContext:
     """What the passes share: the run's config, the source model and its metadata, the
     calibration batches, and what each pass has found so far (targets, plans, the layers a
-    global allocation may choose for, statistics, factorizations, verification).
+    global allocation may choose for with their error curves and sensitivities, kept for
+    later allocations of the same run; statistics, factorizations, verification).
     `sparse_initializers` names the constants the rewrite wants saved as sparse initializers
     (unstructured residuals)."""
 
@@ -41,6 +43,8 @@ class PassContext:
     plans: Dict[str, LayerPlan] = field(default_factory=dict)
     plan_options: Dict[str, List[LayerPlan]] = field(default_factory=dict)
     allocatable: List[str] = field(default_factory=list)
+    curves: Dict[str, List[LayerCandidate]] = field(default_factory=dict)
+    sensitivities: Dict[str, float] = field(default_factory=dict)
     allocation: Optional[AllocationSummary] = None
     factorizations: Dict[str, LayerFactorization] = field(default_factory=dict)
     calibration: List[Feeds] = field(default_factory=list)

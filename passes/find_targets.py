@@ -10,7 +10,8 @@ from .base import Pass, PassContext, PassResult
 
 class FindTargetsPass(Pass):
     """Fills `ctx.targets` (in topological order) and `ctx.skipped`. Weight layers inside
-    If / Loop / Scan bodies are listed as skipped: subgraphs are not rewritten."""
+    If / Loop / Scan bodies are listed as skipped: subgraphs are not rewritten. The first node
+    of a low-rank chain is listed as skipped: the chain is one target, named by its second."""
 
     name = "find_targets"
     requires = ("name_nodes",)
@@ -25,6 +26,10 @@ class FindTargetsPass(Pass):
                 ctx.skipped.append(found)
             for subgraph in _subgraphs(node):
                 ctx.skipped.extend(_subgraph_layers(subgraph, f"inside a {node.op} body (subgraphs are not rewritten)"))
+        for chain in [t for t in ctx.targets.values() if t.chain_first is not None]:
+            first = ctx.targets.pop(chain.chain_first, None)
+            if first is not None:
+                ctx.skipped.append(SkippedLayer(first.name, first.op, f"first factor of the low-rank chain {chain.name}"))
         return PassResult(graph, modified=False, stats={"targets": len(ctx.targets), "skipped": len(ctx.skipped)})
 
 
