@@ -10,7 +10,8 @@ loaded on first use.
 __version__ = "0.1.0"
 
 _API = {
-    "compress": "api", "compress_file": "api", "inspect_model": "api", "CompressionResult": "api",
+    "compress": "api", "compress_file": "api", "inspect_model": "api", "sweep": "api", "CompressionResult": "api",
+    "plot_sweep": "plot", "SweepReport": "report",
     "CompressConfig": "config", "LayerOverride": "config", "load_config_file": "config",
     "LrsdError": "errors", "CompressionReport": "report", "InspectReport": "report",
 }

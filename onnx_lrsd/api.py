@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import Callable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -22,7 +22,9 @@ from .cost import count_params, model_macs
 from .errors import LrsdError
 from .graph import export_model, import_graph, model_template
 from .io import PROTOBUF_LIMIT, ModelSource, check_output_directory, initializer_bytes, load_model, save_model
-from .report import CompressionReport, InspectReport, LayerReport, ModelStats, TargetInfo
+from .activations import split_holdout
+from .bench import output_errors_on
+from .report import CompressionReport, InspectReport, LayerReport, ModelStats, StageSummary, TargetInfo
 
 log = logging.getLogger(__name__)
 
@@ -77,27 +79,47 @@ def calibration_batches(calibration: Calibration, model: onnx.ModelProto, config
     return list(iter_batches(reader, model, config.calib_samples, config.calib_batch))
 
 
+Metric = Callable[[onnx.ModelProto], float]
+"""A user's task metric of a model (higher is better), e.g. accuracy on their own data."""
+
+
 def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibration: Calibration = None,
-             progress=None, **options) -> CompressionResult:
+             progress=None, metric: Optional[Metric] = None, max_metric_drop: Optional[float] = None,
+             **options) -> CompressionResult:
     """Compress `model` (path, bytes or ModelProto; never modified) and verify it.
 
     With `calibration` (see `calibration_batches`) every layer is fitted to reconstruct its
     original feature maps (data-aware); without, the weights are factorized data-free.
     `options` are `CompressConfig` fields applied on top of `config`. `progress(stage, done,
-    total)` is called as work advances.
+    total)` is called as work advances. With `metric` and `max_metric_drop`, the global
+    allocation searches the smallest parameter count whose metric is at most that much below
+    the original's (`config` must not set another target).
     """
+    config = (config or CompressConfig()).replace(**options) if options else (config or CompressConfig())
+    if (metric is None) != (max_metric_drop is None):
+        raise LrsdError("metric and max_metric_drop go together")
+    if metric is not None:
+        if config.target is not None or config.stages > 1:
+            raise LrsdError("max_metric_drop is a target of its own: drop the other target and stages")
+        if not (isinstance(max_metric_drop, (int, float)) and max_metric_drop >= 0):
+            raise LrsdError(f"max_metric_drop must be >= 0, got {max_metric_drop!r}")
+    if config.stages > 1:
+        return _compress_in_stages(model, config, calibration, progress)
     from .passes import CollectActivationsPass, FindTargetsPass, NameNodesPass, PassManager, SelectRanksPass
 
-    config = (config or CompressConfig()).replace(**options) if options else (config or CompressConfig())
     start = time.perf_counter()
     source = load_model(model)
+    if metric is not None:
+        config = config.replace(target_params=1.0)  # the search moves it
     ctx = _context(source, config, progress)
     ctx.calibration = calibration_batches(calibration, source, config)
     prepare = [NameNodesPass(), FindTargetsPass(), SelectRanksPass(), CollectActivationsPass()]
     with threadpool_limits(limits=config.blas_threads, user_api="blas"):
         prepared = PassManager(prepare).run(import_graph(source), ctx)
         done = [p.name for p in prepare]
-        if config.target is not None and config.target[0] == "latency":
+        if metric is not None:
+            ctx, compressed = _compress_to_metric(prepared, ctx, done, metric, max_metric_drop)
+        elif config.target is not None and config.target[0] == "latency":
             ctx, compressed = _compress_to_latency(prepared, ctx, done)
         elif config.target is not None and config.target[0] == "error" and config.verify:
             ctx, compressed = _compress_to_error(prepared, ctx, done)
@@ -106,8 +128,8 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
     report = CompressionReport(
         before=_stats(source), after=_stats(compressed), layers=tuple(_layer_reports(ctx)),
         skipped=tuple(ctx.skipped), output_errors=dict(ctx.output_errors),
-        seconds=time.perf_counter() - start, timings=dict(ctx.timings), config=dataclasses.asdict(config),
-        allocation=ctx.allocation)
+        seconds=time.perf_counter() - start, timings=dict(ctx.timings), config=dataclasses.asdict(ctx.config),
+        allocation=ctx.allocation, verified_on=ctx.verified_on)
     return CompressionResult(model=compressed, report=report)
 
 
@@ -119,14 +141,16 @@ TARGET_ROUNDS = 3
 measured on the previous round's written model."""
 
 
-def _finish(prepared, ctx, done, correction: float = 1.0):
+def _finish(prepared, ctx, done, correction: float = 1.0, **changes):
     """Allocate (with a target), fit, rewrite, clean up and verify on a copy of the prepared
-    graph and a fresh copy of the context: returns (context, compressed model)."""
+    graph and a fresh copy of the context (`changes`: config fields of this round): returns
+    (context, compressed model)."""
     from .passes import (AllocateBudgetPass, CleanupGraphPass, DecomposeWeightsPass, PassManager,
                          ReconstructFeatureMapsPass, RewriteLowRankPass, VerifyOutputsPass)
 
     ctx = dataclasses.replace(ctx, plans=dict(ctx.plans), plan_options=dict(ctx.plan_options), factorizations={},
-                              output_errors={}, sparse_initializers=[], allocation=None, timings=dict(ctx.timings))
+                              output_errors={}, sparse_initializers=[], allocation=None, timings=dict(ctx.timings),
+                              config=ctx.config.replace(**changes) if changes else ctx.config)
     passes = [AllocateBudgetPass(correction), ReconstructFeatureMapsPass(), DecomposeWeightsPass(),
               RewriteLowRankPass(), CleanupGraphPass()]
     if ctx.config.verify:
@@ -182,6 +206,163 @@ def _compress_to_error(prepared, ctx, done):
     if measured > wanted:
         log.warning("measured output error %.3g is above the target %.3g after %d rounds", measured, wanted, rounds)
     return result_ctx, compressed
+
+
+METRIC_STEPS = 7
+"""Bisection steps of the metric search (the params ratio to about 1/128 of its range)."""
+
+
+def _compress_to_metric(prepared, ctx, done, metric: Metric, max_drop: float):
+    """The smallest params ratio whose model's metric is at most `max_drop` below the
+    original's, by bisection over `target_params` (the metric is assumed to fall as the
+    model shrinks); the original model is returned when no allocation qualifies."""
+    reference = float(metric(ctx.source))
+    lo, hi = _smallest_params_ratio(prepared, ctx, done), 1.0
+    best = None
+    for _ in range(METRIC_STEPS):
+        mid = 0.5 * (lo + hi)
+        round_ctx, compressed = _finish(prepared, ctx, done, target_params=mid)
+        value = float(metric(compressed))
+        log.info("metric search: params %.3f -> metric %.4g (original %.4g)", mid, value, reference)
+        if reference - value <= max_drop:
+            best, hi = (round_ctx, compressed, value), mid
+        else:
+            lo = mid
+    if best is None:
+        raise LrsdError(f"no allocation keeps the metric within {max_drop:g} of the original's {reference:.4g} "
+                        f"(tried down to params ratio {hi:.3f})")
+    round_ctx, compressed, value = best
+    round_ctx.allocation = dataclasses.replace(round_ctx.allocation, metric=value, metric_original=reference)
+    return round_ctx, compressed
+
+
+def _smallest_params_ratio(prepared, ctx, done) -> float:
+    """The params ratio of the cheapest allocation (every allocatable layer at its smallest
+    candidate, a bias shift each)."""
+    from .error_curves import layer_candidates
+
+    total = count_params(ctx.source)
+    fixed = total - sum(ctx.targets[name].params for name in ctx.allocatable)
+    cheapest = 0
+    for name in ctx.allocatable:
+        if name not in ctx.curves:
+            gram = ctx.statistics[name].fit.gram if name in ctx.statistics else None
+            ctx.curves[name] = layer_candidates(ctx.targets[name], gram, ctx.config)
+        costs = [c.cost.params for c in ctx.curves[name]] + [ctx.targets[name].params]
+        cheapest += min(costs) + ctx.targets[name].out_features  # a bias shift at most
+    return min(1.0, (fixed + cheapest) / total)
+
+
+STAGE_TARGETS = (None, "params", "macs")
+
+
+def _compress_in_stages(model: ModelSource, config: CompressConfig, calibration: Calibration, progress):
+    """MUSCO's multi-stage compression: `config.stages` rounds, each compressing the previous
+    round's model further and refitting on its own feature maps (calibration through the
+    current model). Round k keeps keep^(1/N) of each layer (chains are re-factored, never
+    re-expanded), or reaches target^(k/N) of the original; errors are against the original."""
+    kind = config.target[0] if config.target is not None else None
+    if kind not in STAGE_TARGETS:
+        raise LrsdError("stages work with keep, target_params and target_macs")
+    start = time.perf_counter()
+    source = load_model(model)
+    batches = calibration_batches(calibration, source, config)
+    verify_batches = split_holdout(batches, config.holdout_every)[1] or batches[:2]
+    names = [o.name for o in source.graph.output]
+    before = _stats(source)
+    current, stages, result = source, [], None
+    for stage in range(1, config.stages + 1):
+        began = time.perf_counter()
+        if kind is None:
+            stage_config = config.replace(stages=1, keep=config.keep ** (1 / config.stages))
+        else:
+            field = "target_params" if kind == "params" else "target_macs"
+            total = before.params if kind == "params" else before.macs
+            now = count_params(current) if kind == "params" else model_macs(current)
+            wanted = getattr(config, field) ** (stage / config.stages) * total / now
+            stage_config = config.replace(stages=1, **{field: min(1.0, wanted)})
+        result = compress(current, stage_config, batches or None, progress)
+        current = result.model
+        errors = (output_errors_on(source, current, verify_batches, names) if verify_batches
+                  else dict(result.report.output_errors))
+        after = _stats(current)
+        stages.append(StageSummary(stage, after.params / before.params, after.macs / max(before.macs, 1), errors,
+                                   time.perf_counter() - began))
+        log.info("stage %d: params %.3f, output errors %s", stage, stages[-1].params_ratio, errors)
+    report = dataclasses.replace(result.report, before=before, output_errors=stages[-1].output_errors,
+                                 stages=tuple(stages), seconds=time.perf_counter() - start,
+                                 config=dataclasses.asdict(config),
+                                 verified_on="held-out calibration batches, against the original"
+                                 if verify_batches else result.report.verified_on)
+    return CompressionResult(model=current, report=report)
+
+
+SWEEP_POINTS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
+"""Default `target_params` values of a sweep."""
+
+
+def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Optional[CompressConfig] = None,
+          calibration: Calibration = None, metric: Optional[Metric] = None, progress=None,
+          keep_models: bool = False, **options):
+    """Global allocations at each `target_params` in `values`, each written and measured:
+    params / MACs / file ratios, speedup against the original in onnxruntime (interleaved, at
+    `latency_batch` and `latency_threads`), output error, and `metric` when given. Statistics,
+    error curves and sensitivities are computed once. Returns the `SweepReport` and, with
+    `keep_models`, the compressed models in the order of the points."""
+    from .bench import compare_latency
+    from .passes import CollectActivationsPass, FindTargetsPass, NameNodesPass, PassManager, SelectRanksPass
+    from .passes.allocate_budget import deployment_feed
+    from .report import SweepPoint, SweepReport
+
+    config = (config or CompressConfig()).replace(**options) if options else (config or CompressConfig())
+    values = sorted({float(v) for v in values}, reverse=True)
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise LrsdError(f"sweep values are params ratios in (0, 1], got {values}")
+    if config.target is not None and config.target[0] != "params" or config.stages > 1:
+        raise LrsdError("a sweep sets target_params itself: drop other targets and stages")
+    start = time.perf_counter()
+    source = load_model(model)
+    config = config.replace(target_params=values[0])
+    ctx = _context(source, config, progress)
+    ctx.calibration = calibration_batches(calibration, source, config)
+    reference = float(metric(source)) if metric is not None else None
+    points, models, verified_on = [], [], ""
+    with threadpool_limits(limits=config.blas_threads, user_api="blas"):
+        prepare = [NameNodesPass(), FindTargetsPass(), SelectRanksPass(), CollectActivationsPass()]
+        prepared = PassManager(prepare).run(import_graph(source), ctx)
+        feed = deployment_feed(ctx)
+        before = _stats(source)
+        for index, value in enumerate(values, 1):
+            try:
+                round_ctx, compressed = _finish(prepared, ctx, [p.name for p in prepare], target_params=value)
+            except LrsdError as exc:
+                log.warning("sweep point %g skipped: %s", value, exc)
+                continue
+            after = _stats(compressed)
+            speedup = compare_latency(source, compressed, feed, threads=config.latency_threads, runs=30).speedup
+            points.append(SweepPoint(
+                target_params=value, params_ratio=after.params / before.params,
+                macs_ratio=after.macs / max(before.macs, 1), size_ratio=after.file_bytes / before.file_bytes,
+                speedup=speedup, output_error=max(round_ctx.output_errors.values(), default=float("nan")),
+                metric=float(metric(compressed)) if metric is not None else None))
+            verified_on = round_ctx.verified_on
+            if keep_models:
+                models.append(compressed)
+            if progress is not None:
+                progress("sweep", index, len(values))
+    if not points:
+        raise LrsdError("no sweep point is reachable (all targets are below the smallest allocation)")
+    report = SweepReport(points=tuple(_mark_pareto(points)), batch=config.latency_batch,
+                         threads=config.latency_threads, verified_on=verified_on, metric_original=reference,
+                         seconds=time.perf_counter() - start)
+    return (report, models) if keep_models else report
+
+
+def _mark_pareto(points):
+    """Points no other point beats on both speedup and output error."""
+    def beaten(p):
+        return any(q.speedup > p.speedup and q.output_error < p.output_error for q in points)
+    return [dataclasses.replace(p, pareto=not beaten(p)) for p in points]
 
 
 def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, os.PathLike],

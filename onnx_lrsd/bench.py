@@ -184,6 +184,16 @@ def relative_output_errors(
     return errors
 
 
+def output_errors_on(original: ModelLike, compressed: ModelLike, batches: Sequence[Mapping[str, np.ndarray]],
+                     names: Sequence[str]) -> dict[str, float]:
+    """`relative_output_errors` of `compressed` against `original` over all `batches` at once
+    (each output's runs concatenated), one onnxruntime thread each."""
+    sessions = [make_session(m, threads=1) for m in (original, compressed)]
+    runs = [[run_outputs(session, feeds) for feeds in batches] for session in sessions]
+    stacked = [[np.concatenate([np.ravel(run[i]) for run in side]) for i in range(len(names))] for side in runs]
+    return relative_output_errors(stacked[0], stacked[1], names)
+
+
 @dataclass(frozen=True)
 class ModelSummary:
     """One side of `bench`: size and cost of a model file and its latency."""

@@ -255,5 +255,74 @@ def bench(baseline: Path, candidate: Path, threads, batch, dims, runs, warmup, s
         click.echo(comparison.to_text())
 
 
+def _parse_points(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise LrsdError(f"--points takes comma-separated params ratios, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise LrsdError(f"--points are params ratios in (0, 1], got {text!r}")
+    return values
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for sweep.json, sweep.md and sweep.png (created if missing).")
+@click.option("--calib", "calib", multiple=True, metavar="PATH|random",
+              help="Calibration .npz file(s) or directories keyed by input name, or 'random'.")
+@click.option("--points", default=",".join(f"{v:g}" for v in (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)),
+              show_default=True, help="Comma-separated target params ratios.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON or YAML config (CompressConfig fields and per-layer settings).")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Use at most N calibration samples.")
+@click.option("--calib-batch", type=click.IntRange(min=1), default=None, help="Samples per onnxruntime run. [16]")
+@click.option("--mask-input", default=None, metavar="NAME", help="Input whose zeros drop positions (token masks).")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic input dim.")
+@click.option("--latency-batch", type=click.IntRange(min=1), default=None, help="Batch of the latency measurements. [1]")
+@click.option("--latency-threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads. [2]")
+@click.option("--save-models", is_flag=True, help="Also write each point's model as params-<ratio>.onnx.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@guarded
+def sweep(model: Path, output_dir: Path, calib, points, config_file, calib_samples, calib_batch, mask_input, dims,
+          latency_batch, latency_threads, save_models, as_json, quiet) -> None:
+    """Global allocations of MODEL at several sizes: a Pareto table and plot of speedup and
+    size against output error."""
+    from .api import sweep as run_sweep
+    from .config import CompressConfig, load_config_file
+    from .io import save_model
+    from .plot import plot_sweep, require_matplotlib
+
+    values = _parse_points(points)
+    require_matplotlib()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise LrsdError(f"output directory is a file: {output_dir}")
+    config = load_config_file(config_file) if config_file else CompressConfig()
+    options = {key: value for key, value in dict(
+        calib_samples=calib_samples, calib_batch=calib_batch, mask_input=mask_input, latency_batch=latency_batch,
+        latency_threads=latency_threads).items() if value is not None}
+    if dims:
+        options["dims"] = _parse_dims(dims)
+    config = config.replace(**options)
+    outcome = run_sweep(model, values, config, list(calib) if calib else None, keep_models=save_models,
+                        progress=_progress_printer(quiet or as_json))
+    report, models = outcome if save_models else (outcome, [])
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LrsdError(f"cannot create {output_dir}: {exc.strerror or exc}") from None
+    _write_text_atomic(output_dir / "sweep.json", report.to_json())
+    _write_text_atomic(output_dir / "sweep.md", report.to_markdown() + "\n")
+    plot_sweep(report, output_dir / "sweep.png", title=f"onnx-lrsd sweep of {model.name}")
+    for point, compressed in zip(report.points, models):
+        save_model(compressed, output_dir / f"params-{point.target_params:g}.onnx")
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(report.to_markdown())
+        click.echo(f"wrote {output_dir / 'sweep.json'}, {output_dir / 'sweep.md'}, {output_dir / 'sweep.png'}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

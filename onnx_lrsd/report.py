@@ -103,6 +103,8 @@ class AllocationSummary:
     batch: int = 1
     threads: int = 2
     rounds: int = 1
+    metric: Optional[float] = None
+    metric_original: Optional[float] = None
 
     def to_text(self) -> str:
         asked = f"speedup {self.value:g}x" if self.target == "latency" else f"{self.target} {self.value:g}"
@@ -110,10 +112,23 @@ class AllocationSummary:
         line = (f"global allocation for {asked}: {self.factorized} of {self.layers} layers factorized, predicted "
                 f"{predicted}, predicted output error {self.predicted_error:.3g}"
                 + ("" if self.sensitivity else " (no sensitivity probes)"))
+        if self.metric is not None:
+            line += f"; metric {self.metric:.4g} (original {self.metric_original:.4g})"
         if self.measured_speedup is not None:
             line += (f"; measured speedup {self.measured_speedup:.3f}x at batch {self.batch}, {self.threads} threads"
                      f" ({self.rounds} round{'s' if self.rounds > 1 else ''})")
         return line
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    """One stage of a multi-stage run, measured against the original model."""
+
+    stage: int
+    params_ratio: float
+    macs_ratio: float
+    output_errors: Dict[str, float]
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,8 @@ class CompressionReport:
     timings: Dict[str, float] = field(default_factory=dict)
     config: Dict[str, object] = field(default_factory=dict)
     allocation: Optional[AllocationSummary] = None
+    verified_on: str = ""
+    stages: Tuple[StageSummary, ...] = ()
 
     @property
     def params_ratio(self) -> float:
@@ -160,8 +177,13 @@ class CompressionReport:
         lines.extend(self._residual_lines())
         if self.allocation is not None:
             lines.append(self.allocation.to_text())
+        for stage in self.stages:
+            errors = ", ".join(f"{e:.3e}" for e in stage.output_errors.values())
+            lines.append(f"stage {stage.stage}: params {stage.params_ratio:.3f}, MACs {stage.macs_ratio:.3f}, "
+                         f"output error {errors} ({stage.seconds:.1f} s)")
+        where = f" ({self.verified_on})" if self.verified_on else ""
         for name, error in self.output_errors.items():
-            lines.append(f"output {name}: relative error {error:.3e}")
+            lines.append(f"output {name}: relative error {error:.3e}{where}")
         lines.append(f"time {self.seconds:.1f} s")
         return "\n".join(lines)
 
@@ -186,4 +208,51 @@ class CompressionReport:
             lines.append(f"{layer.name:<{width}}  {layer.op:<6} {layer.method:<8} {layer.ranks_text:<10} "
                          f"{layer.params_before:>10,}>{layer.params_after:<10,} "
                          f"{layer.macs_before:>12,}>{layer.macs_after:<12,}  {error or layer.reason}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One global allocation of a sweep, measured: ratios against the original, speedup in
+    onnxruntime, the largest relative output error, and the user's metric when given.
+    `pareto`: no other point is both faster and more accurate."""
+
+    target_params: float
+    params_ratio: float
+    macs_ratio: float
+    size_ratio: float
+    speedup: float
+    output_error: float
+    metric: Optional[float] = None
+    pareto: bool = False
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """A sweep over `target_params`: one point per value, latency at `batch` and `threads`."""
+
+    points: Tuple[SweepPoint, ...]
+    batch: int
+    threads: int
+    verified_on: str = ""
+    metric_original: Optional[float] = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        metric = self.metric_original is not None
+        header = ["target params", "params", "MACs", "file", f"speedup (batch {self.batch}, {self.threads} thr)",
+                  "output error"] + (["metric"] if metric else []) + ["Pareto"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + ":---|"]
+        if metric:
+            lines.append(f"| original | 1 | 1 | 1 | 1.000 | 0 | {self.metric_original:.4g} | |")
+        for p in self.points:
+            cells = [f"{p.target_params:.3g}", f"{p.params_ratio:.3f}", f"{p.macs_ratio:.3f}", f"{p.size_ratio:.3f}",
+                     f"{p.speedup:.3f}", f"{p.output_error:.3e}"] + ([f"{p.metric:.4g}"] if metric else [])
+            lines.append("| " + " | ".join(cells + ["yes" if p.pareto else ""]) + " |")
         return "\n".join(lines)

@@ -51,6 +51,7 @@ class _Emitter:
 
     def __init__(self, graph: gs.Graph, node: gs.Node, target: LayerTarget, namer: TensorNamer):
         self.graph, self.node, self.target, self.namer = graph, node, target, namer
+        self.base = node.name.split("/lrsd/")[0]  # a re-factored chain keeps its layer's name
         self.nodes: List[gs.Node] = []
         self.sparse: List[str] = []
 
@@ -61,10 +62,10 @@ class _Emitter:
         array = np.array(values, dtype=self.target.dtype, order="C")  # a copy: flushed below
         if np.issubdtype(array.dtype, np.floating):
             array[np.abs(array) < np.finfo(array.dtype).tiny] = 0
-        return gs.Constant(self.namer(self.node.name, role), array)
+        return gs.Constant(self.namer(self.base, role), array)
 
     def indices(self, role: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.namer(self.node.name, role), np.ascontiguousarray(values, dtype=np.int64))
+        return gs.Constant(self.namer(self.base, role), np.ascontiguousarray(values, dtype=np.int64))
 
     def sparse_const(self, role: str, values: np.ndarray) -> gs.Constant:
         """A constant to be saved as a sparse initializer (its zeros are not stored)."""
@@ -73,11 +74,11 @@ class _Emitter:
         return tensor
 
     def tensor(self, role: str) -> gs.Variable:
-        return gs.Variable(self.namer(self.node.name, role))
+        return gs.Variable(self.namer(self.base, role))
 
     def op(self, op: str, role: str, inputs, output: Optional[gs.Tensor] = None, **attrs) -> gs.Tensor:
         out = output if output is not None else self.tensor(role)
-        self.nodes.append(gs.Node(op=op, name=self.namer(self.node.name, role), attrs=attrs,
+        self.nodes.append(gs.Node(op=op, name=self.namer(self.base, role), attrs=attrs,
                                   inputs=list(inputs), outputs=[out]))
         return out
 

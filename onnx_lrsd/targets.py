@@ -270,6 +270,30 @@ def _chain_head(second: LayerTarget, node: gs.Node, graph: gs.Graph) -> Optional
     return first
 
 
+def _kernel(node: Optional[gs.Node]) -> Optional[Tuple[int, ...]]:
+    if node is None or node.op != "Conv" or len(node.inputs) < 2 or getattr(node.inputs[1], "shape", None) is None:
+        return None
+    return tuple(node.inputs[1].shape[2:])
+
+
+def _in_spatial_chain(node: gs.Node) -> bool:
+    """A k×1 conv feeding only a 1×k conv (or that 1×k conv): a spatial chain, which is not
+    re-factored (its parts alone would only grow longer chains)."""
+    def vertical(n):
+        k = _kernel(n)
+        return k is not None and len(k) == 2 and k[0] > 1 and k[1] == 1
+
+    def horizontal(n):
+        k = _kernel(n)
+        return k is not None and len(k) == 2 and k[0] == 1 and k[1] > 1
+
+    out = node.outputs[0] if node.outputs else None
+    if vertical(node) and out is not None and len(out.outputs) == 1 and horizontal(out.outputs[0]):
+        return True
+    x = node.inputs[0] if node.inputs else None
+    return horizontal(node) and x is not None and len(x.inputs) == 1 and len(x.outputs) == 1 and vertical(x.inputs[0])
+
+
 def chain_target(second: LayerTarget, node: gs.Node, graph: gs.Graph) -> Optional[LayerTarget]:
     """`second` widened to the whole chain ending in `node`, or None when there is none."""
     first = _chain_head(second, node, graph)
@@ -310,6 +334,8 @@ def classify(node: gs.Node, graph: gs.Graph) -> Union[LayerTarget, SkippedLayer,
     adapter = ADAPTERS.get(node.op)
     if adapter is None:
         return None
+    if node.op == "Conv" and _in_spatial_chain(node):
+        return SkippedLayer(node.name, node.op, "part of a spatial (k×1, 1×k) chain, which is not re-factored")
     try:
         target = adapter(node, graph)
     except NotATarget as reason:

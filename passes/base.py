@@ -50,6 +50,7 @@ class PassContext:
     calibration: List[Feeds] = field(default_factory=list)
     statistics: Dict[str, LayerStatistics] = field(default_factory=dict)
     output_errors: Dict[str, float] = field(default_factory=dict)
+    verified_on: str = ""
     timings: Dict[str, float] = field(default_factory=dict)
     sparse_initializers: List[str] = field(default_factory=list)
 

@@ -1,38 +1,41 @@
 """Run the original and the compressed model in onnxruntime on the same inputs."""
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_lrsd.activations import split_holdout
-from onnx_lrsd.bench import make_session, relative_output_errors, run_outputs
+from onnx_lrsd.bench import output_errors_on
 from onnx_lrsd.feeds import random_feeds
 from onnx_lrsd.graph import export_model
 
 from .base import Pass, PassContext, PassResult
 
 
+UNHELD_BATCHES = 2
+"""Calibration batches verified on when none are held out."""
+
+
 class VerifyOutputsPass(Pass):
     """Fills `ctx.output_errors`: ‖y − y′‖ / ‖y‖ per graph output, over the held-out
-    calibration batches when there are any, else on seeded random inputs (batch
-    `config.verify_batch`, symbolic dims from `config.dims`)."""
+    calibration batches when there are any, else over the first calibration batches (seen by
+    the fit), else on seeded random inputs (batch `config.verify_batch`, symbolic dims from
+    `config.dims`); `ctx.verified_on` says which."""
 
     name = "verify_outputs"
     requires = ("cleanup_graph",)
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = ctx.config
-        batches = split_holdout(ctx.calibration, config.holdout_every)[1] or [
-            random_feeds(ctx.source, batch=config.verify_batch, dims=dict(config.dims), seed=config.seed)]
+        held_out = split_holdout(ctx.calibration, config.holdout_every)[1]
+        if held_out:
+            batches, ctx.verified_on = held_out, "held-out calibration batches"
+        elif ctx.calibration:
+            batches, ctx.verified_on = ctx.calibration[:UNHELD_BATCHES], "calibration batches (none held out)"
+        else:
+            batches = [random_feeds(ctx.source, batch=config.verify_batch, dims=dict(config.dims), seed=config.seed)]
+            ctx.verified_on = "random inputs"
         names = [o.name for o in ctx.source.graph.output]
-        original = make_session(ctx.source, threads=1)
-        compressed = make_session(export_model(graph, ctx.template, ctx.sparse_initializers), threads=1)
-        reference, outputs = [], []
-        for feeds in batches:
-            reference.append(run_outputs(original, feeds))
-            outputs.append(run_outputs(compressed, feeds))
-        stacked = [[np.concatenate([np.ravel(run[i]) for run in runs]) for i in range(len(names))]
-                   for runs in (reference, outputs)]
-        ctx.output_errors = relative_output_errors(stacked[0], stacked[1], names)
+        compressed = export_model(graph, ctx.template, ctx.sparse_initializers)
+        ctx.output_errors = output_errors_on(ctx.source, compressed, batches, names)
         return PassResult(graph, modified=False, stats={"outputs": len(names), "batches": len(batches)})
 
