@@ -228,3 +228,92 @@ def test_without_calibration_the_allocation_is_data_free_and_unprobed():
 def test_target_settings_are_validated(options, message):
     with pytest.raises(LrsdError, match=message):
         CompressConfig(**options)
+
+
+# ---------------------------------------------------------------------------------------------
+# chains, stages, EVBMF, metric and sweep
+
+
+def test_a_compressed_model_is_re_factored_chain_by_chain_without_growing():
+    model = two_layer_model()
+    first = compress(model, calibration=calibration(), keep=0.5, min_layer_share=0.0)
+    again = compress(first.model, calibration=calibration(), keep=0.5, min_layer_share=0.0)
+    ops = [n.op_type for n in again.model.graph.node]
+    assert ops.count("MatMul") == 4  # two chains of two, not chains of chains
+    layers = {layer.name.split("/lrsd/")[0]: layer for layer in again.report.layers}
+    assert set(layers) == {"fc0", "fc1"} and len(again.report.layers) == 2
+    for before in first.report.layers:
+        after = layers[before.name]
+        assert after.params_before == before.params_after  # the chain's own params, not the dense layer's
+        assert after.ranks[0] <= before.ranks[0] // 2 + 1
+    assert all(n.name.startswith(("fc0/lrsd", "fc1/lrsd", "relu")) for n in again.model.graph.node)
+
+
+def test_a_full_rank_refactoring_of_a_chain_is_exact():
+    first = compress(two_layer_model(), keep=0.5, min_layer_share=0.0, dims=(("n", 4),))
+    again = compress(first.model, overrides=(LayerOverride("*", rank="full"),), dims=(("n", 4),))
+    assert output_error(first.model, again.model) < 1e-5
+
+
+def test_stages_reach_the_keep_and_report_each_stage_against_the_original():
+    model = two_layer_model()
+    result = compress(model, calibration=calibration(), keep=0.25, stages=2, min_layer_share=0.0, calib_batch=32)
+    report = result.report
+    assert [s.stage for s in report.stages] == [1, 2]
+    assert report.stages[0].params_ratio > report.stages[1].params_ratio
+    assert report.params_ratio == pytest.approx(report.stages[1].params_ratio)
+    assert report.before.params == 2 * 96 * 96
+    assert report.output_errors["y"] == pytest.approx(output_error_on_holdout(model, result.model), rel=1e-6)
+
+
+def output_error_on_holdout(original, compressed):
+    from onnx_lrsd.activations import split_holdout
+    from onnx_lrsd.bench import output_errors_on
+    return output_errors_on(original, compressed, split_holdout(calibration(), 5)[1], ["y"])["y"]
+
+
+def test_stages_reach_a_params_target():
+    report = compress(two_layer_model(), calibration=calibration(), target_params=0.3, stages=2,
+                      min_layer_share=0.0).report
+    assert report.params_ratio <= 0.3 + 1e-9 and len(report.stages) == 2
+
+
+def test_stages_refuse_latency_and_error_targets():
+    with pytest.raises(LrsdError, match="stages work with"):
+        compress(two_layer_model(), calibration=calibration(), max_error=0.1, stages=2)
+
+
+def test_evbmf_ranks_find_the_rank_of_a_noisy_low_rank_layer():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((96, 5)) @ rng.standard_normal((5, 96)) + 0.01 * rng.standard_normal((96, 96)))
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")
+    model = make_model([node], [("x", F, ["n", 96])], [("y", F, ["n", 96])], {"w": w.astype(np.float32)})
+    plain = compress(model, evbmf=1.0, keep=1.0, min_rank=1, min_layer_share=0.0, dims=(("n", 4),)).report
+    assert plain.layers[0].ranks == (5,)
+    weakened = compress(model, evbmf=0.5, keep=1.0, min_rank=1, min_layer_share=0.0, dims=(("n", 4),)).report
+    assert weakened.layers[0].method == "dense"  # R − 0.5·(R − 5) = 50 does not save parameters
+
+
+def test_metric_target_keeps_the_metric_within_the_drop():
+    model = two_layer_model()
+    feeds = calibration(n_batches=1, batch=64, seed=21)[0]
+    reference = run(model, feeds)[0]
+
+    def agreement(candidate):  # share of rows whose arg-max output is unchanged
+        return float(np.mean(run(candidate, feeds)[0].argmax(1) == reference.argmax(1)))
+
+    result = compress(model, calibration=calibration(), metric=agreement, max_metric_drop=0.1, min_layer_share=0.0)
+    assert agreement(result.model) >= 0.9
+    assert result.report.allocation.metric == pytest.approx(agreement(result.model))
+    assert result.report.params_ratio < 0.9
+    with pytest.raises(LrsdError, match="go together"):
+        compress(model, metric=agreement)
+
+
+def test_sweep_points_meet_their_targets_and_mark_the_pareto_front():
+    from onnx_lrsd.api import sweep
+    report = sweep(two_layer_model(), (0.6, 0.3), calibration=calibration(), min_layer_share=0.0)
+    assert [p.target_params for p in report.points] == [0.6, 0.3]
+    assert all(p.params_ratio <= p.target_params + 1e-9 and p.speedup > 0 for p in report.points)
+    assert report.points[0].output_error < report.points[1].output_error
+    assert any(p.pareto for p in report.points)

@@ -110,6 +110,10 @@ def test_bad_model_one_line_error_no_output(runner, tmp_path, content, message):
     (["--keep", "1.5"], "keep must be in (0, 1]"),
     (["--rank", "nolayer=4"], "config names no layer"),
     (["--calib", "/nonexistent.npz"], "does not exist"),
+    (["--target-params", "0.5", "--max-error", "0.1"], "choose one target"),
+    (["--target-latency", "0.5"], "must be > 1"),
+    (["--target-params", "0.01", "--calib", "random"], "unreachable"),
+    (["--evbmf", "2"], "evbmf"),
 ])
 def test_bad_options_exit_1(runner, tmp_path, args, message):
     out = tmp_path / "out.onnx"
@@ -171,3 +175,35 @@ def test_bench_refuses_a_batch_the_model_cannot_take(runner, tmp_path):
     result = runner.invoke(main, ["bench", str(fixed), str(fixed), "--batch", "8", "--runs", "3"])
     assert result.exit_code == 1 and "fixes its batch size to 1" in result.output
     assert runner.invoke(main, ["bench", str(fixed), str(fixed), "--batch", "1", "--runs", "3"]).exit_code == 0
+
+
+def test_compress_to_a_params_target_reports_the_allocation(runner, tmp_path):
+    out = tmp_path / "d.onnx"
+    result = runner.invoke(main, ["compress", str(DIGITS), "-o", str(out), "--calib", str(DIGITS_CALIB),
+                                  "--calib-samples", "64", "--target-params", "0.2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["params_ratio"] <= 0.2
+    assert report["allocation"]["target"] == "params" and report["allocation"]["sensitivity"] is True
+    assert out.is_file()
+
+
+def test_sweep_writes_table_json_and_plot(runner, tmp_path):
+    out = tmp_path / "sweep"
+    result = runner.invoke(main, ["sweep", str(DIGITS), "-o", str(out), "--calib", str(DIGITS_CALIB),
+                                  "--calib-samples", "64", "--points", "0.5,0.2", "--save-models", "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "sweep.json").read_text())
+    assert [p["target_params"] for p in data["points"]] == [0.5, 0.2]
+    assert all(p["params_ratio"] <= p["target_params"] for p in data["points"])
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["params-0.2.onnx", "params-0.5.onnx"]
+    assert "| 0.5 |" in (out / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("points, message", [("0,0.5", "(0, 1]"), ("a,b", "comma-separated")])
+def test_sweep_rejects_bad_points_before_any_work(runner, tmp_path, points, message):
+    out = tmp_path / "sweep"
+    result = runner.invoke(main, ["sweep", str(DIGITS), "-o", str(out), "--points", points])
+    assert result.exit_code == 1 and message in result.output
+    assert not out.exists()
