@@ -207,3 +207,14 @@ def test_sweep_rejects_bad_points_before_any_work(runner, tmp_path, points, mess
     result = runner.invoke(main, ["sweep", str(DIGITS), "-o", str(out), "--points", points])
     assert result.exit_code == 1 and message in result.output
     assert not out.exists()
+
+
+def test_compress_in_stages_reports_every_stage(runner, tmp_path):
+    out = tmp_path / "d.onnx"
+    result = runner.invoke(main, ["compress", str(DIGITS), "-o", str(out), "--calib", str(DIGITS_CALIB),
+                                  "--calib-samples", "64", "--keep", "0.25", "--stages", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [s["stage"] for s in report["stages"]] == [1, 2]
+    assert report["stages"][1]["params_ratio"] < report["stages"][0]["params_ratio"]
+    assert report["params_ratio"] == report["stages"][1]["params_ratio"]
