@@ -145,14 +145,16 @@ def _finish(prepared, ctx, done, correction: float = 1.0, **changes):
     """Allocate (with a target), fit, rewrite, clean up and verify on a copy of the prepared
     graph and a fresh copy of the context (`changes`: config fields of this round): returns
     (context, compressed model)."""
-    from .passes import (AllocateBudgetPass, CleanupGraphPass, DecomposeWeightsPass, PassManager,
-                         ReconstructFeatureMapsPass, RewriteLowRankPass, VerifyOutputsPass)
+    from .passes import (AllocateBudgetPass, CleanupGraphPass, DecomposeWeightsPass, FilterResidualSharesPass,
+                         MeasureLayerLatencyPass, PassManager, ReconstructFeatureMapsPass, RewriteLowRankPass,
+                         VerifyOutputsPass)
 
     ctx = dataclasses.replace(ctx, plans=dict(ctx.plans), plan_options=dict(ctx.plan_options), factorizations={},
                               output_errors={}, sparse_initializers=[], allocation=None, timings=dict(ctx.timings),
+                              layer_latency={},
                               config=ctx.config.replace(**changes) if changes else ctx.config)
-    passes = [AllocateBudgetPass(correction), ReconstructFeatureMapsPass(), DecomposeWeightsPass(),
-              RewriteLowRankPass(), CleanupGraphPass()]
+    passes = [AllocateBudgetPass(correction), FilterResidualSharesPass(), ReconstructFeatureMapsPass(),
+              DecomposeWeightsPass(), RewriteLowRankPass(), MeasureLayerLatencyPass(), CleanupGraphPass()]
     if ctx.config.verify:
         passes.append(VerifyOutputsPass())
     graph = PassManager(passes, done=done).run(prepared.copy(), ctx)
@@ -163,7 +165,7 @@ def _compress_to_latency(prepared, ctx, done):
     """Rounds of allocation until the written model's measured speedup is within
     `LATENCY_TOLERANCE` of the target: the measured savings rescale the predicted ones."""
     from .bench import compare_latency
-    from .passes.allocate_budget import deployment_feed
+    from .passes.deployment import deployment_feed
 
     config = ctx.config
     wanted = config.target_latency
@@ -311,7 +313,7 @@ def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Op
     `keep_models`, the compressed models in the order of the points."""
     from .bench import compare_latency
     from .passes import CollectActivationsPass, FindTargetsPass, NameNodesPass, PassManager, SelectRanksPass
-    from .passes.allocate_budget import deployment_feed
+    from .passes.deployment import deployment_feed
     from .report import SweepPoint, SweepReport
 
     config = (config or CompressConfig()).replace(**options) if options else (config or CompressConfig())
@@ -408,4 +410,4 @@ def _layer_reports(ctx):
                           macs_before=plan.dense.macs, macs_after=plan.cost.macs, reason=plan.reason,
                           data_error=fact.data_error if fact else None,
                           residual=residual.structure if residual else "",
-                          residual_size=residual.size if residual else 0)
+                          residual_size=residual.size if residual else 0, latency=ctx.layer_latency.get(name))

@@ -102,6 +102,10 @@ class CompressConfig:
     evbmf: if set, each layer's rank comes from EVBMF (MUSCO) weakened by this factor in
         [0, 1]: r = R − evbmf·(R − r_EVBMF) (0 keeps the full rank R, 1 is plain EVBMF),
         still capped by the `keep` budget.
+    layer_latency: measure each factorized layer in onnxruntime (dense, as written and, with a
+        residual, its chain alone) at `latency_batch` and `latency_threads` for the report.
+        With ``sparse_share="auto"`` the shares whose residual would add more than
+        `residual_latency_limit` to the chain's time are not tried (measured the same way).
     stages: compress in this many stages (MUSCO), each cutting further and refitting on the
         current compressed model; the target or keep is reached at the last stage.
     blas_threads: BLAS threads of the numpy/scipy fits (None: the library's default). One is
@@ -143,6 +147,8 @@ class CompressConfig:
     sensitivity: bool = True
     evbmf: Optional[float] = None
     stages: int = 1
+    layer_latency: bool = False
+    residual_latency_limit: float = 0.25
 
     @property
     def target(self) -> Optional[Tuple[str, float]]:
@@ -207,6 +213,8 @@ class CompressConfig:
         for name in ("latency_batch", "latency_threads", "stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LrsdError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.residual_latency_limit, (int, float)) and self.residual_latency_limit >= 0):
+            raise LrsdError(f"residual_latency_limit must be >= 0, got {self.residual_latency_limit!r}")
         if self.evbmf is not None and (isinstance(self.evbmf, bool) or not isinstance(self.evbmf, (int, float))
                                        or not 0 <= self.evbmf <= 1):
             raise LrsdError(f"evbmf (the weakening factor) must be in [0, 1], got {self.evbmf!r}")

@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .config import AUTO_SHARE, AUTO_SHARES
+from .config import AUTO_SHARE
 from .decompose import (
     LowRankFactors,
     LowRankSparse,
@@ -82,10 +82,10 @@ def fit_low_rank_sparse(w: np.ndarray, gram: Optional[np.ndarray], request: Spar
                         seed: int = 0) -> Union[LowRankFactors, LowRankSparse]:
     """W ≈ L + S within `budget` parameters, min ‖X(W − L − S)‖² + μ‖W − L − S‖² (G = XᵀX;
     None: G = I, the weight error). A fixed share splits the budget (`split_budget`); "auto"
-    fits every share of `AUTO_SHARES` and keeps the lowest error on `eval_gram` (held-out
+    fits every share of `request.auto_shares` and keeps the lowest error on `eval_gram` (held-out
     statistics; default `gram`). An empty residual comes back as plain `LowRankFactors`."""
     if request.share == AUTO_SHARE:
-        fit = best_split(w, gram, budget, AUTO_SHARES, request.structure, ridge, eval_gram=eval_gram, seed=seed).fit
+        fit = best_split(w, gram, budget, request.auto_shares, request.structure, ridge, eval_gram=eval_gram, seed=seed).fit
     else:
         rank, sparse_budget = split_budget(*w.shape, budget, request.share, request.structure)
         fit = lrsd_fit(w, gram, rank, sparse_budget, request.structure, ridge, seed=seed)

@@ -25,16 +25,20 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .bench import make_session, time_sessions
 from .cost import full_ranks
-from .decompose import LowRankFactors, Tucker2Factors
+from .decompose import LowRankFactors, LowRankSparse, SparseResidual, Tucker2Factors
 from .factorize import LayerFactorization
 from .graph import export_model, import_graph, model_template
+from .rank_select import sparse_applies
 from .rewrite import rewrite_layers
 from .targets import LayerTarget, classify
 
 log = logging.getLogger(__name__)
 
 Candidate = Tuple[str, Tuple[int, ...]]
-KINDS = {"MatMul": ("dense", "svd"), "Gemm": ("dense", "svd"), "Conv": ("dense", "channel", "spatial", "tucker2")}
+KINDS = {"MatMul": ("dense", "svd", "svd+rows"), "Gemm": ("dense", "svd", "svd+rows"),
+         "Conv": ("dense", "channel", "spatial", "tucker2", "channel+rows")}
+"""Candidate kinds per op; "<kind>+rows" is the chain with a residual of k input rows, ranks (r, k)."""
+RESIDUAL = "+rows"
 LAYER = "layer"
 
 DEFAULT: object = object()
@@ -114,6 +118,10 @@ def _random_factors(t: LayerTarget, kind: str, ranks: Tuple[int, ...], rng: np.r
         return Tucker2Factors(randn(t.in_channels, r_in), randn(r_out, r_in, *t.conv.kernel_shape),
                               randn(t.out_channels, r_out))
     n, m = t.in_features, t.out_features
+    if kind.endswith(RESIDUAL):
+        rank, k = ranks
+        rows = np.sort(rng.choice(n, size=k, replace=False))
+        return LowRankSparse(LowRankFactors(randn(n, rank), randn(rank, m)), SparseResidual.from_rows(rows, randn(k, m)))
     if kind == "spatial":
         kh, kw = t.conv.kernel_shape
         n, m = t.in_channels * kh, t.out_channels * kw
@@ -132,7 +140,7 @@ def candidate_model(target: LayerTarget, input_shape: Sequence[int], candidate: 
     layer = classify(next(n for n in graph.nodes if n.name == LAYER), graph)
     if not isinstance(layer, LayerTarget):
         raise ValueError(f"{target.name}: the one-layer model is not a target ({layer})")
-    fact = LayerFactorization(LAYER, kind, _random_factors(layer, kind, tuple(ranks), np.random.default_rng(seed)))
+    fact = LayerFactorization(LAYER, kind.replace(RESIDUAL, ""), _random_factors(layer, kind, tuple(ranks), np.random.default_rng(seed)))
     sparse = rewrite_layers(graph, {LAYER: layer}, [fact])
     return export_model(graph, model_template(dense), sparse)
 
@@ -163,7 +171,10 @@ def check_request(target: LayerTarget, input_shape: Sequence[int], candidates: S
         if kind not in KINDS.get(target.op, ()) or (kind == "spatial" and len(target.conv.kernel_shape) != 2):
             raise ValueError(f"{target.name}: candidate kind {kind!r} does not apply to a {target.op} "
                              f"(choose from {', '.join(KINDS.get(target.op, ()))}; spatial needs a 2-D conv)")
-        limits = () if kind == "dense" else full_ranks(target, kind)
+        if kind.endswith(RESIDUAL) and not sparse_applies(target, kind.replace(RESIDUAL, "")):
+            raise ValueError(f"{target.name}: a rows residual does not apply to this {target.op}")
+        limits = () if kind == "dense" else full_ranks(target, kind.replace(RESIDUAL, "")) + (
+            (target.in_features,) if kind.endswith(RESIDUAL) else ())
         if not isinstance(ranks, tuple) or len(ranks) != len(limits) or not all(
                 isinstance(r, (int, np.integer)) and not isinstance(r, bool) and 1 <= r <= lim
                 for r, lim in zip(ranks, limits)):

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
-from .config import FULL_RANK, CompressConfig
+from .config import AUTO_SHARES, FULL_RANK, CompressConfig
 from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks, residual_cost
 from .decompose import evbmf_rank, rank_for_energy, singular_values, spatial_matrix, weakened_rank
 from .targets import LayerTarget
@@ -19,10 +19,12 @@ DENSE = "dense"
 
 @dataclass(frozen=True)
 class SparseRequest:
-    """A sparse residual wanted for a layer: `share` of its budget (a float, or "auto")."""
+    """A sparse residual wanted for a layer: `share` of its budget (a float, or "auto": the
+    best of `auto_shares`, which a latency check may narrow)."""
 
     share: Union[float, str]
     structure: str
+    auto_shares: Tuple[float, ...] = AUTO_SHARES
 
 
 @dataclass(frozen=True)
@@ -146,10 +148,11 @@ def candidate_plans(target: LayerTarget, config: CompressConfig, total_params: i
     both params and MACs at the layer's budget (a data-aware fit then keeps the one with the
     lowest error), a single forced plan, or a single dense plan with the reason. Plans ask for
     a sparse residual within the same budget when `config.sparse_share` is set."""
-    return [_with_residual(plan, target, config) for plan in _low_rank_plans(target, config, total_params)]
+    return [with_sparse_request(plan, target, config) for plan in _low_rank_plans(target, config, total_params)]
 
 
-def _with_residual(plan: LayerPlan, target: LayerTarget, config: CompressConfig) -> LayerPlan:
+def with_sparse_request(plan: LayerPlan, target: LayerTarget, config: CompressConfig) -> LayerPlan:
+    """`plan` asking for the configured sparse residual within its budget, where one applies."""
     if plan.factorized and config.sparse_share != 0 and sparse_applies(target, plan.method):
         return dataclasses.replace(plan, sparse=SparseRequest(config.sparse_share, config.sparse_structure))
     return plan

@@ -52,6 +52,21 @@ class ModelStats:
 
 
 @dataclass(frozen=True)
+class LayerLatency:
+    """A layer's median time alone in onnxruntime: dense, as written, and (with a rows
+    residual) the plain chain of the same parameter budget."""
+
+    dense_ms: float
+    ms: float
+    chain_ms: Optional[float] = None
+
+    @property
+    def residual_share(self) -> Optional[float]:
+        """What the L + S layer costs over the plain chain of its budget (0.1: +10%)."""
+        return None if self.chain_ms is None else self.ms / self.chain_ms - 1
+
+
+@dataclass(frozen=True)
 class LayerReport:
     """What happened to one target (`method` "dense" with a `reason` when left as is).
 
@@ -72,6 +87,7 @@ class LayerReport:
     data_error: Optional[float] = None
     residual: str = ""
     residual_size: int = 0
+    latency: Optional[LayerLatency] = None
 
     @property
     def ranks_text(self) -> str:
@@ -118,6 +134,13 @@ class AllocationSummary:
             line += (f"; measured speedup {self.measured_speedup:.3f}x at batch {self.batch}, {self.threads} threads"
                      f" ({self.rounds} round{'s' if self.rounds > 1 else ''})")
         return line
+
+
+def _latency_text(latency: Optional[LayerLatency]) -> str:
+    if latency is None:
+        return ""
+    text = f"{latency.dense_ms:.3f}>{latency.ms:.3f}"
+    return text + (f" ({latency.residual_share:+.0%})" if latency.chain_ms is not None else "")
 
 
 @dataclass(frozen=True)
@@ -202,12 +225,15 @@ class CompressionReport:
 
     def layer_table(self) -> str:
         width = max([len(layer.name) for layer in self.layers] + [5])
-        lines = [f"{'layer':<{width}}  {'op':<6} {'method':<8} {'ranks':<10} {'params':>21} {'MACs':>25}  error"]
+        timed = any(layer.latency is not None for layer in self.layers)
+        lines = [f"{'layer':<{width}}  {'op':<6} {'method':<8} {'ranks':<10} {'params':>21} {'MACs':>25}  "
+                 + ("ms dense>after (residual)  " if timed else "") + "error"]
         for layer in self.layers:
             error = f"{layer.data_error:.3e}" if layer.data_error is not None else ""
             lines.append(f"{layer.name:<{width}}  {layer.op:<6} {layer.method:<8} {layer.ranks_text:<10} "
                          f"{layer.params_before:>10,}>{layer.params_after:<10,} "
-                         f"{layer.macs_before:>12,}>{layer.macs_after:<12,}  {error or layer.reason}")
+                         f"{layer.macs_before:>12,}>{layer.macs_after:<12,}  "
+                         + (f"{_latency_text(layer.latency):<26} " if timed else "") + f"{error or layer.reason}")
         return "\n".join(lines)
 
 

@@ -4,7 +4,9 @@ from .base import Pass, PassContext, PassManager, PassResult
 from .cleanup_graph import CleanupGraphPass
 from .collect_activations import CollectActivationsPass
 from .decompose_weights import DecomposeWeightsPass
+from .filter_residual_shares import FilterResidualSharesPass
 from .find_targets import FindTargetsPass
+from .measure_layer_latency import MeasureLayerLatencyPass
 from .name_nodes import NameNodesPass
 from .reconstruct_feature_maps import ReconstructFeatureMapsPass
 from .rewrite_low_rank import RewriteLowRankPass
@@ -14,6 +16,6 @@ from .verify_outputs import VerifyOutputsPass
 __all__ = [
     "Pass", "PassContext", "PassManager", "PassResult",
     "NameNodesPass", "FindTargetsPass", "SelectRanksPass", "CollectActivationsPass", "AllocateBudgetPass",
-    "ReconstructFeatureMapsPass", "DecomposeWeightsPass",
-    "RewriteLowRankPass", "CleanupGraphPass", "VerifyOutputsPass",
+    "FilterResidualSharesPass", "ReconstructFeatureMapsPass", "DecomposeWeightsPass",
+    "RewriteLowRankPass", "MeasureLayerLatencyPass", "CleanupGraphPass", "VerifyOutputsPass",
 ]

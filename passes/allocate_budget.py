@@ -7,22 +7,22 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.activations import ActivationRunner, split_holdout
+from onnx_lrsd.activations import split_holdout
 from onnx_lrsd.allocate import Allocation, Option, allocate_budget, allocate_damage
 from onnx_lrsd.bench import make_session, run_outputs, time_sessions
 from onnx_lrsd.cost import count_params, model_macs
 from onnx_lrsd.error_curves import LayerCandidate, layer_candidates
 from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.factorize import factorize_data_aware
-from onnx_lrsd.feeds import random_feeds
 from onnx_lrsd.graph import export_model
 from onnx_lrsd.latency import LatencyModel, interpolate_latency
-from onnx_lrsd.rank_select import LayerPlan, dense_plan
+from onnx_lrsd.rank_select import LayerPlan, dense_plan, with_sparse_request
 from onnx_lrsd.report import AllocationSummary
 from onnx_lrsd.rewrite import rewrite_layers
 from onnx_lrsd.targets import LayerTarget
 
 from .base import Pass, PassContext, PassResult
+from .deployment import deployment_feed, input_shapes
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ class AllocateBudgetPass(Pass):
                 ctx.plans[name] = dense_plan(target, "the global allocation keeps it dense")
             else:
                 c = options[index - 1]
-                ctx.plans[name] = LayerPlan(name, target.op, c.method, c.ranks, c.cost, ctx.plans[name].dense)
+                ctx.plans[name] = with_sparse_request(
+                    LayerPlan(name, target.op, c.method, c.ranks, c.cost, ctx.plans[name].dense), target, config)
             ctx.plan_options.pop(name, None)
         factorized = sum(ctx.plans[n].factorized for n in names)
         ctx.allocation = AllocationSummary(
@@ -93,7 +94,7 @@ class AllocateBudgetPass(Pass):
     def _latency(self, ctx: PassContext, names: List[str], curves, damages, speedup: float):
         config = ctx.config
         feed = deployment_feed(ctx)
-        shapes = _input_shapes(ctx, names, feed)
+        shapes = input_shapes(ctx, names, feed)
         original_ms = _model_ms(ctx, feed)
         model = LatencyModel(threads=config.latency_threads)
         memo: Dict[tuple, Tuple[float, List[float]]] = {}
@@ -197,22 +198,6 @@ def layer_sensitivities(graph: gs.Graph, ctx: PassContext, curves: Dict[str, Lis
         weights[name] = (err / max(ref, TINY)) / max(probe.error ** 2, TINY)
         log.debug("sensitivity %s: %.4g", name, weights[name])
     return weights
-
-
-def deployment_feed(ctx: PassContext) -> Dict[str, np.ndarray]:
-    """Inputs at `latency_batch`: the first calibration batch cut or cycled along axis 0
-    (taken as the batch axis), else seeded random inputs."""
-    batch = ctx.config.latency_batch
-    if not ctx.calibration:
-        return random_feeds(ctx.source, batch=batch, dims=dict(ctx.config.dims), seed=ctx.config.seed)
-    first = ctx.calibration[0]
-    return {k: np.asarray(v)[np.arange(batch) % len(v)] for k, v in first.items()}
-
-
-def _input_shapes(ctx: PassContext, names: List[str], feed) -> Dict[str, Tuple[int, ...]]:
-    tensors = sorted({ctx.targets[n].activation for n in names})
-    values = ActivationRunner(ctx.source, tensors).run(feed)
-    return {n: tuple(int(d) for d in values[ctx.targets[n].activation].shape) for n in names}
 
 
 def _model_ms(ctx: PassContext, feed) -> float:

@@ -16,7 +16,7 @@ from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.error_curves import LayerCandidate
 from onnx_lrsd.factorize import LayerFactorization
 from onnx_lrsd.rank_select import LayerPlan, Residual
-from onnx_lrsd.report import AllocationSummary
+from onnx_lrsd.report import AllocationSummary, LayerLatency
 from onnx_lrsd.targets import LayerTarget, SkippedLayer
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class PassContext:
     statistics: Dict[str, LayerStatistics] = field(default_factory=dict)
     output_errors: Dict[str, float] = field(default_factory=dict)
     verified_on: str = ""
+    layer_latency: Dict[str, LayerLatency] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
     sparse_initializers: List[str] = field(default_factory=list)
 

@@ -248,3 +248,49 @@ def test_cli_rejects_bad_sparse_options_as_usage_errors(tmp_path, args):
     result = CliRunner().invoke(main, ["compress", str(source), "-o", str(tmp_path / "o.onnx"), *args])
     assert result.exit_code == 2
     assert "sparse" in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# What a residual costs in time: the automatic share's latency check and the per-layer report
+# --------------------------------------------------------------------------------------------
+def _calibration(n_in, batches=3, rows=32, seed=5):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((rows, n_in)).astype(np.float32)} for _ in range(batches)]
+
+
+def test_auto_share_keeps_only_residuals_within_the_latency_limit(monkeypatch):
+    from onnx_lrsd import latency
+
+    def fake_measure(self, target, shape, candidates):
+        # the plain chain 1 ms; a residual of k rows costs 1 + k/4 ms
+        return [1.0 if kind in ("svd", "dense") else 1.0 + ranks[1] / 4.0 for kind, ranks in candidates]
+
+    monkeypatch.setattr(latency.LatencyModel, "measure", fake_measure)
+    model = matmul_model(x_shape=("n", 24), n=16)
+    report = compress(model, calibration=_calibration(24), keep=0.5, sparse_share="auto", min_layer_share=0.0,
+                      calib_batch=32).report
+    (layer,) = report.layers
+    assert layer.residual == "" or layer.residual_size <= 1  # a residual of 1 row costs +25%, 2 rows +50%
+
+
+def test_layer_latency_is_reported_for_chains_and_residuals():
+    model = matmul_model(x_shape=("n", 48), n=40)
+    report = compress(model, calibration=_calibration(48), keep=0.6, sparse_share=0.3, min_layer_share=0.0,
+                      calib_batch=32, layer_latency=True).report
+    (layer,) = report.layers
+    assert layer.residual == "rows" and layer.latency is not None
+    assert layer.latency.dense_ms > 0 and layer.latency.ms > 0 and layer.latency.chain_ms > 0
+    assert "ms dense>after" in report.layer_table()
+
+
+def test_latency_model_times_the_residual_chain_as_written():
+    from onnx_lrsd.latency import LatencyModel, candidate_model
+
+    model = matmul_model(x_shape=(8, 24), n=16)
+    ctx = _context(model, CompressConfig())
+    PassManager([NameNodesPass(), FindTargetsPass()]).run(import_graph(model), ctx)
+    (target,) = ctx.targets.values()
+    written = candidate_model(target, (8, 24), ("svd+rows", (4, 3)))
+    assert [n.op_type for n in written.graph.node] == ["MatMul", "Gather", "Concat", "MatMul"]
+    with pytest.raises(ValueError, match="ranks"):  # 30 rows of a 24-row weight
+        LatencyModel(cache_path=None).measure(target, (8, 24), [("svd+rows", (4, 30))])
