@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -37,10 +38,10 @@ TINY = 1e-12
 
 class AllocateBudgetPass(Pass):
     """Replaces the plans of `ctx.allocatable` by a global allocation (CMD): each layer's
-    candidates (kind × rank, `error_curves`) get a predicted damage w_l·e_l² — e_l the relative
-    reconstruction error from the calibration statistics, w_l the layer's sensitivity (the
-    model's squared relative output error per unit of e_l², measured in onnxruntime by
-    compressing that layer alone) — and a cost (params, MACs, or latency measured per candidate
+    candidates (kind × rank, `error_curves`) get a predicted damage D_l(e_l) — e_l the relative
+    reconstruction error from the calibration statistics, D_l the layer's `Sensitivity` (the
+    model's squared relative output error, measured in onnxruntime by compressing that layer
+    alone at two errors) — and a cost (params, MACs, or latency measured per candidate
     shape by `LatencyModel`); `onnx_lrsd.allocate` picks the least total damage for the budget
     (or the fewest params within `max_error`). Dense is always an option.
 
@@ -67,8 +68,8 @@ class AllocateBudgetPass(Pass):
         probed = config.sensitivity and bool(ctx.calibration)
         if probed and not ctx.sensitivities:
             ctx.sensitivities.update(layer_sensitivities(graph, ctx, curves))  # shared with later rounds
-        weights = ctx.sensitivities if probed else {name: 1.0 for name in names}
-        damages = {name: [weights[name] * c.error ** 2 for c in curves[name]] for name in names}
+        sensitivity = ctx.sensitivities if probed else {name: UNIT for name in names}
+        damages = {name: [sensitivity[name].at(c.error) for c in curves[name]] for name in names}
         if kind == "latency":
             allocation, predicted = self._latency(ctx, names, curves, damages, value)
         else:
@@ -157,47 +158,87 @@ def _gram(ctx: PassContext, name: str) -> Optional[np.ndarray]:
     return None if stats is None else np.asarray(stats.fit.gram)
 
 
-PROBE_ERROR = 0.25
-"""Reconstruction error at which a layer's sensitivity is read: large enough to rise above
-float32 noise at the outputs, small enough to stay in the near-linear regime."""
+PROBE_ERRORS = (0.1, 0.4)
+"""Reconstruction errors at which a layer's sensitivity is read: above float32 noise at the
+outputs, and far enough apart to see how fast the damage grows (softmax attention, CTC
+decoding and ReLUs make it grow faster than e² at large errors)."""
+
+MAX_EXPONENT = 8.0
 
 
-def probe_candidate(candidates: Sequence[LayerCandidate]) -> LayerCandidate:
-    """The candidate whose error is nearest `PROBE_ERROR` on a log scale (a layer that is
-    nearly exact at half its parameters is probed at a lower rank, where it loses something)."""
-    return min(candidates, key=lambda c: (abs(np.log(max(c.error, TINY) / PROBE_ERROR)), c.cost.params))
+@dataclass(frozen=True)
+class Sensitivity:
+    """A layer's predicted share of the model's squared relative output error at
+    reconstruction error e: D(e) = d₁(e/e₁)² up to the first probe, d₁(e/e₁)^p beyond, with p
+    from the two probes (clipped to [1, `MAX_EXPONENT`]; 2 with one probe)."""
+
+    error: float
+    damage: float
+    exponent: float = 2.0
+
+    def at(self, e: float) -> float:
+        ratio = max(e, 0.0) / self.error
+        return self.damage * ratio ** (2.0 if ratio <= 1 else self.exponent)
+
+    @classmethod
+    def fitted(cls, points: Sequence[Tuple[float, float]]) -> "Sensitivity":
+        """From (reconstruction error, squared output error) probe points."""
+        points = sorted((max(e, TINY), max(d, TINY)) for e, d in points)
+        (e1, d1), (e2, d2) = points[0], points[-1]
+        exponent = 2.0 if e2 <= e1 * 1.05 else float(np.clip(np.log(d2 / d1) / np.log(e2 / e1), 1.0, MAX_EXPONENT))
+        return cls(e1, d1, exponent)
 
 
-def layer_sensitivities(graph: gs.Graph, ctx: PassContext, curves: Dict[str, List[LayerCandidate]]) -> Dict[str, float]:
-    """w_l = ‖y_l − y‖² / ‖y‖² ÷ e_l²: the model's squared relative output error (all float
-    outputs, `PROBE_BATCHES` calibration batches) with layer l alone replaced by its fit at the
-    probe candidate, per unit of that candidate's squared reconstruction error."""
+UNIT = Sensitivity(1.0, 1.0)
+"""D(e) = e²: every layer alike (no probes)."""
+
+
+def probe_candidates(candidates: Sequence[LayerCandidate]) -> List[LayerCandidate]:
+    """The candidates whose errors are nearest `PROBE_ERRORS` on a log scale (a layer nearly
+    exact at half its parameters is probed at lower ranks, where it loses something)."""
+    picks = [min(candidates, key=lambda c: (abs(np.log(max(c.error, TINY) / level)), c.cost.params))
+             for level in PROBE_ERRORS]
+    return list({(c.method, c.ranks): c for c in picks}.values())
+
+
+def layer_sensitivities(graph: gs.Graph, ctx: PassContext,
+                        curves: Dict[str, List[LayerCandidate]]) -> Dict[str, Sensitivity]:
+    """Each layer's `Sensitivity` from probes: the model's squared relative output error (all
+    float outputs, `PROBE_BATCHES` calibration batches, held-out first) with layer l alone
+    replaced by its fit at each probe candidate."""
     config = ctx.config
     batches = (split_holdout(ctx.calibration, config.holdout_every)[1] or ctx.calibration)[:PROBE_BATCHES]
     original = make_session(ctx.source, threads=config.latency_threads)
     reference = [run_outputs(original, feeds) for feeds in batches]
-    weights: Dict[str, float] = {}
+    found: Dict[str, Sensitivity] = {}
     for done, (name, candidates) in enumerate(curves.items(), 1):
         ctx.report_progress("sensitivity", done, len(curves))
         target = ctx.targets[name]
         if not candidates or name not in ctx.statistics:
-            weights[name] = 1.0
+            found[name] = UNIT
             continue
-        probe = probe_candidate(candidates)
-        plan = LayerPlan(name, target.op, probe.method, probe.ranks, probe.cost, ctx.plans[name].dense)
-        fact = factorize_data_aware(target, plan, ctx.statistics[name].fit, config.ridge, config.bias_correction)
-        probe_graph = graph.copy()
-        rewrite_layers(probe_graph, ctx.targets, [fact])
-        session = make_session(export_model(probe_graph, ctx.template), threads=config.latency_threads)
-        err = ref = 0.0
-        for feeds, expected in zip(batches, reference):
-            for got, want in zip(run_outputs(session, feeds), expected):
-                if np.issubdtype(np.asarray(want).dtype, np.floating):
-                    err += float(np.sum((np.asarray(got, np.float64) - want) ** 2))
-                    ref += float(np.sum(np.asarray(want, np.float64) ** 2))
-        weights[name] = (err / max(ref, TINY)) / max(probe.error ** 2, TINY)
-        log.debug("sensitivity %s: %.4g", name, weights[name])
-    return weights
+        points = []
+        for probe in probe_candidates(candidates):
+            plan = LayerPlan(name, target.op, probe.method, probe.ranks, probe.cost, ctx.plans[name].dense)
+            fact = factorize_data_aware(target, plan, ctx.statistics[name].fit, config.ridge, config.bias_correction)
+            probe_graph = graph.copy()
+            rewrite_layers(probe_graph, ctx.targets, [fact])
+            session = make_session(export_model(probe_graph, ctx.template), threads=config.latency_threads)
+            points.append((probe.error, _squared_output_error(session, batches, reference)))
+        found[name] = Sensitivity.fitted(points)
+        log.debug("sensitivity %s: %s", name, found[name])
+    return found
+
+
+def _squared_output_error(session, batches, reference) -> float:
+    """Σ‖y′ − y‖² / Σ‖y‖² over the float outputs of all batches."""
+    err = ref = 0.0
+    for feeds, expected in zip(batches, reference):
+        for got, want in zip(run_outputs(session, feeds), expected):
+            if np.issubdtype(np.asarray(want).dtype, np.floating):
+                err += float(np.sum((np.asarray(got, np.float64) - want) ** 2))
+                ref += float(np.sum(np.asarray(want, np.float64) ** 2))
+    return err / max(ref, TINY)
 
 
 def _model_ms(ctx: PassContext, feed) -> float:

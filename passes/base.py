@@ -44,7 +44,7 @@ class PassContext:
     plan_options: Dict[str, List[LayerPlan]] = field(default_factory=dict)
     allocatable: List[str] = field(default_factory=list)
     curves: Dict[str, List[LayerCandidate]] = field(default_factory=dict)
-    sensitivities: Dict[str, float] = field(default_factory=dict)
+    sensitivities: Dict[str, object] = field(default_factory=dict)  # allocate_budget.Sensitivity
     allocation: Optional[AllocationSummary] = None
     factorizations: Dict[str, LayerFactorization] = field(default_factory=dict)
     calibration: List[Feeds] = field(default_factory=list)

@@ -1,0 +1,175 @@
+"""Low rank + sparse (W ≈ L + S) against low rank alone at equal parameter budgets, on three
+real models and their real tasks.
+
+Run from the repository root::
+
+    python -m benchmarks.sparse_residual                 # all three tasks (about 25 min on 2 cores)
+    python -m benchmarks.sparse_residual --quick         # digits only
+
+For every task at its keep ratio (``KEEPS``), data-aware independent fits with the calibration
+of ``benchmarks.data_aware`` (disjoint from evaluation, see its docstring):
+
+- ``L only``: ``compress(keep=K)``;
+- ``L+S rows, auto``: ``sparse_share="auto"``: per layer the share of the budget given to whole
+  input rows (run as ``[x·U, x[:, rows]]·[V; S_rows]``), chosen among 0, 0.1, 0.2, 0.35, 0.5 by
+  held-out reconstruction error, after dropping the shares whose layer would run more than
+  25 % slower than the plain chain of the same budget (measured in onnxruntime);
+- ``L+S rows, 0.2``: a fixed share of 0.2 for every layer (no latency check);
+- ``L+S unstructured, 0.2``: entries stored as a sparse initializer — a file-size saving only.
+
+Columns: task metrics, params ratio, file size of the written model, latency ratios against the
+original at batch 1 and 32 (2 threads, all four models and the original interleaved, block
+medians), the number of layers with a residual and the largest per-layer time of an L + S layer
+over the plain chain of its budget (``--layer-latency`` timings, batch 1, 2 threads).
+
+Results: ``benchmarks/results/sparse_residual.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS_DIR, fmt, machine_info, markdown_table, time_against_original, write_json, write_text
+from benchmarks.data_aware import HOLDOUT_EVERY, METRIC_COLUMNS, TASKS, symbolic_dims
+
+LOGGER = logging.getLogger("benchmarks.sparse_residual")
+
+THREADS = 2
+LATENCY_BATCHES = (1, 32)
+KEEPS = {"digits_cnn": 0.05, "ppocr_rec": 0.35, "minilm": 0.35}
+CONFIGS = {
+    "L only": {},
+    "L+S rows, auto": {"sparse_share": "auto", "sparse_structure": "rows"},
+    "L+S rows, 0.2": {"sparse_share": 0.2, "sparse_structure": "rows"},
+    "L+S unstructured, 0.2": {"sparse_share": 0.2, "sparse_structure": "unstructured"},
+}
+
+
+def run_task(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, Any]:
+    from onnx_lrsd import compress
+    from onnx_lrsd.io import save_model
+
+    from benchmarks.tasks import get_task
+
+    settings = TASKS[name]
+    task = get_task(name)
+    task.prepare()
+    feeds = task.calibration_feeds(settings.samples, settings.batch)
+    latency_feeds = {b: task.latency_feeds(b) for b in LATENCY_BATCHES}
+    dims = symbolic_dims(task.model_path, latency_feeds[1])
+    keep = KEEPS[name]
+    out: dict[str, Any] = {"task": name, "keep": keep, "original": task.evaluate(task.model_path),
+                           "original_bytes": task.model_path.stat().st_size, "rows": []}
+    for label, options in CONFIGS.items():
+        row: dict[str, Any] = {"label": label, **options}
+        try:
+            start = time.perf_counter()
+            result = compress(task.model_path, calibration=feeds, keep=keep, mode="independent",
+                              mask_input=task.mask_input, calib_samples=settings.samples, calib_batch=settings.batch,
+                              holdout_every=HOLDOUT_EVERY, dims=dims, latency_threads=THREADS,
+                              layer_latency=options.get("sparse_structure") == "rows", **options)
+            row["compress_s"] = time.perf_counter() - start
+            path = workdir / f"{name}_{len(out['rows'])}.onnx"
+            save_model(result.model, path)
+            report = result.report
+            residual = [layer for layer in report.layers if layer.residual]
+            shares = [layer.latency.residual_share for layer in residual
+                      if layer.latency is not None and layer.latency.residual_share is not None]
+            row.update(path=str(path), params_ratio=report.params_ratio, file_bytes=path.stat().st_size,
+                       output_errors=report.output_errors, metrics=task.evaluate(path),
+                       residual_layers=len(residual), max_residual_time=max(shares) if shares else None,
+                       layers=[{"name": layer.name, "method": layer.method, "ranks": list(layer.ranks),
+                                "residual": layer.residual, "residual_size": layer.residual_size,
+                                "data_error": layer.data_error,
+                                "latency": layer.latency.__dict__ if layer.latency else None}
+                               for layer in report.layers])
+            LOGGER.info("%s %s: %s params %.3f, %d residual layers (%.0f s)", name, label,
+                        {k: round(v, 4) for k, v in row["metrics"].items()}, report.params_ratio, len(residual),
+                        row["compress_s"])
+        except Exception as exc:
+            row.update(error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            LOGGER.error("%s %s failed: %s", name, label, exc)
+        out["rows"].append(row)
+    done = [r for r in out["rows"] if "error" not in r]
+    for batch in LATENCY_BATCHES:
+        timing = time_against_original(task.model_path, [Path(r["path"]) for r in done], latency_feeds[batch],
+                                       threads=THREADS, budget_s=budget, blocks=blocks)
+        for row, ratio in zip(done, timing.ratios):
+            row[f"lat_b{batch}"] = ratio
+    return out
+
+
+def results_table(tasks: list[dict[str, Any]]) -> str:
+    headers = ["task", "keep", "configuration", *METRIC_COLUMNS, "params", "file MB", "lat b1", "lat b32",
+               "residual layers", "L+S / plain chain (worst layer)", "compress s"]
+    rows = []
+    for t in tasks:
+        rows.append([t["task"], "", "original", *[fmt(t["original"].get(m)) for m in METRIC_COLUMNS], "1",
+                     fmt(t["original_bytes"] / 1e6, 2), "1", "1", "", "", ""])
+        for r in t["rows"]:
+            if "error" in r:
+                rows.append([t["task"], t["keep"], r["label"], *[""] * len(METRIC_COLUMNS), "", "", "", "", "", "",
+                             r["error"]])
+                continue
+            worst = r.get("max_residual_time")
+            rows.append([t["task"], t["keep"], r["label"], *[fmt(r["metrics"].get(m)) for m in METRIC_COLUMNS],
+                         fmt(r["params_ratio"]), fmt(r["file_bytes"] / 1e6, 2), fmt(r.get("lat_b1")),
+                         fmt(r.get("lat_b32")), r["residual_layers"],
+                         "" if worst is None else f"{1 + worst:.2f}", fmt(r["compress_s"], 1)])
+    return markdown_table(headers, rows)
+
+
+def render(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    return "\n\n".join([
+        "# Low rank + sparse against low rank alone at equal budgets",
+        f"`python -m benchmarks.sparse_residual {' '.join(data['argv'])}` — {m.get('date')}, onnx_lrsd commit "
+        f"{m.get('git_commit')}, {m.get('cpu')}, onnxruntime {m.get('onnxruntime')}; total "
+        f"{data['total_s'] / 60:.1f} min. Latency ratios: compressed / original median (2 threads, interleaved "
+        "blocks; below 1 is faster). `L+S / plain chain`: the slowest residual layer's time over the plain "
+        "chain of the same parameter budget, each layer timed alone (batch 1, 2 threads).",
+        results_table(data["tasks"]),
+    ]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), help="default: all")
+    parser.add_argument("--quick", action="store_true", help="digits only, short timings")
+    parser.add_argument("--output", type=Path, default=None, help="results prefix")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
+    args = parser.parse_args(argv)
+    output = args.output or RESULTS_DIR / ("sparse_residual.quick" if args.quick else "sparse_residual")
+    json_path, md_path = Path(str(output) + ".json"), Path(str(output) + ".md")
+    if args.render_only:
+        import json
+
+        text = render(json.loads(json_path.read_text()))
+        write_text(md_path, text)
+        print(text)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("onnx_lrsd").setLevel(logging.WARNING)
+    names = args.tasks or (["digits_cnn"] if args.quick else list(TASKS))
+    data: dict[str, Any] = {"argv": argv if argv is not None else sys.argv[1:], "machine": machine_info(),
+                            "tasks": []}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sparse_residual_") as tmp:
+        for name in names:
+            data["tasks"].append(run_task(name, Path(tmp), 4.0 if args.quick else 15.0, 3 if args.quick else 5))
+            data["total_s"] = time.perf_counter() - started
+            write_json(json_path, data)
+    text = render(data)
+    write_text(md_path, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
