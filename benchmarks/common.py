@@ -24,22 +24,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from onnx_lrsd.latency import cpu_model
+
 REPO_ROOT: Path = Path(__file__).resolve().parents[1]
 RESULTS_DIR: Path = REPO_ROOT / "benchmarks" / "results"
 MB = 2**20
 
-
 # --------------------------------------------------------------------------- machine and files
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _git_commit() -> str | None:
@@ -95,7 +86,7 @@ def machine_info() -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cores_logical": os.cpu_count(),
         "cores_physical": physical,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "memory_gb": memory_gb,
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
@@ -276,3 +267,47 @@ def time_against_original(original: Path, candidates: Sequence[Path], feeds: Map
                          original_ms=float(np.median(base)),
                          candidate_ms=tuple(float(np.median(m)) for m in medians[1:]),
                          ratios=tuple(float(np.median(r)) for r in block_ratios), block_ratios=block_ratios)
+
+
+def benchmark_main(argv, doc: str, tasks, name: str, run_one, render, extra_args=None) -> None:
+    """The command line every task benchmark shares: ``--tasks``, ``--quick`` (digits only,
+    short timings), ``--output PREFIX``, ``--render-only``; runs ``run_one(task, workdir,
+    latency_budget_s, blocks, args)`` per task, saving ``PREFIX.json`` after each, then writes
+    ``render(data)`` to ``PREFIX.md`` and prints it. ``extra_args(parser)`` adds options."""
+    import argparse
+    import json
+    import logging
+    import sys
+    import tempfile
+    import time
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", choices=list(tasks), help="default: all")
+    parser.add_argument("--quick", action="store_true", help="digits only, short timings")
+    parser.add_argument("--output", type=Path, default=None, help=f"results prefix (default results/{name})")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
+    if extra_args is not None:
+        extra_args(parser)
+    args = parser.parse_args(argv)
+    output = args.output or RESULTS_DIR / (f"{name}.quick" if args.quick else name)
+    json_path, md_path = Path(str(output) + ".json"), Path(str(output) + ".md")
+    if args.render_only:
+        text = render(json.loads(json_path.read_text()))
+        write_text(md_path, text)
+        print(text)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("onnx_lrsd").setLevel(logging.WARNING)
+    logging.getLogger("onnx_lrsd.api").setLevel(logging.INFO)
+    names = args.tasks or (["digits_cnn"] if args.quick else list(tasks))
+    data = {"argv": argv if argv is not None else sys.argv[1:], "machine": machine_info(), "tasks": []}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"{name}_") as tmp:
+        for task in names:
+            data["tasks"].append(run_one(task, Path(tmp), 4.0 if args.quick else 15.0, 3 if args.quick else 5,
+                                         args, json_path.parent))
+            data["total_s"] = time.perf_counter() - started
+            write_json(json_path, data)
+    text = render(data)
+    write_text(md_path, text)
+    print(text)

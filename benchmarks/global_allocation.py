@@ -33,16 +33,14 @@ Results: ``benchmarks/results/global_allocation.{json,md}`` and
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import RESULTS_DIR, fmt, machine_info, markdown_table, time_against_original, write_json, write_text
+from benchmarks.common import (RESULTS_DIR, benchmark_main, fmt, markdown_table,
+                               time_against_original)
 from benchmarks.data_aware import HOLDOUT_EVERY, METRIC_COLUMNS, TASKS, symbolic_dims
 
 LOGGER = logging.getLogger("benchmarks.global_allocation")
@@ -239,38 +237,10 @@ def render(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), help="default: all")
-    parser.add_argument("--quick", action="store_true", help="digits only, short timings")
-    parser.add_argument("--no-sweep", action="store_true")
-    parser.add_argument("--output", type=Path, default=None, help="results prefix")
-    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
-    args = parser.parse_args(argv)
-    output = args.output or RESULTS_DIR / ("global_allocation.quick" if args.quick else "global_allocation")
-    json_path, md_path = Path(str(output) + ".json"), Path(str(output) + ".md")
-    if args.render_only:
-        import json
-
-        text = render(json.loads(json_path.read_text()))
-        write_text(md_path, text)
-        print(text)
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("onnx_lrsd").setLevel(logging.WARNING)
-    logging.getLogger("onnx_lrsd.api").setLevel(logging.INFO)
-    names = args.tasks or (["digits_cnn"] if args.quick else list(TASKS))
-    data: dict[str, Any] = {"argv": argv if argv is not None else sys.argv[1:], "machine": machine_info(),
-                            "tasks": []}
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="global_allocation_") as tmp:
-        for name in names:
-            data["tasks"].append(run_task(name, KEEPS[name], Path(tmp), 4.0 if args.quick else 15.0,
-                                          3 if args.quick else 5, not args.no_sweep, json_path.parent))
-            data["total_s"] = time.perf_counter() - started
-            write_json(json_path, data)
-    text = render(data)
-    write_text(md_path, text)
-    print(text)
+    benchmark_main(argv, __doc__, TASKS, "global_allocation",
+                   lambda task, workdir, budget, blocks, args, results: run_task(
+                       task, KEEPS[task], workdir, budget, blocks, not args.no_sweep, results),
+                   render, lambda parser: parser.add_argument("--no-sweep", action="store_true"))
 
 
 if __name__ == "__main__":

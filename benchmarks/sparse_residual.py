@@ -27,16 +27,13 @@ Results: ``benchmarks/results/sparse_residual.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, fmt, machine_info, markdown_table, time_against_original, write_json, write_text
+from benchmarks.common import benchmark_main, fmt, markdown_table, time_against_original
 from benchmarks.data_aware import HOLDOUT_EVERY, METRIC_COLUMNS, TASKS, symbolic_dims
 
 LOGGER = logging.getLogger("benchmarks.sparse_residual")
@@ -140,35 +137,8 @@ def render(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), help="default: all")
-    parser.add_argument("--quick", action="store_true", help="digits only, short timings")
-    parser.add_argument("--output", type=Path, default=None, help="results prefix")
-    parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
-    args = parser.parse_args(argv)
-    output = args.output or RESULTS_DIR / ("sparse_residual.quick" if args.quick else "sparse_residual")
-    json_path, md_path = Path(str(output) + ".json"), Path(str(output) + ".md")
-    if args.render_only:
-        import json
-
-        text = render(json.loads(json_path.read_text()))
-        write_text(md_path, text)
-        print(text)
-        return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("onnx_lrsd").setLevel(logging.WARNING)
-    names = args.tasks or (["digits_cnn"] if args.quick else list(TASKS))
-    data: dict[str, Any] = {"argv": argv if argv is not None else sys.argv[1:], "machine": machine_info(),
-                            "tasks": []}
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sparse_residual_") as tmp:
-        for name in names:
-            data["tasks"].append(run_task(name, Path(tmp), 4.0 if args.quick else 15.0, 3 if args.quick else 5))
-            data["total_s"] = time.perf_counter() - started
-            write_json(json_path, data)
-    text = render(data)
-    write_text(md_path, text)
-    print(text)
+    benchmark_main(argv, __doc__, TASKS, "sparse_residual",
+                   lambda task, workdir, budget, blocks, args, results: run_task(task, workdir, budget, blocks), render)
 
 
 if __name__ == "__main__":

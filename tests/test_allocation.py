@@ -317,3 +317,15 @@ def test_sweep_points_meet_their_targets_and_mark_the_pareto_front():
     assert all(p.params_ratio <= p.target_params + 1e-9 and p.speedup > 0 for p in report.points)
     assert report.points[0].output_error < report.points[1].output_error
     assert any(p.pareto for p in report.points)
+
+
+def test_sensitivity_grows_as_measured_between_probes_and_quadratically_below():
+    from onnx_lrsd.passes.allocate_budget import UNIT, Sensitivity
+
+    s = Sensitivity.fitted([(0.4, 0.16 * 8), (0.1, 0.01)])  # damage ∝ e^3.5 between the probes
+    assert s.error == 0.1 and s.exponent == pytest.approx(np.log(128) / np.log(4))
+    assert s.at(0.1) == pytest.approx(0.01) and s.at(0.4) == pytest.approx(1.28)
+    assert s.at(0.05) == pytest.approx(0.0025)  # e² below the first probe
+    assert Sensitivity.fitted([(0.2, 0.04)]).exponent == 2.0
+    assert Sensitivity.fitted([(0.1, 1.0), (0.4, 1e-9)]).exponent == 1.0  # clipped
+    assert UNIT.at(0.3) == pytest.approx(0.09)
