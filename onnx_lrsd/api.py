@@ -129,7 +129,7 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
         before=_stats(source), after=_stats(compressed), layers=tuple(_layer_reports(ctx)),
         skipped=tuple(ctx.skipped), output_errors=dict(ctx.output_errors),
         seconds=time.perf_counter() - start, timings=dict(ctx.timings), config=dataclasses.asdict(ctx.config),
-        allocation=ctx.allocation, verified_on=ctx.verified_on)
+        allocation=ctx.allocation, verified_on=ctx.verified_on, joint_groups=tuple(ctx.joint_reports))
     return CompressionResult(model=compressed, report=report)
 
 
@@ -146,14 +146,15 @@ def _finish(prepared, ctx, done, correction: float = 1.0, **changes):
     graph and a fresh copy of the context (`changes`: config fields of this round): returns
     (context, compressed model)."""
     from .passes import (AllocateBudgetPass, CleanupGraphPass, DecomposeWeightsPass, FilterResidualSharesPass,
-                         MeasureLayerLatencyPass, PassManager, ReconstructFeatureMapsPass, RewriteLowRankPass,
-                         VerifyOutputsPass)
+                         FitJointGroupsPass, GroupLayersPass, MeasureLayerLatencyPass, PassManager,
+                         ReconstructFeatureMapsPass, RewriteLowRankPass, VerifyOutputsPass)
 
     ctx = dataclasses.replace(ctx, plans=dict(ctx.plans), plan_options=dict(ctx.plan_options), factorizations={},
                               output_errors={}, sparse_initializers=[], allocation=None, timings=dict(ctx.timings),
-                              layer_latency={},
+                              layer_latency={}, groups={}, joint_reports=[],
                               config=ctx.config.replace(**changes) if changes else ctx.config)
-    passes = [AllocateBudgetPass(correction), FilterResidualSharesPass(), ReconstructFeatureMapsPass(),
+    passes = [AllocateBudgetPass(correction), GroupLayersPass(), FitJointGroupsPass(), FilterResidualSharesPass(),
+              ReconstructFeatureMapsPass(),
               DecomposeWeightsPass(), RewriteLowRankPass(), MeasureLayerLatencyPass(), CleanupGraphPass()]
     if ctx.config.verify:
         passes.append(VerifyOutputsPass())

@@ -178,6 +178,9 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--layers", "show_layers", is_flag=True, help="Print the per-layer table.")
 @click.option("--layer-latency", is_flag=True, default=None,
               help="Time every factorized layer in onnxruntime (dense, as written) for the report.")
+@click.option("--joint", type=click.Choice(["off", "l", "r", "b", "auto"]), default=None,
+              help="Decompose repeated layers jointly with a shared input-side (l), output-side (r) or both (b) "
+                   "factors; auto picks per group, or keeps separate fits. [off]")
 @click.option("--stages", type=click.IntRange(min=1), default=None,
               help="Compress in N stages, each refitting on the previous stage's model (MUSCO). [1]")
 @click.option("--evbmf", type=float, default=None, metavar="W",
@@ -191,7 +194,7 @@ def inspect(model: Path, as_json: bool) -> None:
 def compress(model: Path, output: Path, keep, energy, method, ranks, skips, config_file, report_file, dims,
              calib, calib_samples, calib_batch, mode, mask_input, ridge, sparse_share, sparse_structure,
              bias_correction, target_params, target_macs, target_latency, max_error, latency_batch, latency_threads,
-             sensitivity, show_layers, layer_latency, stages, evbmf, verify, seed, external_data, as_json, quiet) -> None:
+             sensitivity, show_layers, layer_latency, joint, stages, evbmf, verify, seed, external_data, as_json, quiet) -> None:
     """Factorize MODEL's Gemm / MatMul / Conv weights and write the smaller model to OUTPUT."""
     from .api import compress_file
     from .config import CompressConfig, LayerOverride, load_config_file
@@ -204,7 +207,8 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
         bias_correction=bias_correction, sparse_share=_parse_sparse_share(sparse_share),
         sparse_structure=sparse_structure, target_params=target_params, target_macs=target_macs,
         target_latency=target_latency, max_error=max_error, latency_batch=latency_batch,
-        latency_threads=latency_threads, sensitivity=sensitivity, layer_latency=layer_latency, stages=stages,
+        latency_threads=latency_threads, sensitivity=sensitivity, layer_latency=layer_latency,
+        joint={"l": "left", "r": "right", "b": "both"}.get(joint, joint), stages=stages,
         evbmf=evbmf).items()
         if value is not None}
     if dims:

@@ -16,6 +16,10 @@ picks the kind with the fewest MACs at the layer's parameter budget."""
 
 MODES = ("independent", "sequential")
 
+JOINT = ("off", "left", "right", "both", "auto")
+"""Joint decomposition of repeated layers (JMD): shared input-side factor (left), output-side
+factor (right), both, or per group the best of them and separate fits (auto)."""
+
 SPARSE_STRUCTURES = ("rows", "unstructured")
 
 AUTO_SHARE = "auto"
@@ -106,6 +110,11 @@ class CompressConfig:
         residual, its chain alone) at `latency_batch` and `latency_threads` for the report.
         With ``sparse_share="auto"`` the shares whose residual would add more than
         `residual_latency_limit` to the chain's time are not tried (measured the same way).
+    joint: decompose groups of same-shaped layers in the same role jointly with a shared factor
+        (one of `JOINT`; JMD), at the parameters their separate plans would use. Groups are
+        found automatically (same op, weight shape and attributes, and the same name once
+        digits are ignored: the query projection of every transformer layer) unless
+        `joint_groups` lists glob patterns, one group per pattern. Independent mode only.
     stages: compress in this many stages (MUSCO), each cutting further and refitting on the
         current compressed model; the target or keep is reached at the last stage.
     blas_threads: BLAS threads of the numpy/scipy fits (None: the library's default). One is
@@ -148,6 +157,8 @@ class CompressConfig:
     evbmf: Optional[float] = None
     stages: int = 1
     layer_latency: bool = False
+    joint: str = "off"
+    joint_groups: Tuple[str, ...] = ()
     residual_latency_limit: float = 0.25
 
     @property
@@ -215,6 +226,10 @@ class CompressConfig:
                 raise LrsdError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not (isinstance(self.residual_latency_limit, (int, float)) and self.residual_latency_limit >= 0):
             raise LrsdError(f"residual_latency_limit must be >= 0, got {self.residual_latency_limit!r}")
+        if self.joint not in JOINT:
+            raise LrsdError(f"unknown joint {self.joint!r} (choose from {', '.join(JOINT)})")
+        if self.joint != "off" and self.mode != "independent":
+            raise LrsdError("joint decomposition works with mode independent")
         if self.evbmf is not None and (isinstance(self.evbmf, bool) or not isinstance(self.evbmf, (int, float))
                                        or not 0 <= self.evbmf <= 1):
             raise LrsdError(f"evbmf (the weakening factor) must be in [0, 1], got {self.evbmf!r}")

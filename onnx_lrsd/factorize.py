@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
@@ -27,11 +27,12 @@ from .decompose import (
     tucker2_whitened,
     whitened_svd,
 )
+from .decompose.joint import TwoTerms
 from .stats import GramAccumulator
 from .rank_select import LayerPlan, SparseRequest
 from .targets import LayerTarget
 
-Factors = Union[LowRankFactors, Tucker2Factors, LowRankSparse]
+Factors = Union[LowRankFactors, Tucker2Factors, LowRankSparse, TwoTerms]
 
 EXACT_SVD_LIMIT = 2048
 """Above this smaller dimension, low ranks use the randomized SVD (exact SVD of VGG's
@@ -51,6 +52,8 @@ class LayerFactorization:
     they approximate `spatial_matrix(W)`; tucker2 holds `Tucker2Factors` of the conv weight.
     `bias_shift` ([out]) is added to the layer's output (bias correction); `data_error` is the
     relative reconstruction error of the layer's output on calibration data, when known.
+    `shared` maps factor roles to keys: the rewrite writes one initializer per key, used by
+    every layer of a joint group (`TwoTerms` factors: a "both" group member).
     """
 
     name: str
@@ -58,6 +61,7 @@ class LayerFactorization:
     factors: Factors
     bias_shift: Optional[np.ndarray] = None
     data_error: Optional[float] = None
+    shared: Tuple[Tuple[str, str], ...] = ()
 
     @property
     def low_rank(self) -> Factors:

@@ -144,6 +144,21 @@ def _latency_text(latency: Optional[LayerLatency]) -> str:
 
 
 @dataclass(frozen=True)
+class JointGroupReport:
+    """A group of repeated layers: the `side` chosen ("left", "right", "both" or "separate"),
+    its ranks, the group's parameters, and the summed squared held-out relative errors of
+    separate fits at the members' plans and of the joint fit."""
+
+    group: str
+    members: Tuple[str, ...]
+    side: str
+    ranks: Tuple[int, ...]
+    params: int
+    separate_error: float
+    joint_error: float
+
+
+@dataclass(frozen=True)
 class StageSummary:
     """One stage of a multi-stage run, measured against the original model."""
 
@@ -167,6 +182,7 @@ class CompressionReport:
     allocation: Optional[AllocationSummary] = None
     verified_on: str = ""
     stages: Tuple[StageSummary, ...] = ()
+    joint_groups: Tuple[JointGroupReport, ...] = ()
 
     @property
     def params_ratio(self) -> float:
@@ -200,6 +216,10 @@ class CompressionReport:
         lines.extend(self._residual_lines())
         if self.allocation is not None:
             lines.append(self.allocation.to_text())
+        joint = [g for g in self.joint_groups if g.side != "separate"]
+        if self.joint_groups:
+            lines.append(f"joint groups: {len(joint)} of {len(self.joint_groups)} fitted jointly ("
+                         + ", ".join(f"{g.group} {g.side} {'+'.join(map(str, g.ranks))}" for g in joint) + ")")
         for stage in self.stages:
             errors = ", ".join(f"{e:.3e}" for e in stage.output_errors.values())
             lines.append(f"stage {stage.stage}: params {stage.params_ratio:.3f}, MACs {stage.macs_ratio:.3f}, "

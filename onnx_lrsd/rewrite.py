@@ -23,6 +23,7 @@ from .decompose import (
     spatial_factors_to_convs,
     tucker2_to_convs,
 )
+from .decompose.joint import TwoTerms
 from .factorize import LayerFactorization
 from .graph import TensorNamer, resolve_constant
 from .targets import LayerTarget
@@ -36,9 +37,10 @@ def rewrite_layers(graph: gs.Graph, targets: Dict[str, LayerTarget],
     nodes = {n.name: n for n in graph.nodes}
     namer = TensorNamer(graph)
     sparse: List[str] = []
+    shared: Dict[str, gs.Constant] = {}
     for fact in factorizations:
         target, node = targets[fact.name], nodes[fact.name]
-        emitter = _Emitter(graph, node, target, namer)
+        emitter = _Emitter(graph, node, target, namer, shared, dict(fact.shared))
         new_nodes = EMITTERS[target.op](emitter, fact)
         node.outputs.clear()
         graph.nodes.extend(new_nodes)
@@ -49,8 +51,10 @@ def rewrite_layers(graph: gs.Graph, targets: Dict[str, LayerTarget],
 class _Emitter:
     """Builds the nodes of one layer's replacement."""
 
-    def __init__(self, graph: gs.Graph, node: gs.Node, target: LayerTarget, namer: TensorNamer):
+    def __init__(self, graph: gs.Graph, node: gs.Node, target: LayerTarget, namer: TensorNamer,
+                 shared: Optional[Dict[str, gs.Constant]] = None, shared_roles: Optional[Dict[str, str]] = None):
         self.graph, self.node, self.target, self.namer = graph, node, target, namer
+        self.shared, self.shared_roles = (shared if shared is not None else {}), (shared_roles or {})
         self.base = node.name.split("/lrsd/")[0]  # a re-factored chain keeps its layer's name
         self.nodes: List[gs.Node] = []
         self.sparse: List[str] = []
@@ -58,11 +62,18 @@ class _Emitter:
     def const(self, role: str, values: np.ndarray) -> gs.Constant:
         """A new weight in the layer's dtype, subnormal values flushed to zero: they add
         nothing, and activations they spread into run many times slower on x86 (PP-OCR:
-        2.6× the whole model's latency)."""
+        2.6× the whole model's latency). A role shared with other layers (a joint group's
+        factor) is written once and reused."""
+        key = self.shared_roles.get(role)
+        if key is not None and key in self.shared:
+            return self.shared[key]
         array = np.array(values, dtype=self.target.dtype, order="C")  # a copy: flushed below
         if np.issubdtype(array.dtype, np.floating):
             array[np.abs(array) < np.finfo(array.dtype).tiny] = 0
-        return gs.Constant(self.namer(self.base, role), array)
+        constant = gs.Constant(self.namer(key or self.base, role if key is None else "shared"), array)
+        if key is not None:
+            self.shared[key] = constant
+        return constant
 
     def indices(self, role: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.namer(self.base, role), np.ascontiguousarray(values, dtype=np.int64))
@@ -106,8 +117,19 @@ class _Emitter:
 
 
 def _emit_matmul(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
-    """y = (x·U)·V, or for a weight on the left y = Vᵀ·(Uᵀ·x); plus bias shift if any."""
+    """y = (x·U)·V, or for a weight on the left y = Vᵀ·(Uᵀ·x); plus bias shift if any. Two
+    terms (a "both" joint member): y = (x·U)·V + (x·U₂)·V₂."""
     f = fact.factors
+    if isinstance(f, TwoTerms):
+        first = e.op("MatMul", "v", [e.op("MatMul", "u", [e.x, e.const("U", f.first.U)]), e.const("V", f.first.V)])
+        second = e.op("MatMul", "v2", [e.op("MatMul", "u2", [e.x, e.const("U2", f.second.U)]),
+                                       e.const("V2", f.second.V)])
+        if fact.bias_shift is None or _fold_into_next_add(e, fact.bias_shift):
+            e.op("Add", "sum", [first, second], output=e.y)
+        else:
+            total = e.op("Add", "sum", [first, second])
+            e.op("Add", "bias_add", [total, e.const("bias", fact.bias_shift)], output=e.y)
+        return e.nodes
     if e.target.weight_side == "left":
         h = e.op("MatMul", "u", [e.const("U", f.U.T), e.x])
         out = e.y if fact.bias_shift is None else None

@@ -6,6 +6,8 @@ from .collect_activations import CollectActivationsPass
 from .decompose_weights import DecomposeWeightsPass
 from .filter_residual_shares import FilterResidualSharesPass
 from .find_targets import FindTargetsPass
+from .fit_joint_groups import FitJointGroupsPass
+from .group_layers import GroupLayersPass
 from .measure_layer_latency import MeasureLayerLatencyPass
 from .name_nodes import NameNodesPass
 from .reconstruct_feature_maps import ReconstructFeatureMapsPass
@@ -16,6 +18,6 @@ from .verify_outputs import VerifyOutputsPass
 __all__ = [
     "Pass", "PassContext", "PassManager", "PassResult",
     "NameNodesPass", "FindTargetsPass", "SelectRanksPass", "CollectActivationsPass", "AllocateBudgetPass",
-    "FilterResidualSharesPass", "ReconstructFeatureMapsPass", "DecomposeWeightsPass",
+    "GroupLayersPass", "FitJointGroupsPass", "FilterResidualSharesPass", "ReconstructFeatureMapsPass", "DecomposeWeightsPass",
     "RewriteLowRankPass", "MeasureLayerLatencyPass", "CleanupGraphPass", "VerifyOutputsPass",
 ]

@@ -16,7 +16,7 @@ from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.error_curves import LayerCandidate
 from onnx_lrsd.factorize import LayerFactorization
 from onnx_lrsd.rank_select import LayerPlan, Residual
-from onnx_lrsd.report import AllocationSummary, LayerLatency
+from onnx_lrsd.report import AllocationSummary, JointGroupReport, LayerLatency
 from onnx_lrsd.targets import LayerTarget, SkippedLayer
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class PassContext:
     output_errors: Dict[str, float] = field(default_factory=dict)
     verified_on: str = ""
     layer_latency: Dict[str, LayerLatency] = field(default_factory=dict)
+    groups: Dict[str, List[str]] = field(default_factory=dict)
+    joint_reports: List[JointGroupReport] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
     sparse_initializers: List[str] = field(default_factory=list)
 

@@ -38,7 +38,8 @@ class ReconstructFeatureMapsPass(Pass):
         return PassResult(graph, modified=False, stats={"fitted": len(ctx.factorizations)})
 
     def _independent(self, ctx: PassContext) -> None:
-        todo = [p for p in ctx.plans.values() if p.factorized and p.name in ctx.statistics]
+        todo = [p for p in ctx.plans.values()
+                if p.factorized and p.name in ctx.statistics and p.name not in ctx.factorizations]
         for done, plan in enumerate(todo, 1):
             stats = ctx.statistics[plan.name]
             ctx.add_factorization(fit_best_kind(ctx, ctx.targets[plan.name], stats.fit, stats.holdout))

@@ -83,3 +83,91 @@ def test_joint_ranks_count_shared_factors_once():
 def test_joint_fit_validates(ws, side, ranks, message):
     with pytest.raises(ValueError, match=message):
         joint_fit(ws, None, side, ranks)
+
+
+# ---------------------------------------------------------------------------------------------
+# in the graph: one shared initializer, exact on planted structure, groups found by role
+
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from graphs import make_model, run  # noqa: E402
+from onnx_lrsd.api import compress  # noqa: E402
+from onnx_lrsd.config import CompressConfig  # noqa: E402
+from onnx_lrsd.cost import count_params  # noqa: E402
+from onnx_lrsd.errors import LrsdError  # noqa: E402
+
+
+def repeated_blocks(structure, n=48, blocks=4, rank=6, seed=0):
+    """`blocks` × (MatMul n×n named block{i}/fc, then Tanh); weights share a planted subspace:
+    right: Aᵢ·V₀, left: U₀·Bᵢ, both: U₀·Bᵢ + Aᵢ·V₀ (each part of rank `rank`)."""
+    rng = np.random.default_rng(seed)
+    u0, v0 = rng.standard_normal((n, rank)), rng.standard_normal((rank, n))
+    nodes, inits, cur = [], {}, "x"
+    for i in range(blocks):
+        w = np.zeros((n, n))
+        if structure in ("left", "both"):
+            w += u0 @ rng.standard_normal((rank, n))
+        if structure in ("right", "both"):
+            w += rng.standard_normal((n, rank)) @ v0
+        inits[f"w{i}"] = (w / (4 * n)).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [cur, f"w{i}"], [f"h{i}"], name=f"block{i}/fc"),
+                  helper.make_node("Tanh", [f"h{i}"], [f"a{i}"], name=f"block{i}/act")]
+        cur = f"a{i}"
+    return make_model(nodes, [("x", TensorProto.FLOAT, ["n", n])], [(cur, TensorProto.FLOAT, ["n", n])], inits)
+
+
+def blocks_calibration(n=48, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((32, n)).astype(np.float32)} for _ in range(6)]
+
+
+def rel_output_error(a, b, n=48):
+    feeds = {"x": np.random.default_rng(9).standard_normal((40, n)).astype(np.float32)}
+    ya, yb = run(a, feeds)[0], run(b, feeds)[0]
+    return float(np.linalg.norm(ya - yb) / np.linalg.norm(ya))
+
+
+@pytest.mark.parametrize("side", ["left", "right", "both"])
+def test_joint_groups_share_one_initializer_and_are_exact_on_planted_structure(side):
+    model = repeated_blocks(side)
+    separate_rank = 8 if side == "both" else 4  # the group budget 4·r·96 then gives rank ≥ 6 per shared part
+    keep = (separate_rank * 96 + 1) / (48 * 48)
+    result = compress(model, calibration=blocks_calibration(), keep=keep, joint=side, min_layer_share=0.0,
+                      min_rank=1, calib_batch=32, bias_correction=False, ridge=1e-9)
+    (group,) = result.report.joint_groups
+    assert group.side == side and len(group.members) == 4
+    assert all(r >= 6 for r in group.ranks if r) and group.params <= 4 * separate_rank * 96
+    # left / right have closed forms or convex steps; both alternates (a local optimum)
+    assert rel_output_error(model, result.model) < (0.05 if side == "both" else 1e-4)
+    shared = [t for t in result.model.graph.initializer if "shared" in t.name]
+    assert len(shared) == (2 if side == "both" else 1)
+    consumers = [sum(t.name in n.input for n in result.model.graph.node) for t in shared]
+    assert consumers == [4] * len(shared)
+    assert result.report.after.params == count_params(result.model)
+
+
+def test_auto_keeps_separate_fits_when_they_are_better():
+    rng = np.random.default_rng(3)  # unrelated full-rank weights: nothing to share
+    nodes, inits, cur = [], {}, "x"
+    for i in range(3):
+        inits[f"w{i}"] = (rng.standard_normal((48, 48)) / 7).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [cur, f"w{i}"], [f"h{i}"], name=f"block{i}/fc"),
+                  helper.make_node("Tanh", [f"h{i}"], [f"a{i}"], name=f"block{i}/act")]
+        cur = f"a{i}"
+    model = make_model(nodes, [("x", TensorProto.FLOAT, ["n", 48])], [(cur, TensorProto.FLOAT, ["n", 48])], inits)
+    report = compress(model, calibration=blocks_calibration(), keep=0.5, joint="auto", min_layer_share=0.0,
+                      calib_batch=32).report
+    (group,) = report.joint_groups
+    assert group.side == "separate" or group.joint_error < group.separate_error
+
+
+def test_explicit_groups_and_their_errors():
+    model = repeated_blocks("right")
+    report = compress(model, calibration=blocks_calibration(), keep=0.4, joint="right", calib_batch=32,
+                      joint_groups=("block[01]/fc",), min_layer_share=0.0).report
+    assert [g.members for g in report.joint_groups] == [("block0/fc", "block1/fc")]
+    with pytest.raises(LrsdError, match="mode independent"):
+        CompressConfig(joint="left", mode="sequential")
+    with pytest.raises(LrsdError, match="unknown joint"):
+        CompressConfig(joint="sideways")

@@ -55,10 +55,36 @@ class JointFactors:
     def to_dense(self, i: int) -> np.ndarray:
         return sum(t.U @ t.V for t in self.terms(i))
 
+    def member(self, i: int):
+        """Member i's factors: `LowRankFactors`, or `TwoTerms` for "both"."""
+        terms = self.terms(i)
+        return terms[0] if len(terms) == 1 else TwoTerms(*terms)
+
+    @property
+    def shared_roles(self) -> Tuple[str, ...]:
+        """Which factors are shared, in the rewrite's role names ("U": the input side of the
+        first chain, "V2": the output side of the second)."""
+        return {"left": ("U",), "right": ("V",), "both": ("U", "V2")}[self.side]
+
     @property
     def n_params(self) -> int:
         shared = (self.U.size if self.U is not None else 0) + (self.V.size if self.V is not None else 0)
         return int(shared + sum(v.size for v in self.V_own) + sum(u.size for u in self.U_own))
+
+
+@dataclass(frozen=True, eq=False)
+class TwoTerms:
+    """A member of a "both" group: W′ = first.U·first.V + second.U·second.V."""
+
+    first: LowRankFactors
+    second: LowRankFactors
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.first.shape
+
+    def to_dense(self) -> np.ndarray:
+        return self.first.U @ self.first.V + self.second.U @ self.second.V
 
 
 def joint_ranks(side: str, shapes: Sequence[Tuple[int, int]], budget: int) -> Tuple[int, int]:
