@@ -269,9 +269,10 @@ def time_against_original(original: Path, candidates: Sequence[Path], feeds: Map
                          ratios=tuple(float(np.median(r)) for r in block_ratios), block_ratios=block_ratios)
 
 
-def benchmark_main(argv, doc: str, tasks, name: str, run_one, render, extra_args=None) -> None:
+def benchmark_main(argv, doc: str, tasks, name: str, run_one, render, extra_args=None,
+                   quick_tasks=("digits_cnn",)) -> None:
     """The command line every task benchmark shares: ``--tasks``, ``--quick`` (digits only,
-    short timings), ``--output PREFIX``, ``--render-only``; runs ``run_one(task, workdir,
+    short timings; ``quick_tasks``), ``--output PREFIX``, ``--render-only``; runs ``run_one(task, workdir,
     latency_budget_s, blocks, args)`` per task, saving ``PREFIX.json`` after each, then writes
     ``render(data)`` to ``PREFIX.md`` and prints it. ``extra_args(parser)`` adds options."""
     import argparse
@@ -299,7 +300,7 @@ def benchmark_main(argv, doc: str, tasks, name: str, run_one, render, extra_args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("onnx_lrsd").setLevel(logging.WARNING)
     logging.getLogger("onnx_lrsd.api").setLevel(logging.INFO)
-    names = args.tasks or (["digits_cnn"] if args.quick else list(tasks))
+    names = args.tasks or (list(quick_tasks) if args.quick else list(tasks))
     data = {"argv": argv if argv is not None else sys.argv[1:], "machine": machine_info(), "tasks": []}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"{name}_") as tmp:

@@ -18,7 +18,8 @@ MODES = ("independent", "sequential")
 
 JOINT = ("off", "left", "right", "both", "auto")
 """Joint decomposition of repeated layers (JMD): shared input-side factor (left), output-side
-factor (right), both, or per group the best of them and separate fits (auto)."""
+factor (right), both (MatMul groups), or per group the best of left, right and separate fits
+(auto)."""
 
 SPARSE_STRUCTURES = ("rows", "unstructured")
 

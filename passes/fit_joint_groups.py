@@ -24,10 +24,10 @@ CONV_ROLES = {"U": "W1", "V": "W2"}
 
 class FitJointGroupsPass(Pass):
     """Fills `ctx.factorizations` for the members of `ctx.groups`: the group's parameter budget
-    is the sum of its members' plans; `joint_fit` at that budget with the configured side, or
-    with "auto" the side ("left", "right", and "both" for MatMul) with the lowest summed
-    squared held-out error — kept only if it beats the separate fits, which are then left to
-    `reconstruct_feature_maps`. Bias correction as for separate fits; a member's plan shows
+    is the sum of its members' plans; `joint_fit` at that budget with the configured side
+    ("both": MatMul groups only; its alternating fit costs minutes on 384-wide layers), or with
+    "auto" the side of "left" and "right" with the lowest summed squared held-out error — kept
+    only if it beats the separate fits, which are then left to `reconstruct_feature_maps`. Bias correction as for separate fits; a member's plan shows
     its own params plus its share of the shared factor."""
 
     name = "fit_joint_groups"
@@ -54,9 +54,9 @@ class FitJointGroupsPass(Pass):
         separate = float(sum(relative_tail_errors(whitened_spectrum(w, np.eye(w.shape[0]) if g is None else g,
                                                                     config.ridge))[p.ranks[0]] ** 2
                              for w, g, p in zip(ws, grams, plans)))
-        sides = [config.joint] if config.joint != "auto" else (
-            ["left", "right", "both"] if targets[0].op == "MatMul" and targets[0].weight_side == "right"
-            else ["left", "right"])
+        if config.joint == "both" and not (targets[0].op == "MatMul" and targets[0].weight_side == "right"):
+            return self._separate(ctx, group, names, budget, separate, None)
+        sides = [config.joint] if config.joint != "auto" else ["left", "right"]
         best: Optional[tuple] = None
         for side in sides:
             ranks = joint_ranks(side, [w.shape for w in ws], budget)
@@ -68,15 +68,21 @@ class FitJointGroupsPass(Pass):
             if best is None or score < best[0]:
                 best = (score, side, ranks, fit, errors)
         if best is None or (config.joint == "auto" and best[0] >= separate):
-            ctx.joint_reports.append(JointGroupReport(group, tuple(names), "separate", (), budget, separate,
-                                                      separate if best is None else best[0]))
-            return False
+            return self._separate(ctx, group, names, budget, separate, None if best is None else best[0])
         score, side, ranks, fit, errors = best
         self._apply(ctx, group, targets, plans, stats, fit, ranks, errors)
         ctx.joint_reports.append(JointGroupReport(group, tuple(names), side, ranks, fit.n_params, separate, score))
         log.info("joint group %s (%d layers): %s ranks %s, summed squared error %.4g (separate %.4g)", group,
                  len(names), side, ranks, score, separate)
         return True
+
+    @staticmethod
+    def _separate(ctx: PassContext, group: str, names: List[str], budget: int, separate: float,
+                  joint: Optional[float]) -> bool:
+        """The group stays with separate fits (recorded with the best joint error tried)."""
+        ctx.joint_reports.append(JointGroupReport(group, tuple(names), "separate", (), budget, separate,
+                                                  separate if joint is None else joint))
+        return False
 
     def _apply(self, ctx: PassContext, group: str, targets, plans, stats, fit: JointFactors, ranks, errors) -> None:
         roles = [CONV_ROLES[r] if targets[0].conv is not None else r for r in fit.shared_roles]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse.linalg
 
 from .factors import LowRankFactors, as_matrix, as_square
@@ -30,7 +31,11 @@ from .whitened import whitening
 
 SIDES = ("left", "right", "both")
 ALS_ROUNDS = 12
+WARM_ALS_ROUNDS = 3
 BOTH_ROUNDS = 60
+CG_STEPS = 20
+TOLERANCE = 1e-6
+"""Alternations stop when the objective falls by less than this share."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,6 +128,21 @@ def _right(ws, whs, weights, rank: int):
     return v, [w @ v.T for w in ws]
 
 
+def _preconditioner(sigmas, weights, grams, n: int, rank: int):
+    """X ↦ Σ̄⁻¹ X Ḡ⁻¹ for the operator X ↦ Σ cᵢ² ΣᵢXGᵢ: exact when every Σᵢ is the same
+    (Σ̄ their mean weighted by cᵢ² tr Gᵢ, Ḡ = Σ cᵢ²Gᵢ), so CG needs few steps."""
+    shares = [c * c * np.trace(g) for c, g in zip(weights, grams)]
+    sigma_bar = sum(a * s for a, s in zip(shares, sigmas)) / max(sum(shares), 1e-300)
+    g_bar = sum(c * c * g for c, g in zip(weights, grams))
+    g_bar = g_bar + 1e-12 * max(np.trace(g_bar) / rank, 1e-300) * np.eye(rank)
+    left, right = scipy.linalg.cho_factor(sigma_bar), scipy.linalg.cho_factor(g_bar)
+
+    def apply(flat):
+        return scipy.linalg.cho_solve(right, scipy.linalg.cho_solve(left, flat.reshape(n, rank)).T).T.ravel()
+
+    return scipy.sparse.linalg.LinearOperator((n * rank, n * rank), matvec=apply, dtype=np.float64)
+
+
 def _left(ws, sigmas, weights, rank: int, start: Optional[np.ndarray] = None, ridge: float = 1e-3):
     """LJMD by alternating least squares: (U [in, r], [Vᵢ])."""
     n = ws[0].shape[0]
@@ -134,10 +154,12 @@ def _left(ws, sigmas, weights, rank: int, start: Optional[np.ndarray] = None, ri
     else:
         u = start
     best = None
-    for _ in range(ALS_ROUNDS):
+    for _ in range(ALS_ROUNDS if start is None else WARM_ALS_ROUNDS):
         vs = [np.linalg.lstsq(u.T @ s @ u, u.T @ s @ w, rcond=None)[0] for w, s in zip(ws, sigmas)]
         value = _objective(ws, sigmas, weights, [u @ v for v in vs])
-        if best is not None and value > best[0] * (1 - 1e-6):
+        if best is not None and value > best[0] * (1 - TOLERANCE):
+            if value < best[0]:
+                best = (value, u, vs)
             break
         best = (value, u, vs)
         grams = [v @ v.T for v in vs]
@@ -148,7 +170,8 @@ def _left(ws, sigmas, weights, rank: int, start: Optional[np.ndarray] = None, ri
             return sum(c * c * s @ x @ g for s, c, g in zip(sigmas, weights, grams)).ravel()
 
         op = scipy.sparse.linalg.LinearOperator((n * rank, n * rank), matvec=apply, dtype=np.float64)
-        solved, _ = scipy.sparse.linalg.cg(op, rhs.ravel(), x0=u.ravel(), maxiter=50)
+        solved, _ = scipy.sparse.linalg.cg(op, rhs.ravel(), x0=u.ravel(), maxiter=CG_STEPS,
+                                           M=_preconditioner(sigmas, weights, grams, n, rank))
         u = solved.reshape(n, rank)
     return best[1], best[2]
 
@@ -188,7 +211,9 @@ def joint_fit(weights: Sequence[np.ndarray], grams: Optional[Sequence[Optional[n
     for _ in range(BOTH_ROUNDS):
         vs, us = _own_both(ws, sigmas, u, v)
         value = _objective(ws, sigmas, cs, [u @ vi + ui @ v for vi, ui in zip(vs, us)])
-        if best is not None and value > best[0] * (1 - 1e-9):
+        if best is not None and value > best[0] * (1 - TOLERANCE):
+            if value < best[0]:
+                best = (value, u, vs, us, v)
             break
         best = (value, u, vs, us, v)
         u, _ = _left([w - ui @ v for w, ui in zip(ws, us)], sigmas, cs, r_left, start=u, ridge=ridge)
