@@ -164,31 +164,34 @@ def _finish(prepared, ctx, done, correction: float = 1.0, **changes):
 
 def _compress_to_latency(prepared, ctx, done):
     """Rounds of allocation until the written model's measured speedup is within
-    `LATENCY_TOLERANCE` of the target: the measured savings rescale the predicted ones."""
+    `LATENCY_TOLERANCE` of the target: the measured savings rescale the predicted ones (halved
+    when a round measured no saving at all). The round whose measured speedup is nearest the
+    target is returned."""
     from .bench import compare_latency
     from .passes.deployment import deployment_feed
 
     config = ctx.config
     wanted = config.target_latency
     feed = deployment_feed(ctx)
-    scale = 1.0
-    for rounds in range(1, TARGET_ROUNDS + 1):
+    scale, rounds = 1.0, []
+    for index in range(1, TARGET_ROUNDS + 1):
         result_ctx, compressed = _finish(prepared, ctx, done, scale)
-        measured = compare_latency(ctx.source, compressed, feed, threads=config.latency_threads, runs=40).speedup
-        allocation = dataclasses.replace(result_ctx.allocation, measured_speedup=measured, rounds=rounds)
-        result_ctx.allocation = allocation
-        log.info("latency round %d: predicted %.3fx, measured %.3fx (target %.3fx)", rounds, allocation.predicted,
-                 measured, wanted)
-        if abs(measured / wanted - 1) <= LATENCY_TOLERANCE or rounds == TARGET_ROUNDS:
+        measured = compare_latency(ctx.source, compressed, feed, threads=config.latency_threads, runs=60).speedup
+        result_ctx.allocation = dataclasses.replace(result_ctx.allocation, measured_speedup=measured, rounds=index)
+        log.info("latency round %d: predicted %.3fx, measured %.3fx (target %.3fx)", index,
+                 result_ctx.allocation.predicted, measured, wanted)
+        rounds.append((abs(measured / wanted - 1), result_ctx, compressed))
+        if rounds[-1][0] <= LATENCY_TOLERANCE:
             break
-        predicted_saving = 1 - 1 / allocation.predicted
+        predicted_saving = 1 - 1 / result_ctx.allocation.predicted
         measured_saving = 1 - 1 / measured
-        if predicted_saving <= 0 or measured_saving <= 0:
+        if predicted_saving <= 0:
             break
-        scale *= measured_saving / predicted_saving
-    if abs(measured / wanted - 1) > LATENCY_TOLERANCE:
-        log.warning("measured speedup %.2fx is not within %d%% of the target %.2fx after %d rounds", measured,
-                    round(100 * LATENCY_TOLERANCE), wanted, rounds)
+        scale *= measured_saving / predicted_saving if measured_saving > 0 else 0.5
+    miss, result_ctx, compressed = min(rounds, key=lambda r: r[0])
+    if miss > LATENCY_TOLERANCE:
+        log.warning("measured speedup %.2fx is not within %d%% of the target %.2fx after %d rounds",
+                    result_ctx.allocation.measured_speedup, round(100 * LATENCY_TOLERANCE), wanted, len(rounds))
     return result_ctx, compressed
 
 
