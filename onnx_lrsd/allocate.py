@@ -9,13 +9,14 @@ damage D_l(c) (its share of the model's squared output error). Two problems:
 Both are multiple-choice knapsacks. The Lagrangian relaxation picks, for a multiplier λ, each
 layer's argmin D + λC independently; the sums are monotone in λ, so bisection finds the λ at
 the constraint. What the relaxation leaves between two hull points is then spent greedily, by
-the best damage saved per unit of cost (or cost saved per unit of damage).
+the best damage saved per unit of cost; `allocate_damage` bisects on the budget.
+`Sensitivity` turns a layer's reconstruction error into its predicted damage.
 Pure numpy: no graph here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -166,3 +167,35 @@ def allocate_damage(options: Sequence[Sequence[Option]], max_damage: float) -> A
         else:
             lo = mid
     return best
+
+
+_TINY = 1e-12
+
+MAX_EXPONENT = 8.0
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """A layer's predicted share of the model's squared relative output error at
+    reconstruction error e: D(e) = d₁(e/e₁)² up to the first probe, d₁(e/e₁)^p beyond, with p
+    from the two probes (clipped to [1, `MAX_EXPONENT`]; 2 with one probe)."""
+
+    error: float
+    damage: float
+    exponent: float = 2.0
+
+    def at(self, e: float) -> float:
+        ratio = max(e, 0.0) / self.error
+        return self.damage * ratio ** (2.0 if ratio <= 1 else self.exponent)
+
+    @classmethod
+    def fitted(cls, points: Sequence[Tuple[float, float]]) -> "Sensitivity":
+        """From (reconstruction error, squared output error) probe points."""
+        points = sorted((max(e, _TINY), max(d, _TINY)) for e, d in points)
+        (e1, d1), (e2, d2) = points[0], points[-1]
+        exponent = 2.0 if e2 <= e1 * 1.05 else float(np.clip(np.log(d2 / d1) / np.log(e2 / e1), 1.0, MAX_EXPONENT))
+        return cls(e1, d1, exponent)
+
+
+UNIT = Sensitivity(1.0, 1.0)
+"""D(e) = e²: every layer alike (no probes)."""

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_lrsd.activations import split_holdout
-from onnx_lrsd.allocate import Allocation, Option, allocate_budget, allocate_damage
+from onnx_lrsd.allocate import UNIT, Allocation, Option, Sensitivity, allocate_budget, allocate_damage
 from onnx_lrsd.bench import make_session, run_outputs, time_sessions
 from onnx_lrsd.cost import count_params, model_macs
 from onnx_lrsd.error_curves import LayerCandidate, layer_candidates
@@ -162,36 +161,6 @@ PROBE_ERRORS = (0.1, 0.4)
 """Reconstruction errors at which a layer's sensitivity is read: above float32 noise at the
 outputs, and far enough apart to see how fast the damage grows (softmax attention, CTC
 decoding and ReLUs make it grow faster than e² at large errors)."""
-
-MAX_EXPONENT = 8.0
-
-
-@dataclass(frozen=True)
-class Sensitivity:
-    """A layer's predicted share of the model's squared relative output error at
-    reconstruction error e: D(e) = d₁(e/e₁)² up to the first probe, d₁(e/e₁)^p beyond, with p
-    from the two probes (clipped to [1, `MAX_EXPONENT`]; 2 with one probe)."""
-
-    error: float
-    damage: float
-    exponent: float = 2.0
-
-    def at(self, e: float) -> float:
-        ratio = max(e, 0.0) / self.error
-        return self.damage * ratio ** (2.0 if ratio <= 1 else self.exponent)
-
-    @classmethod
-    def fitted(cls, points: Sequence[Tuple[float, float]]) -> "Sensitivity":
-        """From (reconstruction error, squared output error) probe points."""
-        points = sorted((max(e, TINY), max(d, TINY)) for e, d in points)
-        (e1, d1), (e2, d2) = points[0], points[-1]
-        exponent = 2.0 if e2 <= e1 * 1.05 else float(np.clip(np.log(d2 / d1) / np.log(e2 / e1), 1.0, MAX_EXPONENT))
-        return cls(e1, d1, exponent)
-
-
-UNIT = Sensitivity(1.0, 1.0)
-"""D(e) = e²: every layer alike (no probes)."""
-
 
 def probe_candidates(candidates: Sequence[LayerCandidate]) -> List[LayerCandidate]:
     """The candidates whose errors are nearest `PROBE_ERRORS` on a log scale (a layer nearly

@@ -12,6 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_lrsd.activations import Feeds, LayerStatistics
+from onnx_lrsd.allocate import Sensitivity
 from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.error_curves import LayerCandidate
 from onnx_lrsd.factorize import LayerFactorization
@@ -44,7 +45,7 @@ class PassContext:
     plan_options: Dict[str, List[LayerPlan]] = field(default_factory=dict)
     allocatable: List[str] = field(default_factory=list)
     curves: Dict[str, List[LayerCandidate]] = field(default_factory=dict)
-    sensitivities: Dict[str, object] = field(default_factory=dict)  # allocate_budget.Sensitivity
+    sensitivities: Dict[str, Sensitivity] = field(default_factory=dict)
     allocation: Optional[AllocationSummary] = None
     factorizations: Dict[str, LayerFactorization] = field(default_factory=dict)
     calibration: List[Feeds] = field(default_factory=list)

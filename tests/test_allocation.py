@@ -320,7 +320,7 @@ def test_sweep_points_meet_their_targets_and_mark_the_pareto_front():
 
 
 def test_sensitivity_grows_as_measured_between_probes_and_quadratically_below():
-    from onnx_lrsd.passes.allocate_budget import UNIT, Sensitivity
+    from onnx_lrsd.allocate import UNIT, Sensitivity
 
     s = Sensitivity.fitted([(0.4, 0.16 * 8), (0.1, 0.01)])  # damage ∝ e^3.5 between the probes
     assert s.error == 0.1 and s.exponent == pytest.approx(np.log(128) / np.log(4))
