@@ -166,7 +166,7 @@ def _compress_to_latency(prepared, ctx, done):
     """Rounds of allocation until the written model's measured speedup is within
     `LATENCY_TOLERANCE` of the target: the measured savings rescale the predicted ones (halved
     when a round measured no saving at all). The round whose measured speedup is nearest the
-    target is returned."""
+    target is returned, also when a corrected target turns out unreachable."""
     from .bench import compare_latency
     from .passes.deployment import deployment_feed
 
@@ -175,7 +175,13 @@ def _compress_to_latency(prepared, ctx, done):
     feed = deployment_feed(ctx)
     scale, rounds = 1.0, []
     for index in range(1, TARGET_ROUNDS + 1):
-        result_ctx, compressed = _finish(prepared, ctx, done, scale)
+        try:
+            result_ctx, compressed = _finish(prepared, ctx, done, scale)
+        except LrsdError as exc:
+            if not rounds:
+                raise
+            log.warning("latency round %d: %s; keeping the best earlier round", index, exc)
+            break
         measured = compare_latency(ctx.source, compressed, feed, threads=config.latency_threads, runs=60).speedup
         result_ctx.allocation = dataclasses.replace(result_ctx.allocation, measured_speedup=measured, rounds=index)
         log.info("latency round %d: predicted %.3fx, measured %.3fx (target %.3fx)", index,
