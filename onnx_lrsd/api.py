@@ -189,6 +189,10 @@ def _compress_to_latency(prepared, ctx, done):
         rounds.append((abs(measured / wanted - 1), result_ctx, compressed))
         if rounds[-1][0] <= LATENCY_TOLERANCE:
             break
+        if result_ctx.allocation.capped and measured < wanted:
+            best = max(r[1].allocation.measured_speedup for r in rounds)
+            raise LrsdError(f"speedup {wanted:g}x is unreachable: the fastest allocation measured {best:.2f}x "
+                            f"(batch {config.latency_batch}, {config.latency_threads} threads)")
         predicted_saving = 1 - 1 / result_ctx.allocation.predicted
         measured_saving = 1 - 1 / measured
         if predicted_saving <= 0:

@@ -121,6 +121,7 @@ class AllocationSummary:
     rounds: int = 1
     metric: Optional[float] = None
     metric_original: Optional[float] = None
+    capped: bool = False
 
     def to_text(self) -> str:
         asked = f"speedup {self.value:g}x" if self.target == "latency" else f"{self.target} {self.value:g}"

@@ -45,13 +45,16 @@ class AllocateBudgetPass(Pass):
     (or the fewest params within `max_error`). Dense is always an option.
 
     `correction` comes from measuring the written model (`onnx_lrsd.api`): for a latency target
-    it multiplies the predicted latency savings, for an error target the error budget."""
+    it multiplies the predicted latency savings, for an error target the error budget. A latency
+    target the prediction cannot reach gets the fastest allocation (`capped`): whether it is
+    reachable is for the measurement to say."""
 
     name = "allocate_budget"
     requires = ("select_ranks", "collect_activations")
 
     def __init__(self, correction: float = 1.0):
         self.correction = correction
+        self.capped = False
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = ctx.config
@@ -86,7 +89,7 @@ class AllocateBudgetPass(Pass):
         ctx.allocation = AllocationSummary(
             target=kind, value=float(value), predicted=float(predicted),
             predicted_error=float(np.sqrt(allocation.damage)), layers=len(names), factorized=factorized,
-            sensitivity=probed, batch=config.latency_batch, threads=config.latency_threads)
+            sensitivity=probed, batch=config.latency_batch, threads=config.latency_threads, capped=self.capped)
         log.info("allocation for %s %g: %d of %d layers factorized, predicted %.4g", kind, value, factorized,
                  len(names), predicted)
         return PassResult(graph, modified=False, stats={"allocated": len(names), "factorized": factorized})
@@ -112,8 +115,9 @@ class AllocateBudgetPass(Pass):
             ctx.report_progress("latency", done, len(names))
         rest = original_ms - dense_total
         budget = original_ms / speedup - rest
-        allocation = _solve_budget(options, budget, lambda a: f"at most {original_ms / (rest + a.cost):.2f}x "
-                                                               f"predicted", f"speedup {speedup:g}x")
+        cheapest = sum(min(o.cost for o in layer) for layer in options)
+        self.capped = budget < cheapest  # predicted out of reach: the fastest allocation, to be measured
+        allocation = allocate_budget(options, max(budget, cheapest))
         return allocation, original_ms / max(rest + allocation.cost, TINY)
 
 
