@@ -113,6 +113,7 @@ def test_bad_model_one_line_error_no_output(runner, tmp_path, content, message):
     (["--target-params", "0.5", "--max-error", "0.1"], "choose one target"),
     (["--target-latency", "0.5"], "must be > 1"),
     (["--target-params", "0.01", "--calib", "random"], "unreachable"),
+    (["--target-latency", "1000", "--calib", "random", "--calib-samples", "32"], "unreachable"),
     (["--evbmf", "2"], "evbmf"),
 ])
 def test_bad_options_exit_1(runner, tmp_path, args, message):
