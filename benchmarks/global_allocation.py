@@ -6,6 +6,7 @@ Run from the repository root::
     python -m benchmarks.global_allocation              # all three tasks (about 30 min on 2 cores)
     python -m benchmarks.global_allocation --quick      # digits only (~1 min)
     python -m benchmarks.global_allocation --tasks minilm --no-sweep
+    python -m benchmarks.global_allocation --rerun-latency   # redo the latency-target rows of results/
 
 For every task (``benchmarks/tasks``) and keep ratio K of ``KEEPS``:
 
