@@ -25,6 +25,7 @@ def plot_sweep(report: SweepReport, path: Union[str, os.PathLike], title: str = 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
     points = sorted(report.points, key=lambda p: p.output_error)
     with_metric = report.metric_original is not None
     fig, axes = plt.subplots(1, 3 if with_metric else 2, figsize=(13 if with_metric else 9, 3.8))
@@ -38,6 +39,7 @@ def plot_sweep(report: SweepReport, path: Union[str, os.PathLike], title: str = 
         for e, v, p in zip(errors, values, points):
             ax.annotate(f"{p.target_params:g}", (e, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
         ax.set_xlabel("relative output error")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
