@@ -153,6 +153,19 @@ def symbolic_dims(model_path: Path, feeds: dict[str, Any]) -> tuple[tuple[str, i
     return tuple(sorted(dims.items()))
 
 
+def task_inputs(name: str, latency_batches=(1, 32)):
+    """A prepared task with what every benchmark takes from it: (task, settings, calibration
+    feeds, latency feeds per batch, symbolic dims of its inputs)."""
+    from benchmarks.tasks import get_task
+
+    settings = TASKS[name]
+    task = get_task(name)
+    task.prepare()
+    feeds = task.calibration_feeds(settings.samples, settings.batch)
+    latency_feeds = {b: task.latency_feeds(b) for b in latency_batches}
+    return task, settings, feeds, latency_feeds, symbolic_dims(task.model_path, latency_feeds[latency_batches[0]])
+
+
 def compress_one(model_path: Path, keep: float, mode: str | None, feeds: list, settings: TaskSettings,
                  mask_input: str | None, blas: Any = None, **extra):
     """``onnx_lrsd.compress`` with this benchmark's settings (plus ``extra`` CompressConfig

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 from benchmarks.common import (RESULTS_DIR, benchmark_main, fmt, markdown_table,
                                time_against_original, write_text)
-from benchmarks.data_aware import HOLDOUT_EVERY, METRIC_COLUMNS, TASKS, symbolic_dims
+from benchmarks.data_aware import HOLDOUT_EVERY, METRIC_COLUMNS, TASKS, task_inputs
 
 LOGGER = logging.getLogger("benchmarks.global_allocation")
 
@@ -93,6 +93,14 @@ def timed(task, rows: list[dict[str, Any]], latency_feeds, budget: float, blocks
             row[f"original_ms_b{batch}"] = timing.original_ms
 
 
+def runner(task, settings, feeds, dims, workdir: Path) -> Callable[..., dict[str, Any]]:
+    """run(label, stem, **options): compress the task's model with `options`, save, evaluate."""
+    def run(label: str, stem: str, **options) -> dict[str, Any]:
+        result, seconds = compress_task(task, feeds, settings, dims=dims, **options)
+        return evaluated(task, result, workdir / f"{task.name}_{stem}.onnx", seconds, label)
+    return run
+
+
 def attempt(rows: list, label: str, make: Callable[[], dict[str, Any]]) -> None:
     try:
         rows.append(make())
@@ -107,21 +115,10 @@ def run_task(name: str, keeps, workdir: Path, budget: float, blocks: int, do_swe
     from onnx_lrsd import plot_sweep, sweep
     from onnx_lrsd.io import save_model
 
-    from benchmarks.tasks import get_task
-
-    settings = TASKS[name]
-    task = get_task(name)
-    task.prepare()
+    task, settings, feeds, latency_feeds, dims = task_inputs(name, LATENCY_BATCHES)
     out: dict[str, Any] = {"task": name, "samples": settings.samples, "batch": settings.batch,
                            "original": task.evaluate(task.model_path), "keeps": []}
-    feeds = task.calibration_feeds(settings.samples, settings.batch)
-    latency_feeds = {b: task.latency_feeds(b) for b in LATENCY_BATCHES}
-    dims = symbolic_dims(task.model_path, latency_feeds[1])
-
-    def run(label: str, stem: str, **options) -> dict[str, Any]:
-        result, seconds = compress_task(task, feeds, settings, dims=dims, **options)
-        return evaluated(task, result, workdir / f"{name}_{stem}.onnx", seconds, label)
-
+    run = runner(task, settings, feeds, dims, workdir)
     for keep in keeps:
         rows = [run("uniform", f"{keep}_uniform", keep=keep)]
         params = rows[0]["params_ratio"]
@@ -170,24 +167,13 @@ def rerun_latency(json_path: Path, budget: float, blocks: int) -> None:
     import tempfile
 
     from benchmarks.common import machine_info, write_json
-    from benchmarks.tasks import get_task
 
     data = json.loads(json_path.read_text())
     with tempfile.TemporaryDirectory(prefix="global_allocation_") as tmp:
         workdir = Path(tmp)
         for out in data["tasks"]:
-            name = out["task"]
-            settings = TASKS[name]
-            task = get_task(name)
-            task.prepare()
-            feeds = task.calibration_feeds(settings.samples, settings.batch)
-            latency_feeds = {b: task.latency_feeds(b) for b in LATENCY_BATCHES}
-            dims = symbolic_dims(task.model_path, latency_feeds[1])
-
-            def run(label: str, stem: str, **options) -> dict[str, Any]:
-                result, seconds = compress_task(task, feeds, settings, dims=dims, **options)
-                return evaluated(task, result, workdir / f"{name}_{stem}.onnx", seconds, label)
-
+            task, settings, feeds, latency_feeds, dims = task_inputs(out["task"], LATENCY_BATCHES)
+            run = runner(task, settings, feeds, dims, workdir)
             for entry in out["keeps"]:
                 index = next((i for i, r in enumerate(entry["rows"]) if r["label"] == "global, equal latency"
                               and "error" in r and entry["uniform_speedup_b1"] > 1.02), None)

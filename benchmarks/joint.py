@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import benchmark_main, fmt, markdown_table, time_against_original
-from benchmarks.data_aware import HOLDOUT_EVERY, TASKS, symbolic_dims
+from benchmarks.data_aware import HOLDOUT_EVERY, task_inputs
 
 LOGGER = logging.getLogger("benchmarks.joint")
 THREADS = 2
@@ -60,14 +60,7 @@ def _row(result, path: Path, seconds: float, joint: str) -> dict[str, Any]:
 def run_minilm(workdir: Path, budget: float, blocks: int, quick: bool) -> dict[str, Any]:
     from onnx_lrsd import compress
 
-    from benchmarks.tasks import get_task
-
-    settings = TASKS["minilm"]
-    task = get_task("minilm")
-    task.prepare()
-    feeds = task.calibration_feeds(settings.samples, settings.batch)
-    latency = {b: task.latency_feeds(b) for b in (1, 32)}
-    dims = symbolic_dims(task.model_path, latency[1])
+    task, settings, feeds, latency, dims = task_inputs("minilm", (1, 32))
     out: dict[str, Any] = {"task": "minilm", "original": task.evaluate(task.model_path), "keeps": []}
     for keep in ((0.35,) if quick else MINILM_KEEPS):
         rows = []

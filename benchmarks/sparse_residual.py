@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import benchmark_main, fmt, markdown_table, time_against_original
-from benchmarks.data_aware import HOLDOUT_EVERY, METRIC_COLUMNS, TASKS, symbolic_dims
+from benchmarks.data_aware import HOLDOUT_EVERY, METRIC_COLUMNS, TASKS, task_inputs
 
 LOGGER = logging.getLogger("benchmarks.sparse_residual")
 
@@ -53,14 +53,7 @@ def run_task(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, 
     from onnx_lrsd import compress
     from onnx_lrsd.io import save_model
 
-    from benchmarks.tasks import get_task
-
-    settings = TASKS[name]
-    task = get_task(name)
-    task.prepare()
-    feeds = task.calibration_feeds(settings.samples, settings.batch)
-    latency_feeds = {b: task.latency_feeds(b) for b in LATENCY_BATCHES}
-    dims = symbolic_dims(task.model_path, latency_feeds[1])
+    task, settings, feeds, latency_feeds, dims = task_inputs(name, LATENCY_BATCHES)
     keep = KEEPS[name]
     out: dict[str, Any] = {"task": name, "keep": keep, "original": task.evaluate(task.model_path),
                            "original_bytes": task.model_path.stat().st_size, "rows": []}
