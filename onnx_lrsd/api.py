@@ -136,9 +136,10 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
 LATENCY_TOLERANCE = 0.10
 """A latency target is met when the measured speedup is within this share of it."""
 
-TARGET_ROUNDS = 3
+TARGET_ROUNDS = 6
 """Allocations tried for a latency or error target: each corrects the prediction by what was
-measured on the previous round's written model."""
+measured on the previous round's written model (fits and probes are reused: a round costs a
+fit and a rewrite)."""
 
 
 def _finish(prepared, ctx, done, correction: float = 1.0, **changes):
@@ -164,40 +165,39 @@ def _finish(prepared, ctx, done, correction: float = 1.0, **changes):
 
 def _compress_to_latency(prepared, ctx, done):
     """Rounds of allocation until the written model's measured speedup is within
-    `LATENCY_TOLERANCE` of the target: the measured savings rescale the predicted ones (halved
-    when a round measured no saving at all). The round whose measured speedup is nearest the
-    target is returned, also when a corrected target turns out unreachable."""
+    `LATENCY_TOLERANCE` of the target. The measured speedup grows with the speedup asked of
+    the prediction, so the ask is searched in log space: scaled by target / measured until the
+    target is bracketed, then bisected. An ask the prediction cannot reach writes the fastest
+    allocation; if that measures below the target, the target is unreachable. The round
+    nearest the target is returned."""
     from .bench import compare_latency
     from .passes.deployment import deployment_feed
 
     config = ctx.config
     wanted = config.target_latency
     feed = deployment_feed(ctx)
-    scale, rounds = 1.0, []
+    correction, slow, fast, rounds = 1.0, None, None, []
     for index in range(1, TARGET_ROUNDS + 1):
-        try:
-            result_ctx, compressed = _finish(prepared, ctx, done, scale)
-        except LrsdError as exc:
-            if not rounds:
-                raise
-            log.warning("latency round %d: %s; keeping the best earlier round", index, exc)
-            break
+        result_ctx, compressed = _finish(prepared, ctx, done, correction)
         measured = compare_latency(ctx.source, compressed, feed, threads=config.latency_threads, runs=60).speedup
         result_ctx.allocation = dataclasses.replace(result_ctx.allocation, measured_speedup=measured, rounds=index)
-        log.info("latency round %d: predicted %.3fx, measured %.3fx (target %.3fx)", index,
-                 result_ctx.allocation.predicted, measured, wanted)
+        log.info("latency round %d: asked %.3fx of the prediction, measured %.3fx (target %.3fx)", index,
+                 wanted * correction, measured, wanted)
         rounds.append((abs(measured / wanted - 1), result_ctx, compressed))
         if rounds[-1][0] <= LATENCY_TOLERANCE:
             break
-        if result_ctx.allocation.capped and measured < wanted:
-            best = max(r[1].allocation.measured_speedup for r in rounds)
-            raise LrsdError(f"speedup {wanted:g}x is unreachable: the fastest allocation measured {best:.2f}x "
-                            f"(batch {config.latency_batch}, {config.latency_threads} threads)")
-        predicted_saving = 1 - 1 / result_ctx.allocation.predicted
-        measured_saving = 1 - 1 / measured
-        if predicted_saving <= 0:
-            break
-        scale *= measured_saving / predicted_saving if measured_saving > 0 else 0.5
+        if measured < wanted:
+            if result_ctx.allocation.capped:
+                best = max(r[1].allocation.measured_speedup for r in rounds)
+                raise LrsdError(f"speedup {wanted:g}x is unreachable: the fastest allocation measured {best:.2f}x "
+                                f"(batch {config.latency_batch}, {config.latency_threads} threads)")
+            slow = correction
+        else:
+            fast = correction
+        if slow is not None and fast is not None:
+            correction = float(np.sqrt(slow * fast))
+        else:
+            correction *= wanted / measured
     miss, result_ctx, compressed = min(rounds, key=lambda r: r[0])
     if miss > LATENCY_TOLERANCE:
         log.warning("measured speedup %.2fx is not within %d%% of the target %.2fx after %d rounds",

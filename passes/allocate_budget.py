@@ -44,8 +44,8 @@ class AllocateBudgetPass(Pass):
     shape by `LatencyModel`); `onnx_lrsd.allocate` picks the least total damage for the budget
     (or the fewest params within `max_error`). Dense is always an option.
 
-    `correction` comes from measuring the written model (`onnx_lrsd.api`): for a latency target
-    it multiplies the predicted latency savings, for an error target the error budget. A latency
+    `correction` comes from measuring the written model (`onnx_lrsd.api`): it multiplies the
+    speedup asked of the prediction (latency target) or the error budget (error target). A latency
     target the prediction cannot reach gets the fastest allocation (`capped`): whether it is
     reachable is for the measurement to say."""
 
@@ -110,11 +110,11 @@ class AllocateBudgetPass(Pass):
             dense_ms, candidate_ms = memo[key]
             dense_total += dense_ms
             options.append([Option(dense_ms, 0.0)] + [
-                Option(dense_ms - self.correction * (dense_ms - ms), d)
+                Option(ms, d)
                 for ms, d in zip(candidate_ms, damages[name])])
             ctx.report_progress("latency", done, len(names))
         rest = original_ms - dense_total
-        budget = original_ms / speedup - rest
+        budget = original_ms / (speedup * self.correction) - rest
         cheapest = sum(min(o.cost for o in layer) for layer in options)
         self.capped = budget < cheapest  # predicted out of reach: the fastest allocation, to be measured
         allocation = allocate_budget(options, max(budget, cheapest))
