@@ -98,7 +98,7 @@ def allocate_budget(options: Sequence[Sequence[Option]], budget: float) -> Alloc
     _validate(options)
     tables = _tables(options)
     cheapest = [min(range(len(layer)), key=lambda i: (layer[i].cost, layer[i].damage)) for layer in options]
-    if _totals(tables, cheapest)[0] > budget:
+    if _totals(tables, cheapest)[0] > budget + 1e-9 * max(abs(budget), 1.0):  # rounding of the sums
         raise ValueError(f"budget {budget:g} is below the cheapest allocation's cost {_totals(tables, cheapest)[0]:g}")
     lo, hi = _cost_scale(options)  # λ = hi: cheapest; λ = lo: least damage
     if _totals(tables, _lagrangian_choice(tables, lo))[0] <= budget:

@@ -329,3 +329,9 @@ def test_sensitivity_grows_as_measured_between_probes_and_quadratically_below():
     assert Sensitivity.fitted([(0.2, 0.04)]).exponent == 2.0
     assert Sensitivity.fitted([(0.1, 1.0), (0.4, 1e-9)]).exponent == 1.0  # clipped
     assert UNIT.at(0.3) == pytest.approx(0.09)
+
+
+def test_a_budget_equal_to_the_cheapest_cost_is_met_despite_rounding():
+    layers = [[Option(0.1, 0.0), Option(0.2, 1.0)]] * 3 + [[Option(0.7, 0.0)]]
+    cheapest = sum(min(o.cost for o in layer) for layer in layers)  # 0.1 + 0.1 + 0.1 + 0.7, in another order
+    assert allocate_budget(layers, cheapest).choice == (0, 0, 0, 0)
