@@ -124,11 +124,7 @@ def _emit_matmul(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
         first = e.op("MatMul", "v", [e.op("MatMul", "u", [e.x, e.const("U", f.first.U)]), e.const("V", f.first.V)])
         second = e.op("MatMul", "v2", [e.op("MatMul", "u2", [e.x, e.const("U2", f.second.U)]),
                                        e.const("V2", f.second.V)])
-        if fact.bias_shift is None or _fold_into_next_add(e, fact.bias_shift):
-            e.op("Add", "sum", [first, second], output=e.y)
-        else:
-            total = e.op("Add", "sum", [first, second])
-            e.op("Add", "bias_add", [total, e.const("bias", fact.bias_shift)], output=e.y)
+        _emit_last(e, "Add", "sum", [first, second], fact.bias_shift)
         return e.nodes
     if e.target.weight_side == "left":
         h = e.op("MatMul", "u", [e.const("U", f.U.T), e.x])
@@ -138,12 +134,17 @@ def _emit_matmul(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
             e.op("Add", "bias_add", [y, e.const("bias", fact.bias_shift[:, None])], output=e.y)
         return e.nodes
     h, v = _right_chain(e, e.x, fact, axis=-1)
-    if fact.bias_shift is None or _fold_into_next_add(e, fact.bias_shift):
-        e.op("MatMul", "v", [h, v], output=e.y)
-    else:
-        y = e.op("MatMul", "v", [h, v])
-        e.op("Add", "bias_add", [y, e.const("bias", fact.bias_shift)], output=e.y)
+    _emit_last(e, "MatMul", "v", [h, v], fact.bias_shift)
     return e.nodes
+
+
+def _emit_last(e: _Emitter, op: str, role: str, inputs, shift: Optional[np.ndarray]) -> None:
+    """The chain's last node, writing the layer's output; a bias shift is folded into the next
+    Add when one takes it, else added by an Add of its own."""
+    if shift is None or _fold_into_next_add(e, shift):
+        e.op(op, role, inputs, output=e.y)
+    else:
+        e.op("Add", "bias_add", [e.op(op, role, inputs), e.const("bias", shift)], output=e.y)
 
 
 def _right_chain(e: _Emitter, a: gs.Tensor, fact: LayerFactorization, axis: int,
