@@ -225,19 +225,24 @@ def _compress_to_error(prepared, ctx, done):
 
 
 METRIC_STEPS = 7
-"""Bisection steps of the metric search (the params ratio to about 1/128 of its range)."""
+"""Bisection steps of the metric search (the params ratio to 1/128)."""
 
 
 def _compress_to_metric(prepared, ctx, done, metric: Metric, max_drop: float):
     """The smallest params ratio whose model's metric is at most `max_drop` below the
-    original's, by bisection over `target_params` (the metric is assumed to fall as the
-    model shrinks); the original model is returned when no allocation qualifies."""
+    original's, by bisection over `target_params` in (0, 1] (the metric is assumed to fall as
+    the model shrinks; a ratio below the smallest allocation counts as too small). LrsdError
+    when no allocation tried qualifies."""
     reference = float(metric(ctx.source))
-    lo, hi = _smallest_params_ratio(prepared, ctx, done), 1.0
+    lo, hi = 0.0, 1.0
     best = None
     for _ in range(METRIC_STEPS):
         mid = 0.5 * (lo + hi)
-        round_ctx, compressed = _finish(prepared, ctx, done, target_params=mid)
+        try:
+            round_ctx, compressed = _finish(prepared, ctx, done, target_params=mid)
+        except LrsdError:  # unreachable: the allocation refuses before fitting anything
+            lo = mid
+            continue
         value = float(metric(compressed))
         log.info("metric search: params %.3f -> metric %.4g (original %.4g)", mid, value, reference)
         if reference - value <= max_drop:
@@ -250,23 +255,6 @@ def _compress_to_metric(prepared, ctx, done, metric: Metric, max_drop: float):
     round_ctx, compressed, value = best
     round_ctx.allocation = dataclasses.replace(round_ctx.allocation, metric=value, metric_original=reference)
     return round_ctx, compressed
-
-
-def _smallest_params_ratio(prepared, ctx, done) -> float:
-    """The params ratio of the cheapest allocation (every allocatable layer at its smallest
-    candidate, a bias shift each)."""
-    from .error_curves import layer_candidates
-
-    total = count_params(ctx.source)
-    fixed = total - sum(ctx.targets[name].params for name in ctx.allocatable)
-    cheapest = 0
-    for name in ctx.allocatable:
-        if name not in ctx.curves:
-            gram = ctx.statistics[name].fit.gram if name in ctx.statistics else None
-            ctx.curves[name] = layer_candidates(ctx.targets[name], gram, ctx.config)
-        costs = [c.cost.params for c in ctx.curves[name]] + [ctx.targets[name].params]
-        cheapest += min(costs) + ctx.targets[name].out_features  # a bias shift at most
-    return min(1.0, (fixed + cheapest) / total)
 
 
 STAGE_TARGETS = (None, "params", "macs")
