@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.cost import full_ranks
+from onnx_lrsd.decompose import split_budget
 from onnx_lrsd.latency import RESIDUAL, LatencyModel
 from onnx_lrsd.report import LayerLatency
 
@@ -31,7 +31,7 @@ class MeasureLayerLatencyPass(Pass):
             target = ctx.targets[plan.name]
             candidates = [("dense", ()), (plan.method, plan.ranks)]
             if plan.residual is not None and plan.residual.structure == "rows":
-                plain = min(plan.cost.params // (target.in_features + target.out_features), *full_ranks(target, plan.method))
+                plain, _ = split_budget(target.in_features, target.out_features, plan.cost.params, 0.0)
                 candidates = [("dense", ()), (plan.method, (max(plain, 1),)),
                               (plan.method + RESIDUAL, (plan.ranks[0], plan.residual.size))]
             times = model.measure(target, shapes[plan.name], candidates)
