@@ -24,6 +24,7 @@ from .graph import export_model, import_graph, model_template
 from .io import PROTOBUF_LIMIT, ModelSource, check_output_directory, initializer_bytes, load_model, save_model
 from .activations import split_holdout
 from .bench import output_errors_on
+from .feeds import random_feeds
 from .report import CompressionReport, InspectReport, LayerReport, ModelStats, StageSummary, TargetInfo
 
 log = logging.getLogger(__name__)
@@ -125,12 +126,36 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
             ctx, compressed = _compress_to_error(prepared, ctx, done)
         else:
             ctx, compressed = _finish(prepared, ctx, done)
+        quantization = None
+        if config.then_quantize is not None:
+            from .activations import split_holdout
+            from .passes.verify_outputs import verification_batches
+
+            fit = split_holdout(ctx.calibration, config.holdout_every)[0] or ctx.calibration
+            verify = verification_batches(ctx)[0] if config.verify else []
+            compressed, quantization = _then_quantize(source, compressed, config.then_quantize, fit, verify,
+                                                      ctx.output_errors)
+            ctx.output_errors = dict(quantization.output_errors) if config.verify else ctx.output_errors
     report = CompressionReport(
         before=_stats(source), after=_stats(compressed), layers=tuple(_layer_reports(ctx)),
         skipped=tuple(ctx.skipped), output_errors=dict(ctx.output_errors),
         seconds=time.perf_counter() - start, timings=dict(ctx.timings), config=dataclasses.asdict(ctx.config),
-        allocation=ctx.allocation, verified_on=ctx.verified_on, joint_groups=tuple(ctx.joint_reports))
+        allocation=ctx.allocation, verified_on=ctx.verified_on, joint_groups=tuple(ctx.joint_reports),
+        quantization=quantization)
     return CompressionResult(model=compressed, report=report)
+
+
+def _then_quantize(source: onnx.ModelProto, compressed: onnx.ModelProto, mode: str, fit_batches, verify_batches,
+                   errors_before):
+    """(int8 model of `compressed`, its `QuantizationSummary`): static quantization calibrates
+    on `fit_batches`; output errors against `source` on `verify_batches` (none: not verified)."""
+    from .quantize import quantize_model, summarize
+
+    quantized = quantize_model(compressed, mode, fit_batches)
+    names = [o.name for o in source.graph.output]
+    errors = output_errors_on(source, quantized, verify_batches, names) if verify_batches else {}
+    log.info("%s quantization: output errors %s", mode, errors)
+    return quantized, summarize(quantized, mode, errors_before, errors)
 
 
 LATENCY_TOLERANCE = 0.10
@@ -285,7 +310,7 @@ def _compress_in_stages(model: ModelSource, config: CompressConfig, calibration:
             now = count_params(current) if kind == "params" else model_macs(current)
             wanted = getattr(config, field) ** (stage / config.stages) * total / now
             stage_config = config.replace(stages=1, **{field: min(1.0, wanted)})
-        result = compress(current, stage_config, batches or None, progress)
+        result = compress(current, stage_config.replace(then_quantize=None), batches or None, progress)
         current = result.model
         errors = (output_errors_on(source, current, verify_batches, names) if verify_batches
                   else dict(result.report.output_errors))
@@ -293,7 +318,17 @@ def _compress_in_stages(model: ModelSource, config: CompressConfig, calibration:
         stages.append(StageSummary(stage, after.params / before.params, after.macs / max(before.macs, 1), errors,
                                    time.perf_counter() - began))
         log.info("stage %d: params %.3f, output errors %s", stage, stages[-1].params_ratio, errors)
-    report = dataclasses.replace(result.report, before=before, output_errors=stages[-1].output_errors,
+    quantization = None
+    if config.then_quantize is not None:
+        fit = split_holdout(batches, config.holdout_every)[0] or batches
+        checked = verify_batches or [random_feeds(source, batch=config.verify_batch, dims=dict(config.dims),
+                                                  seed=config.seed)]
+        current, quantization = _then_quantize(source, current, config.then_quantize, fit, checked,
+                                               stages[-1].output_errors)
+        result = CompressionResult(current, dataclasses.replace(result.report, after=_stats(current)))
+    report = dataclasses.replace(result.report, before=before, quantization=quantization,
+                                 output_errors=dict(quantization.output_errors) if quantization
+                                 else stages[-1].output_errors,
                                  stages=tuple(stages), seconds=time.perf_counter() - start,
                                  config=dataclasses.asdict(config),
                                  verified_on="held-out calibration batches, against the original"

@@ -185,6 +185,9 @@ def inspect(model: Path, as_json: bool) -> None:
               help="Compress in N stages, each refitting on the previous stage's model (MUSCO). [1]")
 @click.option("--evbmf", type=float, default=None, metavar="W",
               help="Ranks from EVBMF weakened by W in [0, 1] (1: plain EVBMF), capped by --keep.")
+@click.option("--then-quantize", type=click.Choice(["dynamic", "dynamic-matmul", "static"]), default=None,
+              help="Quantize the compressed model to int8 with onnxruntime's quantizer: dynamic (all ops), "
+                   "dynamic-matmul (MatMul only) or static (QDQ, calibrated on --calib).")
 @click.option("--verify/--no-verify", default=None, help="Compare outputs with the original in onnxruntime. [on]")
 @click.option("--seed", type=int, default=None, help="Seed of every random choice. [0]")
 @click.option("--external-data", is_flag=True, default=None, help="Save weights to OUTPUT.data.")
@@ -194,7 +197,8 @@ def inspect(model: Path, as_json: bool) -> None:
 def compress(model: Path, output: Path, keep, energy, method, ranks, skips, config_file, report_file, dims,
              calib, calib_samples, calib_batch, mode, mask_input, ridge, sparse_share, sparse_structure,
              bias_correction, target_params, target_macs, target_latency, max_error, latency_batch, latency_threads,
-             sensitivity, show_layers, layer_latency, joint, stages, evbmf, verify, seed, external_data, as_json, quiet) -> None:
+             sensitivity, show_layers, layer_latency, joint, stages, evbmf, then_quantize, verify, seed, external_data,
+             as_json, quiet) -> None:
     """Factorize MODEL's Gemm / MatMul / Conv weights and write the smaller model to OUTPUT."""
     from .api import compress_file
     from .config import CompressConfig, LayerOverride, load_config_file
@@ -209,7 +213,7 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
         target_latency=target_latency, max_error=max_error, latency_batch=latency_batch,
         latency_threads=latency_threads, sensitivity=sensitivity, layer_latency=layer_latency,
         joint={"l": "left", "r": "right", "b": "both"}.get(joint, joint), stages=stages,
-        evbmf=evbmf).items()
+        evbmf=evbmf, then_quantize=then_quantize).items()
         if value is not None}
     if dims:
         options["dims"] = _parse_dims(dims)

@@ -133,21 +133,23 @@ def model_macs(model) -> int:
 
 
 def count_params(model) -> int:
-    """Elements of every floating-point constant: initializers, the stored values of sparse
-    initializers and Constant nodes (subgraphs included)."""
+    """Elements of every floating-point or 8-bit integer (quantized weight) constant:
+    initializers, the stored values of sparse initializers and Constant nodes (subgraphs
+    included). Wider integer constants are shapes and indices, not parameters."""
     from onnx import TensorProto
 
-    float_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    weight_types = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16,
+                   TensorProto.INT8, TensorProto.UINT8}
     total = 0
 
     def visit(graph) -> None:
         nonlocal total
-        total += sum(_elements(t.dims) for t in graph.initializer if t.data_type in float_types)
+        total += sum(_elements(t.dims) for t in graph.initializer if t.data_type in weight_types)
         total += sum(_elements(s.values.dims) for s in graph.sparse_initializer
-                     if s.values.data_type in float_types)  # stored values, not the dense size
+                     if s.values.data_type in weight_types)  # stored values, not the dense size
         for node in graph.node:
             for attr in node.attribute:
-                if attr.HasField("t") and attr.t.data_type in float_types:
+                if attr.HasField("t") and attr.t.data_type in weight_types:
                     total += _elements(attr.t.dims)
                 if attr.HasField("g"):
                     visit(attr.g)

@@ -171,6 +171,26 @@ class StageSummary:
 
 
 @dataclass(frozen=True)
+class QuantizationSummary:
+    """int8 quantization after compression: the mode, the int8 weight elements written and
+    their share of all weight elements, the quantized nodes (QDQ pairs and integer kernels),
+    and the output errors against the original before and after quantizing."""
+
+    mode: str
+    int8_weights: int
+    int8_share: float
+    integer_nodes: int
+    output_errors_before: Dict[str, float] = field(default_factory=dict)
+    output_errors: Dict[str, float] = field(default_factory=dict)
+
+    def to_text(self) -> str:
+        before = ", ".join(f"{e:.3e}" for e in self.output_errors_before.values())
+        after = ", ".join(f"{e:.3e}" for e in self.output_errors.values())
+        return (f"int8 ({self.mode}): {self.int8_weights:,} weights int8 ({self.int8_share:.0%} of all), "
+                f"{self.integer_nodes} quantized nodes; output error {before} before quantizing, {after} after")
+
+
+@dataclass(frozen=True)
 class CompressionReport:
     before: ModelStats
     after: ModelStats
@@ -184,6 +204,7 @@ class CompressionReport:
     verified_on: str = ""
     stages: Tuple[StageSummary, ...] = ()
     joint_groups: Tuple[JointGroupReport, ...] = ()
+    quantization: Optional[QuantizationSummary] = None
 
     @property
     def params_ratio(self) -> float:
@@ -225,6 +246,8 @@ class CompressionReport:
             errors = ", ".join(f"{e:.3e}" for e in stage.output_errors.values())
             lines.append(f"stage {stage.stage}: params {stage.params_ratio:.3f}, MACs {stage.macs_ratio:.3f}, "
                          f"output error {errors} ({stage.seconds:.1f} s)")
+        if self.quantization is not None:
+            lines.append(self.quantization.to_text())
         where = f" ({self.verified_on})" if self.verified_on else ""
         for name, error in self.output_errors.items():
             lines.append(f"output {name}: relative error {error:.3e}{where}")

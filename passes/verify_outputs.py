@@ -25,17 +25,20 @@ class VerifyOutputsPass(Pass):
     requires = ("cleanup_graph",)
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        config = ctx.config
-        held_out = split_holdout(ctx.calibration, config.holdout_every)[1]
-        if held_out:
-            batches, ctx.verified_on = held_out, "held-out calibration batches"
-        elif ctx.calibration:
-            batches, ctx.verified_on = ctx.calibration[:UNHELD_BATCHES], "calibration batches (none held out)"
-        else:
-            batches = [random_feeds(ctx.source, batch=config.verify_batch, dims=dict(config.dims), seed=config.seed)]
-            ctx.verified_on = "random inputs"
+        batches, ctx.verified_on = verification_batches(ctx)
         names = [o.name for o in ctx.source.graph.output]
         compressed = export_model(graph, ctx.template, ctx.sparse_initializers)
         ctx.output_errors = output_errors_on(ctx.source, compressed, batches, names)
         return PassResult(graph, modified=False, stats={"outputs": len(names), "batches": len(batches)})
 
+
+def verification_batches(ctx: PassContext):
+    """(feed dicts, what they are): the batches `VerifyOutputsPass` verifies on."""
+    config = ctx.config
+    held_out = split_holdout(ctx.calibration, config.holdout_every)[1]
+    if held_out:
+        return held_out, "held-out calibration batches"
+    if ctx.calibration:
+        return ctx.calibration[:UNHELD_BATCHES], "calibration batches (none held out)"
+    return [random_feeds(ctx.source, batch=config.verify_batch, dims=dict(config.dims), seed=config.seed)], \
+        "random inputs"

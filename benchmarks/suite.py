@@ -1,0 +1,313 @@
+"""The real-model suite: onnx_lrsd against onnxruntime int8 quantization, and stacked with it.
+
+Run from the repository root::
+
+    python -m benchmarks.suite                 # three real tasks + ResNet-50 / VGG-19 latency (~1 h on 2 cores)
+    python -m benchmarks.suite --quick         # digits only (~2 min)
+    python -m benchmarks.suite --tasks minilm resnet50
+
+Every configuration of a task is written, scored on the task and timed against the original in
+one interleaved run (``time_against_original``: 2 threads, block medians; a ratio below 1 is
+faster), at batch 1 and 32 (the zoo graphs at 1 and 8):
+
+- ``original``;
+- ``int8 dynamic`` (``quantize_dynamic`` on every op type it supports), ``int8 dynamic MatMul``
+  (MatMul only) and ``int8 static QDQ`` (``quantize_static``, QDQ, MinMax ranges from the same
+  calibration batches as the compression, per-channel int8 weights, uint8 activations) — the
+  three modes of ``onnx_lrsd.quantize``, which ``compress --then-quantize`` runs;
+- ``data-free SVD``: ``compress(keep=0.5)`` without calibration;
+- ``onnx_lrsd params P``: the global allocation at ``target_params`` P, data-aware;
+- ``onnx_lrsd <=1% drop``: ``compress(metric=..., max_metric_drop=0.01)``, the smallest params
+  target whose primary task metric is at most 0.01 below the original's;
+- ``onnx_lrsd <=1% + int8 <mode>``: that model quantized in each mode (the same function
+  ``--then-quantize`` calls, with the same calibration batches).
+
+The verdict per task: the best int8 configuration alone is the fastest at batch 1 among those
+within 0.01 of the original's primary metric; it is beaten when an onnx_lrsd + int8 model
+within 0.01 is both smaller and faster (batch 1 and 32).
+
+The zoo graphs (``onnx_lrsd.zoo``, seeded random weights) have no task: latency and size only,
+data-free compression at keep 0.5 and static quantization calibrated on seeded random inputs.
+
+Results: ``benchmarks/results/suite.{json,md}`` and ``benchmarks/results/suite_<task>.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.common import (MB, RESULTS_DIR, benchmark_main, fmt, markdown_table, time_against_original,
+                               write_text)
+from benchmarks.data_aware import HOLDOUT_EVERY, TASKS, task_inputs
+from benchmarks.global_allocation import PRIMARY
+
+LOGGER = logging.getLogger("benchmarks.suite")
+
+THREADS = 2
+LATENCY_BATCHES = (1, 32)
+ZOO_BATCHES = (1, 8)
+ZOO = ("resnet50", "vgg19")
+INT8_MODES = {"dynamic": "int8 dynamic", "dynamic-matmul": "int8 dynamic MatMul", "static": "int8 static QDQ"}
+PARAMS_TARGETS = {"digits_cnn": (0.25, 0.1), "ppocr_rec": (0.75, 0.5), "minilm": (0.9, 0.75)}
+DATA_FREE_KEEP = 0.5
+MAX_DROP = 0.01
+ALL_TASKS = {**{name: None for name in TASKS}, **{name: None for name in ZOO}}
+
+
+def _file_mb(path: Path) -> float:
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / MB
+
+
+class Rows:
+    """The configurations of one task: each written to `workdir`, scored, and kept as a row."""
+
+    def __init__(self, name: str, workdir: Path, evaluate: Callable[[Path], dict[str, float]] | None) -> None:
+        self.name, self.workdir, self.evaluate = name, workdir, evaluate
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, label: str, family: str, model, seconds: float, **extra) -> dict[str, Any]:
+        from onnx_lrsd.cost import count_params
+        from onnx_lrsd.io import save_model
+
+        path = self.workdir / f"{self.name}_{len(self.rows)}.onnx"
+        save_model(model, path)
+        row = {"label": label, "family": family, "path": str(path), "file_mb": _file_mb(path),
+               "params": count_params(model), "seconds": seconds, **extra}
+        if self.evaluate is not None:
+            row["metrics"] = self.evaluate(path)
+        LOGGER.info("%s %s: %s, %.2f MB (%.1f s)", self.name, label, row.get("metrics"), row["file_mb"], seconds)
+        self.rows.append(row)
+        return row
+
+    def attempt(self, label: str, family: str, make: Callable[[], Any]) -> None:
+        """Adds the row of `make()` -> (model, seconds, extra), or the error as a result."""
+        try:
+            model, seconds, extra = make()
+        except Exception as exc:  # a failing configuration is a result too
+            LOGGER.error("%s %s failed: %s", self.name, label, exc)
+            self.rows.append({"label": label, "family": family, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        self.add(label, family, model, seconds, **extra)
+
+    def time(self, original: Path, feeds_by_batch, budget: float, blocks: int) -> None:
+        timed = [r for r in self.rows if "path" in r and r["family"] != "original"]
+        for batch, feeds in feeds_by_batch.items():
+            result = time_against_original(original, [Path(r["path"]) for r in timed], feeds, threads=THREADS,
+                                           budget_s=budget, blocks=blocks)
+            for row, ratio in zip(timed, result.ratios):
+                row[f"lat_b{batch}"] = ratio
+            for row in self.rows:
+                if row["family"] == "original":
+                    row[f"lat_b{batch}"], row[f"ms_b{batch}"] = 1.0, result.original_ms
+
+
+def _timed(make: Callable[[], Any]):
+    start = time.perf_counter()
+    model = make()
+    return model, time.perf_counter() - start
+
+
+def run_task(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, Any]:
+    if name in ZOO:
+        return run_zoo(name, workdir, budget, blocks)
+    from onnx_lrsd import compress
+    from onnx_lrsd.io import load_model, save_model
+    from onnx_lrsd.quantize import quantize_model
+
+    task, settings, feeds, latency_feeds, dims = task_inputs(name, LATENCY_BATCHES)
+    primary = PRIMARY[name]
+    rows = Rows(name, workdir, task.evaluate)
+    original = load_model(task.model_path)
+    rows.add("original", "original", original, 0.0)
+    reference = rows.rows[0]["metrics"][primary]
+    common = dict(calibration=feeds, mode="independent", mask_input=task.mask_input, calib_samples=settings.samples,
+                  calib_batch=settings.batch, holdout_every=HOLDOUT_EVERY, latency_threads=THREADS, dims=dims)
+
+    for mode, label in INT8_MODES.items():
+        rows.attempt(label, "int8", lambda: (*_timed(lambda: quantize_model(original, mode, feeds)), {}))
+    rows.attempt(f"data-free SVD keep {DATA_FREE_KEEP}", "data-free", lambda: _compressed(
+        compress(task.model_path, keep=DATA_FREE_KEEP, dims=dims, holdout_every=HOLDOUT_EVERY)))
+    for target in PARAMS_TARGETS[name]:
+        rows.attempt(f"onnx_lrsd params {target}", "onnx_lrsd", lambda: _compressed(
+            compress(task.model_path, target_params=target, **common)))
+
+    searched: list[float] = []
+
+    def metric(model) -> float:
+        path = workdir / f"{name}_search.onnx"
+        save_model(model, path)
+        searched.append(task.evaluate(path)[primary])
+        return searched[-1]
+
+    start = time.perf_counter()
+    try:
+        best = compress(task.model_path, metric=metric, max_metric_drop=MAX_DROP, **common)
+    except Exception as exc:
+        LOGGER.error("%s metric search failed: %s", name, exc)
+        rows.rows.append({"label": f"onnx_lrsd <={MAX_DROP:.0%} drop", "family": "onnx_lrsd",
+                          "error": f"{type(exc).__name__}: {exc}"})
+        best = None
+    if best is not None:
+        rows.add(f"onnx_lrsd <={MAX_DROP:.0%} drop", "onnx_lrsd", best.model, time.perf_counter() - start,
+                 params_ratio=best.report.params_ratio, search=searched)
+        for mode, label in INT8_MODES.items():
+            rows.attempt(f"onnx_lrsd <={MAX_DROP:.0%} + {label}", "onnx_lrsd+int8",
+                         lambda: (*_timed(lambda: quantize_model(best.model, mode, feeds)), {}))
+    rows.time(task.model_path, latency_feeds, budget, blocks)
+    return {"task": name, "primary": primary, "reference": reference, "samples": settings.samples,
+            "batch": settings.batch, "rows": rows.rows, "verdict": verdict(rows.rows, primary, reference)}
+
+
+def _compressed(result):
+    return result.model, result.report.seconds, {"params_ratio": result.report.params_ratio,
+                                                 "output_errors": result.report.output_errors}
+
+
+def run_zoo(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, Any]:
+    """Latency and size of a zoo graph (seeded random weights): no task metric."""
+    from onnx_lrsd import compress
+    from onnx_lrsd.feeds import random_feeds
+    from onnx_lrsd.quantize import quantize_model
+    from onnx_lrsd.zoo import zoo_model
+
+    original = zoo_model(name)
+    rows = Rows(name, workdir, None)
+    rows.add("original", "original", original, 0.0)
+    source = Path(rows.rows[0]["path"])
+    calibration = [random_feeds(original, batch=1, seed=seed) for seed in range(8)]
+    has_matmul = any(n.op_type == "MatMul" for n in original.graph.node)
+    for mode, label in INT8_MODES.items():
+        if mode == "dynamic-matmul" and not has_matmul:
+            continue
+        rows.attempt(label, "int8", lambda: (*_timed(lambda: quantize_model(original, mode, calibration)), {}))
+    rows.attempt(f"onnx_lrsd keep {DATA_FREE_KEEP} (data-free)", "onnx_lrsd",
+                 lambda: _compressed(compress(source, keep=DATA_FREE_KEEP)))
+    compressed = next((r for r in rows.rows if r["family"] == "onnx_lrsd" and "path" in r), None)
+    if compressed is not None:
+        from onnx_lrsd.io import load_model
+
+        model = load_model(compressed["path"])
+        rows.attempt(f"onnx_lrsd keep {DATA_FREE_KEEP} + int8 static QDQ", "onnx_lrsd+int8",
+                     lambda: (*_timed(lambda: quantize_model(model, "static", calibration)), {}))
+    feeds = {batch: random_feeds(original, batch=batch, seed=99) for batch in ZOO_BATCHES}
+    rows.time(source, feeds, budget, blocks)
+    return {"task": name, "primary": None, "reference": None, "rows": rows.rows, "verdict": None}
+
+
+def verdict(rows: list[dict[str, Any]], primary: str, reference: float) -> dict[str, Any]:
+    """The fastest int8 configuration within `MAX_DROP` of the original (batch 1), and the
+    onnx_lrsd + int8 models within it that are smaller and faster at batch 1 and 32."""
+    def within(row):
+        return "metrics" in row and reference - row["metrics"][primary] <= MAX_DROP + 1e-12
+
+    int8 = [r for r in rows if r["family"] == "int8" and within(r)]
+    if not int8:
+        return {"best_int8": None, "beaten_by": [], "met": False}
+    best = min(int8, key=lambda r: r["lat_b1"])
+    beaten_by = [r["label"] for r in rows if r["family"] == "onnx_lrsd+int8" and within(r)
+                 and r["file_mb"] < best["file_mb"] and all(r[f"lat_b{b}"] < best[f"lat_b{b}"] for b in LATENCY_BATCHES)]
+    return {"best_int8": best["label"], "beaten_by": beaten_by, "met": bool(beaten_by)}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def task_table(t: dict[str, Any]) -> str:
+    batches = ZOO_BATCHES if t["primary"] is None else LATENCY_BATCHES
+    metric_names = [] if t["primary"] is None else list(TASKS[t["task"]].metrics)
+    headers = ["configuration", *metric_names, *([f"{t['primary']} drop"] if metric_names else []), "file MB",
+               "params", *[f"lat b{b}" for b in batches], "compress/quantize s", "note"]
+    base_params = t["rows"][0]["params"]
+    rows = []
+    for r in t["rows"]:
+        if "error" in r:
+            rows.append([r["label"], *[""] * (len(headers) - 2), r["error"][:120]])
+            continue
+        metrics = r.get("metrics") or {}
+        drop = [fmt(t["reference"] - metrics[t["primary"]])] if metric_names else []
+        rows.append([r["label"], *[fmt(metrics.get(m)) for m in metric_names], *drop, fmt(r["file_mb"], 2),
+                     fmt(r["params"] / base_params), *[fmt(r.get(f"lat_b{b}")) for b in batches],
+                     fmt(r["seconds"], 1), ""])
+    return markdown_table(headers, rows, "l" + "r" * (len(headers) - 2) + "l")
+
+
+def verdict_line(t: dict[str, Any]) -> str:
+    v = t["verdict"]
+    if v is None:
+        return ""
+    if v["best_int8"] is None:
+        return f"No int8 configuration keeps {t['primary']} within {MAX_DROP} of the original."
+    if v["met"]:
+        return (f"Best int8 alone within {MAX_DROP} of the original: **{v['best_int8']}**; smaller and faster at "
+                f"batch 1 and 32, also within {MAX_DROP}: **{', '.join(v['beaten_by'])}**.")
+    return (f"Best int8 alone within {MAX_DROP} of the original: **{v['best_int8']}**; no onnx_lrsd + int8 model "
+            f"within {MAX_DROP} is both smaller and faster.")
+
+
+def plot(t: dict[str, Any], path: Path) -> str | None:
+    """Task metric against file size, with the batch-1 latency ratio beside each point."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    markers = {"original": "*", "int8": "s", "data-free": "x", "onnx_lrsd": "o", "onnx_lrsd+int8": "D"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for family, marker in markers.items():
+        points = [r for r in t["rows"] if r["family"] == family and "metrics" in r]
+        if not points:
+            continue
+        ax.scatter([r["file_mb"] for r in points], [r["metrics"][t["primary"]] for r in points], marker=marker,
+                   s=60, label=family)
+        for r in points:
+            ax.annotate(f"{r['lat_b1']:.2f}", (r["file_mb"], r["metrics"][t["primary"]]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    ax.axhline(t["reference"] - MAX_DROP, color="grey", linestyle=":", linewidth=1, label=f"original - {MAX_DROP}")
+    ax.set_xscale("log")
+    ax.set_xlabel("file size (MB, log scale); numbers: latency ratio at batch 1")
+    ax.set_ylabel(t["primary"])
+    ax.set_title(f"{t['task']}: onnx_lrsd and onnxruntime int8")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def render(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    parts = ["# onnx_lrsd against onnxruntime int8, and stacked with it",
+             f"`python -m benchmarks.suite {' '.join(data['argv'])}` — {m.get('date')}, onnx_lrsd commit "
+             f"{m.get('git_commit')}, {m.get('cpu')}, onnxruntime {m.get('onnxruntime')}; total "
+             f"{data['total_s'] / 60:.1f} min. Latency: candidate / original median, {THREADS} threads, interleaved "
+             "blocks (below 1 is faster); params: weight elements (int8 ones included) over the original's. "
+             "Calibration as in `benchmarks/results/data_aware.md`."]
+    for t in data["tasks"]:
+        title = t["task"] + ("" if t["primary"] else " (zoo graph, seeded random weights: latency and size only)")
+        parts += [f"## {title}", task_table(t)]
+        if t["verdict"] is not None:
+            parts.append(verdict_line(t))
+        if t.get("plot"):
+            parts.append(f"![{t['task']}]({t['plot']})")
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    def run_one(task, workdir, budget, blocks, args, results_dir):
+        out = run_task(task, workdir, budget, blocks)
+        if out["primary"] is not None:
+            out["plot"] = plot(out, results_dir / f"suite_{task}.png")
+        return out
+
+    benchmark_main(argv, __doc__, ALL_TASKS, "suite", run_one, render)
+
+
+if __name__ == "__main__":
+    main()
