@@ -11,7 +11,10 @@ at each keep of ``MINILM_KEEPS``, ``joint="off"`` (every layer fitted alone) aga
 (per group the better of them or separate, by held-out error). Groups are found
 automatically: the same projection of the 6 layers (query, key, value, attention output,
 FFN in, FFN out: 6 groups of 6). Every group gets the parameters its members' separate plans
-would use, so params ratios match.
+would use, so params ratios match. At keep 0.35 also the global allocation
+(``target_params`` = the separate model's params ratio) with each joint setting: there
+every group is one decision of the allocation (all dense, separate fits, or joint at a
+shared rank, by predicted damage).
 
 ResNet-50 from the onnx wheel's model zoo (seeded random weights: structure and latency only,
 calibrated and verified on seeded random images): same-shaped convs of the same kind form
@@ -44,7 +47,15 @@ RESNET_KEEP = 0.35
 RESNET_JOINTS = ("off", "right")
 """ResNet-50's conv groups are up to 4608 inputs wide: the left (ALS) fit takes minutes per group
 there, so the ResNet row compares separate fits with the closed-form shared output side."""
-RESNET_SAMPLES = 32
+RESNET_SAMPLES = 8
+RESNET_POSITIONS = 1024
+"""Random calibration images and im2col positions per image for ResNet-50: its weights are
+random, so its statistics only need to be well-posed (4608-wide 3×3 convs make a Gram update
+cost positions × 4608² flops per image)."""
+GLOBAL_KEEPS = (0.35,)
+GLOBAL_JOINTS = ("off", "left", "right", "auto")
+"""With a params target equal to the separate keep's, every group is one decision of the
+global allocation."""
 METRICS = ("recall@1", "mrr", "cosine")
 BENCHMARKS = {"minilm": None, "resnet50": None}
 
@@ -78,6 +89,9 @@ def run_minilm(workdir: Path, budget: float, blocks: int, quick: bool) -> dict[s
             except Exception as exc:
                 row = {"joint": joint, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             rows.append(row)
+        off = next((r for r in rows if r["joint"] == "off" and "error" not in r), None)
+        if keep in GLOBAL_KEEPS and off is not None:
+            rows += global_rows(task, settings, feeds, dims, off["params_ratio"], workdir)
         done = [r for r in rows if "error" not in r]
         for batch in (1, 32):
             timing = time_against_original(task.model_path, [Path(r["path"]) for r in done], latency[batch],
@@ -86,6 +100,30 @@ def run_minilm(workdir: Path, budget: float, blocks: int, quick: bool) -> dict[s
                 r[f"lat_b{batch}"] = ratio
         out["keeps"].append({"keep": keep, "rows": rows})
     return out
+
+
+def global_rows(task, settings, feeds, dims, params: float, workdir: Path) -> list[dict[str, Any]]:
+    """The global allocation at `params` with each of `GLOBAL_JOINTS`: every group one
+    decision (all dense, separate fits, or joint at a shared rank)."""
+    from onnx_lrsd import compress
+
+    rows = []
+    for joint in GLOBAL_JOINTS:
+        label = f"global {joint}"
+        try:
+            start = time.perf_counter()
+            result = compress(task.model_path, calibration=feeds, target_params=params, joint=joint,
+                              mask_input=task.mask_input, calib_samples=settings.samples, calib_batch=settings.batch,
+                              holdout_every=HOLDOUT_EVERY, dims=dims)
+            row = _row(result, workdir / f"minilm_global_{joint}.onnx", time.perf_counter() - start, label)
+            row["allocation_joint"] = list(result.report.allocation.joint)
+            row["metrics"] = task.evaluate(Path(row["path"]))
+            LOGGER.info("minilm global params %.3f joint %s: %s, joint groups %s", params, joint, row["metrics"],
+                        row["allocation_joint"])
+        except Exception as exc:
+            row = {"joint": label, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        rows.append(row)
+    return rows
 
 
 def run_resnet(workdir: Path, budget: float, blocks: int) -> dict[str, Any]:
@@ -103,7 +141,7 @@ def run_resnet(workdir: Path, budget: float, blocks: int) -> dict[str, Any]:
         try:
             start = time.perf_counter()
             result = compress(source, calibration="random", keep=RESNET_KEEP, joint=joint, calib_samples=RESNET_SAMPLES,
-                              calib_batch=1)
+                              calib_batch=1, conv_positions=RESNET_POSITIONS)
             rows.append(_row(result, workdir / f"resnet50_{joint}.onnx", time.perf_counter() - start, joint))
         except Exception as exc:
             rows.append({"joint": joint, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})

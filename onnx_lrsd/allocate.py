@@ -199,3 +199,27 @@ class Sensitivity:
 
 UNIT = Sensitivity(1.0, 1.0)
 """D(e) = e²: every layer alike (no probes)."""
+
+
+FRONTIER_POINTS = 256
+"""Most options a compound unit keeps (evenly thinned along its cost)."""
+
+
+def compound_frontier(members: Sequence[Sequence[Option]],
+                      limit: int = FRONTIER_POINTS) -> List[Tuple[Option, Tuple[int, ...]]]:
+    """The layers of a group treated separately, as options of one unit: the Pareto frontier
+    (least damage for the cost) of the members' summed choices, merged member by member and
+    thinned to `limit` points, cheapest first, each with the members' option indices."""
+    _validate(members)
+    front = [(0.0, 0.0, ())]
+    for layer in members:
+        merged = sorted(((c + o.cost, d + o.damage, choice + (i,)) for c, d, choice in front
+                         for i, o in enumerate(layer)), key=lambda p: (p[0], p[1]))
+        front, best = [], np.inf
+        for point in merged:
+            if point[1] < best:
+                front.append(point)
+                best = point[1]
+        if len(front) > limit:
+            front = [front[i] for i in np.unique(np.linspace(0, len(front) - 1, limit).round().astype(int))]
+    return [(Option(c, d), choice) for c, d, choice in front]

@@ -177,9 +177,9 @@ def _finish(prepared, ctx, done, correction: float = 1.0, **changes):
 
     ctx = dataclasses.replace(ctx, plans=dict(ctx.plans), plan_options=dict(ctx.plan_options), factorizations={},
                               output_errors={}, sparse_initializers=[], allocation=None, timings=dict(ctx.timings),
-                              layer_latency={}, groups={}, joint_reports=[],
+                              layer_latency={}, groups={}, joint_ranks={}, joint_reports=[],
                               config=ctx.config.replace(**changes) if changes else ctx.config)
-    passes = [AllocateBudgetPass(correction), GroupLayersPass(), FitJointGroupsPass(), FilterResidualSharesPass(),
+    passes = [GroupLayersPass(), AllocateBudgetPass(correction), FitJointGroupsPass(), FilterResidualSharesPass(),
               ReconstructFeatureMapsPass(),
               DecomposeWeightsPass(), RewriteLowRankPass(), MeasureLayerLatencyPass(), CleanupGraphPass()]
     if ctx.config.verify:

@@ -239,6 +239,10 @@ class CompressConfig:
             raise LrsdError(f"unknown joint {self.joint!r} (choose from {', '.join(JOINT)})")
         if self.joint != "off" and self.mode != "independent":
             raise LrsdError("joint decomposition works with mode independent")
+        if self.joint != "off" and self.target_latency is not None:
+            raise LrsdError("joint decomposition works with keep, params, MACs and error targets, not latency")
+        if self.joint == "both" and self.target is not None:
+            raise LrsdError("joint 'both' works with keep; with a target use left, right or auto")
         if self.then_quantize is not None and self.then_quantize not in QUANTIZE_MODES:
             raise LrsdError(f"unknown then_quantize {self.then_quantize!r} (choose from {', '.join(QUANTIZE_MODES)})")
         if self.evbmf is not None and (isinstance(self.evbmf, bool) or not isinstance(self.evbmf, (int, float))

@@ -122,6 +122,7 @@ class AllocationSummary:
     metric: Optional[float] = None
     metric_original: Optional[float] = None
     capped: bool = False
+    joint: Tuple[str, ...] = ()
 
     def to_text(self) -> str:
         asked = f"speedup {self.value:g}x" if self.target == "latency" else f"{self.target} {self.value:g}"
@@ -129,6 +130,8 @@ class AllocationSummary:
         line = (f"global allocation for {asked}: {self.factorized} of {self.layers} layers factorized, predicted "
                 f"{predicted}, predicted output error {self.predicted_error:.3g}"
                 + ("" if self.sensitivity else " (no sensitivity probes)"))
+        if self.joint:
+            line += f"; joint groups {', '.join(self.joint)}"
         if self.metric is not None:
             line += f"; metric {self.metric:.4g} (original {self.metric_original:.4g})"
         if self.measured_speedup is not None:

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnx_lrsd.activations import split_holdout
-from onnx_lrsd.allocate import UNIT, Allocation, Option, Sensitivity, allocate_budget, allocate_damage
+from onnx_lrsd.allocate import (UNIT, Allocation, Option, Sensitivity, allocate_budget, allocate_damage,
+                                compound_frontier)
 from onnx_lrsd.bench import make_session, run_outputs, time_sessions
-from onnx_lrsd.cost import count_params, model_macs
-from onnx_lrsd.error_curves import LayerCandidate, layer_candidates
+from onnx_lrsd.cost import Cost, count_params, model_macs
+from onnx_lrsd.decompose.joint import joint_error_curves
+from onnx_lrsd.error_curves import LayerCandidate, layer_candidates, rank_grid
 from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.factorize import factorize_data_aware
 from onnx_lrsd.graph import export_model
@@ -50,7 +53,7 @@ class AllocateBudgetPass(Pass):
     reachable is for the measurement to say."""
 
     name = "allocate_budget"
-    requires = ("select_ranks", "collect_activations")
+    requires = ("select_ranks", "collect_activations", "group_layers")
 
     def __init__(self, correction: float = 1.0):
         self.correction = correction
@@ -74,22 +77,35 @@ class AllocateBudgetPass(Pass):
         damages = {name: [sensitivity[name].at(c.error) for c in curves[name]] for name in names}
         if kind == "latency":
             allocation, predicted = self._latency(ctx, names, curves, damages, value)
+            units = [_Unit((name,), None, tuple(("layer", (i,)) for i in range(len(curves[name]) + 1)))
+                     for name in names]
         else:
-            allocation, predicted = _static(ctx, kind, value, names, curves, damages, self.correction)
-        for name, index in zip(names, allocation.choice):
-            target, options = ctx.targets[name], curves[name]
-            if index == 0:
-                ctx.plans[name] = dense_plan(target, "the global allocation keeps it dense")
-            else:
-                c = options[index - 1]
-                ctx.plans[name] = with_sparse_request(
-                    LayerPlan(name, target.op, c.method, c.ranks, c.cost, ctx.plans[name].dense), target, config)
-            ctx.plan_options.pop(name, None)
+            allocation, predicted, units = _static(ctx, kind, value, names, curves, damages, sensitivity,
+                                                   self.correction)
+        joint = []
+        for unit, index in zip(units, allocation.choice):
+            decision = unit.decode[index]
+            if decision[0] == "joint":
+                joint.append(_plan_joint(ctx, unit, decision[1], decision[2]))
+                continue
+            for name, choice in zip(unit.names, decision[1]):
+                target, options = ctx.targets[name], curves[name]
+                if choice == 0:
+                    ctx.plans[name] = dense_plan(target, "the global allocation keeps it dense")
+                else:
+                    c = options[choice - 1]
+                    ctx.plans[name] = with_sparse_request(
+                        LayerPlan(name, target.op, c.method, c.ranks, c.cost, ctx.plans[name].dense), target, config)
+        for unit in units:
+            for name in unit.names:
+                ctx.plan_options.pop(name, None)
+        ctx.groups = {group: members for group, members in ctx.groups.items() if group in ctx.joint_ranks}
         factorized = sum(ctx.plans[n].factorized for n in names)
         ctx.allocation = AllocationSummary(
             target=kind, value=float(value), predicted=float(predicted),
             predicted_error=float(np.sqrt(allocation.damage)), layers=len(names), factorized=factorized,
-            sensitivity=probed, batch=config.latency_batch, threads=config.latency_threads, capped=self.capped)
+            sensitivity=probed, batch=config.latency_batch, threads=config.latency_threads, capped=self.capped,
+            joint=tuple(joint))
         log.info("allocation for %s %g: %d of %d layers factorized, predicted %.4g", kind, value, factorized,
                  len(names), predicted)
         return PassResult(graph, modified=False, stats={"allocated": len(names), "factorized": factorized})
@@ -121,23 +137,110 @@ class AllocateBudgetPass(Pass):
         return allocation, original_ms / max(rest + allocation.cost, TINY)
 
 
-def _static(ctx: PassContext, kind: str, value: float, names: List[str], curves, damages, correction: float):
+@dataclass(frozen=True)
+class _Unit:
+    """One decision of the allocation: a layer, or a group of repeated layers (JMD) whose
+    options are all dense, the members' separate frontier, and joint fits at shared ranks.
+    `decode[i]` says what option i means: ("layer", (choice,)) / ("separate", choices per
+    member; 0 dense, c the member's candidate c − 1) / ("joint", side, rank)."""
+
+    names: Tuple[str, ...]
+    group: Optional[str]
+    decode: tuple
+
+
+def _static(ctx: PassContext, kind: str, value: float, names: List[str], curves, damages, sensitivity,
+            correction: float):
     """Params / MACs budgets and the error target: costs from the cost model's counts."""
     field = "macs" if kind == "macs" else "params"
     total = model_macs(ctx.source) if kind == "macs" else count_params(ctx.source)
-    options = [[Option(getattr(ctx.plans[n].dense, field), 0.0)] +
-               [Option(getattr(c.cost, field) + _shift_params(ctx, n, field), d) for c, d in zip(curves[n], damages[n])]
-               for n in names]
+    layer_options = {n: [Option(getattr(ctx.plans[n].dense, field), 0.0)] +
+                     [Option(getattr(c.cost, field) + _shift_params(ctx, n, field), d)
+                      for c, d in zip(curves[n], damages[n])] for n in names}
+    grouped = {n for members in ctx.groups.values() for n in members}
+    units = [_Unit((n,), None, tuple(("layer", (i,)) for i in range(len(layer_options[n]))))
+             for n in names if n not in grouped]
+    options = [layer_options[u.names[0]] for u in units]
+    for group, members in ctx.groups.items():
+        unit, unit_options = _group_unit(ctx, group, members, layer_options, field, sensitivity)
+        units.append(unit)
+        options.append(unit_options)
     others = [plan for name, plan in ctx.plans.items() if name not in names]
     fixed = total - sum(layer[0].cost for layer in options) - sum(
         getattr(plan.dense, field) - getattr(plan.cost, field) for plan in others)
     if kind == "error":
         allocation = allocate_damage(options, (correction * value) ** 2)
-        return allocation, float(np.sqrt(allocation.damage))
+        return allocation, float(np.sqrt(allocation.damage)), units
     allocation = _solve_budget(options, value * total - fixed,
                                lambda a: f"the smallest allocation keeps {(fixed + a.cost) / total:.3f}",
                                f"target {kind} {value:g}")
-    return allocation, (fixed + allocation.cost) / total
+    return allocation, (fixed + allocation.cost) / total, units
+
+
+JOINT_SIDES = {"left": ("left",), "right": ("right",), "auto": ("left", "right")}
+"""The shared sides a group's joint options are offered with, per `config.joint`."""
+
+
+def _group_unit(ctx: PassContext, group: str, members: List[str], layer_options, field: str, sensitivity):
+    """(unit, options) of a group: all dense, the separate frontier (`compound_frontier`), and
+    for each side of `JOINT_SIDES` the joint fit at every grid rank that saves params and MACs
+    over the dense group — its damage Σᵢ Dᵢ(eᵢ(r)) from `joint_error_curves`."""
+    config = ctx.config
+    targets = [ctx.targets[n] for n in members]
+    dense = [layer_options[n][0] for n in members]
+    decode = [("separate", (0,) * len(members))]
+    options = [Option(sum(o.cost for o in dense), 0.0)]
+    for option, choice in compound_frontier([layer_options[n] for n in members]):
+        if any(choice):
+            decode.append(("separate", choice))
+            options.append(option)
+    weights = [t.matrix() for t in targets]
+    grams = [_gram(ctx, n) for n in members]
+    shifts = sum(_shift_params(ctx, n, field) for n in members)
+    dense_params = sum(t.params for t in targets)
+    dense_macs = sum(t.macs for t in targets)
+    multiple = config.conv_rank_multiple if targets[0].conv is not None else 1
+    for side in JOINT_SIDES[config.joint]:
+        per_rank = _joint_cost(targets, side, 1)
+        largest = min((dense_params - 1) // per_rank.params, (dense_macs - 1) // per_rank.macs,
+                      min(min(w.shape) for w in weights))
+        ranks = rank_grid(int(largest), config.min_rank, multiple)
+        if not ranks:
+            continue
+        errors = joint_error_curves(weights, grams, side, max(ranks), config.ridge)
+        for rank in ranks:
+            cost = getattr(_joint_cost(targets, side, rank), field) + shifts
+            damage = sum(sensitivity[n].at(float(errors[i, rank])) for i, n in enumerate(members))
+            decode.append(("joint", side, rank))
+            options.append(Option(float(cost), float(damage)))
+    return _Unit(tuple(members), group, tuple(decode)), options
+
+
+def _joint_cost(targets: Sequence[LayerTarget], side: str, rank: int) -> Cost:
+    """A group's params (the shared factor once) and MACs at a shared rank."""
+    if side == "left":
+        params = rank * (targets[0].in_features + sum(t.out_features for t in targets))
+    else:
+        params = rank * (sum(t.in_features for t in targets) + targets[0].out_features)
+    return Cost(params=params, macs=sum(t.rows * rank * (t.in_features + t.out_features) for t in targets))
+
+
+def _plan_joint(ctx: PassContext, unit: _Unit, side: str, rank: int) -> str:
+    """Members planned as one joint fit at `rank` (fitted by `fit_joint_groups`); a member's
+    cost is its own factor plus its share of the shared one."""
+    targets = [ctx.targets[n] for n in unit.names]
+    total = _joint_cost(targets, side, rank)
+    shared = rank * (targets[0].in_features if side == "left" else targets[0].out_features)
+    for target in targets:
+        own = rank * (target.out_features if side == "left" else target.in_features)
+        plan = ctx.plans[target.name]
+        method = "svd" if target.conv is None else "channel"
+        cost = Cost(params=own + shared // len(targets), macs=target.rows * rank * (target.in_features + target.out_features))
+        ctx.plans[target.name] = LayerPlan(target.name, target.op, method, (rank,), cost, plan.dense,
+                                           reason=f"joint {side}")
+    ctx.joint_ranks[unit.group] = (side, (rank, 0) if side == "left" else (0, rank))
+    log.info("group %s: joint %s at rank %d (%d params)", unit.group, side, rank, total.params)
+    return f"{unit.group} {side} {rank}"
 
 
 def _shift_params(ctx: PassContext, name: str, field: str) -> int:

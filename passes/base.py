@@ -54,6 +54,7 @@ class PassContext:
     verified_on: str = ""
     layer_latency: Dict[str, LayerLatency] = field(default_factory=dict)
     groups: Dict[str, List[str]] = field(default_factory=dict)
+    joint_ranks: Dict[str, Tuple[str, Tuple[int, int]]] = field(default_factory=dict)
     joint_reports: List[JointGroupReport] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
     sparse_initializers: List[str] = field(default_factory=list)

@@ -22,13 +22,19 @@ CONV_ROLES = {"U": "W1", "V": "W2"}
 """The rewrite's names of a channel chain's factors (first k×k conv, second 1×1 conv)."""
 
 
+def _equal_params_rank(w: np.ndarray, plan) -> int:
+    """The rank of a separate chain with the plan's parameters."""
+    return int(min(plan.cost.params // sum(w.shape), min(w.shape)))
+
+
 class FitJointGroupsPass(Pass):
-    """Fills `ctx.factorizations` for the members of `ctx.groups`: the group's parameter budget
-    is the sum of its members' plans; `joint_fit` at that budget with the configured side
-    ("both": MatMul groups only; its alternating fit costs minutes on 384-wide layers), or with
-    "auto" the side of "left" and "right" with the lowest summed squared held-out error — kept
-    only if it beats the separate fits, which are then left to `reconstruct_feature_maps`. Bias correction as for separate fits; a member's plan shows
-    its own params plus its share of the shared factor."""
+    """Fills `ctx.factorizations` for the members of `ctx.groups`: at the side and ranks the
+    global allocation chose (`ctx.joint_ranks`), or else at the group's parameter budget (the
+    sum of its members' plans) with the configured side ("both": MatMul groups only; its
+    alternating fit costs minutes on 384-wide layers), or with "auto" the side of "left" and
+    "right" with the lowest summed squared held-out error — kept only if it beats the separate
+    fits, which are then left to `reconstruct_feature_maps`. Bias correction as for separate
+    fits; a member's plan shows its own params plus its share of the shared factor."""
 
     name = "fit_joint_groups"
     requires = ("collect_activations", "group_layers")
@@ -52,14 +58,15 @@ class FitJointGroupsPass(Pass):
         checks = [np.eye(w.shape[0]) if c is None else c for w, c in zip(ws, checks)]
         budget = sum(p.cost.params for p in plans)
         separate = float(sum(relative_tail_errors(whitened_spectrum(w, np.eye(w.shape[0]) if g is None else g,
-                                                                    config.ridge))[p.ranks[0]] ** 2
+                                                                    config.ridge))[_equal_params_rank(w, p)] ** 2
                              for w, g, p in zip(ws, grams, plans)))
         if config.joint == "both" and not (targets[0].op == "MatMul" and targets[0].weight_side == "right"):
             return self._separate(ctx, group, names, budget, separate, None)
-        sides = [config.joint] if config.joint != "auto" else ["left", "right"]
+        allocated = ctx.joint_ranks.get(group)
+        sides = [allocated[0]] if allocated else [config.joint] if config.joint != "auto" else ["left", "right"]
         best: Optional[tuple] = None
         for side in sides:
-            ranks = joint_ranks(side, [w.shape for w in ws], budget)
+            ranks = allocated[1] if allocated else joint_ranks(side, [w.shape for w in ws], budget)
             if (side != "right" and ranks[0] < 1) or (side != "left" and ranks[1] < 1):
                 continue
             fit = joint_fit(ws, grams, side, ranks, config.ridge)
@@ -67,7 +74,7 @@ class FitJointGroupsPass(Pass):
             score = float(sum(e * e for e in errors))
             if best is None or score < best[0]:
                 best = (score, side, ranks, fit, errors)
-        if best is None or (config.joint == "auto" and best[0] >= separate):
+        if best is None or (config.joint == "auto" and not allocated and best[0] >= separate):
             return self._separate(ctx, group, names, budget, separate, None if best is None else best[0])
         score, side, ranks, fit, errors = best
         self._apply(ctx, group, targets, plans, stats, fit, ranks, errors)

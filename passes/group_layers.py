@@ -24,10 +24,16 @@ def role_key(target: LayerTarget) -> tuple:
             _DIGITS.sub("#", target.name))
 
 
+def joint_method(target: LayerTarget) -> str:
+    """The chain a joint fit writes: svd for Gemm / MatMul, channel for Conv."""
+    return "svd" if target.conv is None else "channel"
+
+
 class GroupLayersPass(Pass):
     """Fills `ctx.groups` (when `config.joint` is on): name -> members (in graph order), each
     group two or more layers planned as plain svd / channel chains (no sparse residual, not
-    an existing chain), by `role_key` or by the patterns of `config.joint_groups`."""
+    an existing chain) — with a global target, the layers the allocation may choose for —
+    by `role_key` or by the patterns of `config.joint_groups`."""
 
     name = "group_layers"
     requires = ("select_ranks",)
@@ -36,9 +42,14 @@ class GroupLayersPass(Pass):
         config = ctx.config
         if config.joint == "off":
             return PassResult(graph, modified=False, stats={"groups": 0})
-        eligible = [t for t in ctx.targets.values()
-                    if (plan := ctx.plans[t.name]).factorized and plan.method in ("svd", "channel")
-                    and plan.sparse is None and t.chain_rank is None]
+        if config.target is not None:  # the allocation decides; groups are its joint candidates
+            allocatable = set(ctx.allocatable)
+            eligible = [t for t in ctx.targets.values() if t.name in allocatable and t.chain_rank is None
+                        and config.sparse_share == 0 and config.method in ("auto", joint_method(t))]
+        else:
+            eligible = [t for t in ctx.targets.values()
+                        if (plan := ctx.plans[t.name]).factorized and plan.method in ("svd", "channel")
+                        and plan.sparse is None and t.chain_rank is None]
         groups: Dict[str, List[str]] = {}
         if config.joint_groups:
             for pattern in config.joint_groups:

@@ -171,3 +171,81 @@ def test_explicit_groups_and_their_errors():
         CompressConfig(joint="left", mode="sequential")
     with pytest.raises(LrsdError, match="unknown joint"):
         CompressConfig(joint="sideways")
+
+
+# --------------------------------------------------------------------------------------------
+# The global allocation: a group is one decision (all dense, separate, or joint at a rank)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_joint_error_curves_match_the_fits(side):
+    from onnx_lrsd.decompose.joint import joint_error_curves
+
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((20, 6))
+    ws = [base @ rng.standard_normal((6, 12)) + 0.3 * rng.standard_normal((20, 12)) for _ in range(3)]
+    gs = grams(3, 20, seed=5)
+    same = [gs[0]] * 3  # one shared Gram: the left curve is exact too
+    curves = joint_error_curves(ws, gs if side == "right" else same, side, 10, ridge=0.0)
+    assert curves.shape == (3, 11) and np.all(curves[:, 0] == 1.0)
+    assert np.all(np.diff(curves, axis=1) <= 1e-12)  # errors fall with the rank
+    for rank in (2, 5, 9):
+        fit = joint_fit(ws, gs if side == "right" else same, side, (rank, 0) if side == "left" else (0, rank), 0.0)
+        np.testing.assert_allclose(curves[:, rank], relative_errors(fit, ws, gs if side == "right" else same),
+                                   rtol=1e-6, atol=1e-9)
+
+
+def test_compound_frontier_is_the_pareto_front_of_the_members_sums():
+    import itertools
+
+    from onnx_lrsd.allocate import Option, compound_frontier
+
+    rng = np.random.default_rng(6)
+    members = [[Option(float(c), float(d)) for c, d in zip(rng.integers(1, 30, 5), rng.uniform(0, 5, 5))]
+               for _ in range(3)]
+    front = compound_frontier(members)
+    combos = [(sum(m[i].cost for m, i in zip(members, choice)), sum(m[i].damage for m, i in zip(members, choice)))
+              for choice in itertools.product(range(5), repeat=3)]
+    for option, choice in front:
+        assert (option.cost, option.damage) == pytest.approx(combos[np.ravel_multi_index(choice, (5,) * 3)])
+        assert not any(c <= option.cost and d < option.damage - 1e-12 for c, d in combos)  # nothing dominates it
+    for cost, damage in combos:  # and every combination is matched or beaten by the front
+        assert any(o.cost <= cost and o.damage <= damage + 1e-12 for o, _ in front)
+
+
+@pytest.mark.parametrize("structure, chosen", [("left", "left"), ("right", "right")])
+def test_the_allocation_takes_a_group_jointly_when_it_predicts_less_damage(structure, chosen):
+    model = repeated_blocks(structure, rank=10)
+    options = dict(calibration=blocks_calibration(), target_params=0.35, min_layer_share=0.0, calib_batch=32,
+                   min_rank=2)
+    separate = compress(model, **options)
+    joint = compress(model, joint="auto", **options)
+    assert joint.report.allocation.joint and joint.report.allocation.joint[0].split()[1] == chosen
+    assert joint.report.params_ratio <= 0.35 and separate.report.params_ratio <= 0.35
+    assert joint.report.allocation.predicted_error < 0.5 * separate.report.allocation.predicted_error
+    assert rel_output_error(model, joint.model) < 0.5 * rel_output_error(model, separate.model)
+    assert joint.report.after.params == count_params(joint.model)
+    (group,) = joint.report.joint_groups
+    assert group.side == chosen and group.joint_error < group.separate_error
+
+
+def test_the_allocation_keeps_separate_fits_when_nothing_is_shared():
+    rng = np.random.default_rng(3)
+    nodes, inits, cur = [], {}, "x"
+    for i in range(3):
+        inits[f"w{i}"] = (rng.standard_normal((48, 48)) / 7).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [cur, f"w{i}"], [f"h{i}"], name=f"block{i}/fc"),
+                  helper.make_node("Tanh", [f"h{i}"], [f"a{i}"], name=f"block{i}/act")]
+        cur = f"a{i}"
+    model = make_model(nodes, [("x", TensorProto.FLOAT, ["n", 48])], [(cur, TensorProto.FLOAT, ["n", 48])], inits)
+    options = dict(calibration=blocks_calibration(), target_params=0.5, min_layer_share=0.0, calib_batch=32)
+    separate = compress(model, **options).report
+    joint = compress(model, joint="auto", **options).report
+    assert joint.allocation.joint == () and joint.joint_groups == ()
+    assert [l.ranks for l in joint.layers] == [l.ranks for l in separate.layers]
+
+
+def test_joint_targets_that_are_not_supported_are_errors():
+    with pytest.raises(LrsdError, match="not latency"):
+        CompressConfig(joint="left", target_latency=1.5)
+    with pytest.raises(LrsdError, match="joint 'both' works with keep"):
+        CompressConfig(joint="both", target_params=0.5)

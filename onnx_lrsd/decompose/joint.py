@@ -221,3 +221,52 @@ def joint_fit(weights: Sequence[np.ndarray], grams: Optional[Sequence[Optional[n
         v = np.linalg.qr(v.T)[0].T  # orthonormal rows, as `_own_both` assumes
     _, u, vs, us, v = best
     return JointFactors("both", u, tuple(vs), tuple(us), v)
+
+
+def joint_error_curves(weights: Sequence[np.ndarray], grams: Optional[Sequence[Optional[np.ndarray]]], side: str,
+                       max_rank: int, ridge: float = 1e-3) -> np.ndarray:
+    """[members, max_rank + 1]: member i's relative data-aware error ‖Lᵢᵀ(Wᵢ − Ŵᵢ)‖ / ‖LᵢᵀWᵢ‖
+    at every shared rank 0..`max_rank`, for the allocation.
+
+    - right: exact. With Bᵢ = cᵢLᵢᵀWᵢ and the stacked B = PSQᵀ, the shared V = Q_rᵀ leaves
+      ‖Bᵢ(I − Q_rQ_rᵀ)‖² = Σ_{j>r} s_j²‖Pᵢ[:, j]‖².
+    - left: the ALS start (whitened SVD of the weighted concatenation under the mean Σ, exact
+      when the members share one Gram); the fit can only do better. With U_r its first r
+      columns and Qᵢ the nested orthonormal basis of LᵢᵀU_r (QR), the best Vᵢ leaves
+      ‖LᵢᵀWᵢ‖² − Σ_{j≤r}‖Qᵢ[:, j]ᵀLᵢᵀWᵢ‖².
+    """
+    ws = [as_matrix(w) for w in weights]
+    grams = list(grams) if grams is not None else [None] * len(ws)
+    metrics = [_metric(w, g, ridge) for w, g in zip(ws, grams)]
+    out = np.zeros((len(ws), max_rank + 1))
+    if side == "right":
+        blocks = [c * wh.Lt @ w for w, (_, wh, c) in zip(ws, metrics)]
+        p, s, _ = np.linalg.svd(np.vstack(blocks), full_matrices=False)
+        start = 0
+        for i, block in enumerate(blocks):
+            energy = (s * np.linalg.norm(p[start:start + block.shape[0]], axis=0)) ** 2
+            start += block.shape[0]
+            out[i] = _tail_curve(energy, max_rank)
+        return out
+    if side != "left":
+        raise ValueError(f"error curves are for the left and right sides, got {side!r}")
+    sigmas = [m[0] for m in metrics]
+    mean = whitening(sum(sigmas) / len(sigmas), 0.0)
+    p, _, _ = np.linalg.svd(mean.Lt @ np.hstack([m[2] * w for w, m in zip(ws, metrics)]), full_matrices=False)
+    u = mean.unwhiten(p[:, :max_rank])
+    for i, (w, (_, wh, _)) in enumerate(zip(ws, metrics)):
+        q, _ = np.linalg.qr(wh.Lt @ u)
+        whitened = wh.Lt @ w
+        captured = np.cumsum(np.sum((q.T @ whitened) ** 2, axis=1))
+        total = max(float(np.sum(whitened ** 2)), 1e-300)
+        out[i, 1:captured.size + 1] = np.sqrt(np.clip(1 - captured / total, 0, None))
+        out[i, 0] = 1.0
+        out[i, captured.size + 1:] = out[i, captured.size]
+    return out
+
+
+def _tail_curve(energy: np.ndarray, max_rank: int) -> np.ndarray:
+    """sqrt(Σ_{j>r} energy_j / Σ energy) for r = 0..max_rank."""
+    total = max(float(energy.sum()), 1e-300)
+    tail = np.concatenate([total - np.concatenate([[0.0], np.cumsum(energy)]), np.zeros(max(0, max_rank))])
+    return np.sqrt(np.clip(tail[:max_rank + 1] / total, 0, None))
