@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
+from .calibrate import ListReader
 from .config import QUANTIZE_MODES
 from .errors import LrsdError
 from .io import load_model, save_model
@@ -44,23 +45,6 @@ class _WithoutPreprocessingHint(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "pre-processing" not in record.getMessage()
-
-
-class _BatchReader:
-    """onnxruntime's CalibrationDataReader over a list of feed dicts (fresh on every pass)."""
-
-    def __init__(self, batches: Sequence[Mapping[str, np.ndarray]]) -> None:
-        self._batches = list(batches)
-        self._next = 0
-
-    def get_next(self):
-        if self._next >= len(self._batches):
-            return None
-        self._next += 1
-        return dict(self._batches[self._next - 1])
-
-    def rewind(self) -> None:
-        self._next = 0
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
@@ -121,7 +105,7 @@ def quantize_model(model: onnx.ModelProto, mode: str, calibration: Sequence[Mapp
         logging.getLogger().addFilter(hint)
         try:
             if mode == "static":
-                quantize_static(str(source), str(target), _BatchReader(calibration), quant_format=QuantFormat.QDQ,
+                quantize_static(str(source), str(target), ListReader(calibration), quant_format=QuantFormat.QDQ,
                                 per_channel=per_channel, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                                 use_external_data_format=large)
