@@ -249,6 +249,19 @@ def _compress_to_error(prepared, ctx, done):
     return result_ctx, compressed
 
 
+def _quantized_for_metric(ctx, compressed: onnx.ModelProto) -> onnx.ModelProto:
+    """The model the metric judges: with `then_quantize`, the int8 model that will be written
+    (the search then finds the smallest params whose quantized model keeps the metric)."""
+    mode = ctx.config.then_quantize
+    if mode is None:
+        return compressed
+    from .activations import split_holdout
+    from .quantize import quantize_model
+
+    return quantize_model(compressed, mode, split_holdout(ctx.calibration, ctx.config.holdout_every)[0]
+                          or ctx.calibration)
+
+
 METRIC_STEPS = 7
 """Bisection steps of the metric search (the params ratio to 1/128)."""
 
@@ -256,8 +269,9 @@ METRIC_STEPS = 7
 def _compress_to_metric(prepared, ctx, done, metric: Metric, max_drop: float):
     """The smallest params ratio whose model's metric is at most `max_drop` below the
     original's, by bisection over `target_params` in (0, 1] (the metric is assumed to fall as
-    the model shrinks; a ratio below the smallest allocation counts as too small). LrsdError
-    when no allocation tried qualifies."""
+    the model shrinks; a ratio below the smallest allocation counts as too small). With
+    `then_quantize` the metric is measured on the quantized model. LrsdError when no
+    allocation tried qualifies."""
     reference = float(metric(ctx.source))
     lo, hi = 0.0, 1.0
     best = None
@@ -268,7 +282,7 @@ def _compress_to_metric(prepared, ctx, done, metric: Metric, max_drop: float):
         except LrsdError:  # unreachable: the allocation refuses before fitting anything
             lo = mid
             continue
-        value = float(metric(compressed))
+        value = float(metric(_quantized_for_metric(round_ctx, compressed)))
         log.info("metric search: params %.3f -> metric %.4g (original %.4g)", mid, value, reference)
         if reference - value <= max_drop:
             best, hi = (round_ctx, compressed, value), mid

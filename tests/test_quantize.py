@@ -116,3 +116,22 @@ def test_cli_then_quantize(tmp_path):
                                        "--then-quantize", "static", "-q"])
     assert result.exit_code == 1 and "needs calibration" in result.output
     assert not (tmp_path / "s.onnx").exists()
+
+
+def test_the_metric_search_judges_the_quantized_model():
+    model = mlp_model(sizes=(64, 128, 96, 16), batch="batch")
+    calibration = _calibration(model, n=10)
+    feeds = feeds_for(model, seed=21, batch=32)
+    reference = run(model, feeds)[0]
+    seen = []
+
+    def fidelity(candidate):
+        seen.append(int8_weights(candidate)[0])
+        return 1.0 - rel_error(reference, run(candidate, feeds)[0])
+
+    result = compress(model, calibration=calibration, metric=fidelity, max_metric_drop=0.45,
+                      then_quantize="dynamic-matmul")
+    assert seen[0] == 0 and len(seen) > 2 and all(count > 0 for count in seen[1:])
+    allocation = result.report.allocation
+    assert allocation.metric >= 1.0 - 0.45 and result.report.quantization.mode == "dynamic-matmul"
+    assert 1.0 - rel_error(reference, run(result.model, feeds)[0]) == pytest.approx(allocation.metric, abs=1e-6)
