@@ -4,6 +4,8 @@ Run from the repository root::
 
     python -m benchmarks.joint              # MiniLM and ResNet-50 (about 25 min on 2 cores)
     python -m benchmarks.joint --quick      # MiniLM at keep 0.35 only
+    python -m benchmarks.joint --global-only --output benchmarks/results/joint_global
+                                            # the global-allocation rows and ResNet-50
 
 MiniLM (``benchmarks/tasks/minilm``, calibration and evaluation as in ``benchmarks.data_aware``):
 at each keep of ``MINILM_KEEPS``, ``joint="off"`` (every layer fitted alone) against
@@ -70,14 +72,14 @@ def _row(result, path: Path, seconds: float, joint: str) -> dict[str, Any]:
             "groups": [g.__dict__ for g in report.joint_groups]}
 
 
-def run_minilm(workdir: Path, budget: float, blocks: int, quick: bool) -> dict[str, Any]:
+def run_minilm(workdir: Path, budget: float, blocks: int, quick: bool, global_only: bool = False) -> dict[str, Any]:
     from onnx_lrsd import compress
 
     task, settings, feeds, latency, dims = task_inputs("minilm", (1, 32))
     out: dict[str, Any] = {"task": "minilm", "original": task.evaluate(task.model_path), "keeps": []}
-    for keep in ((0.35,) if quick else MINILM_KEEPS):
+    for keep in (GLOBAL_KEEPS if global_only else (0.35,) if quick else MINILM_KEEPS):
         rows = []
-        for joint in JOINTS:
+        for joint in (("off",) if global_only else JOINTS):
             try:
                 start = time.perf_counter()
                 result = compress(task.model_path, calibration=feeds, keep=keep, joint=joint, mask_input=task.mask_input,
@@ -154,7 +156,9 @@ def run_resnet(workdir: Path, budget: float, blocks: int) -> dict[str, Any]:
 
 
 def run_one(name: str, workdir: Path, budget: float, blocks: int, args, results) -> dict[str, Any]:
-    return run_minilm(workdir, budget, blocks, args.quick) if name == "minilm" else run_resnet(workdir, budget, blocks)
+    if name == "minilm":
+        return run_minilm(workdir, budget, blocks, args.quick, args.global_only)
+    return run_resnet(workdir, budget, blocks)
 
 
 def _groups_text(row: dict[str, Any]) -> str:
@@ -195,7 +199,10 @@ def render(data: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    benchmark_main(argv, __doc__, BENCHMARKS, "joint", run_one, render, quick_tasks=("minilm",))
+    benchmark_main(argv, __doc__, BENCHMARKS, "joint", run_one, render, quick_tasks=("minilm",),
+                   extra_args=lambda parser: parser.add_argument(
+                       "--global-only", action="store_true",
+                       help="MiniLM: only the separate row at keep 0.35 and the global-allocation rows"))
 
 
 if __name__ == "__main__":
