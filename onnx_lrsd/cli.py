@@ -246,26 +246,34 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 @main.command()
 @click.argument("baseline", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="intra_op_num_threads.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size of the inputs.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic input dim.")
 @click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs per model.")
+@click.option("--profile-runs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Runs of onnxruntime's profiler for the per-layer times (0: no per-layer profile).")
+@click.option("--cold", "cold_repeats", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Fresh processes measuring session creation, first run and peak memory (0: none).")
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Layers shown in the table.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @guarded
-def bench(baseline: Path, candidate: Path, threads, batch, dims, runs, warmup, seed, as_json) -> None:
-    """Latency of BASELINE and CANDIDATE in onnxruntime, interleaved in one process, with
-    params, file size, MACs and output error side by side."""
+def bench(baseline: Path, candidate: Optional[Path], threads, batch, dims, runs, warmup, profile_runs, cold_repeats,
+          top, seed, as_json) -> None:
+    """Latency of BASELINE (and CANDIDATE, interleaved in one process) in onnxruntime: warm and
+    cold, peak memory, per-layer times mapped to the model's layers, params, file size, MACs
+    and output error side by side."""
     from .bench import compare_models
 
     comparison = compare_models(baseline, candidate, threads=threads, batch=batch, dims=dict(_parse_dims(dims)),
-                                runs=runs, warmup=warmup, seed=seed)
+                                runs=runs, warmup=warmup, seed=seed, profile_runs=profile_runs,
+                                cold_repeats=cold_repeats)
     if as_json:
         _emit_json(comparison.to_dict())
     else:
-        click.echo(comparison.to_text())
+        click.echo(comparison.to_text(top))
 
 
 def _parse_points(text: str) -> tuple:
