@@ -143,7 +143,8 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON or YAML config (options and per-layer settings under 'layers').")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the full report as JSON to this file.")
+              help="Also write the report to this file: .json (full data), .md or .html (per-layer table, "
+                   "in-network latency and plots).")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic input dim.")
 @click.option("--calib", "calib", multiple=True, metavar="PATH|random",
               help="Calibration data: .npz files or directories keyed by input name (repeatable), or 'random'. "
@@ -214,13 +215,14 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
     if dims:
         options["dims"] = _parse_dims(dims)
     config = config.replace(overrides=cli_overrides + config.overrides, **options)
-    if report_file is not None and report_file.parent and not report_file.parent.is_dir():
-        raise LrsdError(f"report directory does not exist: {report_file.parent}")
+    if report_file is not None:
+        from .render import check_report_path
+        check_report_path(report_file)
     calibration = list(calib) if calib else None
     result = compress_file(model, output, config, calibration, progress=_progress_printer(quiet or as_json))
     report = result.report
     if report_file is not None:
-        _write_text_atomic(report_file, report.to_json())
+        _write_report(report_file, report, model, result.model, config)
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -228,6 +230,15 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
         if show_layers:
             click.echo(report.layer_table())
         click.echo(f"wrote {output}")
+
+
+def _write_report(path: Path, report, model: Path, compressed, config) -> None:
+    """JSON, or Markdown / HTML with plots and the in-network per-layer latency of both models."""
+    from .render import profile_pair, write_report
+
+    profiles, why = (None, "") if path.suffix.lower() == ".json" else profile_pair(
+        model, compressed, config.latency_batch, config.latency_threads, config.dims, config.seed)
+    write_report(path, report, title=f"onnx-lrsd: {model.name}", profiles=profiles, profile_note=why)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
