@@ -96,8 +96,9 @@ def _short(name: str, width: int = 32) -> str:
 
 def layers_png(rows) -> bytes:
     """Per-layer panels in graph order (rows: `render.LayerRow`): parameters before and after,
-    held-out reconstruction error, and latency — in-network profile before and after, else each
-    layer timed alone (dense and as written) — where measured. PNG bytes; needs matplotlib."""
+    held-out reconstruction error (data-aware fits only), and latency — in-network profile
+    before and after, else each layer timed alone (dense and as written) — where measured.
+    PNG bytes; needs matplotlib."""
     plt = _pyplot()
     import numpy as np
 
@@ -105,9 +106,11 @@ def layers_png(rows) -> bytes:
     x = np.arange(len(rows))
     profiled = any(r.ms_before is not None for r in rows)
     alone = any(r.layer.latency is not None for r in rows)
-    panels = ["params", "error"] + (["latency"] if profiled or alone else [])
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 0.28 * len(rows) + 2), 2.6 * len(panels) + 1.6),
-                             sharex=True)
+    with_error = any(r.layer.data_error is not None for r in rows)  # data-free fits have none
+    panels = ["params"] + (["error"] if with_error else []) + (["latency"] if profiled or alone else [])
+    fig, grid = plt.subplots(len(panels), 1, figsize=(max(8.0, 0.28 * len(rows) + 2), 2.6 * len(panels) + 1.6),
+                             sharex=True, squeeze=False)
+    axes = list(grid[:, 0])
     width = 0.4
     ax = axes[0]
     ax.bar(x - width / 2, [r.layer.params_before for r in rows], width, label="before", color="tab:gray")
@@ -115,14 +118,15 @@ def layers_png(rows) -> bytes:
     ax.set_yscale("log")
     ax.set_ylabel("parameters")
     ax.legend(fontsize=8)
-    ax = axes[1]
-    errors = [r.layer.data_error if r.layer.data_error is not None else np.nan for r in rows]
-    ax.bar(x, errors, 0.6, color="tab:red")
-    if np.isfinite(errors).any() and np.nanmax(errors) > 0:
-        ax.set_yscale("log")
-    ax.set_ylabel("reconstruction error")
-    if len(panels) == 3:
-        ax = axes[2]
+    if with_error:
+        ax = axes[panels.index("error")]
+        errors = [r.layer.data_error if r.layer.data_error is not None else np.nan for r in rows]
+        ax.bar(x, errors, 0.6, color="tab:red")
+        if np.nanmax(errors) > 0:
+            ax.set_yscale("log")
+        ax.set_ylabel("reconstruction error")
+    if "latency" in panels:
+        ax = axes[panels.index("latency")]
         if profiled:
             before = [r.ms_before if r.ms_before is not None else np.nan for r in rows]
             after = [r.ms_after if r.ms_after is not None else np.nan for r in rows]

@@ -185,7 +185,7 @@ def _intro(report: CompressionReport) -> str:
     factorized = sum(layer.method != "dense" for layer in report.layers)
     return (f"{factorized} of {len(report.layers)} target layers factorized; {len(report.skipped)} weight layers "
             f"skipped. Error: held-out relative reconstruction error of the layer's output on the calibration data "
-            f"(or of its weight, data-free).")
+            f"(none for data-free fits).")
 
 
 def markdown_report(report: CompressionReport, title: str, profiles=None, sweep=None, images=None, plot_note: str = "",

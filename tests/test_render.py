@@ -86,6 +86,16 @@ def test_stages_draw_the_trade_off(tmp_path):
     assert "No in-network latency" not in text  # nothing claimed when profiles were not asked for
 
 
+def test_data_free_report_without_latency_plots_params(tmp_path):
+    report = onnx_lrsd.compress(str(DIGITS), keep=0.25).report
+    assert all(layer.data_error is None for layer in report.layers)
+    path = tmp_path / "r.html"
+    write_report(path, report)
+    text = path.read_text()
+    assert _png_count(text) == 1 and "ms in model" not in text
+    assert all(f"<td>{layer.name}</td>" in text for layer in report.layers)
+
+
 def test_without_matplotlib_the_report_says_so(digits, tmp_path, monkeypatch):
     result, profiles = digits
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
