@@ -8,10 +8,11 @@ nodes, so the mapping goes through the graph onnxruntime actually ran (saved wit
 
 1. every node of the model gets a unique name first (unnamed nodes `{op}_{index}`, as the
    compressor names them), so an executed node that kept its name is found by name;
-2. an executed node's *head* is the model node it is derived from: same name; `X_nchwc` → the
-   producer of tensor X; else the producer of an output tensor that kept its name; else the
-   longest model node name its name starts with (fusions name nodes `{node}/…Fusion`,
-   subgraph nodes `{owner}/…`);
+2. an executed node's *heads* are the model nodes it is derived from: the node of the same
+   name, or for `X_nchwc` the producer of tensor X; the producers of its output tensors that
+   kept their name (a Conv fused with the Relu after it writes the Relu's output); failing
+   both, the longest model node name its name starts with (fusions name nodes
+   `{node}/…Fusion`, subgraph nodes `{owner}/…`);
 3. each head absorbs the model nodes upstream of it whose outputs no longer exist in the
    executed graph (fused into it), stopping at surviving tensors and constants;
 4. the kernel's time goes to the *layer* of its nodes: the node whose op the kernel runs
@@ -110,12 +111,15 @@ def map_kernels(model_graph: onnx.GraphProto, executed: Sequence[ExecutedNode]) 
     live |= {i.name for i in model_graph.input} | constants
 
     owner: Dict[int, str] = {}  # model node index -> executed node name
-    heads: Dict[str, List[int]] = {}
-    for e in executed:
-        found = _heads(e, index, producer, executed_names)
-        heads[e.name] = [i for i in found if i not in owner]
-        for i in heads[e.name]:
-            owner[i] = e.name
+    heads: Dict[str, List[int]] = {e.name: [] for e in executed}
+    for rule in (_named_head, _output_heads, _prefix_head):  # surest evidence first
+        for e in executed:
+            if rule is _prefix_head and heads[e.name]:
+                continue
+            for i in rule(e, index, producer, executed_names):
+                if i not in owner:
+                    owner[i] = e.name
+                    heads[e.name].append(i)
     for e in executed:  # absorb the fused nodes upstream of each head
         stack = list(heads[e.name])
         while stack:
@@ -151,17 +155,28 @@ def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
-def _heads(e: ExecutedNode, index: Mapping[str, int], producer: Mapping[str, int], executed_names: set) -> List[int]:
+def _named_head(e: ExecutedNode, index: Mapping[str, int], producer: Mapping[str, int], executed_names: set
+                ) -> List[int]:
+    """The model node of the same name, or of `X_nchwc`: the producer of tensor X."""
     if e.name in index:
         return [index[e.name]]
     match = _NCHWC_NAME.match(e.name)
-    if match and match.group(1) in producer:
-        return [producer[match.group(1)]]
+    return [producer[match.group(1)]] if match and match.group(1) in producer else []
+
+
+def _output_heads(e: ExecutedNode, index: Mapping[str, int], producer: Mapping[str, int], executed_names: set
+                  ) -> List[int]:
+    """The producers of the output tensors that kept their name (a Conv fused with the Relu
+    after it writes the Relu's output); not for layout reorders, which only convert."""
+    return [] if e.op in _REORDER_OPS else [producer[t] for t in e.outputs if t in producer]
+
+
+def _prefix_head(e: ExecutedNode, index: Mapping[str, int], producer: Mapping[str, int], executed_names: set
+                 ) -> List[int]:
+    """The longest model node name the executed name starts with (`{node}/…Fusion`,
+    subgraph nodes `{owner}/…`), if that node does not run under its own name."""
     if e.op in _REORDER_OPS:
         return []
-    from_outputs = [producer[t] for t in e.outputs if t in producer]
-    if from_outputs:
-        return from_outputs
     prefixes = [name for name in index if e.name.startswith(name) and name not in executed_names]
     return [index[max(prefixes, key=len)]] if prefixes else []
 

@@ -192,3 +192,12 @@ def test_cold_start_in_a_fresh_process(tmp_path):
     cold = cold_start(path, random_feeds(model), threads=1, runs=2)
     assert cold.session_ms > 0 and cold.first_run_ms > 0 and cold.repeats == 1
     assert cold.peak_rss_bytes is None or cold.peak_rss_bytes >= cold.rss_bytes - 2**20 > -2**20
+
+
+def test_map_kernels_claims_the_activation_a_kernel_writes():
+    """A FusedConv keeps the conv's name but writes the Relu's output: the Relu is its node."""
+    graph = _graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv/lrsd/v"),
+                    helper.make_node("Relu", ["c"], ["y"], name="relu")])
+    mapping = map_kernels(graph, [ExecutedNode("conv/lrsd/v", "FusedConv", ("x", "w"), ("y",))])
+    assert mapping.covered["conv/lrsd/v"] == ("conv/lrsd/v", "relu") and mapping.unexecuted == ()
+    assert layer_of(mapping.layer["conv/lrsd/v"]) == "conv"
