@@ -350,6 +350,8 @@ def summarize_profile(model_graph: onnx.GraphProto, executed: Sequence[ExecutedN
         layers.append(LayerTime(name=layer, op=op, ms=ms, share=ms / op_ms if op_ms else 0.0,
                                 kernels=tuple(ops[k] for k in kernels), nodes=covered))
     layers.sort(key=lambda layer: -layer.ms)
+    log.debug("%s: %d kernels mapped to %d layers, %d nodes not executed", label, len(totals), len(layers),
+              len(mapping.unexecuted))
     return LayerProfile(model=label, layers=tuple(layers), op_ms=op_ms,
                         run_ms=float(np.mean([e["dur"] for e in run_events])) / 1e3, runs=runs, threads=threads,
                         batch=batch, kernels=len(totals), arena_peak_bytes=arena_peak, unexecuted=mapping.unexecuted)
