@@ -255,8 +255,20 @@ class LayerProfile:
     def layer(self, name: str) -> Optional[LayerTime]:
         return next((layer for layer in self.layers if layer.name == name), None)
 
+    @property
+    def ms_by_op(self) -> Dict[str, float]:
+        """Time per run by the layers' op type, largest first."""
+        totals: Dict[str, float] = {}
+        for layer in self.layers:
+            totals[layer.op] = totals.get(layer.op, 0.0) + layer.ms
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dict(dataclasses.asdict(self), ms_by_op=self.ms_by_op)
+
+    def op_text(self, top: int = 6) -> str:
+        return ", ".join(f"{op} {ms / self.op_ms:.0%}" for op, ms in list(self.ms_by_op.items())[:top]
+                         if self.op_ms)
 
     def to_text(self, top: int = 15) -> str:
         width = max([len(layer.name) for layer in self.layers[:top]] + [5])
@@ -270,6 +282,7 @@ class LayerProfile:
         if len(self.layers) > top:
             rest = self.layers[top:]
             lines.append(f"  … {len(rest)} more layers, {sum(r.ms for r in rest):.3f} ms")
+        lines.append(f"  by op: {self.op_text()}")
         return "\n".join(lines)
 
 
@@ -411,4 +424,5 @@ def comparison_text(baseline: LayerProfile, candidate: LayerProfile, top: int = 
         rest = rows[top:]
         lines.append(f"  … {len(rest)} more layers: {sum(r.baseline_ms or 0 for r in rest):.3f} ms / "
                      f"{sum(r.candidate_ms or 0 for r in rest):.3f} ms")
+    lines += [f"  by op, baseline: {baseline.op_text()}", f"  by op, candidate: {candidate.op_text()}"]
     return "\n".join(lines)

@@ -83,6 +83,7 @@ def _accounted(profile, model) -> None:
     assert sum(layer.ms for layer in profile.layers) == pytest.approx(profile.op_ms, rel=1e-9)
     assert sum(layer.share for layer in profile.layers) == pytest.approx(1.0, rel=1e-9)
     assert 0 < profile.op_ms <= profile.run_ms
+    assert sum(profile.ms_by_op.values()) == pytest.approx(profile.op_ms, rel=1e-9)
     assert all(layer.name in [layer_of(n) for n in names] for layer in profile.layers)
 
 
