@@ -114,8 +114,8 @@ def _plots(report: CompressionReport, rows: Sequence[LayerRow], sweep: Optional[
     if len(tradeoff_points(report, sweep)) >= 2:
         plots["tradeoff"] = tradeoff_png(report, sweep)
     else:
-        notes.append("no model-level trade-off plot: one compressed point (run `onnx-lrsd sweep` or "
-                     "`--stages N` for a curve)")
+        notes.append("no model-level trade-off plot: one compressed point (onnx-lrsd sweep or "
+                     "--stages N draw a curve)")
     return plots, "; ".join(notes)
 
 
