@@ -184,6 +184,8 @@ def test_summary_means_over_runs_after_warmup():
     assert profile.layers[0].ms == pytest.approx(0.080) and profile.op_ms == pytest.approx(0.080)
     assert profile.run_ms == pytest.approx(0.110) and profile.arena_peak_bytes == 4096
     assert profile.layers[0].kernels == ("MatMul", "MatMul")
+    by_name = summarize_profile(graph, [], events, warmup=1, threads=1, batch=1)  # no executed graph saved
+    assert by_name.layers == profile.layers
 
 
 def test_cold_start_in_a_fresh_process(tmp_path):
