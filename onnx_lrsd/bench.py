@@ -396,7 +396,7 @@ def compare_models(baseline: Path, candidate: Optional[Path] = None, threads: in
     from .cost import count_params, model_macs
     from .feeds import random_feeds
     from .io import load_model
-    from .profile import profile_layers
+    from .profile import profile_models
 
     paths = [Path(baseline)] + ([Path(candidate)] if candidate is not None else [])
     models = [load_model(path) for path in paths]
@@ -415,8 +415,8 @@ def compare_models(baseline: Path, candidate: Optional[Path] = None, threads: in
         errors = relative_output_errors(reference, outputs, [o.name for o in sessions[0].get_outputs()])
     stats = time_sessions(sessions, feeds, runs=runs, warmup=warmup)
     del sessions  # idle sessions must not hold memory or threads while the others are measured
-    profiles = [profile_layers(model, feeds, threads, runs=profile_runs, label=path.name) if profile_runs else None
-                for path, model in zip(paths, models)]
+    profiles = (profile_models(models, feeds, threads, runs=profile_runs, labels=[path.name for path in paths])
+                if profile_runs else [None] * len(paths))
     colds = [cold_start(path, feeds, threads, repeats=cold_repeats) if cold_repeats else None for path in paths]
     summaries = [ModelSummary(str(path), count_params(model), model_macs(model), _file_bytes(path), stat, cold, profile)
                  for path, model, stat, cold, profile in zip(paths, models, stats, colds, profiles)]

@@ -20,8 +20,8 @@ nodes, so the mapping goes through the graph onnxruntime actually ran (saved wit
    Layout reorders go to the layer they feed (ReorderInput) or drain (ReorderOutput).
 
 A compressed model's chain nodes `{layer}/lrsd/{role}` belong to `{layer}`, so the original and
-the compressed model are compared layer by layer. Times are means per run over the profiled
-runs (means add up: the layers' times sum to the total kernel time).
+the compressed model are compared layer by layer (profiled in one process, runs interleaved).
+A kernel's time is its median over the profiled runs; a layer's is the sum over its kernels.
 """
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def _attribute_orphans(executed: Sequence[ExecutedNode], layer: Dict[str, str]) 
 
 @dataclass(frozen=True)
 class LayerTime:
-    """One layer's mean time per run inside the whole model (`share` of the total kernel
+    """One layer's time per run inside the whole model (`share` of the total kernel
     time), the kernels that ran for it and the model nodes they cover."""
 
     name: str
@@ -236,14 +236,17 @@ class LayerTime:
 class LayerProfile:
     """A model's per-layer profile at `threads` and `batch`.
 
-    `op_ms`: total kernel time per run (the layers' sum); `run_ms`: mean wall time of a
-    profiled run (kernels plus the executor's own work); `arena_peak_bytes`: the largest
+    A layer's `ms` is the sum of its kernels' medians over the runs; `op_ms` the sum over all
+    kernels (the layers' sum), `run_op_ms` the median run's total kernel time (close to
+    `op_ms`), `run_ms` the median wall time of a run (kernels plus the executor's own work);
+    `arena_peak_bytes`: the largest
     `mem_in_use_peak` onnxruntime's CPU arena reported (activations and workspace);
     `unexecuted`: model nodes no kernel runs (folded into constants or removed)."""
 
     model: str
     layers: Tuple[LayerTime, ...]
     op_ms: float
+    run_op_ms: float
     run_ms: float
     runs: int
     threads: int
@@ -295,34 +298,54 @@ def _kernel_text(kernels: Sequence[str]) -> str:
 
 def profile_layers(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], threads: int = 2, runs: int = 10,
                    warmup: int = 3, label: str = "model") -> LayerProfile:
-    """Run `model` `warmup` + `runs` times in a profiling session (`ORT_ENABLE_ALL`, as
-    `make_session`) and return its per-layer profile (`model` is copied, never modified)."""
+    """Per-layer profile of `model` over `runs` runs after `warmup` (see `profile_models`)."""
+    return profile_models([model], feeds, threads, runs, warmup, [label])[0]
+
+
+def profile_models(models: Sequence[onnx.ModelProto], feeds: Mapping[str, np.ndarray], threads: int = 2,
+                   runs: int = 10, warmup: int = 3, labels: Optional[Sequence[str]] = None) -> List[LayerProfile]:
+    """Per-layer profiles of models that take the same inputs, each in a profiling session
+    (`ORT_ENABLE_ALL`, as `make_session`), all alive at once and run interleaved (the order
+    reversed every round) so that load on the machine hits them alike. Models are copied,
+    never modified."""
     from .bench import make_session
     from .io import needs_external_data, save_model
 
     if runs < 1:
         raise LrsdError(f"profile runs must be >= 1, got {runs}")
-    named = onnx.ModelProto()
-    named.CopyFrom(model)
-    name_nodes(named)
+    labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
+    feed_dict = dict(feeds)
     with tempfile.TemporaryDirectory(prefix="onnx_lrsd-profile-") as tmp:
-        source: object = named
-        if needs_external_data(named):
-            source = save_model(named, Path(tmp) / "model.onnx", external_data=True)
-        optimized = Path(tmp) / "optimized.onnx"
-        session = make_session(source, threads, profile_prefix=str(Path(tmp) / "profile"),
-                               optimized_path=str(optimized))
-        feed_dict = dict(feeds)
-        for _ in range(warmup + runs):
-            session.run(None, feed_dict)
-        events = json.loads(Path(session.end_profiling()).read_text())
-        if optimized.is_file():
-            executed = executed_nodes(onnx.load(str(optimized), load_external_data=False).graph)
-        else:  # kernels are then matched by name only
-            log.warning("onnxruntime did not save the optimized graph; layers matched by kernel names only")
-            executed = []
-    batch = _batch(feeds)
-    return summarize_profile(named.graph, executed, events, warmup, threads, batch, label)
+        named, sessions = [], []
+        for i, model in enumerate(models):
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            name_nodes(copy)
+            source: object = copy
+            if needs_external_data(copy):
+                source = save_model(copy, Path(tmp) / f"model{i}.onnx", external_data=True)
+            named.append(copy)
+            sessions.append(make_session(source, threads, profile_prefix=str(Path(tmp) / f"profile{i}"),
+                                         optimized_path=str(Path(tmp) / f"optimized{i}.onnx")))
+        for _ in range(warmup):
+            for session in sessions:
+                session.run(None, feed_dict)
+        for round_index in range(runs):
+            for session in sessions if round_index % 2 == 0 else sessions[::-1]:
+                session.run(None, feed_dict)
+        profiles = []
+        for i, session in enumerate(sessions):
+            events = json.loads(Path(session.end_profiling()).read_text())
+            optimized = Path(tmp) / f"optimized{i}.onnx"
+            if optimized.is_file():
+                executed = executed_nodes(onnx.load(str(optimized), load_external_data=False).graph)
+            else:  # kernels are then matched by name only
+                log.warning("onnxruntime did not save the optimized graph; layers matched by kernel names only")
+                executed = []
+            profiles.append(summarize_profile(named[i].graph, executed, events, warmup, threads, _batch(feeds),
+                                              labels[i]))
+        del sessions
+    return profiles
 
 
 def executed_nodes(graph: onnx.GraphProto) -> List[ExecutedNode]:
@@ -331,14 +354,16 @@ def executed_nodes(graph: onnx.GraphProto) -> List[ExecutedNode]:
 
 def summarize_profile(model_graph: onnx.GraphProto, executed: Sequence[ExecutedNode], events: Sequence[dict],
                       warmup: int, threads: int, batch: int, label: str = "model") -> LayerProfile:
-    """Per-layer means over the model runs after the first `warmup` in a profiler trace."""
+    """Per-layer times from a profiler trace: each kernel's median over the model runs after
+    the first `warmup`, summed per layer."""
     run_events = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[warmup:]
     if not run_events:
         raise LrsdError("the profile holds no timed runs")
     kernel_events = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
     starts = np.array([e["ts"] for e in run_events])
     ends = starts + np.array([e["dur"] for e in run_events])
-    totals: Dict[str, float] = {}
+    runs = len(run_events)
+    per_run: Dict[str, np.ndarray] = {}  # kernel -> µs in each timed run
     ops: Dict[str, str] = {}
     arena_peak = 0
     for e in kernel_events:
@@ -346,32 +371,33 @@ def summarize_profile(model_graph: onnx.GraphProto, executed: Sequence[ExecutedN
         if slot < 0 or e["ts"] > ends[slot]:
             continue  # a warm-up run
         name = e["name"][: -len("_kernel_time")]
-        totals[name] = totals.get(name, 0.0) + e["dur"]
+        per_run.setdefault(name, np.zeros(runs))[slot] += e["dur"]
         ops[name] = e.get("args", {}).get("op_name", "")
         arena_peak = max(arena_peak, int(e.get("args", {}).get("mem_in_use_peak", 0)))
+    kernel_ms = {name: float(np.median(values)) / 1e3 for name, values in per_run.items()}
     known = {e.name for e in executed}
-    extra = [ExecutedNode(name, ops[name], (), ()) for name in totals if name not in known]  # subgraph kernels
+    extra = [ExecutedNode(name, ops[name], (), ()) for name in per_run if name not in known]  # subgraph kernels
     mapping = map_kernels(model_graph, list(executed) + extra)
     model_ops = {n.name: n.op_type for n in model_graph.node}
     per_layer: Dict[str, List[str]] = {}
-    for name in totals:
+    for name in per_run:
         per_layer.setdefault(layer_of(mapping.layer[name]), []).append(name)
-    runs = len(run_events)
-    op_ms = sum(totals.values()) / runs / 1e3
+    op_ms = sum(kernel_ms.values())
     layers = []
     for layer, kernels in per_layer.items():
-        ms = sum(totals[k] for k in kernels) / runs / 1e3
+        ms = sum(kernel_ms[k] for k in kernels)
         anchors = [mapping.layer[k] for k in kernels]
         op = model_ops.get(layer) or next((model_ops[a] for a in anchors if a in model_ops), ops[kernels[0]])
         covered = tuple(dict.fromkeys(n for k in kernels for n in mapping.covered.get(k, ())))
         layers.append(LayerTime(name=layer, op=op, ms=ms, share=ms / op_ms if op_ms else 0.0,
                                 kernels=tuple(ops[k] for k in kernels), nodes=covered))
     layers.sort(key=lambda layer: -layer.ms)
-    log.debug("%s: %d kernels mapped to %d layers, %d nodes not executed", label, len(totals), len(layers),
+    log.debug("%s: %d kernels mapped to %d layers, %d nodes not executed", label, len(per_run), len(layers),
               len(mapping.unexecuted))
-    return LayerProfile(model=label, layers=tuple(layers), op_ms=op_ms,
-                        run_ms=float(np.mean([e["dur"] for e in run_events])) / 1e3, runs=runs, threads=threads,
-                        batch=batch, kernels=len(totals), arena_peak_bytes=arena_peak, unexecuted=mapping.unexecuted)
+    run_totals = np.sum(list(per_run.values()), axis=0) if per_run else np.zeros(runs)
+    return LayerProfile(model=label, layers=tuple(layers), op_ms=op_ms, run_op_ms=float(np.median(run_totals)) / 1e3,
+                        run_ms=float(np.median([e["dur"] for e in run_events])) / 1e3, runs=runs, threads=threads,
+                        batch=batch, kernels=len(per_run), arena_peak_bytes=arena_peak, unexecuted=mapping.unexecuted)
 
 
 def _batch(feeds: Mapping[str, np.ndarray]) -> int:
@@ -417,7 +443,7 @@ def comparison_text(baseline: LayerProfile, candidate: LayerProfile, top: int = 
     def ms(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    lines = [f"per-layer kernel time (mean ms per run; baseline {baseline.op_ms:.3f} ms, candidate "
+    lines = [f"per-layer kernel time (ms per run, kernels' medians; baseline {baseline.op_ms:.3f} ms, candidate "
              f"{candidate.op_ms:.3f} ms in {baseline.kernels} and {candidate.kernels} kernels)",
              f"  {'layer':<{width}}  {'op':<8} {'baseline':>9} {'candidate':>9} {'ratio':>6}  candidate kernels"]
     for r in rows[:top]:

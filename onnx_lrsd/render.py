@@ -44,7 +44,7 @@ def check_report_path(path: Union[str, os.PathLike]) -> Path:
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One line of the per-layer table: the report's layer and its in-network times (mean ms
+    """One line of the per-layer table: the report's layer and its in-network times (ms
     per run in the original and the compressed model, None without a profile)."""
 
     layer: LayerReport
@@ -176,7 +176,8 @@ def _profile_text(profiles: Optional[Tuple[LayerProfile, LayerProfile]], note: s
     if profiles is None:
         return f"No in-network latency: {note}" if note else ""
     before = profiles[0]
-    return (f"In-network latency: onnxruntime's profiler, mean over {before.runs} runs at batch {before.batch}, "
+    return (f"In-network latency: onnxruntime's profiler, kernels' medians over {before.runs} interleaved runs of "
+            f"both models at batch {before.batch}, "
             f"{before.threads} threads, kernels mapped back to the original layers (a factorized layer's chain "
             f"counts as the layer; fused activations count with the layer they run in).")
 
@@ -283,13 +284,13 @@ def profile_pair(original: Union[str, os.PathLike], compressed, batch: int = 1, 
     does not run."""
     from .feeds import random_feeds
     from .io import load_model
-    from .profile import profile_layers
+    from .profile import profile_models
 
     try:
         source = load_model(original)
         compressed = load_model(compressed)
         feeds = random_feeds(source, batch=batch, dims=dict(dims), seed=seed)
-        return tuple(profile_layers(m, feeds, threads, runs=runs, label=label)
-                     for m, label in ((source, "original"), (compressed, "compressed"))), ""
+        return tuple(profile_models([source, compressed], feeds, threads, runs=runs,
+                                    labels=["original", "compressed"])), ""
     except LrsdError as exc:
         return None, str(exc)

@@ -1,5 +1,7 @@
 """Per-layer profiles: onnxruntime's kernels mapped back to the model's nodes through its
 fusions and renames, compressed chains to the layer they replace, times that add up."""
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -17,6 +19,7 @@ from onnx_lrsd.profile import (
     map_kernels,
     name_nodes,
     profile_layers,
+    profile_models,
     summarize_profile,
 )
 from onnx_lrsd.zoo import zoo_model
@@ -82,7 +85,7 @@ def _accounted(profile, model) -> None:
             assert layer is not None and layer.ms > 0, node.name
     assert sum(layer.ms for layer in profile.layers) == pytest.approx(profile.op_ms, rel=1e-9)
     assert sum(layer.share for layer in profile.layers) == pytest.approx(1.0, rel=1e-9)
-    assert 0 < profile.op_ms <= profile.run_ms
+    assert 0 < profile.op_ms and 0 < profile.run_op_ms <= profile.run_ms
     assert sum(profile.ms_by_op.values()) == pytest.approx(profile.op_ms, rel=1e-9)
     assert all(layer.name in [layer_of(n) for n in names] for layer in profile.layers)
 
@@ -116,7 +119,7 @@ def test_zoo_profile_maps_every_node():
     _accounted(profile, model)
     convs = [n for n in _named(model).graph.node if n.op_type == "Conv"]
     assert len([layer for layer in profile.layers if layer.op == "Conv"]) == len(convs)
-    assert profile.op_ms > 0.8 * profile.run_ms  # kernels are nearly all of a run's time
+    assert 0.5 < profile.op_ms / profile.run_op_ms < 2  # kernels' medians: about the median run's kernel time
 
 
 def test_compressed_chains_map_to_the_layers_they_replace():
@@ -125,8 +128,9 @@ def test_compressed_chains_map_to_the_layers_they_replace():
     factorized = [layer.name for layer in result.report.layers if layer.method != "dense"]
     assert len(factorized) >= 2
     feeds = random_feeds(model, batch=2)
-    base = profile_layers(model, feeds, threads=1, runs=3, warmup=1)
-    small = profile_layers(result.model, feeds, threads=1, runs=3, warmup=1)
+    base, small = profile_models([model, result.model], feeds, threads=1, runs=3, warmup=1,
+                                 labels=["original", "compressed"])
+    assert (base.model, small.model, base.runs, small.runs) == ("original", "compressed", 3, 3)
     _accounted(small, result.model)
     assert not any("/lrsd/" in layer.name for layer in small.layers)
     for name in factorized:
@@ -166,7 +170,7 @@ def test_map_kernels_follows_onnxruntime_renames():
     assert mapping.unexecuted == ()
 
 
-def test_summary_means_over_runs_after_warmup():
+def test_summary_medians_over_runs_after_warmup():
     graph = _graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="a/lrsd/u"),
                     helper.make_node("MatMul", ["h", "w2"], ["y"], name="a/lrsd/v")])
     executed = [ExecutedNode("a/lrsd/u", "MatMul", ("x", "w"), ("h",)),
@@ -178,11 +182,13 @@ def test_summary_means_over_runs_after_warmup():
 
     events = [{"name": "model_run", "ts": 0, "dur": 1000}, kernel("a/lrsd/u", 10, 900),  # warm-up
               {"name": "model_run", "ts": 2000, "dur": 100}, kernel("a/lrsd/u", 2010, 30), kernel("a/lrsd/v", 2050, 40),
-              {"name": "model_run", "ts": 3000, "dur": 120}, kernel("a/lrsd/u", 3010, 50), kernel("a/lrsd/v", 3060, 40)]
+              {"name": "model_run", "ts": 3000, "dur": 120}, kernel("a/lrsd/u", 3010, 50), kernel("a/lrsd/v", 3060, 40),
+              {"name": "model_run", "ts": 4000, "dur": 90}, kernel("a/lrsd/u", 4010, 40), kernel("a/lrsd/v", 4060, 35)]
     profile = summarize_profile(graph, executed, events, warmup=1, threads=1, batch=1)
-    assert profile.runs == 2 and [layer.name for layer in profile.layers] == ["a"]
-    assert profile.layers[0].ms == pytest.approx(0.080) and profile.op_ms == pytest.approx(0.080)
-    assert profile.run_ms == pytest.approx(0.110) and profile.arena_peak_bytes == 4096
+    assert profile.runs == 3 and [layer.name for layer in profile.layers] == ["a"]
+    assert profile.layers[0].ms == pytest.approx(0.040 + 0.040) and profile.op_ms == pytest.approx(0.080)
+    assert profile.run_op_ms == pytest.approx(0.075)  # runs of 70, 90 and 75 µs
+    assert profile.run_ms == pytest.approx(0.100) and profile.arena_peak_bytes == 4096
     assert profile.layers[0].kernels == ("MatMul", "MatMul")
     by_name = summarize_profile(graph, [], events, warmup=1, threads=1, batch=1)  # no executed graph saved
     assert by_name.layers == profile.layers
@@ -194,7 +200,8 @@ def test_cold_start_in_a_fresh_process(tmp_path):
     onnx.save(model, path)
     cold = cold_start(path, random_feeds(model), threads=1, runs=2)
     assert cold.session_ms > 0 and cold.first_run_ms > 0 and cold.repeats == 1
-    assert cold.peak_rss_bytes is None or cold.peak_rss_bytes >= cold.rss_bytes - 2**20 > -2**20
+    if Path("/proc/self/status").is_file():  # Linux reports resident memory
+        assert cold.peak_rss_bytes > 0 and cold.rss_bytes is not None
 
 
 def test_map_kernels_claims_the_activation_a_kernel_writes():

@@ -15,7 +15,7 @@ import onnx_lrsd
 from onnx_lrsd.cli import main
 from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.feeds import random_feeds
-from onnx_lrsd.profile import layer_of, profile_layers
+from onnx_lrsd.profile import layer_of, profile_models
 from onnx_lrsd.render import NO_MATPLOTLIB, write_report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def digits():
     result = onnx_lrsd.compress(str(DIGITS), keep=0.25, calibration=[str(DIGITS_CALIB)])
     source = onnx.load(str(DIGITS))
     feeds = random_feeds(source, batch=2)
-    profiles = tuple(profile_layers(m, feeds, threads=1, runs=3, warmup=1) for m in (source, result.model))
+    profiles = tuple(profile_models([source, result.model], feeds, threads=1, runs=3, warmup=1))
     return result, profiles
 
 
