@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _API = {
     "compress": "api", "compress_file": "api", "inspect_model": "api", "sweep": "api", "CompressionResult": "api",
-    "plot_sweep": "plot", "SweepReport": "report",
+    "plot_sweep": "plot", "SweepReport": "report", "write_report": "render", "profile_layers": "profile",
     "CompressConfig": "config", "LayerOverride": "config", "load_config_file": "config",
     "LrsdError": "errors", "CompressionReport": "report", "InspectReport": "report",
 }

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from .errors import LrsdError
 from .io import serialize_for_runtime
+from .profile import LayerDelta, LayerProfile, compare_profiles, comparison_text
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,15 @@ class Comparison:
     batch: int
 
 
-def make_session(model: ModelLike, threads: int, optimization: str = "all") -> ort.InferenceSession:
+def make_session(model: ModelLike, threads: int, optimization: str = "all", profile_prefix: Optional[str] = None,
+                 optimized_path: Optional[str] = None) -> ort.InferenceSession:
     """A CPU session with `threads` intra-op threads, one inter-op thread and no spinning.
 
     Paths are passed to onnxruntime as paths (external data, models above 2 GB).
-    `optimization` is one of "disable", "basic", "extended", "all".
+    `optimization` is one of "disable", "basic", "extended", "all". With `profile_prefix` the
+    session writes onnxruntime's JSON trace (`end_profiling()` returns its path); with
+    `optimized_path` it saves the graph it runs there (weights above 1 KB beside it in
+    `<name>.data`).
     """
     if threads < 1:
         raise LrsdError(f"threads must be >= 1, got {threads}")
@@ -80,6 +85,15 @@ def make_session(model: ModelLike, threads: int, optimization: str = "all") -> o
     options.graph_optimization_level = _OPT_LEVELS[optimization]
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    if optimized_path is not None:
+        options.log_severity_level = 3  # not the warning that NCHWc graphs are machine-specific
+        options.optimized_model_filepath = optimized_path
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         Path(optimized_path).name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     if isinstance(model, onnx.ModelProto):
         source: Union[str, bytes] = serialize_for_runtime(model)
     elif isinstance(model, (bytes, bytearray)):
@@ -195,45 +209,103 @@ def output_errors_on(original: ModelLike, compressed: ModelLike, batches: Sequen
 
 
 @dataclass(frozen=True)
+class ColdStart:
+    """A model's first moments in a fresh process (median over `repeats` processes).
+
+    `session_ms`: creating the session (loading, optimizing, pre-packing weights);
+    `first_run_ms`: the first run after it. Memory is the process's resident set (Linux
+    /proc: VmRSS, and VmHWM reset just before the session is created): `peak_rss_bytes` is the
+    peak during session creation and `runs` runs minus the resident set before it (weights as
+    onnxruntime holds them, arena, code); `rss_bytes` what stays resident after the runs.
+    None where the platform does not report it."""
+
+    session_ms: float
+    first_run_ms: float
+    peak_rss_bytes: Optional[int]
+    rss_bytes: Optional[int]
+    runs: int
+    repeats: int
+
+
+@dataclass(frozen=True)
 class ModelSummary:
-    """One side of `bench`: size and cost of a model file and its latency."""
+    """One side of `bench`: size and cost of a model file, its warm latency, and optionally its
+    cold start and per-layer profile."""
 
     path: str
     params: int
     macs: int
     file_bytes: int
     latency: LatencyStats
+    cold: Optional[ColdStart] = None
+    profile: Optional[LayerProfile] = None
 
 
 @dataclass(frozen=True)
 class ModelComparison:
+    """`bench` of one model, or of a baseline and a candidate (then `speedup` and the
+    candidate's relative `output_errors`)."""
+
     baseline: ModelSummary
-    candidate: ModelSummary
-    speedup: float
+    candidate: Optional[ModelSummary]
+    speedup: Optional[float]
     output_errors: dict
     threads: int
     batch: int
 
+    @property
+    def layers(self) -> List[LayerDelta]:
+        """Both profiles joined by layer name (empty without two profiles)."""
+        if self.candidate is None or self.baseline.profile is None or self.candidate.profile is None:
+            return []
+        return compare_profiles(self.baseline.profile, self.candidate.profile)
+
     def to_dict(self) -> dict:
-        from dataclasses import asdict
+        data = asdict(self)
+        data["layer_comparison"] = [dict(asdict(row), ratio=row.ratio) for row in self.layers]
+        return data
 
-        return asdict(self)
+    def to_text(self, top: int = 15) -> str:
+        sides = [self.baseline] + ([self.candidate] if self.candidate is not None else [])
+        two = len(sides) == 2
 
-    def to_text(self) -> str:
-        b, c = self.baseline, self.candidate
+        def row(label, values, fmt="{:,}"):
+            cells = "".join(f"{'-' if v is None else fmt.format(v):>16}" for v in values)
+            if two and None not in values and values[0]:
+                cells += f"{values[1] / values[0]:>9.3f}"
+            return f"{label:<20}{cells}"
 
-        def row(label, x, y, fmt="{:,}"):
-            ratio = y / x if x else float("nan")
-            return f"{label:<14}{fmt.format(x):>16}{fmt.format(y):>16}{ratio:>9.3f}"
+        def cold(attribute):
+            return [None if s.cold is None else getattr(s.cold, attribute) for s in sides]
 
-        lines = [f"{'':<14}{'baseline':>16}{'candidate':>16}{'ratio':>9}",
-                 row("parameters", b.params, c.params), row("MACs", b.macs, c.macs),
-                 row("file bytes", b.file_bytes, c.file_bytes),
-                 row("median ms", b.latency.median_ms, c.latency.median_ms, "{:.3f}"),
-                 row("p90 ms", b.latency.p90_ms, c.latency.p90_ms, "{:.3f}"),
-                 f"speedup {self.speedup:.3f}x at batch {self.batch}, {self.threads} threads, "
-                 f"{b.latency.runs} interleaved runs each"]
+        lines = [f"{'':<20}" + "".join(f"{label:>16}" for label in ("baseline", "candidate")[:len(sides)])
+                 + (f"{'ratio':>9}" if two else ""),
+                 row("parameters", [s.params for s in sides]), row("MACs", [s.macs for s in sides]),
+                 row("file bytes", [s.file_bytes for s in sides]),
+                 row("warm median ms", [s.latency.median_ms for s in sides], "{:.3f}"),
+                 row("warm p90 ms", [s.latency.p90_ms for s in sides], "{:.3f}")]
+        if any(s.cold is not None for s in sides):
+            lines += [row("session create ms", cold("session_ms"), "{:.1f}"),
+                      row("cold first run ms", cold("first_run_ms"), "{:.3f}"),
+                      row("peak RSS MB", [None if v is None else v / 2**20 for v in cold("peak_rss_bytes")], "{:.1f}")]
+        if any(s.profile is not None for s in sides):
+            lines.append(row("arena peak MB", [None if s.profile is None else s.profile.arena_peak_bytes / 2**20
+                                               for s in sides], "{:.1f}"))
+        if two:
+            lines.append(f"speedup {self.speedup:.3f}x at batch {self.batch}, {self.threads} threads, "
+                         f"{self.baseline.latency.runs} interleaved runs each")
+        else:
+            lines.append(f"batch {self.batch}, {self.threads} threads, {self.baseline.latency.runs} runs")
         lines += [f"output {name}: relative error {err:.3e}" for name, err in self.output_errors.items()]
+        first = next((s.cold for s in sides if s.cold is not None), None)
+        if first is not None:
+            lines.append(f"cold: fresh process per model, median of {first.repeats}; peak RSS: resident-set peak "
+                         f"during session creation and {first.runs} runs, over the resident set before")
+        profiles = [s.profile for s in sides if s.profile is not None]
+        if len(profiles) == 2:
+            lines += ["", comparison_text(profiles[0], profiles[1], top)]
+        elif profiles:
+            lines += ["", profiles[0].to_text(top)]
         return "\n".join(lines)
 
 
@@ -242,29 +314,112 @@ def _file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
-def compare_models(baseline: Path, candidate: Path, threads: int = 2, batch: int = 1, dims=None,
-                   runs: int = 50, warmup: int = 5, seed: int = 0) -> ModelComparison:
-    """Params, MACs, file size, output error and interleaved latency of two model files that
-    take the same inputs (seeded random inputs of `batch`, symbolic dims from `dims`)."""
+def _resident_bytes() -> Tuple[Optional[int], Optional[int]]:
+    """(VmRSS, VmHWM) of this process in bytes from /proc (None, None elsewhere)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None, None
+    values = {}
+    for line in status.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values.get("VmRSS"), values.get("VmHWM")
+
+
+def _reset_peak_resident() -> bool:
+    """Reset VmHWM to the current resident set (Linux ≥ 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cold_start_once(model: str, feeds: Mapping[str, np.ndarray], threads: int, runs: int) -> Tuple:
+    """In a fresh process: (session ms, first run ms, peak RSS growth, RSS growth)."""
+    feed_dict = dict(feeds)
+    before, _ = _resident_bytes()
+    peak_known = _reset_peak_resident()
+    start = time.perf_counter()
+    session = make_session(model, threads)
+    created = time.perf_counter()
+    session.run(None, feed_dict)
+    first = time.perf_counter()
+    for _ in range(runs - 1):
+        session.run(None, feed_dict)
+    after, peak = _resident_bytes()
+    known = before is not None and after is not None
+    return ((created - start) * 1e3, (first - created) * 1e3,
+            peak - before if known and peak_known and peak is not None else None,
+            after - before if known else None)
+
+
+def cold_start(model: Union[str, Path], feeds: Mapping[str, np.ndarray], threads: int = 2, runs: int = 3,
+               repeats: int = 1) -> ColdStart:
+    """Session creation, first run and resident memory of `model` (a path), each of `repeats`
+    measured in a fresh Python process (spawned, so nothing is shared or already paged in)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    if repeats < 1 or runs < 1:
+        raise LrsdError(f"cold start needs repeats >= 1 and runs >= 1, got {repeats} and {runs}")
+    samples = []
+    for _ in range(repeats):
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                samples.append(pool.submit(_cold_start_once, str(model), dict(feeds), threads, runs).result())
+            except BrokenProcessPool:
+                raise LrsdError(f"the cold-start process for {model} died (out of memory?)") from None
+    columns = list(zip(*samples))
+
+    def median(values, integer=False):
+        if any(v is None for v in values):
+            return None
+        value = float(np.median(values))
+        return int(value) if integer else value
+
+    return ColdStart(session_ms=median(columns[0]), first_run_ms=median(columns[1]),
+                     peak_rss_bytes=median(columns[2], True), rss_bytes=median(columns[3], True), runs=runs,
+                     repeats=repeats)
+
+
+def compare_models(baseline: Path, candidate: Optional[Path] = None, threads: int = 2, batch: int = 1, dims=None,
+                   runs: int = 50, warmup: int = 5, seed: int = 0, profile_runs: int = 0,
+                   cold_repeats: int = 0) -> ModelComparison:
+    """Params, MACs, file size and warm latency of one model file, or of two that take the same
+    inputs (then interleaved, with the candidate's output error): seeded random inputs of
+    `batch`, symbolic dims from `dims`. With `profile_runs`, each model's per-layer profile over
+    that many runs; with `cold_repeats`, its cold start in that many fresh processes."""
     from .cost import count_params, model_macs
     from .feeds import random_feeds
     from .io import load_model
+    from .profile import profile_models
 
-    models = [load_model(path) for path in (baseline, candidate)]
+    paths = [Path(baseline)] + ([Path(candidate)] if candidate is not None else [])
+    models = [load_model(path) for path in paths]
     feeds = random_feeds(models[0], batch=batch, dims=dims, seed=seed)
     first = next(iter(feeds.values()), None)
     fed = int(first.shape[0]) if first is not None and first.ndim else 1
     if fed != batch:
         raise LrsdError(f"the model fixes its batch size to {fed}; --batch {batch} cannot be applied")
-    sessions = [make_session(path, threads) for path in (baseline, candidate)]
+    sessions = [make_session(path, threads) for path in paths]
     inputs = [sorted(i.name for i in s.get_inputs()) for s in sessions]
-    if inputs[0] != inputs[1]:
+    if inputs[0] != inputs[-1]:
         raise LrsdError(f"the models take different inputs: {inputs[0]} vs {inputs[1]}")
-    reference, outputs = (run_outputs(s, feeds) for s in sessions)
-    names = [o.name for o in sessions[0].get_outputs()]
-    errors = relative_output_errors(reference, outputs, names)
-    base_stats, cand_stats = time_sessions(sessions, feeds, runs=runs, warmup=warmup)
-    summaries = [ModelSummary(str(path), count_params(model), model_macs(model), _file_bytes(Path(path)), stats)
-                 for path, model, stats in zip((baseline, candidate), models, (base_stats, cand_stats))]
-    return ModelComparison(summaries[0], summaries[1], base_stats.median_ms / cand_stats.median_ms, errors,
+    errors = {}
+    if len(sessions) == 2:
+        reference, outputs = (run_outputs(s, feeds) for s in sessions)
+        errors = relative_output_errors(reference, outputs, [o.name for o in sessions[0].get_outputs()])
+    stats = time_sessions(sessions, feeds, runs=runs, warmup=warmup)
+    del sessions  # idle sessions must not hold memory or threads while the others are measured
+    profiles = (profile_models(models, feeds, threads, runs=profile_runs, labels=[path.name for path in paths])
+                if profile_runs else [None] * len(paths))
+    colds = [cold_start(path, feeds, threads, repeats=cold_repeats) if cold_repeats else None for path in paths]
+    summaries = [ModelSummary(str(path), count_params(model), model_macs(model), _file_bytes(path), stat, cold, profile)
+                 for path, model, stat, cold, profile in zip(paths, models, stats, colds, profiles)]
+    return ModelComparison(summaries[0], summaries[1] if len(summaries) == 2 else None,
+                           stats[0].median_ms / stats[1].median_ms if len(stats) == 2 else None, errors,
                            threads, batch)

@@ -143,7 +143,8 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON or YAML config (options and per-layer settings under 'layers').")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the full report as JSON to this file.")
+              help="Also write the report to this file: .json (full data), .md or .html (per-layer table, "
+                   "in-network latency and plots).")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic input dim.")
 @click.option("--calib", "calib", multiple=True, metavar="PATH|random",
               help="Calibration data: .npz files or directories keyed by input name (repeatable), or 'random'. "
@@ -218,13 +219,14 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
     if dims:
         options["dims"] = _parse_dims(dims)
     config = config.replace(overrides=cli_overrides + config.overrides, **options)
-    if report_file is not None and report_file.parent and not report_file.parent.is_dir():
-        raise LrsdError(f"report directory does not exist: {report_file.parent}")
+    if report_file is not None:
+        from .render import check_report_path
+        check_report_path(report_file)
     calibration = list(calib) if calib else None
     result = compress_file(model, output, config, calibration, progress=_progress_printer(quiet or as_json))
     report = result.report
     if report_file is not None:
-        _write_text_atomic(report_file, report.to_json())
+        _write_report(report_file, report, model, result.model, config)
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -232,6 +234,15 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
         if show_layers:
             click.echo(report.layer_table())
         click.echo(f"wrote {output}")
+
+
+def _write_report(path: Path, report, model: Path, compressed, config) -> None:
+    """JSON, or Markdown / HTML with plots and the in-network per-layer latency of both models."""
+    from .render import profile_pair, write_report
+
+    profiles, why = (None, "") if path.suffix.lower() == ".json" else profile_pair(
+        model, compressed, config.latency_batch, config.latency_threads, config.dims, config.seed)
+    write_report(path, report, title=f"onnx-lrsd: {model.name}", profiles=profiles, profile_note=why)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -250,26 +261,34 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 @main.command()
 @click.argument("baseline", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="intra_op_num_threads.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size of the inputs.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic input dim.")
 @click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs per model.")
+@click.option("--profile-runs", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Runs of onnxruntime's profiler for the per-layer times (0: no per-layer profile).")
+@click.option("--cold", "cold_repeats", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Fresh processes measuring session creation, first run and peak memory (0: none).")
+@click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Layers shown in the table.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @guarded
-def bench(baseline: Path, candidate: Path, threads, batch, dims, runs, warmup, seed, as_json) -> None:
-    """Latency of BASELINE and CANDIDATE in onnxruntime, interleaved in one process, with
-    params, file size, MACs and output error side by side."""
+def bench(baseline: Path, candidate: Optional[Path], threads, batch, dims, runs, warmup, profile_runs, cold_repeats,
+          top, seed, as_json) -> None:
+    """Latency of BASELINE (and CANDIDATE, interleaved in one process) in onnxruntime: warm and
+    cold, peak memory, per-layer times mapped to the model's layers, params, file size, MACs
+    and output error side by side."""
     from .bench import compare_models
 
     comparison = compare_models(baseline, candidate, threads=threads, batch=batch, dims=dict(_parse_dims(dims)),
-                                runs=runs, warmup=warmup, seed=seed)
+                                runs=runs, warmup=warmup, seed=seed, profile_runs=profile_runs,
+                                cold_repeats=cold_repeats)
     if as_json:
         _emit_json(comparison.to_dict())
     else:
-        click.echo(comparison.to_text())
+        click.echo(comparison.to_text(top))
 
 
 def _parse_points(text: str) -> tuple:
