@@ -206,12 +206,104 @@ def test_data_free_sparse_share_uses_the_weight_error():
     assert count_params(result.model) == layer.params_after <= 0.5 * 24 * 20
 
 
-def test_left_weights_and_wide_convs_stay_plain_chains():
+def test_left_weights_and_non_channel_convs_stay_plain_chains():
     for model, method in ((matmul_model((12, 4), 10, side="left"), None),
-                          (conv_model(cin=12, cout=16, kernel=(3, 3)), "channel")):
+                          (conv_model(cin=12, cout=16, kernel=(3, 3)), "tucker2")):
         options = dict(keep=0.5, min_rank=1, sparse_share=0.3, conv_rank_multiple=1)
         result = compress(model, method=method or "auto", **options)
         assert all(layer.residual == "" for layer in result.report.layers)
+
+
+# --------------------------------------------------------------------------------------------
+# k×k convs: residuals on whole input channels
+# --------------------------------------------------------------------------------------------
+def _channel_fit(cin, cout, kernel, rank, channels, seed=0):
+    taps = int(np.prod(kernel))
+    rng = np.random.default_rng(seed)
+    low = LowRankFactors(rng.standard_normal((cin * taps, rank)), rng.standard_normal((rank, cout)))
+    rows = (np.asarray(channels)[:, None] * taps + np.arange(taps)).ravel()
+    return LowRankSparse(low, SparseResidual.from_rows(rows, rng.standard_normal((rows.size, cout))))
+
+
+def _conv_reference(x, weight, bias, **attrs):
+    """The conv in onnxruntime with the dense weight W′ = L + S (onnxruntime has no float64 Conv)."""
+    model = conv_model(cin=weight.shape[1], cout=weight.shape[0], kernel=weight.shape[2:], spatial=x.shape[2:],
+                       bias=bias is not None, batch=x.shape[0], **attrs)
+    for init in model.graph.initializer:
+        value = {"W": weight, "B": bias}[init.name]
+        init.CopyFrom(onnx.numpy_helper.from_array(np.asarray(value, np.float32), init.name))
+    return run(model, {"x": x})[0]
+
+
+@pytest.mark.parametrize("kernel,attrs", [
+    ((3, 3), {}), ((3, 3), dict(pads=(1, 1, 1, 1))), ((3, 3), dict(strides=(2, 2), pads=(1, 0, 1, 0))),
+    ((3, 2), dict(dilations=(2, 1), pads=(2, 0, 1, 1))),
+    ((3, 3), dict(strides=(2, 1), auto_pad="SAME_UPPER")), ((5,), dict(pads=(2, 2))), ((1, 1), dict(strides=(2, 2)))])
+@pytest.mark.parametrize("rank", [3, 0])
+def test_kxk_conv_residual_computes_the_conv_of_low_rank_plus_channels(kernel, attrs, rank):
+    from onnx_lrsd.decompose import matrix_to_conv
+
+    cin, cout, spatial = 8, 10, (9, 10)[: len(kernel)]
+    model = conv_model(cin=cin, cout=cout, kernel=kernel, spatial=spatial, batch=2, **attrs)
+    fit = _channel_fit(cin, cout, kernel, rank, [1, 6])
+    out = _rewrite(model, fit, method="channel")
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("Gather") == 1 and "Concat" not in ops and ops.count("Conv") == (3 if rank else 1)
+    x = _feeds((2, cin, *spatial))["x"]
+    expected = _conv_reference(x, matrix_to_conv(fit.to_dense(), cin, kernel), _init(model, "B"), **attrs)
+    (y,) = run(out, {"x": x})
+    assert rel_error(expected, y) <= TOL
+
+
+def test_kxk_conv_residual_rejects_rows_that_split_a_channel():
+    fit = LowRankSparse(LowRankFactors(np.ones((8 * 9, 2)), np.ones((2, 10))),
+                        SparseResidual.from_rows(np.array([9, 10]), np.ones((2, 10))))
+    with pytest.raises(ValueError, match="whole input channels"):
+        _rewrite(conv_model(cin=8, cout=10, kernel=(3, 3)), fit, method="channel")
+
+
+def _channel_heavy_conv(cin=16, cout=24, seed=3):
+    """A 3×3 conv whose weight is low rank plus three strong input channels."""
+    model = conv_model(cin=cin, cout=cout, kernel=(3, 3), spatial=(8, 8), pads=(1, 1, 1, 1), seed=seed, batch=4)
+    rng = np.random.default_rng(seed)
+    w = np.einsum("or,rk->ok", rng.standard_normal((cout, 3)), rng.standard_normal((3, cin * 9))).reshape(
+        cout, cin, 3, 3) * 0.1
+    w[:, [2, 7, 11]] += rng.standard_normal((cout, 3, 3, 3))
+    for init in model.graph.initializer:
+        if init.name == "W":
+            init.CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), "W"))
+    return model
+
+
+def test_kxk_conv_residual_fits_channels_from_calibration_within_the_budget():
+    model = _channel_heavy_conv()
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.standard_normal((4, 16, 8, 8)).astype(np.float32)} for _ in range(6)]
+    test = [{"x": rng.standard_normal((4, 16, 8, 8)).astype(np.float32)} for _ in range(2)]
+    options = dict(keep=0.4, min_rank=2, conv_rank_multiple=1, calib_batch=4, method="channel")
+    plain = compress(model, calibration=calibration, **options)
+    mixed = compress(model, calibration=calibration, sparse_share=0.5, **options)
+    (layer,) = mixed.report.layers
+    assert layer.residual == "rows" and layer.residual_size % 9 == 0
+    assert layer.params_after <= plain.report.layers[0].params_after <= 0.4 * 16 * 24 * 9
+    assert count_params(mixed.model) == layer.params_after + 24  # + the conv bias
+    assert _test_error(model, mixed.model, test) < 0.5 * _test_error(model, plain.model, test)
+
+
+def test_grouped_rows_recover_planted_channels():
+    from onnx_lrsd.decompose import lrsd_fit
+
+    rng = np.random.default_rng(0)
+    cin, taps, cout = 24, 9, 32
+    x = rng.standard_normal((3000, cin * taps))
+    low = rng.standard_normal((cin * taps, 4)) @ rng.standard_normal((4, cout))
+    sparse = np.zeros_like(low)
+    for c in (3, 10, 19):
+        sparse[c * taps:(c + 1) * taps] = 3 * rng.standard_normal((taps, cout))
+    fit = lrsd_fit(low + sparse, x.T @ x, 4, 3 * taps * cout, group=taps)
+    assert sorted(set(fit.sparse.rows // taps)) == [3, 10, 19]
+    assert data_error(low + sparse, fit.to_dense(), x.T @ x) < 1e-8
+    assert list(fit.history) == sorted(fit.history, reverse=True)
 
 
 # --------------------------------------------------------------------------------------------
