@@ -350,19 +350,99 @@ def _calibration(n_in, batches=3, rows=32, seed=5):
     return [{"x": rng.standard_normal((rows, n_in)).astype(np.float32)} for _ in range(batches)]
 
 
+def _fake_ratios(chain_ms, ratio_per_row):
+    """A `LatencyModel.measure_ratios` whose chain takes `chain_ms` and a residual of k rows
+    costs 1 + k·`ratio_per_row` of it."""
+    def measure_ratios(self, target, shape, chain, candidates):
+        return chain_ms, [1.0 + (ranks[1] * ratio_per_row if kind.endswith("+rows") else 0.0)
+                          for kind, ranks in candidates]
+    return measure_ratios
+
+
 def test_auto_share_keeps_only_residuals_within_the_latency_limit(monkeypatch):
     from onnx_lrsd import latency
 
-    def fake_measure(self, target, shape, candidates):
-        # the plain chain 1 ms; a residual of k rows costs 1 + k/4 ms
-        return [1.0 if kind in ("svd", "dense") else 1.0 + ranks[1] / 4.0 for kind, ranks in candidates]
-
-    monkeypatch.setattr(latency.LatencyModel, "measure", fake_measure)
+    monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(1.0, 0.25))
     model = matmul_model(x_shape=("n", 24), n=16)
     report = compress(model, calibration=_calibration(24), keep=0.5, sparse_share="auto", min_layer_share=0.0,
-                      calib_batch=32).report
+                      calib_batch=32, residual_model_tolerance=10.0).report
     (layer,) = report.layers
     assert layer.residual == "" or layer.residual_size <= 1  # a residual of 1 row costs +25%, 2 rows +50%
+
+
+def test_a_layer_too_fast_for_a_residual_keeps_its_plain_chain(monkeypatch):
+    from onnx_lrsd import latency
+
+    model, calibration, _ = _heavy_rows_layer()
+    for chain_ms, wanted in ((0.01, ""), (1.0, "rows")):
+        monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(chain_ms, 0.0))
+        result = compress(model, calibration=calibration, sparse_share="auto", residual_model_tolerance=10.0,
+                          residual_min_chain_ms=0.05, **OPTIONS)
+        assert result.report.layers[0].residual == wanted
+
+
+@pytest.mark.parametrize("ratio,kept", [(1.0, True), (1.5, False)])
+def test_written_model_keeps_residuals_only_if_they_pay(monkeypatch, ratio, kept):
+    from onnx_lrsd import latency
+    from onnx_lrsd.passes import CheckResidualModelPass
+
+    monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(1.0, 0.0))
+    monkeypatch.setattr(CheckResidualModelPass, "_latency_ratio", staticmethod(lambda models, feed, threads: ratio))
+    model, calibration, test = _heavy_rows_layer()
+    plain = compress(model, calibration=calibration, **OPTIONS)
+    auto = compress(model, calibration=calibration, sparse_share="auto", **OPTIONS)
+    check = auto.report.residual_check
+    assert check is not None and check.kept is kept and check.latency_ratio == ratio
+    assert check.error < 0.7 * check.plain_error  # the residuals pay in error; only the time decides
+    (layer,) = auto.report.layers
+    assert (layer.residual == "rows") is kept
+    if not kept:  # the L-only model, exactly: the plain chain of the same budget
+        assert layer.ranks == plain.report.layers[0].ranks
+        for batch in test:
+            assert rel_error(run(plain.model, batch)[0], run(auto.model, batch)[0]) <= TOL
+    assert ("residual check" in auto.report.to_text())
+
+
+def test_written_model_drops_residuals_that_do_not_lower_its_output_error(monkeypatch):
+    from onnx_lrsd import latency
+    from onnx_lrsd.passes import CheckResidualModelPass
+
+    monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(1.0, 0.0))
+    monkeypatch.setattr(CheckResidualModelPass, "_errors", staticmethod(lambda ctx, models, batches: [0.1, 0.1]))
+    model, calibration, _ = _heavy_rows_layer()
+    auto = compress(model, calibration=calibration, sparse_share="auto", **OPTIONS)
+    assert not auto.report.residual_check.kept and auto.report.layers[0].residual == ""
+
+
+def test_auto_share_needs_a_real_held_out_gain():
+    from onnx_lrsd.decompose import best_split
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 30))
+    w = rng.standard_normal((30, 3)) @ rng.standard_normal((3, 20)) + 0.3 * rng.standard_normal((30, 20))
+    w[[4, 9]] += 3 * rng.standard_normal((2, 20))
+    budget = 6 * 50
+    free = best_split(w, x.T @ x, budget)
+    plain_error = data_error(w, free.plain.to_dense(), x.T @ x)
+    assert free.share > 0 and free.error < plain_error  # a residual helps here
+    strict = best_split(w, x.T @ x, budget, min_gain=1 - free.error / plain_error + 1e-3)
+    assert strict.share == 0 and strict.fit.sparse.nnz == 0
+
+
+def test_latency_model_times_residual_ratios_interleaved_and_caches_them(tmp_path, monkeypatch):
+    from onnx_lrsd import latency
+    from onnx_lrsd.latency import LatencyModel
+
+    model = matmul_model(x_shape=(8, 24), n=16)
+    ctx = _context(model, CompressConfig())
+    PassManager([NameNodesPass(), FindTargetsPass()]).run(import_graph(model), ctx)
+    (target,) = ctx.targets.values()
+    timer = LatencyModel(cache_path=tmp_path / "latency.json", runs=3, warmup=1)
+    chain_ms, ratios = timer.measure_ratios(target, (8, 24), ("svd", (6,)), [("svd+rows", (4, 3)), ("svd", (5,))])
+    assert chain_ms > 0 and len(ratios) == 2 and all(r > 0 for r in ratios)
+    monkeypatch.setattr(latency, "time_sessions", None)  # a cached pair is never timed again
+    again = LatencyModel(cache_path=tmp_path / "latency.json")
+    assert again.measure_ratios(target, (8, 24), ("svd", (6,)), [("svd", (5,))]) == (chain_ms, ratios[1:])
 
 
 def test_layer_latency_is_reported_for_chains_and_residuals():
