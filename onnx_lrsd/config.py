@@ -119,8 +119,9 @@ class CompressConfig:
         interleaved, the median ratio of several blocks); a layer whose plain chain runs in
         under `residual_min_chain_ms` gets none (the few µs of the extra nodes cannot pay), and
         the written model is checked against its L-only twin (`CheckResidualModelPass`): the
-        residuals are dropped unless they lower the held-out output error and keep the model
-        within `residual_model_tolerance` of the L-only model's latency.
+        residuals of the layers with the largest held-out gains are kept only as far as they
+        lower the model's held-out output error, and only while the model stays within
+        `residual_model_tolerance` of the L-only model's latency.
     joint: decompose groups of same-shaped layers in the same role jointly with a shared factor
         (one of `JOINT`; JMD), at the parameters their separate plans would use. Groups are
         found automatically (same op, weight shape and attributes, and the same name once
@@ -176,7 +177,7 @@ class CompressConfig:
     joint_groups: Tuple[str, ...] = ()
     residual_latency_limit: float = 0.25
     residual_min_chain_ms: float = 0.05
-    residual_min_gain: float = 0.03
+    residual_min_gain: float = 0.01
     residual_model_tolerance: float = 0.03
     then_quantize: Optional[str] = None
 

@@ -193,19 +193,22 @@ class QuantizationSummary:
 @dataclass(frozen=True)
 class ResidualCheck:
     """The written model with its automatic residuals against its L-only twin (the plain chain
-    of each residual layer's budget): mean relative output error of each on the verification
-    batches, the L + S model's time over the L-only model's, and whether the residuals were
-    kept (else every residual layer fell back to its plain chain)."""
+    of each residual layer's budget): of the `layers` the fits gave a residual, the best
+    `kept_layers` by held-out gain (0: all fell back); mean relative output error of the best
+    such model and of the L-only one on the verification batches, the former's time over the
+    latter's, and whether it was kept."""
 
     layers: int
+    kept_layers: int
     error: float
     plain_error: float
     latency_ratio: float
     kept: bool
 
     def to_text(self) -> str:
-        verdict = "kept" if self.kept else "dropped: every residual layer falls back to its plain chain"
-        return (f"residual check ({self.layers} layers): output error {self.error:.3e} vs L only "
+        verdict = (f"{self.kept_layers} kept" if self.kept
+                   else "dropped: every residual layer falls back to its plain chain")
+        return (f"residual check ({self.layers} layers): best output error {self.error:.3e} vs L only "
                 f"{self.plain_error:.3e}, latency {self.latency_ratio:.3f} of L only; {verdict}")
 
 

@@ -24,43 +24,49 @@ LATENCY_BLOCKS = 5
 
 
 class CheckResidualModelPass(Pass):
-    """With ``sparse_share="auto"``, writes the model twice — with the residuals the fits chose
-    and with every such layer's plain chain of the same budget (its `fallback`) — and keeps
-    the residuals only if, on the verification batches, the mean relative output error is at
-    most (1 − `residual_min_gain`) × the L-only model's, and the L + S model runs at most
+    """With ``sparse_share="auto"``, decides on the written model which residuals to keep.
+
+    The layers the fits gave a residual are ranked by their held-out gain over the plain chain
+    of the same budget (1 − error / plain error); the model is written with the residuals of
+    the best 1, 2, 4, … and all of them, the rest as plain chains, and the prefix with the
+    least mean relative output error on the verification batches is kept if that error is
+    below the L-only model's (every layer a plain chain) and the model runs at most
     1 + `residual_model_tolerance` times the L-only model's time (`latency_batch`,
     `latency_threads`, interleaved blocks, median ratio). Otherwise every residual layer falls
-    back to its plain chain: the automatic share is never worse than L only for the model's
-    output, and never materially slower. Per-layer checks cannot see either: a layer's
-    held-out error ignores how errors combine downstream, and a layer timed alone misses what
-    its extra nodes cost inside the network."""
+    back to its plain chain. Per-layer checks cannot see either: a layer's held-out error
+    ignores how errors combine downstream, and a layer timed alone misses what its extra nodes
+    cost inside the network."""
 
     name = "check_residual_model"
     requires = ("reconstruct_feature_maps",)
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         config = ctx.config
-        chosen = [name for name, fact in ctx.factorizations.items()
+        facts = ctx.factorizations
+        chosen = [name for name, fact in facts.items()
                   if fact.fallback is not None and ctx.plans[name].sparse is not None
                   and ctx.plans[name].sparse.share == AUTO_SHARE]
         if not chosen or not ctx.calibration:
             return PassResult(graph, modified=False, stats={"layers": len(chosen)})
-        plain = dict(ctx.factorizations, **{name: ctx.factorizations[name].fallback for name in chosen})
-        models = [self._written(graph, ctx, facts) for facts in (ctx.factorizations, plain)]
-        batches, _ = verification_batches(ctx)
-        errors = self._errors(ctx, models, batches)
-        ratio = self._latency_ratio(models, deployment_feed(ctx), config.latency_threads)
-        kept = errors[0] <= (1 - config.residual_min_gain) * errors[1] and ratio <= 1 + config.residual_model_tolerance
-        ctx.residual_check = ResidualCheck(layers=len(chosen), error=errors[0], plain_error=errors[1],
-                                           latency_ratio=ratio, kept=kept)
-        log.info("residual check: %d layers, output error %.4g vs L only %.4g, latency %.3f of L only: %s",
-                 len(chosen), errors[0], errors[1], ratio, "kept" if kept else "fall back to L only")
-        if not kept:
-            for name in chosen:
-                fallback = ctx.factorizations[name].fallback
-                ctx.factorizations[name] = fallback
-                ctx.plans[name] = ctx.plans[name].with_residual(ctx.targets[name], fallback.low_rank.rank, None)
-        return PassResult(graph, modified=False, stats={"layers": len(chosen), "kept": kept})
+        chosen.sort(key=lambda n: (facts[n].data_error or 0.0) / max(facts[n].fallback.data_error or 0.0, 1e-300))
+        sizes = sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)})
+        variants = [dict(facts, **{n: facts[n].fallback for n in chosen[size:]}) for size in [0, *sizes]]
+        models = [self._written(graph, ctx, v) for v in variants]
+        errors = self._errors(ctx, models, verification_batches(ctx)[0])
+        best = 1 + int(np.argmin(errors[1:]))
+        ratio = self._latency_ratio([models[best], models[0]], deployment_feed(ctx), config.latency_threads)
+        kept = errors[best] < errors[0] and ratio <= 1 + config.residual_model_tolerance
+        size = sizes[best - 1] if kept else 0
+        ctx.residual_check = ResidualCheck(layers=len(chosen), kept_layers=size, error=errors[best],
+                                           plain_error=errors[0], latency_ratio=ratio, kept=kept)
+        log.info("residual check: best %d of %d residual layers, output error %.4g vs L only %.4g, latency %.3f "
+                 "of L only: %s", sizes[best - 1], len(chosen), errors[best], errors[0], ratio,
+                 "kept" if kept else "fall back to L only")
+        for name in chosen[size:]:
+            fallback = facts[name].fallback
+            facts[name] = fallback
+            ctx.plans[name] = ctx.plans[name].with_residual(ctx.targets[name], fallback.low_rank.rank, None)
+        return PassResult(graph, modified=False, stats={"layers": len(chosen), "kept": size})
 
     @staticmethod
     def _written(graph: gs.Graph, ctx: PassContext, facts):

@@ -393,6 +393,7 @@ def test_written_model_keeps_residuals_only_if_they_pay(monkeypatch, ratio, kept
     auto = compress(model, calibration=calibration, sparse_share="auto", **OPTIONS)
     check = auto.report.residual_check
     assert check is not None and check.kept is kept and check.latency_ratio == ratio
+    assert check.kept_layers == (1 if kept else 0) and check.layers == 1
     assert check.error < 0.7 * check.plain_error  # the residuals pay in error; only the time decides
     (layer,) = auto.report.layers
     assert (layer.residual == "rows") is kept
@@ -408,7 +409,8 @@ def test_written_model_drops_residuals_that_do_not_lower_its_output_error(monkey
     from onnx_lrsd.passes import CheckResidualModelPass
 
     monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(1.0, 0.0))
-    monkeypatch.setattr(CheckResidualModelPass, "_errors", staticmethod(lambda ctx, models, batches: [0.1, 0.1]))
+    monkeypatch.setattr(CheckResidualModelPass, "_errors",
+                        staticmethod(lambda ctx, models, batches: [0.1] * len(models)))
     model, calibration, _ = _heavy_rows_layer()
     auto = compress(model, calibration=calibration, sparse_share="auto", **OPTIONS)
     assert not auto.report.residual_check.kept and auto.report.layers[0].residual == ""
