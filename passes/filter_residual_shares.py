@@ -30,14 +30,17 @@ class FilterResidualSharesPass(Pass):
     requires = ("select_ranks",)
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        """Filters the plan of every layer and its other candidate kinds (`ctx.plan_options`:
+        a k×k conv's channel plan may win over its plan's kind in the fit)."""
         config = ctx.config
-        wanted = [p for p in ctx.plans.values()
+        wanted = [p for name, plan in ctx.plans.items() for p in ctx.plan_options.get(name) or [plan]
                   if p.sparse is not None and p.sparse.share == AUTO_SHARE and p.sparse.structure == "rows"]
         if not wanted:
             return PassResult(graph, modified=False, stats={"layers": 0})
-        shapes = input_shapes(ctx, [p.name for p in wanted], deployment_feed(ctx))
+        shapes = input_shapes(ctx, sorted({p.name for p in wanted}), deployment_feed(ctx))
         model = LatencyModel(threads=config.latency_threads)
         dropped = too_small = 0
+        filtered = {}
         for done, plan in enumerate(wanted, 1):
             target = ctx.targets[plan.name]
             group = residual_group(target)
@@ -53,7 +56,9 @@ class FilterResidualSharesPass(Pass):
             else:
                 allowed = (0.0, *(s for s, r in zip(shares, ratios) if r <= 1 + config.residual_latency_limit))
             dropped += len(set(plan.sparse.auto_shares) - set(allowed))
-            ctx.plans[plan.name] = dataclasses.replace(plan, sparse=dataclasses.replace(plan.sparse, auto_shares=allowed))
+            filtered[id(plan)] = dataclasses.replace(plan, sparse=dataclasses.replace(plan.sparse, auto_shares=allowed))
             ctx.report_progress("residual latency", done, len(wanted))
+        ctx.plans = {name: filtered.get(id(plan), plan) for name, plan in ctx.plans.items()}
+        ctx.plan_options = {name: [filtered.get(id(p), p) for p in options] for name, options in ctx.plan_options.items()}
         return PassResult(graph, modified=False,
                           stats={"layers": len(wanted), "shares_dropped": dropped, "too_small": too_small})
