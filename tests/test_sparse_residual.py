@@ -468,3 +468,50 @@ def test_latency_model_times_the_residual_chain_as_written():
     assert [n.op_type for n in written.graph.node] == ["MatMul", "Gather", "Concat", "MatMul"]
     with pytest.raises(ValueError, match="ranks"):  # 30 rows of a 24-row weight
         LatencyModel(cache_path=None).measure(target, (8, 24), [("svd+rows", (4, 30))])
+
+
+@pytest.mark.parametrize("per_row,wanted", [(0.0, "rows"), (1.0, "")])
+def test_auto_share_gives_a_kxk_conv_a_channel_residual_only_within_the_latency_limit(monkeypatch, per_row, wanted):
+    from onnx_lrsd import latency
+
+    monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(1.0, per_row))
+    model = _channel_heavy_conv()
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.standard_normal((4, 16, 8, 8)).astype(np.float32)} for _ in range(6)]
+    result = compress(model, calibration=calibration, keep=0.4, min_rank=2, conv_rank_multiple=1, calib_batch=4,
+                      sparse_share="auto", residual_model_tolerance=10.0, latency_batch=4)
+    (layer,) = result.report.layers
+    assert layer.residual == wanted
+    if wanted:  # the channel chain with whole input channels beats every plain kind on this weight
+        assert layer.method == "channel" and layer.residual_size % 9 == 0
+        assert result.report.residual_check.kept
+
+
+def test_written_model_keeps_the_best_prefix_of_residual_layers(monkeypatch):
+    from graphs import mlp_model
+    from onnx_lrsd import latency
+    from onnx_lrsd.passes import CheckResidualModelPass
+
+    seen = []
+
+    def errors(ctx, models, batches):  # L only, best 1, best 2 layers: one residual helps, two hurt
+        seen.append(len(models))
+        return [0.5, 0.3, 0.4]
+
+    monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(1.0, 0.0))
+    monkeypatch.setattr(CheckResidualModelPass, "_errors", staticmethod(errors))
+    monkeypatch.setattr(CheckResidualModelPass, "_latency_ratio", staticmethod(lambda models, feed, threads: 1.0))
+    model = mlp_model(sizes=(48, 48, 40), names=("fc1", "fc2"))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:  # low rank plus a few strong input rows: residuals pay
+        if init.name.endswith(".weight"):
+            w = rng.standard_normal((48, 3)) @ rng.standard_normal((3, init.dims[1])) * 0.1
+            w[[5, 17, 30]] += 3 * rng.standard_normal((3, init.dims[1]))
+            init.CopyFrom(onnx.numpy_helper.from_array(w.astype(np.float32), init.name))
+    calibration = [{"x": rng.standard_normal((32, 48)).astype(np.float32)} for _ in range(6)]
+    result = compress(model, calibration=calibration, keep=0.15, min_rank=1, min_layer_share=0.0, calib_batch=32,
+                      sparse_share="auto")
+    check = result.report.residual_check
+    assert check is not None and check.layers == 2
+    assert seen == [3] and check.kept and check.kept_layers == 1
+    assert sum(1 for layer in result.report.layers if layer.residual) == 1
