@@ -92,7 +92,9 @@ def fit_low_rank_sparse(w: np.ndarray, gram: Optional[np.ndarray], request: Spar
     (`split_budget`); "auto" fits every share of `request.auto_shares` and keeps the lowest
     error on `eval_gram` (held-out statistics; default `gram`) if it beats the plain chain's by
     `min_gain` (relative). Rows residuals come in blocks of `group` rows (a conv's input
-    channel). An empty residual comes back as plain `LowRankFactors`."""
+    channel; unstructured entries ignore it). An empty residual comes back as plain
+    `LowRankFactors`."""
+    group = group if request.structure == "rows" else 1
     if request.share == AUTO_SHARE:
         choice = best_split(w, gram, budget, request.auto_shares, request.structure, ridge, eval_gram=eval_gram,
                             min_gain=min_gain, group=group, seed=seed)

@@ -267,13 +267,17 @@ def _emit_channel_residual(e: _Emitter, fact: LayerFactorization, tail: List[gs.
     """k×k conv with a rows residual on whole input channels C (rows in blocks of kernel taps):
     y = Conv1×1(Conv_k×k(x, W1), W2) + Conv_k×k(x[:, C], S_C), the bias on the residual conv."""
     t, g, sparse = e.target, e.target.conv, fact.sparse
-    if sparse.structure != "rows":
-        raise ValueError(f"{t.name}: a {g.kernel_shape} conv takes only a rows residual")
+    geometry = _conv_attrs(t, g.kernel_shape, g.strides, g.pads, g.dilations)
+    if sparse.structure != "rows":  # unstructured: one conv, its weight the constant subgraph UV + S
+        _, b = _right_chain(e, e.x, fact, axis=1)
+        shape = e.indices("wshape", [t.out_channels, t.in_channels, *g.kernel_shape])
+        weight = e.op("Reshape", "w4", [e.op("Transpose", "wt", [b], perm=[1, 0]), shape])
+        e.op("Conv", "conv", [e.x, weight] + tail, output=e.y, **geometry)
+        return
     taps = int(np.prod(g.kernel_shape))
     channels = sparse.rows[::taps] // taps
     if not np.array_equal(sparse.rows, (channels[:, None] * taps + np.arange(taps)).ravel()):
         raise ValueError(f"{t.name}: a conv residual must hold whole input channels")
-    geometry = _conv_attrs(t, g.kernel_shape, g.strides, g.pads, g.dilations)
     n = len(g.kernel_shape)
     main = []
     if fact.low_rank.rank:

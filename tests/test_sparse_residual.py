@@ -255,6 +255,19 @@ def test_kxk_conv_residual_computes_the_conv_of_low_rank_plus_channels(kernel, a
     assert rel_error(expected, y) <= TOL
 
 
+@pytest.mark.parametrize("attrs", [{}, dict(strides=(2, 1), pads=(1, 1, 1, 1))])
+def test_kxk_conv_unstructured_residual_computes_the_conv_of_low_rank_plus_entries(attrs):
+    from onnx_lrsd.decompose import matrix_to_conv
+
+    model = conv_model(cin=8, cout=10, kernel=(3, 3), spatial=(9, 10), batch=2, **attrs)
+    fit = _fit(8 * 9, 10, 3, "unstructured")
+    out = _rewrite(model, fit, method="channel")
+    x = _feeds((2, 8, 9, 10))["x"]
+    expected = _conv_reference(x, matrix_to_conv(fit.to_dense(), 8, (3, 3)), _init(model, "B"), **attrs)
+    (y,) = run(out, {"x": x})
+    assert rel_error(expected, y) <= TOL
+
+
 def test_kxk_conv_residual_rejects_rows_that_split_a_channel():
     fit = LowRankSparse(LowRankFactors(np.ones((8 * 9, 2)), np.ones((2, 10))),
                         SparseResidual.from_rows(np.array([9, 10]), np.ones((2, 10))))
@@ -288,6 +301,19 @@ def test_kxk_conv_residual_fits_channels_from_calibration_within_the_budget():
     assert layer.params_after <= plain.report.layers[0].params_after <= 0.4 * 16 * 24 * 9
     assert count_params(mixed.model) == layer.params_after + 24  # + the conv bias
     assert _test_error(model, mixed.model, test) < 0.5 * _test_error(model, plain.model, test)
+
+
+def test_kxk_conv_takes_an_unstructured_residual_entry_by_entry():
+    model = _channel_heavy_conv()
+    rng = np.random.default_rng(0)
+    calibration = [{"x": rng.standard_normal((4, 16, 8, 8)).astype(np.float32)} for _ in range(6)]
+    result = compress(model, calibration=calibration, keep=0.4, min_rank=2, conv_rank_multiple=1, calib_batch=4,
+                      method="channel", sparse_share=0.3, sparse_structure="unstructured")
+    (layer,) = result.report.layers
+    assert layer.residual == "unstructured" and layer.residual_size > 0
+    assert layer.params_after <= 0.4 * 16 * 24 * 9
+    assert len(result.model.graph.sparse_initializer) == 1
+    assert max(result.report.output_errors.values()) < 0.5
 
 
 def test_grouped_rows_recover_planted_channels():
