@@ -11,10 +11,16 @@ of ``benchmarks.data_aware`` (disjoint from evaluation, see its docstring):
 
 - ``L only``: ``compress(keep=K)``;
 - ``L+S rows, auto``: ``sparse_share="auto"``: per layer the share of the budget given to whole
-  input rows (run as ``[x·U, x[:, rows]]·[V; S_rows]``), chosen among 0, 0.1, 0.2, 0.35, 0.5 by
-  held-out reconstruction error, after dropping the shares whose layer would run more than
-  25 % slower than the plain chain of the same budget (measured in onnxruntime);
-- ``L+S rows, 0.2``: a fixed share of 0.2 for every layer (no latency check);
+  input rows (run as ``[x·U, x[:, rows]]·[V; S_rows]``; for k×k convs whole input channels, a
+  Gather and a k×k conv added to the chain), chosen among 0, 0.1, 0.2, 0.35, 0.5 by held-out
+  reconstruction error (a share > 0 must beat the plain chain by 1 %), after dropping the
+  shares whose layer would run more than 25 % slower than the plain chain of the same budget
+  (chain and residual timed interleaved in onnxruntime, median ratio of 7 blocks) and every
+  share of a layer whose chain runs under 0.05 ms; finally the written model is checked
+  against its L-only twin: the residuals of the layers with the best held-out gains are kept
+  as far as they lower the held-out output error, if the model stays within 3 % of the L-only
+  model's latency, else every layer falls back to its plain chain (column ``residual check``);
+- ``L+S rows, 0.2``: a fixed share of 0.2 for every layer (no latency check, no fallback);
 - ``L+S unstructured, 0.2``: entries stored as a sparse initializer — a file-size saving only.
 
 Columns: task metrics, params ratio, file size of the written model, latency ratios against the
@@ -55,6 +61,7 @@ def run_task(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, 
 
     task, settings, feeds, latency_feeds, dims = task_inputs(name, LATENCY_BATCHES)
     keep = KEEPS[name]
+    kxk = kxk_convs(task.model_path)
     out: dict[str, Any] = {"task": name, "keep": keep, "original": task.evaluate(task.model_path),
                            "original_bytes": task.model_path.stat().st_size, "rows": []}
     for label, options in CONFIGS.items():
@@ -70,11 +77,15 @@ def run_task(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, 
             save_model(result.model, path)
             report = result.report
             residual = [layer for layer in report.layers if layer.residual]
+            check = report.residual_check
             shares = [layer.latency.residual_share for layer in residual
                       if layer.latency is not None and layer.latency.residual_share is not None]
             row.update(path=str(path), params_ratio=report.params_ratio, file_bytes=path.stat().st_size,
                        output_errors=report.output_errors, metrics=task.evaluate(path),
                        residual_layers=len(residual), max_residual_time=max(shares) if shares else None,
+                       kxk_residual_layers=sum(1 for layer in residual if layer.op == "Conv" and layer.residual == "rows"
+                                               and layer.name in kxk),
+                       residual_check=None if check is None else check.__dict__,
                        layers=[{"name": layer.name, "method": layer.method, "ranks": list(layer.ranks),
                                 "residual": layer.residual, "residual_size": layer.residual_size,
                                 "data_error": layer.data_error,
@@ -96,23 +107,41 @@ def run_task(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, 
     return out
 
 
+def kxk_convs(path: Path) -> set[str]:
+    """Names of the model's target convs with a kernel larger than 1×1."""
+    from onnx_lrsd import inspect_model
+
+    return {t.name for t in inspect_model(path).targets
+            if t.op == "Conv" and any(k > 1 for k in t.weight_shape[2:])}
+
+
+def check_text(check: dict[str, Any] | None) -> str:
+    if check is None:
+        return ""
+    verdict = f"{check['kept_layers']} of {check['layers']} kept" if check["kept"] else \
+        f"{check['layers']} fell back"
+    return (f"{verdict} (error {check['error']:.3f} vs L only {check['plain_error']:.3f}, "
+            f"latency {check['latency_ratio']:.2f})")
+
+
 def results_table(tasks: list[dict[str, Any]]) -> str:
     headers = ["task", "keep", "configuration", *METRIC_COLUMNS, "params", "file MB", "lat b1", "lat b32",
-               "residual layers", "L+S / plain chain (worst layer)", "compress s"]
+               "residual layers (k×k conv)", "L+S / plain chain (worst layer)", "residual check", "compress s"]
     rows = []
     for t in tasks:
         rows.append([t["task"], "", "original", *[fmt(t["original"].get(m)) for m in METRIC_COLUMNS], "1",
-                     fmt(t["original_bytes"] / 1e6, 2), "1", "1", "", "", ""])
+                     fmt(t["original_bytes"] / 1e6, 2), "1", "1", "", "", "", ""])
         for r in t["rows"]:
             if "error" in r:
-                rows.append([t["task"], t["keep"], r["label"], *[""] * len(METRIC_COLUMNS), "", "", "", "", "", "",
+                rows.append([t["task"], t["keep"], r["label"], *[""] * len(METRIC_COLUMNS), "", "", "", "", "", "", "",
                              r["error"]])
                 continue
             worst = r.get("max_residual_time")
             rows.append([t["task"], t["keep"], r["label"], *[fmt(r["metrics"].get(m)) for m in METRIC_COLUMNS],
                          fmt(r["params_ratio"]), fmt(r["file_bytes"] / 1e6, 2), fmt(r.get("lat_b1")),
-                         fmt(r.get("lat_b32")), r["residual_layers"],
-                         "" if worst is None else f"{1 + worst:.2f}", fmt(r["compress_s"], 1)])
+                         fmt(r.get("lat_b32")), f"{r['residual_layers']} ({r.get('kxk_residual_layers', 0)})",
+                         "" if worst is None else f"{1 + worst:.2f}", check_text(r.get("residual_check")),
+                         fmt(r["compress_s"], 1)])
     return markdown_table(headers, rows)
 
 

@@ -141,7 +141,7 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
         skipped=tuple(ctx.skipped), output_errors=dict(ctx.output_errors),
         seconds=time.perf_counter() - start, timings=dict(ctx.timings), config=dataclasses.asdict(ctx.config),
         allocation=ctx.allocation, verified_on=ctx.verified_on, joint_groups=tuple(ctx.joint_reports),
-        quantization=quantization)
+        quantization=quantization, residual_check=ctx.residual_check)
     return CompressionResult(model=compressed, report=report)
 
 
@@ -171,17 +171,19 @@ def _finish(prepared, ctx, done, correction: float = 1.0, **changes):
     """Allocate (with a target), fit, rewrite, clean up and verify on a copy of the prepared
     graph and a fresh copy of the context (`changes`: config fields of this round): returns
     (context, compressed model)."""
-    from .passes import (AllocateBudgetPass, CleanupGraphPass, DecomposeWeightsPass, FilterResidualSharesPass,
+    from .passes import (AllocateBudgetPass, CheckResidualModelPass, CleanupGraphPass, DecomposeWeightsPass,
+                         FilterResidualSharesPass,
                          FitJointGroupsPass, GroupLayersPass, MeasureLayerLatencyPass, PassManager,
                          ReconstructFeatureMapsPass, RewriteLowRankPass, VerifyOutputsPass)
 
     ctx = dataclasses.replace(ctx, plans=dict(ctx.plans), plan_options=dict(ctx.plan_options), factorizations={},
                               output_errors={}, sparse_initializers=[], allocation=None, timings=dict(ctx.timings),
-                              layer_latency={}, groups={}, joint_ranks={}, joint_reports=[],
+                              layer_latency={}, groups={}, joint_ranks={}, joint_reports=[], residual_check=None,
                               config=ctx.config.replace(**changes) if changes else ctx.config)
     passes = [GroupLayersPass(), AllocateBudgetPass(correction), FitJointGroupsPass(), FilterResidualSharesPass(),
               ReconstructFeatureMapsPass(),
-              DecomposeWeightsPass(), RewriteLowRankPass(), MeasureLayerLatencyPass(), CleanupGraphPass()]
+              DecomposeWeightsPass(), CheckResidualModelPass(), RewriteLowRankPass(), MeasureLayerLatencyPass(),
+              CleanupGraphPass()]
     if ctx.config.verify:
         passes.append(VerifyOutputsPass())
     graph = PassManager(passes, done=done).run(prepared.copy(), ctx)

@@ -94,10 +94,12 @@ class CompressConfig:
     external_data: always save weights as external data (always done above 2 GB).
     sparse_share: share of each layer's parameter budget given to a sparse residual S (W ≈
         L + S, LRSD / CMD), in [0, 1); ``"auto"`` picks per layer among `AUTO_SHARES` by the
-        lowest held-out data error. Applies to Gemm, MatMul with the weight on the right and
-        1×1 convs (stride 1, no padding) factorized by svd / channel.
+        lowest held-out data error (a share > 0 must beat the plain chain's by
+        `residual_min_gain`, relative). Applies to Gemm, MatMul with the weight on the right
+        and convs factorized by svd / channel.
     sparse_structure: ``"rows"`` (whole input rows, concatenated into the chain's second
-        matmul: runs at about the cost of dense parameters) or ``"unstructured"`` (stored as a
+        matmul: runs at about the cost of dense parameters; for a k×k conv whole input
+        channels, a Gather and a k×k conv on them added to the chain) or ``"unstructured"`` (stored as a
         sparse initializer: a file-size saving only, onnxruntime densifies it).
     target_params / target_macs: the whole model's params / MACs after ÷ before, in (0, 1];
         target_latency: the wanted speedup over the original in onnxruntime (> 1, measured at
@@ -113,7 +115,13 @@ class CompressConfig:
     layer_latency: measure each factorized layer in onnxruntime (dense, as written and, with a
         residual, its chain alone) at `latency_batch` and `latency_threads` for the report.
         With ``sparse_share="auto"`` the shares whose residual would add more than
-        `residual_latency_limit` to the chain's time are not tried (measured the same way).
+        `residual_latency_limit` to the chain's time are not tried (chain and residual timed
+        interleaved, the median ratio of several blocks); a layer whose plain chain runs in
+        under `residual_min_chain_ms` gets none (the few µs of the extra nodes cannot pay), and
+        the written model is checked against its L-only twin (`CheckResidualModelPass`): the
+        residuals of the layers with the largest held-out gains are kept only as far as they
+        lower the model's held-out output error, and only while the model stays within
+        `residual_model_tolerance` of the L-only model's latency.
     joint: decompose groups of same-shaped layers in the same role jointly with a shared factor
         (one of `JOINT`; JMD), at the parameters their separate plans would use. Groups are
         found automatically (same op, weight shape and attributes, and the same name once
@@ -168,6 +176,9 @@ class CompressConfig:
     joint: str = "off"
     joint_groups: Tuple[str, ...] = ()
     residual_latency_limit: float = 0.25
+    residual_min_chain_ms: float = 0.05
+    residual_min_gain: float = 0.01
+    residual_model_tolerance: float = 0.03
     then_quantize: Optional[str] = None
 
     @property
@@ -235,6 +246,11 @@ class CompressConfig:
                 raise LrsdError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not (isinstance(self.residual_latency_limit, (int, float)) and self.residual_latency_limit >= 0):
             raise LrsdError(f"residual_latency_limit must be >= 0, got {self.residual_latency_limit!r}")
+        for name in ("residual_min_chain_ms", "residual_model_tolerance", "residual_min_gain"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < (
+                    1 if name == "residual_min_gain" else float("inf")):
+                raise LrsdError(f"{name} must be >= 0{' and < 1' if name == 'residual_min_gain' else ''}, got {value!r}")
         if self.joint not in JOINT:
             raise LrsdError(f"unknown joint {self.joint!r} (choose from {', '.join(JOINT)})")
         if self.joint != "off" and self.mode != "independent":

@@ -29,7 +29,7 @@ from .decompose import (
 )
 from .decompose.joint import TwoTerms
 from .stats import GramAccumulator
-from .rank_select import LayerPlan, SparseRequest
+from .rank_select import LayerPlan, SparseRequest, residual_group
 from .targets import LayerTarget
 
 Factors = Union[LowRankFactors, Tucker2Factors, LowRankSparse, TwoTerms]
@@ -53,7 +53,9 @@ class LayerFactorization:
     `bias_shift` ([out]) is added to the layer's output (bias correction); `data_error` is the
     relative reconstruction error of the layer's output on calibration data, when known.
     `shared` maps factor roles to keys: the rewrite writes one initializer per key, used by
-    every layer of a joint group (`TwoTerms` factors: a "both" group member).
+    every layer of a joint group (`TwoTerms` factors: a "both" group member). `fallback`: for
+    a layer given a residual, the plain chain of the same budget fitted the same way (what
+    the model falls back to when its residuals do not pay).
     """
 
     name: str
@@ -62,6 +64,7 @@ class LayerFactorization:
     bias_shift: Optional[np.ndarray] = None
     data_error: Optional[float] = None
     shared: Tuple[Tuple[str, str], ...] = ()
+    fallback: Optional["LayerFactorization"] = None
 
     @property
     def low_rank(self) -> Factors:
@@ -82,25 +85,36 @@ def low_rank(matrix: np.ndarray, rank: int, seed: int = 0) -> LowRankFactors:
 
 
 def fit_low_rank_sparse(w: np.ndarray, gram: Optional[np.ndarray], request: SparseRequest, budget: int,
-                        ridge: float, eval_gram: Optional[np.ndarray] = None,
-                        seed: int = 0) -> Union[LowRankFactors, LowRankSparse]:
-    """W ≈ L + S within `budget` parameters, min ‖X(W − L − S)‖² + μ‖W − L − S‖² (G = XᵀX;
-    None: G = I, the weight error). A fixed share splits the budget (`split_budget`); "auto"
-    fits every share of `request.auto_shares` and keeps the lowest error on `eval_gram` (held-out
-    statistics; default `gram`). An empty residual comes back as plain `LowRankFactors`."""
+                        ridge: float, eval_gram: Optional[np.ndarray] = None, seed: int = 0, group: int = 1,
+                        min_gain: float = 0.0) -> Tuple[Union[LowRankFactors, LowRankSparse], LowRankFactors]:
+    """(W ≈ L + S within `budget` parameters, the plain chain of that budget): min ‖X(W − L − S)‖²
+    + μ‖W − L − S‖² (G = XᵀX; None: G = I, the weight error). A fixed share splits the budget
+    (`split_budget`); "auto" fits every share of `request.auto_shares` and keeps the lowest
+    error on `eval_gram` (held-out statistics; default `gram`) if it beats the plain chain's by
+    `min_gain` (relative). Rows residuals come in blocks of `group` rows (a conv's input
+    channel; unstructured entries ignore it). An empty residual comes back as plain
+    `LowRankFactors`."""
+    group = group if request.structure == "rows" else 1
     if request.share == AUTO_SHARE:
-        fit = best_split(w, gram, budget, request.auto_shares, request.structure, ridge, eval_gram=eval_gram, seed=seed).fit
+        choice = best_split(w, gram, budget, request.auto_shares, request.structure, ridge, eval_gram=eval_gram,
+                            min_gain=min_gain, group=group, seed=seed)
+        fit, plain = choice.fit, choice.plain.low_rank
     else:
-        rank, sparse_budget = split_budget(*w.shape, budget, request.share, request.structure)
-        fit = lrsd_fit(w, gram, rank, sparse_budget, request.structure, ridge, seed=seed)
-    return fit if fit.sparse.nnz else fit.low_rank
+        rank, sparse_budget = split_budget(*w.shape, budget, request.share, request.structure, group)
+        fit = lrsd_fit(w, gram, rank, sparse_budget, request.structure, ridge, seed=seed, group=group)
+        plain = None
+    if plain is None and fit.sparse.nnz:
+        plain = lrsd_fit(w, gram, split_budget(*w.shape, budget, 0.0)[0], 0, request.structure, ridge,
+                         seed=seed).low_rank
+    return (fit, plain) if fit.sparse.nnz else (fit.low_rank, fit.low_rank)
 
 
 def factorize_data_free(target: LayerTarget, plan: LayerPlan, seed: int = 0) -> LayerFactorization:
     """Factors that minimise the weight error ‖W − W′‖_F (no calibration data; a sparse
     residual is fitted with G = I)."""
     if plan.sparse is not None:
-        factors: Factors = fit_low_rank_sparse(target.matrix(), None, plan.sparse, plan.cost.params, 0.0, seed=seed)
+        factors: Factors = fit_low_rank_sparse(target.matrix(), None, plan.sparse, plan.cost.params, 0.0, seed=seed,
+                                               group=residual_group(target))[0]
     elif plan.method in ("svd", "channel"):
         factors = low_rank(target.matrix(), plan.ranks[0], seed)
     elif plan.method == "spatial":
@@ -125,13 +139,15 @@ def channel_block_gram(gram: np.ndarray, cin: int, taps: int) -> np.ndarray:
 
 
 def factorize_data_aware(target: LayerTarget, plan: LayerPlan, stats: GramAccumulator, ridge: float,
-                         correct_bias: bool, holdout: Optional[GramAccumulator] = None) -> LayerFactorization:
+                         correct_bias: bool, holdout: Optional[GramAccumulator] = None,
+                         residual_min_gain: float = 0.0) -> LayerFactorization:
     """Factors minimising the layer's output error on calibration data.
 
     Independent (plain statistics of X): min ‖X W − X W′‖ over the plan's structure.
     Sequential (`stats` tracks X̂ᵀX): min ‖X W − X̂ W′‖, reduced to the independent problem on
     W* = Σ̂⁻¹ X̂ᵀX W with X̂'s Gram. A requested sparse residual is fitted in the same metric
-    (`fit_low_rank_sparse`, "auto" judged on the held-out Gram). Conv kinds use the im2col
+    (`fit_low_rank_sparse`, "auto" judged on the held-out Gram and taken only if it beats the
+    plain chain by `residual_min_gain`; the plain chain is kept as `fallback`). Conv kinds use the im2col
     Gram (channel), its vertical-patch blocks (spatial) or its per-channel blocks (Tucker-2). The bias shift restores the mean
     output: E[x] W − E[x̂] W′.
     """
@@ -140,9 +156,11 @@ def factorize_data_aware(target: LayerTarget, plan: LayerPlan, stats: GramAccumu
     sequential = stats.track_cross
     w_fit = sequential_target(w, gram, stats.cross, ridge).W_star if sequential else w
     check = holdout if holdout is not None and holdout.count else stats
+    plain = None
     if plan.sparse is not None:
         eval_gram = np.asarray(holdout.gram) if check is holdout else None
-        factors: Factors = fit_low_rank_sparse(w_fit, gram, plan.sparse, plan.cost.params, ridge, eval_gram)
+        factors, plain = fit_low_rank_sparse(w_fit, gram, plan.sparse, plan.cost.params, ridge, eval_gram,
+                                             group=residual_group(target), min_gain=residual_min_gain)
         approx = factors.to_dense()
     elif plan.method in ("svd", "channel"):
         factors = whitened_svd(w_fit, gram, plan.ranks[0], ridge)
@@ -160,9 +178,13 @@ def factorize_data_aware(target: LayerTarget, plan: LayerPlan, stats: GramAccumu
         approx = conv_to_matrix(factors.to_dense())
     else:
         raise ValueError(f"cannot factorize with method {plan.method!r}")
-    shift = None
-    if correct_bias:
-        target_mean = stats.target_mean if sequential else stats.mean
-        shift = target_mean @ w - stats.mean @ approx
-    return LayerFactorization(name=target.name, method=plan.method, factors=factors, bias_shift=shift,
-                              data_error=data_error(w, approx, np.asarray(check.gram)))
+    def finish(found: Factors, dense: np.ndarray, fallback: Optional[LayerFactorization] = None):
+        shift = None
+        if correct_bias:
+            target_mean = stats.target_mean if sequential else stats.mean
+            shift = target_mean @ w - stats.mean @ dense
+        return LayerFactorization(name=target.name, method=plan.method, factors=found, bias_shift=shift,
+                                  data_error=data_error(w, dense, np.asarray(check.gram)), fallback=fallback)
+
+    fallback = finish(plain, plain.to_dense()) if isinstance(factors, LowRankSparse) else None
+    return finish(factors, approx, fallback)

@@ -28,13 +28,16 @@ from .cost import full_ranks
 from .decompose import LowRankFactors, LowRankSparse, SparseResidual, Tucker2Factors
 from .factorize import LayerFactorization
 from .graph import export_model, import_graph, model_template
-from .rank_select import sparse_applies
+from .rank_select import residual_group, sparse_applies
 from .rewrite import rewrite_layers
 from .targets import LayerTarget, classify
 
 log = logging.getLogger(__name__)
 
 Candidate = Tuple[str, Tuple[int, ...]]
+RATIO_BLOCKS = 7
+"""Interleaved blocks a residual's time over its plain chain is measured in (the median of the
+blocks' ratios): a single microbenchmark of a µs-sized layer is mostly noise."""
 KINDS = {"MatMul": ("dense", "svd", "svd+rows"), "Gemm": ("dense", "svd", "svd+rows"),
          "Conv": ("dense", "channel", "spatial", "tucker2", "channel+rows")}
 """Candidate kinds per op; "<kind>+rows" is the chain with a residual of k input rows, ranks (r, k)."""
@@ -120,7 +123,11 @@ def _random_factors(t: LayerTarget, kind: str, ranks: Tuple[int, ...], rng: np.r
     n, m = t.in_features, t.out_features
     if kind.endswith(RESIDUAL):
         rank, k = ranks
-        rows = np.sort(rng.choice(n, size=k, replace=False))
+        group = residual_group(t)
+        if k % group:
+            raise ValueError(f"{t.name}: a residual of {k} rows is not whole input channels of {group} taps")
+        blocks = np.sort(rng.choice(n // group, size=k // group, replace=False))
+        rows = (blocks[:, None] * group + np.arange(group)).ravel()
         return LowRankSparse(LowRankFactors(randn(n, rank), randn(rank, m)), SparseResidual.from_rows(rows, randn(k, m)))
     if kind == "spatial":
         kh, kw = t.conv.kernel_shape
@@ -232,6 +239,31 @@ class LatencyModel:
             self._times.update({k: s.median_ms for k, s in zip(missing, stats)})
             self._save()
         return [self._times[k] for k in keys]
+
+    def measure_ratios(self, target: LayerTarget, input_shape: Tuple[int, ...], chain: Candidate,
+                       candidates: Sequence[Candidate]) -> Tuple[float, List[float]]:
+        """(chain ms, time of each candidate ÷ the chain's): the chain and the candidates not
+        cached yet are timed together, interleaved in `RATIO_BLOCKS` blocks of `runs` rounds;
+        a ratio is the median over blocks of the block medians' ratio, so the two times of a
+        ratio always come from the same moments (a cached time of another run never meets a
+        fresh one). Ratios are cached per (candidate, chain) pair."""
+        check_request(target, input_shape, [chain, *candidates])
+        chain_key = self.key(target, input_shape, chain).text
+        keys = [f"ratio|{self.key(target, input_shape, c).text}|{chain_key}" for c in candidates]
+        missing = {k: c for k, c in zip(keys, candidates) if k not in self._times}
+        if missing or chain_key not in self._times:
+            log.info("%s: timing %d candidate(s) against the chain at input %s, %d thread(s)", target.name,
+                     len(missing), tuple(input_shape), self.threads)
+            models = [candidate_model(target, input_shape, c) for c in (chain, *missing.values())]
+            sessions = [make_session(m, self.threads) for m in models]
+            x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
+            blocks = [time_sessions(sessions, {"x": x}, runs=self.runs, warmup=self.warmup if b == 0 else 1)
+                      for b in range(RATIO_BLOCKS)]
+            self._times[chain_key] = float(np.median([b[0].median_ms for b in blocks]))
+            for i, key in enumerate(missing, 1):
+                self._times[key] = float(np.median([b[i].median_ms / b[0].median_ms for b in blocks]))
+            self._save()
+        return self._times[chain_key], [self._times[k] for k in keys]
 
     def _read(self) -> Optional[Dict[str, float]]:
         try:

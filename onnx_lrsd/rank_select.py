@@ -67,14 +67,27 @@ class LayerPlan:
 
 
 def sparse_applies(target: LayerTarget, method: str) -> bool:
-    """Residuals fit Gemm and MatMul with the weight on the right (svd), and 1×1 convs with
-    stride 1 and no padding (channel: a matmul over channels, so x[:, P] is a channel Gather)."""
+    """Residuals fit Gemm and MatMul with the weight on the right (svd), and convs factorized
+    by channel: a 1×1 conv with stride 1 and no padding is a matmul over channels (x[:, P] a
+    channel Gather concatenated into the chain); any other conv keeps whole input channels,
+    a Gather and a conv of the layer's geometry on them (`residual_group` rows each)."""
     if method == "svd":
         return target.conv is None and target.weight_side == "right"
+    return method == "channel" and target.conv is not None
+
+
+def pointwise_residual(target: LayerTarget) -> bool:
+    """A conv whose rows residual is concatenated into the chain's 1×1 conv (a 1×1 conv with
+    stride 1 and no padding); other convs add a conv on the gathered channels."""
     conv = target.conv
-    return (method == "channel" and conv is not None and all(k == 1 for k in conv.kernel_shape)
-            and all(s == 1 for s in conv.strides) and not any(conv.pads)
-            and conv.auto_pad in ("NOTSET", ""))
+    return (conv is not None and all(k == 1 for k in conv.kernel_shape) and all(s == 1 for s in conv.strides)
+            and not any(conv.pads) and conv.auto_pad in ("NOTSET", ""))
+
+
+def residual_group(target: LayerTarget) -> int:
+    """Rows per unit of a rows residual: a conv's kernel taps (its input channel is a block of
+    prod(kernel) consecutive im2col rows), else 1."""
+    return int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1
 
 
 def dense_plan(target: LayerTarget, reason: str) -> LayerPlan:

@@ -194,6 +194,28 @@ class QuantizationSummary:
 
 
 @dataclass(frozen=True)
+class ResidualCheck:
+    """The written model with its automatic residuals against its L-only twin (the plain chain
+    of each residual layer's budget): of the `layers` the fits gave a residual, the best
+    `kept_layers` by held-out gain (0: all fell back); mean relative output error of the best
+    such model and of the L-only one on the verification batches, the former's time over the
+    latter's, and whether it was kept."""
+
+    layers: int
+    kept_layers: int
+    error: float
+    plain_error: float
+    latency_ratio: float
+    kept: bool
+
+    def to_text(self) -> str:
+        verdict = (f"{self.kept_layers} kept" if self.kept
+                   else "dropped: every residual layer falls back to its plain chain")
+        return (f"residual check ({self.layers} layers): best output error {self.error:.3e} vs L only "
+                f"{self.plain_error:.3e}, latency {self.latency_ratio:.3f} of L only; {verdict}")
+
+
+@dataclass(frozen=True)
 class CompressionReport:
     before: ModelStats
     after: ModelStats
@@ -208,6 +230,7 @@ class CompressionReport:
     stages: Tuple[StageSummary, ...] = ()
     joint_groups: Tuple[JointGroupReport, ...] = ()
     quantization: Optional[QuantizationSummary] = None
+    residual_check: Optional[ResidualCheck] = None
 
     @property
     def params_ratio(self) -> float:
@@ -239,6 +262,8 @@ class CompressionReport:
             f"layers factorized {len(factorized)} of {len(self.layers)} targets; {len(self.skipped)} weight layers skipped",
         ]
         lines.extend(self._residual_lines())
+        if self.residual_check is not None:
+            lines.append(self.residual_check.to_text())
         if self.allocation is not None:
             lines.append(self.allocation.to_text())
         joint = [g for g in self.joint_groups if g.side != "separate"]
@@ -263,7 +288,7 @@ class CompressionReport:
         entries = [layer for layer in self.layers if layer.residual == "unstructured"]
         if rows:
             lines.append(f"sparse residuals (rows): {len(rows)} layers, {sum(r.residual_size for r in rows):,} "
-                         f"input rows gathered into the chains' second matmuls")
+                         f"input rows gathered (into the chains' second matmuls; whole input channels of k×k convs)")
         if entries:
             lines.append(f"sparse residuals (unstructured): {len(entries)} layers, "
                          f"{sum(r.residual_size for r in entries):,} stored values; file size only, no speed-up: "

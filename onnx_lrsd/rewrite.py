@@ -7,6 +7,9 @@ written x·(U·V), onnxruntime's constant folding would multiply them back into 
 Sparse residuals (W ≈ UV + S, weight on the right):
 - "rows" (S non-zero on input rows P): x·W′ = [x·U, x[..., P]]·[V; S_P] — a Gather and a Concat
   feeding the chain's second matmul (one matmul; 1×1 convs gather and concatenate channels).
+  A k×k conv's residual holds whole input channels C (all their taps): y = chain(x) +
+  Conv(x[:, C], S_C) with the layer's geometry, a channel Gather and a small conv whose sum
+  onnxruntime fuses into the conv (NCHWc "Sum" input).
 - "unstructured": W′ = U·V + S is written as a constant subgraph Add(MatMul(U, V), S) with S
   saved as a sparse initializer; onnxruntime densifies and folds it into one dense weight at
   session creation, so it makes the file smaller and nothing faster.
@@ -26,6 +29,7 @@ from .decompose import (
 from .decompose.joint import TwoTerms
 from .factorize import LayerFactorization
 from .graph import TensorNamer, resolve_constant
+from .rank_select import pointwise_residual
 from .targets import LayerTarget
 
 
@@ -231,8 +235,10 @@ def _emit_conv(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
     n = len(g.kernel_shape)
     bias = e.bias(fact.bias_shift)
     tail = [bias] if bias is not None else []
-    if fact.sparse is not None:
+    if fact.sparse is not None and pointwise_residual(t):
         _emit_pointwise_residual(e, fact, tail)
+    elif fact.sparse is not None:
+        _emit_channel_residual(e, fact, tail)
     elif fact.method == "channel":
         w1, w2 = channel_factors_to_convs(fact.factors, t.in_channels, g.kernel_shape)
         h = e.op("Conv", "channel", [e.x, e.const("W1", w1)],
@@ -255,6 +261,35 @@ def _emit_conv(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
     else:
         raise ValueError(f"{t.name}: conv cannot be written with method {fact.method!r}")
     return e.nodes
+
+
+def _emit_channel_residual(e: _Emitter, fact: LayerFactorization, tail: List[gs.Tensor]) -> None:
+    """k×k conv with a rows residual on whole input channels C (rows in blocks of kernel taps):
+    y = Conv1×1(Conv_k×k(x, W1), W2) + Conv_k×k(x[:, C], S_C), the bias on the residual conv."""
+    t, g, sparse = e.target, e.target.conv, fact.sparse
+    geometry = _conv_attrs(t, g.kernel_shape, g.strides, g.pads, g.dilations)
+    if sparse.structure != "rows":  # unstructured: one conv, its weight the constant subgraph UV + S
+        _, b = _right_chain(e, e.x, fact, axis=1)
+        shape = e.indices("wshape", [t.out_channels, t.in_channels, *g.kernel_shape])
+        weight = e.op("Reshape", "w4", [e.op("Transpose", "wt", [b], perm=[1, 0]), shape])
+        e.op("Conv", "conv", [e.x, weight] + tail, output=e.y, **geometry)
+        return
+    taps = int(np.prod(g.kernel_shape))
+    channels = sparse.rows[::taps] // taps
+    if not np.array_equal(sparse.rows, (channels[:, None] * taps + np.arange(taps)).ravel()):
+        raise ValueError(f"{t.name}: a conv residual must hold whole input channels")
+    n = len(g.kernel_shape)
+    main = []
+    if fact.low_rank.rank:
+        w1, w2 = channel_factors_to_convs(fact.low_rank, t.in_channels, g.kernel_shape)
+        h = e.op("Conv", "channel", [e.x, e.const("W1", w1)], **geometry)
+        main = [e.op("Conv", "pointwise", [h, e.const("W2", w2)], **_pointwise_attrs(n))]
+    picked = e.op("Gather", "channels", [e.x, e.indices("channels", channels)], axis=1)
+    s = np.asarray(sparse.values, np.float64).T.reshape(t.out_channels, channels.size, *g.kernel_shape)
+    out = None if main else e.y
+    residual = e.op("Conv", "residual", [picked, e.const("S", s)] + tail, output=out, **geometry)
+    if main:
+        e.op("Add", "sum", [main[0], residual], output=e.y)
 
 
 def _emit_pointwise_residual(e: _Emitter, fact: LayerFactorization, tail: List[gs.Tensor]) -> None:

@@ -1,6 +1,7 @@
 """Graph passes of the compression pipeline, one per module, each `<Verb><Object>Pass`."""
 from .allocate_budget import AllocateBudgetPass
 from .base import Pass, PassContext, PassManager, PassResult
+from .check_residual_model import CheckResidualModelPass
 from .cleanup_graph import CleanupGraphPass
 from .collect_activations import CollectActivationsPass
 from .decompose_weights import DecomposeWeightsPass
@@ -19,5 +20,5 @@ __all__ = [
     "Pass", "PassContext", "PassManager", "PassResult",
     "NameNodesPass", "FindTargetsPass", "SelectRanksPass", "CollectActivationsPass", "AllocateBudgetPass",
     "GroupLayersPass", "FitJointGroupsPass", "FilterResidualSharesPass", "ReconstructFeatureMapsPass", "DecomposeWeightsPass",
-    "RewriteLowRankPass", "MeasureLayerLatencyPass", "CleanupGraphPass", "VerifyOutputsPass",
+    "CheckResidualModelPass", "RewriteLowRankPass", "MeasureLayerLatencyPass", "CleanupGraphPass", "VerifyOutputsPass",
 ]

@@ -17,7 +17,7 @@ from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.error_curves import LayerCandidate
 from onnx_lrsd.factorize import LayerFactorization
 from onnx_lrsd.rank_select import LayerPlan, Residual
-from onnx_lrsd.report import AllocationSummary, JointGroupReport, LayerLatency
+from onnx_lrsd.report import AllocationSummary, JointGroupReport, LayerLatency, ResidualCheck
 from onnx_lrsd.targets import LayerTarget, SkippedLayer
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class PassContext:
     joint_reports: List[JointGroupReport] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
     sparse_initializers: List[str] = field(default_factory=list)
+    residual_check: Optional[ResidualCheck] = None
 
     def add_factorization(self, fact: LayerFactorization) -> None:
         """Store a layer's factors; a plan that asked for a sparse residual is updated to the

@@ -15,8 +15,10 @@ class MeasureLayerLatencyPass(Pass):
     """Fills `ctx.layer_latency` (when `config.layer_latency`): each factorized layer's median
     time alone in onnxruntime — dense, as written, and for a layer with a rows residual its
     plain chain at the same parameter budget (the L-only alternative), so the report shows
-    what the residual costs in time.
-    At `latency_batch` and `latency_threads`; all of a layer's variants timed interleaved."""
+    what the residual costs in time: the L + S layer and its plain chain are timed
+    interleaved and the ratio is the median of several blocks (`LatencyModel.measure_ratios`,
+    the measurement the automatic share is filtered by).
+    At `latency_batch` and `latency_threads`."""
 
     name = "measure_layer_latency"
     requires = ("rewrite_low_rank",)
@@ -29,14 +31,17 @@ class MeasureLayerLatencyPass(Pass):
         model = LatencyModel(threads=ctx.config.latency_threads)
         for done, plan in enumerate(plans, 1):
             target = ctx.targets[plan.name]
-            candidates = [("dense", ()), (plan.method, plan.ranks)]
+            (dense_ms,) = model.measure(target, shapes[plan.name], [("dense", ())])
             if plan.residual is not None and plan.residual.structure == "rows":
                 plain, _ = split_budget(target.in_features, target.out_features, plan.cost.params, 0.0)
-                candidates = [("dense", ()), (plan.method, (max(plain, 1),)),
-                              (plan.method + RESIDUAL, (plan.ranks[0], plan.residual.size))]
-            times = model.measure(target, shapes[plan.name], candidates)
-            residual = len(times) == 3
-            ctx.layer_latency[plan.name] = LayerLatency(
-                dense_ms=times[0], ms=times[2] if residual else times[1], chain_ms=times[1] if residual else None)
+                written = (plan.method + RESIDUAL, (plan.ranks[0], plan.residual.size)) if plan.ranks[0] else \
+                    ("dense", ())
+                chain_ms, (ratio,) = model.measure_ratios(target, shapes[plan.name], (plan.method, (max(plain, 1),)),
+                                                          [written])
+                latency = LayerLatency(dense_ms=dense_ms, ms=chain_ms * ratio, chain_ms=chain_ms)
+            else:
+                (ms,) = model.measure(target, shapes[plan.name], [(plan.method, plan.ranks)])
+                latency = LayerLatency(dense_ms=dense_ms, ms=ms)
+            ctx.layer_latency[plan.name] = latency
             ctx.report_progress("layer latency", done, len(plans))
         return PassResult(graph, modified=False, stats={"layers": len(plans)})

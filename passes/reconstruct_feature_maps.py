@@ -69,7 +69,8 @@ def fit_best_kind(ctx: PassContext, target: LayerTarget, fit, holdout) -> LayerF
     by MACs alone fell to character accuracy 0.28."""
     config = ctx.config
     options = ctx.plan_options.get(target.name) or [ctx.plans[target.name]]
-    fits = [(factorize_data_aware(target, plan, fit, config.ridge, config.bias_correction, holdout), plan)
+    fits = [(factorize_data_aware(target, plan, fit, config.ridge, config.bias_correction, holdout,
+                                  config.residual_min_gain), plan)
             for plan in options]
     best, plan = min(fits, key=lambda pair: (pair[0].data_error, pair[1].cost.macs))
     ctx.plans[target.name] = plan

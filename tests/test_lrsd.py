@@ -397,8 +397,18 @@ def test_best_split_never_worse_than_low_rank_only(structure):
         assert choice.error <= l_only
         assert choice.share in (0.0, 0.2, 0.5) and choice.fit.n_params <= budget
         assert choice.error == pytest.approx(data_error(W, choice.fit.to_dense(), G))
-    share, fit, err = best_split(low_rank_only, G, budget, structure=structure)  # a plain tuple
+    share, fit, err, plain = best_split(low_rank_only, G, budget, structure=structure)  # a plain tuple
     assert share == 0.0 and err < 1e-6  # L alone is exact: ties go to the cheaper graph
+    assert plain is fit  # the share-0 fit, kept as the fallback
+
+
+def test_split_budget_in_whole_groups_of_rows():
+    rank, sparse = split_budget(72, 16, 2000, 0.3, "rows", group=9)  # a 3×3 conv with 8 input channels
+    assert sparse % (9 * 16) == 0 and sparse == 4 * 9 * 16 and rank * (72 + 16) + sparse <= 2000
+    with pytest.raises(ValueError, match="group"):
+        split_budget(72, 16, 2000, 0.3, "rows", group=7)
+    with pytest.raises(ValueError, match="group"):
+        split_budget(72, 16, 2000, 0.3, "unstructured", group=9)
 
 
 def test_best_split_uses_eval_gram():

@@ -28,6 +28,11 @@ orthonormal), sparse part Lᵀ·S. Two structures for S (DESIGN.md §2):
     if its joint solve lowers f. Two starts, L first (P = ∅, GoDec's order) and S first (P
     greedy on W, the pruning choice); the better one continues with swaps. Finally the part of
     S_P lying in L's row space moves into L (same L + S, smallest S).
+    With ``group`` g > 1, rows come in blocks of g consecutive rows (a k×k conv's input
+    channel: its k² taps in the im2col matrix), so the graph keeps whole input channels. The
+    selection is block greedy: freeing group c after P lowers f by tr(C′_cᵀ S_c⁻¹ C′_c),
+    S_c = Σ_cc − Σ_cP Σ_PP⁻¹ Σ_Pc, refreshed in at most 8 blocks; the alternation with the
+    joint solve is the same, accepted only when f falls (no swaps).
 
 ``"unstructured"`` (a file-size saving only: onnxruntime densifies sparse initializers)
     ``indices`` [nnz, 2] and ``values``; the budget counts nnz. GoDec-style alternation: L-step
@@ -95,6 +100,14 @@ def _check_count(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     return int(value)
+
+
+def _check_group(group, n_in: int, structure: str) -> int:
+    """Rows come in blocks of ``group`` consecutive rows (1: single rows)."""
+    g = _check_count(group, "group")
+    if g < 1 or n_in % g or (g > 1 and structure != "rows"):
+        raise ValueError(f"group must be >= 1, divide in={n_in} and only apply to 'rows', got {group!r}")
+    return g
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,6 +280,8 @@ class SplitChoice(NamedTuple):
     share: float
     fit: LowRankSparse
     error: float
+    plain: LowRankSparse | None = None
+    """The share-0 fit (L only at the same budget), the alternative a caller may fall back to."""
 
 
 # --------------------------------------------------------------------------- shared state
@@ -576,6 +591,74 @@ def _fit_rows_multistart(prob: _Problem, lstep: _LowRankStep, k: int, n_iter: in
     return state, history
 
 
+def _group_rows(groups, g: int) -> np.ndarray:
+    """The rows of whole groups of g consecutive rows, sorted."""
+    groups = np.sort(np.asarray(groups, dtype=np.int64))
+    return (groups[:, None] * g + np.arange(g)).ravel()
+
+
+_GROUP_ROUNDS = 8  # block refreshes per grouped selection
+
+
+def _greedy_groups(prob: _Problem, E: np.ndarray, k: int, g: int) -> np.ndarray:
+    """Block greedy selection of k groups of g rows for the whitened residual E = Lᵀ R
+    (sorted rows). Score of group c given the chosen rows P: tr(C′_cᵀ S_c⁻¹ C′_c), the exact
+    decrease of f when c is freed, with C′ = (Σ/scale)·R′ on the least-squares residual on P
+    and S_c the Schur complement of Σ_PP in Σ restricted to c."""
+    n_groups = prob.n_in // g
+    diag_blocks = prob.sigma.reshape(n_groups, g, n_groups, g)[np.arange(n_groups), :, np.arange(n_groups), :]
+    total = float(np.sum(E * E))
+    chosen: list[int] = []
+    block = max(1, math.ceil(k / _GROUP_ROUNDS))
+    while len(chosen) < k:
+        rows = _group_rows(chosen, g)
+        _, resid = _rows_values(prob, rows, E)
+        C = (prob.Lt.T @ resid).reshape(n_groups, g, -1)
+        schur = diag_blocks.copy()
+        if rows.size:
+            A = prob.Lt[:, rows]
+            Z = _solve_psd(A.T @ A, prob.sigma[rows])  # Σ_PP⁻¹ Σ_P,  [|P|, in]
+            left = prob.sigma[:, rows].reshape(n_groups, g, rows.size)
+            schur -= np.einsum("cip,cjp->cij", left, Z.T.reshape(n_groups, g, rows.size))
+        floor = 1e-12 * np.maximum(np.trace(diag_blocks, axis1=1, axis2=2), np.finfo(float).tiny)
+        schur += (floor / g)[:, None, None] * np.eye(g)
+        score = np.einsum("cio,cio->c", C, np.linalg.solve(schur, C))
+        score[chosen] = -1.0
+        order = np.argsort(-score, kind="stable")[: min(block, k - len(chosen))]
+        order = order[score[order] > 1e-16 * total]
+        if order.size == 0:
+            break
+        chosen.extend(int(c) for c in order)
+    return _group_rows(chosen, g)
+
+
+def _fit_groups(prob: _Problem, lstep: _LowRankStep, k: int, g: int, n_iter: int,
+                tol: float) -> tuple[_RowsState, list[float]]:
+    """Grouped rows: starts L first and S first, each alternating block-greedy supports on
+    W − L and the joint solve while f falls; the better start. Returns state, history."""
+    starts = []
+    if lstep.rank > 0:
+        starts.append(np.zeros(0, np.int64))
+    starts.append(_greedy_groups(prob, prob.B, k, g))
+    best = None
+    for rows in starts:
+        state = _rows_joint(prob, lstep, rows, None)
+        history = [state.f]
+        for _ in range(n_iter - 1):
+            if state.f <= prob.negligible:
+                break
+            new = _rows_joint(prob, lstep, _greedy_groups(prob, prob.B - state.Uw @ state.Vw, k, g), state.Vw)
+            if new.f >= state.f:
+                break
+            gain, state = state.f - new.f, new
+            history.append(state.f)
+            if gain <= tol * (state.f + gain):
+                break
+        if best is None or state.f < best[0].f:
+            best = (state, history)
+    return best
+
+
 # --------------------------------------------------------------------------- unstructured
 def _refit_entries(prob: _Problem, mask: np.ndarray, C: np.ndarray, S0: np.ndarray,
                    steps: int) -> np.ndarray:
@@ -780,6 +863,7 @@ def lrsd_fit(
     l_step: str = "auto",
     power_iter: int = 2,
     refit_steps: int = 10,
+    group: int = 1,
 ) -> LowRankSparse:
     """argmin ‖X(W − L − S)‖²_F + μ‖W − L − S‖²_F s.t. rank L ≤ r, S within ``sparse_budget``.
 
@@ -791,7 +875,8 @@ def lrsd_fit(
     ``whitened_svd(W, gram, rank, ridge)`` unless the L-step is BRP. ``l_step`` ("auto",
     "exact", "brp"), ``power_iter`` (BRP power iterations), ``refit_steps`` (unstructured
     value refit: exact per column when no dearer than that many CG steps; 0 = no refit),
-    ``n_iter`` rounds per start, ``tol`` and the algorithm: see the module docstring. The
+    ``group`` (rows: whole blocks of that many consecutive rows, k = sparse_budget // (out·group)
+    blocks; in must be a multiple), ``n_iter`` rounds per start, ``tol`` and the algorithm: see the module docstring. The
     result's ``history`` holds the objective per round (non-increasing).
     """
     m = as_matrix(W)
@@ -810,8 +895,9 @@ def lrsd_fit(
     _check_count(power_iter, "power_iter")
     _check_count(refit_steps, "refit_steps")
     method = _resolve_l_step(l_step, m.shape)
+    grp = _check_group(group, n_in, structure)
 
-    count = min(budget // n_out, n_in) if structure == "rows" else min(budget, n_in * n_out)
+    count = min(budget // (n_out * grp), n_in // grp) if structure == "rows" else min(budget, n_in * n_out)
     if count == 0 and method == "exact":
         f = whitened_svd(m, g, rank, ridge)
         d = m - f.to_dense()
@@ -822,7 +908,10 @@ def lrsd_fit(
     prob = _Problem(m, g, float(ridge))
     lstep = _LowRankStep(rank, method, power_iter, np.random.default_rng(seed))
     if structure == "rows":
-        best, history = _fit_rows_multistart(prob, lstep, count, n_iter, tol)
+        if grp > 1:
+            best, history = _fit_groups(prob, lstep, count, grp, n_iter, tol)
+        else:
+            best, history = _fit_rows_multistart(prob, lstep, count, n_iter, tol)
         low_rank, values = _move_into_low_rank(_factors(prob, best.Uw, best.Vw), best.rows,
                                                best.values)
         return LowRankSparse(low_rank, SparseResidual.from_rows(best.rows, values),
@@ -840,12 +929,13 @@ def lrsd_fit(
 
 
 def split_budget(
-    in_dim: int, out_dim: int, budget_params: int, sparse_share: float, structure: str = "rows"
+    in_dim: int, out_dim: int, budget_params: int, sparse_share: float, structure: str = "rows",
+    group: int = 1,
 ) -> tuple[int, int]:
     """CMD's sparse coefficient: (rank, sparse_budget) for a layer [in_dim, out_dim].
 
-    ``sparse_share`` of the budget goes to S — rows: k = ⌊share·budget / out⌋ whole rows, so
-    sparse_budget = k·out; unstructured: sparse_budget = ⌊share·budget⌋ entries — and the rest
+    ``sparse_share`` of the budget goes to S — rows: k = ⌊share·budget / (out·group)⌋ whole
+    blocks of ``group`` rows, so sparse_budget = k·group·out; unstructured: sparse_budget = ⌊share·budget⌋ entries — and the rest
     to L: rank = ⌊(1 − share)·budget / (in + out)⌋. Both are capped at the matrix (rank ≤
     min(in, out), k ≤ in, nnz ≤ in·out); rank·(in+out) + sparse_budget ≤ budget always.
     """
@@ -860,12 +950,13 @@ def split_budget(
     ):
         raise ValueError(f"sparse_share must be in [0, 1], got {sparse_share!r}")
     _check_structure(structure)
+    grp = _check_group(group, n_in, structure)
     share = float(sparse_share)
     s_part = share * budget * (1 + 1e-12)  # guard 0.1·30 = 2.9999…
     rank = min(int(math.floor((budget - min(s_part, budget)) * (1 + 1e-12) / (n_in + n_out))),
                min(n_in, n_out))
     if structure == "rows":
-        unit, cap = n_out, n_in
+        unit, cap = n_out * grp, n_in // grp
     else:
         unit, cap = 1, n_in * n_out
     count = min(int(math.floor(s_part / unit)), cap)
@@ -881,6 +972,8 @@ def best_split(
     structure: str = "rows",
     ridge: float = 1e-3,
     eval_gram: np.ndarray | None = None,
+    min_gain: float = 0.0,
+    group: int = 1,
     **fit_kwargs,
 ) -> SplitChoice:
     """CMD's automatic mode: fit every share and keep the lowest data error.
@@ -888,9 +981,14 @@ def best_split(
     The error is ``data_error(W, fit.to_dense(), eval_gram)`` (``eval_gram`` defaults to
     ``gram``; pass a held-out Gram to choose on other data). Share 0 (L only) is always tried,
     added if missing, so the result is never worse than L-only at the same budget on that Gram.
-    Ties go to the smaller share (a plain chain is the cheapest graph). Shares giving the same
-    (rank, sparse_budget) are fitted once. ``fit_kwargs`` go to :func:`lrsd_fit`.
+    A share > 0 is taken only if its error is below (1 − ``min_gain``) × the error of share 0:
+    a residual must earn its place by a real held-out improvement, not a rounding one. Ties go
+    to the smaller share (a plain chain is the cheapest graph). Shares giving the same
+    (rank, sparse_budget) are fitted once. ``group``: rows residuals in blocks of that many
+    rows (:func:`lrsd_fit`); other ``fit_kwargs`` go to :func:`lrsd_fit`.
     """
+    if not (isinstance(min_gain, (int, float)) and 0.0 <= min_gain < 1.0):
+        raise ValueError(f"min_gain must be in [0, 1), got {min_gain!r}")
     m = as_matrix(W)
     g = np.eye(m.shape[0]) if gram is None else as_square(gram, m.shape[0], "gram")
     eg = g if eval_gram is None else as_square(eval_gram, m.shape[0], "eval_gram")
@@ -898,11 +996,14 @@ def best_split(
     fits: dict[tuple[int, int], tuple[LowRankSparse, float]] = {}
     choice: SplitChoice | None = None
     for share in cands:
-        key = split_budget(m.shape[0], m.shape[1], budget_params, share, structure)
+        key = split_budget(m.shape[0], m.shape[1], budget_params, share, structure, group)
         if key not in fits:
-            fit = lrsd_fit(m, g, key[0], key[1], structure=structure, ridge=ridge, **fit_kwargs)
+            fit = lrsd_fit(m, g, key[0], key[1], structure=structure, ridge=ridge, group=group, **fit_kwargs)
             fits[key] = (fit, data_error(m, fit.to_dense(), eg))
         fit, err = fits[key]
-        if choice is None or err < choice.error:
+        if choice is None:
+            plain = SplitChoice(share, fit, err)
+            choice = plain
+        elif err < choice.error and err < (1.0 - min_gain) * plain.error:
             choice = SplitChoice(share, fit, err)
-    return choice
+    return choice._replace(plain=plain.fit)
