@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import LrsdError
+from .errors import LrsdError, runtime_message
 from .io import serialize_for_runtime
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ def make_session(model: ModelLike, threads: int, optimization: str = "all") -> o
     try:
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated exception types
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LrsdError(f"onnxruntime cannot load the model: {first_line}") from None
+        raise LrsdError(f"onnxruntime cannot load the model: {runtime_message(exc)}") from None
 
 
 def run_outputs(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -189,7 +188,10 @@ def output_errors_on(original: ModelLike, compressed: ModelLike, batches: Sequen
     """`relative_output_errors` of `compressed` against `original` over all `batches` at once
     (each output's runs concatenated), one onnxruntime thread each."""
     sessions = [make_session(m, threads=1) for m in (original, compressed)]
-    runs = [[run_outputs(session, feeds) for feeds in batches] for session in sessions]
+    try:
+        runs = [[run_outputs(session, feeds) for feeds in batches] for session in sessions]
+    except Exception as exc:  # onnxruntime raises its own types for bad feeds and failing kernels
+        raise LrsdError(f"onnxruntime failed to run the model: {runtime_message(exc)}") from None
     stacked = [[np.concatenate([np.ravel(run[i]) for run in side]) for i in range(len(names))] for side in runs]
     return relative_output_errors(stacked[0], stacked[1], names)
 

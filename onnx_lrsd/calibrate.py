@@ -140,6 +140,8 @@ class ListReader:
 
 def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
     """``np.load`` of an ``.npz`` file, or `LrsdError` saying why it is not one."""
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise LrsdError(f"calibration file {path}: not an .npz file (not a zip archive)")
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -158,7 +160,10 @@ def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
 def _load_npz(path: Path) -> Feeds:
     """All arrays of one ``.npz`` file, checked to share one sample count along axis 0."""
     with _open_npz(path) as data:
-        arrays = {name: data[name] for name in data.files}
+        try:
+            arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # pickled objects, damaged members
+            raise LrsdError(f"calibration file {path}: unreadable array ({' '.join(str(exc).split())})") from None
     counts = {a.shape[0] if a.ndim else None for a in arrays.values()}
     if None in counts or len(counts) > 1:
         listed = ", ".join(f"{name}: {a.shape}" for name, a in arrays.items())

@@ -111,6 +111,15 @@ def main(verbose: int) -> None:
     """Compress ONNX models by low-rank + sparse decomposition, verified in onnxruntime."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _quiet_graphsurgeon(verbose)
+
+
+def _quiet_graphsurgeon(verbose: int) -> None:
+    """onnx-graphsurgeon prints its warnings on stdout, which would corrupt `--json` output:
+    only its errors are shown (all of it with -vv)."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.VERBOSE if verbose >= 2 else G_LOGGER.ERROR
 
 
 @main.command()

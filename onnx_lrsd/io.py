@@ -13,6 +13,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import LrsdError
+from .validate import check_model
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
     if isinstance(source, (onnx.ModelProto, bytes, bytearray)):
         model = _copy(source) if isinstance(source, onnx.ModelProto) else _parse(bytes(source), "the given bytes")
         _refuse_unloaded_external_data(model)
+        check_model(model)
         return model
     path = Path(source)
     if not path.exists():
@@ -41,6 +43,7 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
     except OSError as exc:
         raise LrsdError(f"cannot read {path}: {exc.strerror or exc}") from None
     model = _parse(data, str(path))
+    check_model(model, str(path))
     _load_external_data(model, path.parent, path)
     return model
 

@@ -155,6 +155,14 @@ def _weight(node: gs.Node, index: int, graph: gs.Graph) -> ResolvedConstant:
     return resolved
 
 
+def _dequantized_constant(tensor: gs.Tensor) -> bool:
+    """True for a constant seen through DequantizeLinear (a QDQ weight); a dequantized
+    activation is not one."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    return (producer is not None and producer.op == "DequantizeLinear" and bool(producer.inputs)
+            and resolve_constant(producer.inputs[0]) is not None)
+
+
 def _shape(tensor: gs.Tensor) -> Optional[Tuple]:
     shape = getattr(tensor, "shape", None)
     return tuple(shape) if shape is not None else None
@@ -187,7 +195,7 @@ def gemm_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
 
 def matmul_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
     """y = x @ W (weight on the right) or y = W @ x (weight on the left), W constant 2-D."""
-    if any(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in node.inputs[:2]):
+    if any(_dequantized_constant(t) for t in node.inputs[:2]):
         raise NotATarget("weight is quantized (DequantizeLinear)")
     right, left = resolve_constant(node.inputs[1]), resolve_constant(node.inputs[0])
     if right is not None and left is not None:
