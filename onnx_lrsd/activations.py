@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from .errors import LrsdError, runtime_message
 from .io import serialize_for_runtime
+from .mapped import runtime_options
 from .stats import GramAccumulator, im2col
 from .targets import ConvGeometry, LayerTarget
 
@@ -121,6 +122,7 @@ class ActivationRunner:
         options.log_severity_level = 3  # pruned copies leave unused initializers: not worth a warning
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        runtime_options(options)
         try:
             self.session = ort.InferenceSession(serialize_for_runtime(augmented), options,
                                                 providers=["CPUExecutionProvider"])

@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from .errors import LrsdError, runtime_message
 from .io import serialize_for_runtime
+from .mapped import runtime_options
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def make_session(model: ModelLike, threads: int, optimization: str = "all") -> o
     options.graph_optimization_level = _OPT_LEVELS[optimization]
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    runtime_options(options)
     if isinstance(model, onnx.ModelProto):
         source: Union[str, bytes] = serialize_for_runtime(model)
     elif isinstance(model, (bytes, bytearray)):
@@ -187,13 +189,19 @@ def output_errors_on(original: ModelLike, compressed: ModelLike, batches: Sequen
                      names: Sequence[str]) -> dict[str, float]:
     """`relative_output_errors` of `compressed` against `original` over all `batches` at once
     (each output's runs concatenated), one onnxruntime thread each."""
-    sessions = [make_session(m, threads=1) for m in (original, compressed)]
+    return relative_output_errors(outputs_on(original, batches), outputs_on(compressed, batches), names)
+
+
+def outputs_on(model: ModelLike, batches: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+    """Each output of `model` over all `batches`, flattened and concatenated (one session at
+    a time, one thread: a large model and its compressed copy are never loaded together)."""
+    session = make_session(model, threads=1)
     try:
-        runs = [[run_outputs(session, feeds) for feeds in batches] for session in sessions]
+        runs = [run_outputs(session, feeds) for feeds in batches]
     except Exception as exc:  # onnxruntime raises its own types for bad feeds and failing kernels
         raise LrsdError(f"onnxruntime failed to run the model: {runtime_message(exc)}") from None
-    stacked = [[np.concatenate([np.ravel(run[i]) for run in side]) for i in range(len(names))] for side in runs]
-    return relative_output_errors(stacked[0], stacked[1], names)
+    del session
+    return [np.concatenate([np.ravel(run[i]) for run in runs]) for i in range(len(runs[0]))] if runs else []
 
 
 @dataclass(frozen=True)

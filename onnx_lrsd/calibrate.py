@@ -140,12 +140,10 @@ class ListReader:
 
 def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
     """``np.load`` of an ``.npz`` file, or `LrsdError` saying why it is not one."""
-    if path.is_file() and not zipfile.is_zipfile(path):
-        raise LrsdError(f"calibration file {path}: not an .npz file (not a zip archive)")
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        reason = " ".join(str(exc).split())
+        reason = " ".join(str(exc).split()) if zipfile.is_zipfile(path) else "not a zip archive"
         raise LrsdError(f"calibration file {path}: not an .npz file ({reason})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise LrsdError(f"calibration file {path}: not an .npz file (one array; save inputs by name with np.savez)")

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import ResolvedConstant, resolve_constant, sole_consumer
+from .mapped import release_pages
 
 WEIGHT_OPS_NOT_SUPPORTED = {
     "ConvTranspose": "ConvTranspose is not factorized",
@@ -114,6 +115,7 @@ class LayerTarget:
     def matrix(self) -> np.ndarray:
         """The weight as [in, out] in float64 (Conv: im2col order, channel then kernel)."""
         w = np.asarray(self.weight, dtype=np.float64)
+        release_pages(self.weight)
         if self.conv is not None:
             return w.reshape(w.shape[0], -1).T
         if self.gemm is not None and self.gemm.trans_b:
@@ -150,7 +152,9 @@ def _weight(node: gs.Node, index: int, graph: gs.Graph) -> ResolvedConstant:
         raise NotATarget(f"{resolved.values.dtype} weights are not factorized")
     if not sole_consumer(resolved, node, graph):
         raise NotATarget("weight is shared with other nodes")
-    if not np.all(np.isfinite(resolved.values)):
+    finite = bool(np.all(np.isfinite(resolved.values)))
+    release_pages(resolved.values)
+    if not finite:
         raise NotATarget("weight has NaN or inf values")
     return resolved
 

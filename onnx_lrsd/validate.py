@@ -5,8 +5,9 @@ Checked: the IR version against the installed onnx; an opset import for the defa
 when default-domain ops are used; every tensor defined once per graph (graph inputs, node
 outputs, initializers; from IR 4 an initializer may also be listed as an input) and defined
 before use (outer-scope names are visible in If / Loop / Scan bodies); graph outputs produced;
-no cycles; node names unique per graph (onnxruntime refuses duplicates); input dims not
-negative; every stored tensor holding exactly the bytes its dims declare.
+no cycles; input dims not negative; every stored tensor holding exactly the bytes its dims
+declare. Duplicate node names, which onnxruntime refuses but which mean nothing to the
+model, are repaired instead (`make_node_names_unique`).
 """
 from __future__ import annotations
 
@@ -45,6 +46,24 @@ def check_model(model: onnx.ModelProto, what: str = "the model") -> None:
     _check_graph(model.graph, set(), model.ir_version, what)
     for tensor in _stored_tensors(model.graph):
         _check_tensor(tensor, what)
+
+
+def make_node_names_unique(model: onnx.ModelProto) -> int:
+    """Suffix repeated node names ``_1``, ``_2``… in place (subgraphs included, as the
+    `name_nodes` pass does); returns how many were renamed."""
+    taken: Set[str] = set()
+    renamed = 0
+    for node in _all_nodes(model.graph):
+        if not node.name:
+            continue
+        name, suffix = node.name, 1
+        while name in taken:
+            name, suffix = f"{node.name}_{suffix}", suffix + 1
+        taken.add(name)
+        if name != node.name:
+            node.name = name
+            renamed += 1
+    return renamed
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -95,12 +114,7 @@ def _check_graph(graph: onnx.GraphProto, outer: Set[str], ir_version: int, what:
             listed.discard(value.name)
             continue
         define(value.name, "a graph input")
-    names: Set[str] = set()
     for node in graph.node:
-        if node.name:
-            if node.name in names:
-                raise LrsdError(f"{where}: two nodes are named '{node.name}' (onnxruntime refuses such models)")
-            names.add(node.name)
         for output in node.output:
             define(output, f"node '{node.name or node.op_type}'")
     visible = outer | set(defined)

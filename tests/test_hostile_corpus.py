@@ -19,6 +19,7 @@ import onnx_lrsd
 from hostile_corpus import CASES, CORPUS
 from onnx_lrsd.cli import main
 from onnx_lrsd.feeds import random_feeds
+from onnx_lrsd.io import load_model
 
 BY_NAME = {case.name: case for case in CASES}
 
@@ -47,7 +48,10 @@ def _dims(case) -> dict:
 
 
 def _outputs(path: Path, feeds: dict) -> list:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """Outputs of the model at `path` as the library loads it (repeated node names, which
+    onnxruntime refuses, made unique)."""
+    model = load_model(path)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 
