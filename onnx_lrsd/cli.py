@@ -24,21 +24,73 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def guarded(command):
-    """Turn library errors into one line on stderr and exit code 1 (130 on Ctrl-C)."""
+    """Turn library errors into one line on stderr and exit code 1 (130 on Ctrl-C, 143 on
+    SIGTERM)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        previous = _on_sigterm(_raise_terminated)
         try:
             return command(*args, **kwargs)
         except LrsdError as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else "failed")
         except KeyboardInterrupt:
             _fail("interrupted; no output written", 130)
+        except Terminated:
+            _fail("terminated; no output written", 143)
         except MemoryError:
             _fail("out of memory")
+        finally:
+            _on_sigterm(previous)
 
     return wrapper
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM (main thread only); returns the previous one."""
+    import signal
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _identity(path: Path):
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _unless_completed(output: Path):
+    """A context that removes `output` (and its data file) when the block fails after
+    writing it: a failed or interrupted command leaves no new output behind."""
+    import contextlib
+
+    before = _identity(output)
+
+    @contextlib.contextmanager
+    def block():
+        try:
+            yield
+        except BaseException:
+            if _identity(output) != before:
+                for path in (output, output.with_name(output.name + ".data")):
+                    path.unlink(missing_ok=True)
+            raise
+
+    return block()
 
 
 def _parse_dims(values) -> tuple:
@@ -226,10 +278,11 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
     if report_file is not None and report_file.parent and not report_file.parent.is_dir():
         raise LrsdError(f"report directory does not exist: {report_file.parent}")
     calibration = list(calib) if calib else None
-    result = compress_file(model, output, config, calibration, progress=_progress_printer(quiet or as_json))
-    report = result.report
-    if report_file is not None:
-        _write_text_atomic(report_file, report.to_json())
+    with _unless_completed(output):
+        result = compress_file(model, output, config, calibration, progress=_progress_printer(quiet or as_json))
+        report = result.report
+        if report_file is not None:
+            _write_text_atomic(report_file, report.to_json())
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -248,9 +301,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
         os.replace(temp, path)
-    except OSError as exc:
+    except BaseException as exc:
         Path(temp).unlink(missing_ok=True)
-        raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
 
 
 @main.command()

@@ -2,12 +2,14 @@
 onnxruntime accepts."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -177,6 +179,19 @@ def check_output_directory(path: Path) -> Path:
     return directory
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM are held back during the block and delivered after it."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external_data: bool = False,
                source_dir: Optional[Path] = None) -> Path:
     """Write `model` atomically: into a temporary file in the target directory, then renamed.
@@ -200,15 +215,16 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external_d
         staged = staging / path.name
         if streamed:
             write_with_external_data(model, staged, data_name, source_dir)
-            os.replace(staging / data_name, directory / data_name)
         elif external_data:
             model = _copy(model)  # onnx moves the weights out of the proto it saves
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-            os.replace(staging / data_name, directory / data_name)
         else:
             staged.write_bytes(model.SerializeToString())
-        os.replace(staged, path)
+        with signals_deferred():  # the model and its data file arrive together
+            if external_data:
+                os.replace(staging / data_name, directory / data_name)
+            os.replace(staged, path)
     except OSError as exc:
         raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
     except ValueError as exc:
