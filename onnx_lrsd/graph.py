@@ -222,10 +222,13 @@ def resolve_constant(tensor: gs.Tensor) -> Optional[ResolvedConstant]:
         current = node.inputs[0]
         chain.append(current)
     for node in reversed(transforms):
-        if node.op == "Cast":
-            values = values.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
-        elif node.op == "Transpose":
-            values = np.transpose(values, node.attrs.get("perm"))
+        try:
+            if node.op == "Cast":
+                values = values.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+            elif node.op == "Transpose":
+                values = np.transpose(values, node.attrs.get("perm"))
+        except (KeyError, TypeError, ValueError):  # an invalid perm or target type: not a weight we can read
+            return None
     return ResolvedConstant(values=values, chain=tuple(chain))
 
 
@@ -256,10 +259,12 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
 
 
 class TensorNamer:
-    """Makes the names of new tensors: ``{node}/lrsd/{role}``, unique in the graph."""
+    """Makes the names of new tensors and nodes: ``{node}/lrsd/{role}``, unique among the
+    graph's tensor and node names (a second compression of a compressed model meets the
+    first one's names)."""
 
     def __init__(self, graph: gs.Graph):
-        self._taken = set(graph.tensors().keys())
+        self._taken = set(graph.tensors().keys()) | {node.name for node in graph.nodes}
 
     def __call__(self, node_name: str, role: str) -> str:
         base = f"{node_name}/lrsd/{role}"

@@ -526,6 +526,14 @@ def _weight_is_graph_output() -> onnx.ModelProto:
     return model
 
 
+def _bad_transpose() -> onnx.ModelProto:
+    """fc1's weight through a Transpose whose perm has the wrong length."""
+    model = mlp()
+    model.graph.initializer[0].name = "w1_t"
+    model.graph.node.insert(0, helper.make_node("Transpose", ["w1_t"], ["w1"], name="transpose_w1", perm=[1, 0, 2]))
+    return model
+
+
 def _huge_metadata() -> onnx.ModelProto:
     model = mlp()
     helper.set_model_props(model, {"note": "x" * 50_000, "ünïcödé": "✓"})
@@ -600,6 +608,7 @@ CASES: Tuple[Case, ...] = (
     Case("empty_node_names", "compress", "", _writer(_empty_node_names)),
     Case("unknown_op", "error", r"Frobnicate", _writer(_unknown_op)),
     Case("shape_mismatch", "error", r"fc1|shape|dimension", _writer(_shape_mismatch)),
+    Case("transpose_perm_mismatch", "error", r"onnxruntime.*(perm|Transpose)", _writer(_bad_transpose)),
     Case("raw_data_too_short", "error", r"w1", _writer(_raw_data_short)),
     Case("absurd_weight_dims", "error", r"w1", _writer(_absurd_weight_dims)),
     Case("absurd_input_dims", "error", r"input 'x'|too large", _writer(_absurd_input_dims)),
