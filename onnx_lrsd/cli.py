@@ -28,8 +28,26 @@ class Terminated(BaseException):
     """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C."""
 
 
+_SIGNALLED = {"SIGINT": False, "SIGTERM": False}
+"""Signals received by the running command: Python drops the exception a signal raises inside
+a destructor, so the command also checks these before it keeps its output."""
+
+
 def _raise_terminated(signum, frame) -> None:
+    _SIGNALLED["SIGTERM"] = True
     raise Terminated()
+
+
+def _raise_interrupted(signum, frame) -> None:
+    _SIGNALLED["SIGINT"] = True
+    raise KeyboardInterrupt
+
+
+def _raise_if_signalled() -> None:
+    if _SIGNALLED["SIGTERM"]:
+        raise Terminated()
+    if _SIGNALLED["SIGINT"]:
+        raise KeyboardInterrupt
 
 
 def guarded(command):
@@ -38,7 +56,8 @@ def guarded(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        previous = _on_sigterm(_raise_terminated)
+        _SIGNALLED.update(SIGINT=False, SIGTERM=False)
+        previous = _on_signals(_raise_terminated, _raise_interrupted)
         try:
             return command(*args, **kwargs)
         except LrsdError as exc:
@@ -50,19 +69,22 @@ def guarded(command):
         except MemoryError:
             _fail("out of memory")
         finally:
-            _on_sigterm(previous)
+            if previous is not None:
+                _on_signals(*previous)
 
     return wrapper
 
 
-def _on_sigterm(handler):
-    """Install `handler` for SIGTERM (main thread only); returns the previous one."""
+def _on_signals(on_term, on_int):
+    """Install handlers for SIGTERM and SIGINT (main thread only); returns the previous ones."""
     import signal
     import threading
 
-    if handler is None or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGTERM, handler)
+    # signal.signal returns None for a handler installed outside Python: restored as the default
+    return (signal.signal(signal.SIGTERM, on_term or signal.SIG_DFL),
+            signal.signal(signal.SIGINT, on_int or signal.SIG_DFL))
 
 
 def _identity(path: Path):
@@ -283,6 +305,7 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
         report = result.report
         if report_file is not None:
             _write_text_atomic(report_file, report.to_json())
+        _raise_if_signalled()
     if as_json:
         _emit_json(report.to_dict())
     else:

@@ -19,7 +19,7 @@ MARGIN_MB = 800
 """Interpreter and libraries (~150 MB), one layer's float64 work (8192²: 512 MB) and the
 compressed weights' copies; independent of the number of layers. Measured: +204 MB for the
 144 MB model alone, up to +550 MB when other tests ran before in the same session (heap
-state of the machine; not understood), +768 MB for the 2.3 GB model. Without memory maps
+state of the machine; not understood), +768 MB for the 2.3 GB model. Before the memory maps
 the 384 MB model of this kind peaked at 8.7x its size."""
 
 
