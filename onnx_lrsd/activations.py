@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import LrsdError
+from .errors import LrsdError, runtime_message
 from .io import serialize_for_runtime
+from .mapped import runtime_options
 from .stats import GramAccumulator, im2col
 from .targets import ConvGeometry, LayerTarget
 
@@ -121,11 +122,12 @@ class ActivationRunner:
         options.log_severity_level = 3  # pruned copies leave unused initializers: not worth a warning
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        runtime_options(options)
         try:
             self.session = ort.InferenceSession(serialize_for_runtime(augmented), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises several unrelated types
-            raise LrsdError(f"onnxruntime cannot run the model for calibration: {str(exc).splitlines()[0]}") from None
+            raise LrsdError(f"onnxruntime cannot run the model for calibration: {runtime_message(exc)}") from None
         self.names = list(tensor_names)
         self.inputs = {i.name for i in self.session.get_inputs()}
 
@@ -133,7 +135,7 @@ class ActivationRunner:
         try:
             values = self.session.run(self.names, {k: v for k, v in feeds.items() if k in self.inputs})
         except Exception as exc:  # invalid feeds surface here as onnxruntime errors
-            raise LrsdError(f"onnxruntime failed on a calibration batch: {str(exc).splitlines()[0]}") from None
+            raise LrsdError(f"onnxruntime failed on a calibration batch: {runtime_message(exc)}") from None
         return dict(zip(self.names, values))
 
 

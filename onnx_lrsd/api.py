@@ -21,7 +21,9 @@ from .config import CompressConfig
 from .cost import count_params, model_macs
 from .errors import LrsdError
 from .graph import export_model, import_graph, model_template
-from .io import PROTOBUF_LIMIT, ModelSource, check_output_directory, initializer_bytes, load_model, save_model
+from .io import (PROTOBUF_LIMIT, ModelSource, check_output_directory, initializer_bytes, load_model, load_source,
+                 save_model)
+from .mapped import weights_in
 from .activations import split_holdout
 from .bench import output_errors_on
 from .feeds import random_feeds
@@ -109,13 +111,16 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
     from .passes import CollectActivationsPass, FindTargetsPass, NameNodesPass, PassManager, SelectRanksPass
 
     start = time.perf_counter()
-    source = load_model(model)
+    source, mapped_dir = load_source(model, int(config.map_weights_above_mb * 2**20))
     if metric is not None:
         config = config.replace(target_params=1.0)  # the search moves it
     ctx = _context(source, config, progress)
     ctx.calibration = calibration_batches(calibration, source, config)
     prepare = [NameNodesPass(), FindTargetsPass(), SelectRanksPass(), CollectActivationsPass()]
-    with threadpool_limits(limits=config.blas_threads, user_api="blas"):
+    with threadpool_limits(limits=config.blas_threads, user_api="blas"), weights_in(mapped_dir):
+        if mapped_dir is not None and config.verify:  # while nothing else is in memory
+            from .passes.verify_outputs import reference_outputs
+            ctx.reference_outputs = reference_outputs(ctx)
         prepared = PassManager(prepare).run(import_graph(source), ctx)
         done = [p.name for p in prepare]
         if metric is not None:
@@ -424,7 +429,9 @@ def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, o
                   config: Optional[CompressConfig] = None, calibration: Calibration = None, progress=None,
                   **options) -> CompressionResult:
     """`compress` a model file and write the result atomically to `output_path` (the file
-    size in the report is the written file's)."""
+    size in the report is the written file's). A model compressed through memory maps
+    (`CompressConfig.map_weights_above_mb`) is written with external data, and the returned
+    model refers to the written data file instead of holding its weights."""
     input_path, output_path = Path(input_path), Path(output_path)
     if output_path.exists() and input_path.exists() and output_path.resolve() == input_path.resolve():
         raise LrsdError("output path is the input path; refusing to overwrite the input model")
@@ -433,7 +440,8 @@ def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, o
     check_output_directory(output_path)
     result = compress(input_path, config, calibration, progress, **options)
     config = result.report.config
-    save_model(result.model, output_path, external_data=bool(config.get("external_data")))
+    save_model(result.model, output_path, external_data=bool(config.get("external_data")),
+               source_dir=input_path.parent.resolve())
     written = output_path.stat().st_size + _data_file_size(output_path)
     before = dataclasses.replace(result.report.before,
                                  file_bytes=input_path.stat().st_size + _data_file_size(input_path))

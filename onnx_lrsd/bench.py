@@ -16,9 +16,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import LrsdError
+from .errors import LrsdError, runtime_message
 from .io import serialize_for_runtime
 from .profile import LayerDelta, LayerProfile, compare_profiles, comparison_text
+from .mapped import runtime_options
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ def make_session(model: ModelLike, threads: int, optimization: str = "all", prof
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                          Path(optimized_path).name + ".data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    runtime_options(options)
     if isinstance(model, onnx.ModelProto):
         source: Union[str, bytes] = serialize_for_runtime(model)
     elif isinstance(model, (bytes, bytearray)):
@@ -103,8 +105,7 @@ def make_session(model: ModelLike, threads: int, optimization: str = "all", prof
     try:
         return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated exception types
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LrsdError(f"onnxruntime cannot load the model: {first_line}") from None
+        raise LrsdError(f"onnxruntime cannot load the model: {runtime_message(exc)}") from None
 
 
 def run_outputs(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -202,10 +203,19 @@ def output_errors_on(original: ModelLike, compressed: ModelLike, batches: Sequen
                      names: Sequence[str]) -> dict[str, float]:
     """`relative_output_errors` of `compressed` against `original` over all `batches` at once
     (each output's runs concatenated), one onnxruntime thread each."""
-    sessions = [make_session(m, threads=1) for m in (original, compressed)]
-    runs = [[run_outputs(session, feeds) for feeds in batches] for session in sessions]
-    stacked = [[np.concatenate([np.ravel(run[i]) for run in side]) for i in range(len(names))] for side in runs]
-    return relative_output_errors(stacked[0], stacked[1], names)
+    return relative_output_errors(outputs_on(original, batches), outputs_on(compressed, batches), names)
+
+
+def outputs_on(model: ModelLike, batches: Sequence[Mapping[str, np.ndarray]]) -> list[np.ndarray]:
+    """Each output of `model` over all `batches`, flattened and concatenated (one session at
+    a time, one thread: a large model and its compressed copy are never loaded together)."""
+    session = make_session(model, threads=1)
+    try:
+        runs = [run_outputs(session, feeds) for feeds in batches]
+    except Exception as exc:  # onnxruntime raises its own types for bad feeds and failing kernels
+        raise LrsdError(f"onnxruntime failed to run the model: {runtime_message(exc)}") from None
+    del session
+    return [np.concatenate([np.ravel(run[i]) for run in runs]) for i in range(len(runs[0]))] if runs else []
 
 
 @dataclass(frozen=True)

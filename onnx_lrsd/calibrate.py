@@ -143,7 +143,7 @@ def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        reason = " ".join(str(exc).split())
+        reason = " ".join(str(exc).split()) if zipfile.is_zipfile(path) else "not a zip archive"
         raise LrsdError(f"calibration file {path}: not an .npz file ({reason})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise LrsdError(f"calibration file {path}: not an .npz file (one array; save inputs by name with np.savez)")
@@ -158,7 +158,10 @@ def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
 def _load_npz(path: Path) -> Feeds:
     """All arrays of one ``.npz`` file, checked to share one sample count along axis 0."""
     with _open_npz(path) as data:
-        arrays = {name: data[name] for name in data.files}
+        try:
+            arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # pickled objects, damaged members
+            raise LrsdError(f"calibration file {path}: unreadable array ({' '.join(str(exc).split())})") from None
     counts = {a.shape[0] if a.ndim else None for a in arrays.values()}
     if None in counts or len(counts) > 1:
         listed = ", ".join(f"{name}: {a.shape}" for name, a in arrays.items())

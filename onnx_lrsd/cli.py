@@ -24,21 +24,95 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C."""
+
+
+_SIGNALLED = {"SIGINT": False, "SIGTERM": False}
+"""Signals received by the running command: Python drops the exception a signal raises inside
+a destructor, so the command also checks these before it keeps its output."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    _SIGNALLED["SIGTERM"] = True
+    raise Terminated()
+
+
+def _raise_interrupted(signum, frame) -> None:
+    _SIGNALLED["SIGINT"] = True
+    raise KeyboardInterrupt
+
+
+def _raise_if_signalled() -> None:
+    if _SIGNALLED["SIGTERM"]:
+        raise Terminated()
+    if _SIGNALLED["SIGINT"]:
+        raise KeyboardInterrupt
+
+
 def guarded(command):
-    """Turn library errors into one line on stderr and exit code 1 (130 on Ctrl-C)."""
+    """Turn library errors into one line on stderr and exit code 1 (130 on Ctrl-C, 143 on
+    SIGTERM)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        _SIGNALLED.update(SIGINT=False, SIGTERM=False)
+        previous = _on_signals(_raise_terminated, _raise_interrupted)
         try:
             return command(*args, **kwargs)
         except LrsdError as exc:
             _fail(str(exc).splitlines()[0] if str(exc) else "failed")
         except KeyboardInterrupt:
             _fail("interrupted; no output written", 130)
+        except Terminated:
+            _fail("terminated; no output written", 143)
         except MemoryError:
             _fail("out of memory")
+        finally:
+            if previous is not None:
+                _on_signals(*previous)
 
     return wrapper
+
+
+def _on_signals(on_term, on_int):
+    """Install handlers for SIGTERM and SIGINT (main thread only); returns the previous ones."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    # signal.signal returns None for a handler installed outside Python: restored as the default
+    return (signal.signal(signal.SIGTERM, on_term or signal.SIG_DFL),
+            signal.signal(signal.SIGINT, on_int or signal.SIG_DFL))
+
+
+def _identity(path: Path):
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _unless_completed(output: Path):
+    """A context that removes `output` (and its data file) when the block fails after
+    writing it: a failed or interrupted command leaves no new output behind."""
+    import contextlib
+
+    before = _identity(output)
+
+    @contextlib.contextmanager
+    def block():
+        try:
+            yield
+        except BaseException:
+            if _identity(output) != before:
+                for path in (output, output.with_name(output.name + ".data")):
+                    path.unlink(missing_ok=True)
+            raise
+
+    return block()
 
 
 def _parse_dims(values) -> tuple:
@@ -111,6 +185,15 @@ def main(verbose: int) -> None:
     """Compress ONNX models by low-rank + sparse decomposition, verified in onnxruntime."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _quiet_graphsurgeon(verbose)
+
+
+def _quiet_graphsurgeon(verbose: int) -> None:
+    """onnx-graphsurgeon prints its warnings on stdout, which would corrupt `--json` output:
+    only its errors are shown (all of it with -vv)."""
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.VERBOSE if verbose >= 2 else G_LOGGER.ERROR
 
 
 @main.command()
@@ -223,10 +306,12 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
         from .render import check_report_path
         check_report_path(report_file)
     calibration = list(calib) if calib else None
-    result = compress_file(model, output, config, calibration, progress=_progress_printer(quiet or as_json))
-    report = result.report
-    if report_file is not None:
-        _write_report(report_file, report, model, result.model, config)
+    with _unless_completed(output):
+        result = compress_file(model, output, config, calibration, progress=_progress_printer(quiet or as_json))
+        report = result.report
+        if report_file is not None:
+            _write_report(report_file, report, model, result.model, config)
+        _raise_if_signalled()
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -254,9 +339,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
         with os.fdopen(handle, "w") as stream:
             stream.write(text)
         os.replace(temp, path)
-    except OSError as exc:
+    except BaseException as exc:
         Path(temp).unlink(missing_ok=True)
-        raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
 
 
 @main.command()

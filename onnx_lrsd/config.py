@@ -92,6 +92,9 @@ class CompressConfig:
     verify_batch: batch size of the verification inputs; `dims` fixes other symbolic dims.
     seed: seed of every random choice (verification inputs, randomized solvers).
     external_data: always save weights as external data (always done above 2 GB).
+    map_weights_above_mb: a model file whose external data exceeds this many MiB keeps its
+        weights on disk, read through memory maps one layer at a time (`onnx_lrsd.mapped`);
+        the output is then written with external data.
     sparse_share: share of each layer's parameter budget given to a sparse residual S (W ≈
         L + S, LRSD / CMD), in [0, 1); ``"auto"`` picks per layer among `AUTO_SHARES` by the
         lowest held-out data error (a share > 0 must beat the plain chain's by
@@ -150,6 +153,7 @@ class CompressConfig:
     dims: Tuple[Tuple[str, int], ...] = ()
     seed: int = 0
     external_data: bool = False
+    map_weights_above_mb: float = 1024.0
     blas_threads: Optional[int] = 1
     mode: str = "independent"
     sequential_stages: int = 12

@@ -1,6 +1,7 @@
 """Turn a layer's plan into factors: the bridge from `LayerTarget` to the numeric kernels."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -60,11 +61,16 @@ class LayerFactorization:
 
     name: str
     method: str
-    factors: Factors
+    factors: Optional[Factors]
     bias_shift: Optional[np.ndarray] = None
     data_error: Optional[float] = None
     shared: Tuple[Tuple[str, str], ...] = ()
     fallback: Optional["LayerFactorization"] = None
+
+    def without_factors(self) -> LayerFactorization:
+        """This record without its factor arrays (method, bias shift and data error kept),
+        for when the rewrite has written them into the graph."""
+        return dataclasses.replace(self, factors=None)
 
     @property
     def low_rank(self) -> Factors:

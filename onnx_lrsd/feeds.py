@@ -10,6 +10,9 @@ from .errors import LrsdError
 
 log = logging.getLogger(__name__)
 
+MAX_RANDOM_INPUT_BYTES = 2**30
+"""Largest random input made for verification or timing (declared dims can be absurd)."""
+
 InputSpec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 
@@ -88,6 +91,10 @@ def random_feeds(
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in resolve_input_shapes(model, batch=batch, dims=dims).items():
+        size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if size > MAX_RANDOM_INPUT_BYTES:
+            raise LrsdError(f"input '{name}' of shape {list(shape)} is too large for random inputs "
+                            f"({size / 2**30:.3g} GiB); give calibration data or --dim values")
         if dtype.kind == "f":
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu":

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from .errors import LrsdError
 from .io import runtime_ir_version
+from .mapped import map_external_constants, mapped_directory, mapped_values
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +63,62 @@ def _copied(model: onnx.ModelProto) -> onnx.ModelProto:
     return clone
 
 
+SKELETON_BYTES = 1024
+"""Initializers from this size on are left out of the copy shape inference works on."""
+
+
+def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose top-level initializers of `SKELETON_BYTES` or more keep their
+    name, type and dims but no values (marked external): what shape inference needs, without
+    copying the weights (inference serializes its input and parses its output: four copies)."""
+    skeleton = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name == "graph":
+            continue
+        if field.is_repeated:
+            getattr(skeleton, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(skeleton, field.name).CopyFrom(value)
+        else:
+            setattr(skeleton, field.name, value)
+    graph = model.graph
+    for field, value in graph.ListFields():
+        if field.name == "initializer":
+            continue
+        if field.is_repeated:
+            getattr(skeleton.graph, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(skeleton.graph, field.name).CopyFrom(value)
+        else:
+            setattr(skeleton.graph, field.name, value)
+    for tensor in graph.initializer:
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= SKELETON_BYTES or tensor.external_data:
+            stub = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                                  data_location=onnx.TensorProto.EXTERNAL)
+            stub.external_data.add(key="location", value="weights-left-out")
+        else:
+            skeleton.graph.initializer.append(tensor)
+    return skeleton
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference where it works; the model unchanged where it does not."""
+    """The shapes shape inference finds (in `value_info` and the outputs) on a weightless
+    copy of `model`; the weightless copy unchanged where inference fails."""
+    skeleton = weightless(model)
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-    except Exception as exc:  # inference is best effort: unknown ops, >2 GB protos
+        return onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is best effort: unknown ops
         log.warning("shape inference failed (%s); MACs of some layers will be unknown", str(exc).splitlines()[0])
-        return model
+        return skeleton
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    inferred = infer_shapes(model)  # before stripping: IR < 4 inference reads initializers as inputs
-    if inferred is model:
-        inferred = _copied(model)
+    shapes = infer_shapes(model).graph  # before stripping: IR < 4 inference reads initializers as inputs
+    inferred = _copied(model)
+    del inferred.graph.value_info[:]
+    inferred.graph.value_info.extend(shapes.value_info)
+    del inferred.graph.output[:]
+    inferred.graph.output.extend(shapes.output)
     strip_initializer_inputs(inferred)
     overridable = {t.name for t in overridable_initializers(inferred)}
     if overridable:  # imported as plain graph inputs; `export_model` puts the defaults back
@@ -82,9 +126,13 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
         del inferred.graph.initializer[:]
         inferred.graph.initializer.extend(kept)
     try:
-        return gs.import_onnx(inferred)
+        graph = gs.import_onnx(inferred)
     except Exception as exc:  # graphsurgeon rejects malformed graphs with assorted exceptions
         raise LrsdError(f"cannot read the graph: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    directory = mapped_directory()
+    if directory is not None:
+        map_external_constants(graph, directory)
+    return graph
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto, sparse: Iterable[str] = ()) -> onnx.ModelProto:
@@ -148,7 +196,8 @@ def resolve_constant(tensor: gs.Tensor) -> Optional[ResolvedConstant]:
     current = tensor
     while True:
         if isinstance(current, gs.Constant):
-            values = np.asarray(current.values)
+            mapped = mapped_values(current)
+            values = mapped if mapped is not None else np.asarray(current.values)
             break
         if len(current.inputs) != 1:
             return None
@@ -173,10 +222,13 @@ def resolve_constant(tensor: gs.Tensor) -> Optional[ResolvedConstant]:
         current = node.inputs[0]
         chain.append(current)
     for node in reversed(transforms):
-        if node.op == "Cast":
-            values = values.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
-        elif node.op == "Transpose":
-            values = np.transpose(values, node.attrs.get("perm"))
+        try:
+            if node.op == "Cast":
+                values = values.astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+            elif node.op == "Transpose":
+                values = np.transpose(values, node.attrs.get("perm"))
+        except (KeyError, TypeError, ValueError):  # an invalid perm or target type: not a weight we can read
+            return None
     return ResolvedConstant(values=values, chain=tuple(chain))
 
 
@@ -207,10 +259,12 @@ def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
 
 
 class TensorNamer:
-    """Makes the names of new tensors: ``{node}/lrsd/{role}``, unique in the graph."""
+    """Makes the names of new tensors and nodes: ``{node}/lrsd/{role}``, unique among the
+    graph's tensor and node names (a second compression of a compressed model meets the
+    first one's names)."""
 
     def __init__(self, graph: gs.Graph):
-        self._taken = set(graph.tensors().keys())
+        self._taken = set(graph.tensors().keys()) | {node.name for node in graph.nodes}
 
     def __call__(self, node_name: str, role: str) -> str:
         base = f"{node_name}/lrsd/{role}"

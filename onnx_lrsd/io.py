@@ -2,17 +2,21 @@
 onnxruntime accepts."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Optional, Tuple, Union
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import LrsdError
+from .mapped import external_bytes, external_info, has_external_references, write_with_external_data
+from .validate import check_model, make_node_names_unique
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +31,19 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
 
     External data next to a file is loaded. Errors become one-line `LrsdError`s.
     """
+    return load_source(source)[0]
+
+
+def load_source(source: ModelSource, map_above: Optional[int] = None) -> Tuple[onnx.ModelProto, Optional[Path]]:
+    """`load_model`, except that a file whose external data exceeds `map_above` bytes is
+    checked but not loaded: returns the model and the directory its weights stay in (None
+    when everything was loaded; see `onnx_lrsd.mapped`)."""
     if isinstance(source, (onnx.ModelProto, bytes, bytearray)):
         model = _copy(source) if isinstance(source, onnx.ModelProto) else _parse(bytes(source), "the given bytes")
         _refuse_unloaded_external_data(model)
-        return model
+        check_model(model)
+        make_node_names_unique(model)
+        return model, None
     path = Path(source)
     if not path.exists():
         raise LrsdError(f"model file not found: {path}")
@@ -41,8 +54,16 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
     except OSError as exc:
         raise LrsdError(f"cannot read {path}: {exc.strerror or exc}") from None
     model = _parse(data, str(path))
-    _load_external_data(model, path.parent, path)
-    return model
+    check_model(model, str(path))
+    make_node_names_unique(model)
+    _check_external_locations(model, path.parent, path)
+    if map_above is not None and external_bytes(model) > map_above:
+        return model, path.parent.resolve()
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent.resolve()))
+    except (OSError, ValueError) as exc:
+        raise LrsdError(f"{path}: cannot load external data: {exc}") from None
+    return model, None
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -73,7 +94,9 @@ def _refuse_unloaded_external_data(model: onnx.ModelProto) -> None:
                         f"or load it with onnx.load(path) (load_external_data=True)")
 
 
-def _load_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
+def _check_external_locations(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
+    """Every external tensor's file exists inside the model's directory (no path traversal)
+    and holds the declared range."""
     from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
     base = base_dir.resolve()
@@ -86,10 +109,10 @@ def _load_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> N
             raise LrsdError(f"{path}: external data '{location}' of tensor '{tensor.name}' points outside the model's directory")
         if not target.is_file():
             raise LrsdError(f"{path}: external data file '{location}' of tensor '{tensor.name}' is missing")
-    try:
-        onnx.load_external_data_for_model(model, str(base))
-    except (OSError, ValueError) as exc:
-        raise LrsdError(f"{path}: cannot load external data: {exc}") from None
+        _, offset, length = external_info(tensor)
+        if length is not None and offset + length > target.stat().st_size:
+            raise LrsdError(f"{path}: cannot load external data: tensor '{tensor.name}' needs bytes {offset}.."
+                            f"{offset + length} of '{location}', which has {target.stat().st_size}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,16 +179,33 @@ def check_output_directory(path: Path) -> Path:
     return directory
 
 
-def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external_data: bool = False) -> Path:
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM are held back during the block and delivered after it."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external_data: bool = False,
+               source_dir: Optional[Path] = None) -> Path:
     """Write `model` atomically: into a temporary file in the target directory, then renamed.
 
     With `external_data` (forced above 2 GB) the weights go to ``<name>.data`` beside it;
-    a stale data file of that name is replaced, never appended to.
+    a stale data file of that name is replaced, never appended to. A model whose tensors
+    still refer to external files in `source_dir` (a mapped run, `onnx_lrsd.mapped`) is
+    streamed into the data file and left referring to it.
     Returns the written path.
     """
     path = Path(path)
     directory = check_output_directory(path)
-    external_data = external_data or needs_external_data(model)
+    streamed = has_external_references(model)
+    external_data = external_data or streamed or needs_external_data(model)
     data_name = path.name + ".data"
     try:
         staging = Path(tempfile.mkdtemp(prefix=".onnx_lrsd-", dir=directory))
@@ -173,14 +213,18 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external_d
         raise LrsdError(f"cannot write to {directory}: {exc.strerror or exc}") from None
     try:
         staged = staging / path.name
-        if external_data:
+        if streamed:
+            write_with_external_data(model, staged, data_name, source_dir)
+        elif external_data:
             model = _copy(model)  # onnx moves the weights out of the proto it saves
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-            os.replace(staging / data_name, directory / data_name)
         else:
             staged.write_bytes(model.SerializeToString())
-        os.replace(staged, path)
+        with signals_deferred():  # the model and its data file arrive together
+            if external_data:
+                os.replace(staging / data_name, directory / data_name)
+            os.replace(staged, path)
     except OSError as exc:
         raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
     except ValueError as exc:

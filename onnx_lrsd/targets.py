@@ -14,6 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .graph import ResolvedConstant, resolve_constant, sole_consumer
+from .mapped import release_pages
 
 WEIGHT_OPS_NOT_SUPPORTED = {
     "ConvTranspose": "ConvTranspose is not factorized",
@@ -114,6 +115,7 @@ class LayerTarget:
     def matrix(self) -> np.ndarray:
         """The weight as [in, out] in float64 (Conv: im2col order, channel then kernel)."""
         w = np.asarray(self.weight, dtype=np.float64)
+        release_pages(self.weight)
         if self.conv is not None:
             return w.reshape(w.shape[0], -1).T
         if self.gemm is not None and self.gemm.trans_b:
@@ -150,9 +152,19 @@ def _weight(node: gs.Node, index: int, graph: gs.Graph) -> ResolvedConstant:
         raise NotATarget(f"{resolved.values.dtype} weights are not factorized")
     if not sole_consumer(resolved, node, graph):
         raise NotATarget("weight is shared with other nodes")
-    if not np.all(np.isfinite(resolved.values)):
+    finite = bool(np.all(np.isfinite(resolved.values)))
+    release_pages(resolved.values)
+    if not finite:
         raise NotATarget("weight has NaN or inf values")
     return resolved
+
+
+def _dequantized_constant(tensor: gs.Tensor) -> bool:
+    """True for a constant seen through DequantizeLinear (a QDQ weight); a dequantized
+    activation is not one."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    return (producer is not None and producer.op == "DequantizeLinear" and bool(producer.inputs)
+            and resolve_constant(producer.inputs[0]) is not None)
 
 
 def _shape(tensor: gs.Tensor) -> Optional[Tuple]:
@@ -187,7 +199,7 @@ def gemm_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
 
 def matmul_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
     """y = x @ W (weight on the right) or y = W @ x (weight on the left), W constant 2-D."""
-    if any(t.inputs and t.inputs[0].op == "DequantizeLinear" for t in node.inputs[:2]):
+    if any(_dequantized_constant(t) for t in node.inputs[:2]):
         raise NotATarget("weight is quantized (DequantizeLinear)")
     right, left = resolve_constant(node.inputs[1]), resolve_constant(node.inputs[0])
     if right is not None and left is not None:

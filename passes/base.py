@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -59,6 +60,7 @@ class PassContext:
     timings: Dict[str, float] = field(default_factory=dict)
     sparse_initializers: List[str] = field(default_factory=list)
     residual_check: Optional[ResidualCheck] = None
+    reference_outputs: Optional[List[np.ndarray]] = None
 
     def add_factorization(self, fact: LayerFactorization) -> None:
         """Store a layer's factors; a plan that asked for a sparse residual is updated to the

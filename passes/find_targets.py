@@ -25,7 +25,7 @@ class FindTargetsPass(Pass):
             elif isinstance(found, SkippedLayer):
                 ctx.skipped.append(found)
             for subgraph in _subgraphs(node):
-                ctx.skipped.extend(_subgraph_layers(subgraph, f"inside a {node.op} body (subgraphs are not rewritten)"))
+                ctx.skipped.extend(_subgraph_layers(subgraph, f"inside {'an' if node.op == 'If' else 'a'} {node.op} body (subgraphs are not rewritten)"))
         for chain in [t for t in ctx.targets.values() if t.chain_first is not None]:
             first = ctx.targets.pop(chain.chain_first, None)
             if first is not None:

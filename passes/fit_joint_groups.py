@@ -33,8 +33,10 @@ class FitJointGroupsPass(Pass):
     sum of its members' plans) with the configured side ("both": MatMul groups only; its
     alternating fit costs minutes on 384-wide layers), or with "auto" the side of "left" and
     "right" with the lowest summed squared held-out error — kept only if it beats the separate
-    fits, which are then left to `reconstruct_feature_maps`. Bias correction as for separate
-    fits; a member's plan shows its own params plus its share of the shared factor."""
+    fits, which are then left to `reconstruct_feature_maps`. A side whose ranks would cost any
+    member more MACs than its dense layer is not tried (as for separate fits: a factorization
+    must save both). Bias correction as for separate fits; a member's plan shows its own params
+    plus its share of the shared factor."""
 
     name = "fit_joint_groups"
     requires = ("collect_activations", "group_layers")
@@ -69,6 +71,8 @@ class FitJointGroupsPass(Pass):
             ranks = allocated[1] if allocated else joint_ranks(side, [w.shape for w in ws], budget)
             if (side != "right" and ranks[0] < 1) or (side != "left" and ranks[1] < 1):
                 continue
+            if any(t.rows * sum(ranks) * (t.in_features + t.out_features) >= t.macs for t in targets):
+                continue  # the shared factor buys a rank whose chains cost more MACs than the dense layers
             fit = joint_fit(ws, grams, side, ranks, config.ridge)
             errors = [data_error(w, fit.to_dense(i), c) for i, (w, c) in enumerate(zip(ws, checks))]
             score = float(sum(e * e for e in errors))

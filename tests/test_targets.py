@@ -300,7 +300,7 @@ def test_layers_inside_if_bodies_are_listed_as_skipped():
     model = _if_model()
     skipped, report = _skipped(model)
     assert [t.name for t in report.targets] == ["top_mm"]
-    reason = "inside a If body (subgraphs are not rewritten)"
+    reason = "inside an If body (subgraphs are not rewritten)"
     assert skipped == {"then_mm": ("MatMul", reason), "else_mm": ("MatMul", reason)}
     result = _assert_left_dense(model)
     for cond in (True, False):

@@ -1,0 +1,112 @@
+"""Ctrl-C (SIGINT) or SIGTERM during `onnx-lrsd compress` leaves no output, no report and no
+staging files: exit 130 (143 for SIGTERM) with one line on stderr."""
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import onnx_lrsd
+import onnx_lrsd.api
+import onnx_lrsd.cli
+import onnx_lrsd.io
+from onnx_lrsd.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "models" / "digits_cnn.onnx"
+CALIB = REPO / "models" / "digits_calib.npz"
+
+
+def _interrupt_mid_fit(tmp_path: Path, signum: int) -> subprocess.CompletedProcess:
+    """Start a compression that fits for ~20 s, wait until the fits start, send `signum`."""
+    output = tmp_path / "out" / "small.onnx"
+    output.parent.mkdir()
+    args = [sys.executable, "-m", "onnx_lrsd.cli", "-vv", "compress", str(DIGITS), "-o", str(output),
+            "--calib", str(CALIB), "--sparse-share", "auto", "--keep", "0.3", "--report", str(tmp_path / "out" / "r.json")]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 120
+    for line in process.stderr:
+        lines.append(line)
+        if "pass collect_activations" in line or time.monotonic() > deadline:
+            break
+    time.sleep(0.5)
+    assert process.poll() is None, "finished before it could be interrupted"
+    process.send_signal(signum)
+    try:
+        rest = process.communicate(timeout=300)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        rest = process.communicate()[1]
+        pytest.fail(f"still running 300 s after the signal: {''.join(lines[-5:]) + rest[-2000:]}")
+    return subprocess.CompletedProcess(args, process.returncode, "", "".join(lines) + rest)
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signal_during_compress_leaves_no_output(tmp_path, signum, code, word):
+    run = _interrupt_mid_fit(tmp_path, signum)
+    assert run.returncode == code, run.stderr[-2000:]
+    assert run.stderr.splitlines()[-1] == f"error: {word}; no output written"
+    assert "Traceback" not in run.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_interrupt_while_saving_leaves_no_output(tmp_path, monkeypatch):
+    """Ctrl-C arriving in the middle of the save: the staging files are removed."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_lrsd.io.os, "replace", interrupted)
+    output = tmp_path / "out" / "small.onnx"
+    output.parent.mkdir()
+    result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(output), "--keep", "0.5", "--external-data"])
+    assert result.exit_code == 130 and "interrupted; no output written" in result.stderr
+    assert list(output.parent.iterdir()) == []
+
+
+def test_interrupt_right_after_saving_removes_the_new_output(tmp_path, monkeypatch):
+    """Ctrl-C delivered once the model is in place (e.g. held back during the renames): the
+    command fails, so the output it wrote is removed too; a previous file's place is freed."""
+    real_save = onnx_lrsd.api.save_model
+
+    def save_then_interrupt(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_lrsd.api, "save_model", save_then_interrupt)
+    output = tmp_path / "small.onnx"
+    result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(output), "--keep", "0.5", "--external-data"])
+    assert result.exit_code == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_interrupt_swallowed_by_a_destructor_still_discards_the_output(tmp_path, monkeypatch):
+    """Python drops a KeyboardInterrupt raised inside a destructor; the command still sees
+    the signal before keeping its output."""
+    real_save = onnx_lrsd.api.save_model
+
+    def save_after_a_lost_interrupt(*args, **kwargs):
+        onnx_lrsd.cli._SIGNALLED["SIGINT"] = True  # what the handler records before raising
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_lrsd.api, "save_model", save_after_a_lost_interrupt)
+    output = tmp_path / "small.onnx"
+    result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(output), "--keep", "0.5"])
+    assert result.exit_code == 130 and "interrupted; no output written" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_after_saving_removes_the_output(tmp_path, monkeypatch):
+    """A report that cannot be written fails the command: the model is not left behind."""
+    def disk_full(path, text):
+        raise onnx_lrsd.LrsdError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(onnx_lrsd.cli, "_write_text_atomic", disk_full)
+    output = tmp_path / "small.onnx"
+    result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(output), "--keep", "0.5",
+                                       "--report", str(tmp_path / "report.json")])
+    assert result.exit_code == 1 and "No space left" in result.stderr
+    assert list(tmp_path.iterdir()) == []
