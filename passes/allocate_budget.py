@@ -11,11 +11,12 @@ from onnx_lrsd.activations import split_holdout
 from onnx_lrsd.allocate import UNIT, Allocation, Option, Sensitivity, allocate_budget, allocate_damage
 from onnx_lrsd.bench import make_session, run_outputs, time_sessions
 from onnx_lrsd.cost import count_params, model_macs
-from onnx_lrsd.error_curves import LayerCandidate, layer_candidates
+from onnx_lrsd.error_curves import LayerCandidate
 from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.factorize import factorize_data_aware
 from onnx_lrsd.graph import export_model
 from onnx_lrsd.latency import LatencyModel, interpolate_latency
+from onnx_lrsd.parallel import error_curves, latency_tasks
 from onnx_lrsd.rank_select import LayerPlan, dense_plan, with_sparse_request
 from onnx_lrsd.report import AllocationSummary
 from onnx_lrsd.rewrite import rewrite_layers
@@ -62,10 +63,11 @@ class AllocateBudgetPass(Pass):
             return PassResult(graph, modified=False, stats={"allocated": 0})
         kind, value = config.target
         names = list(ctx.allocatable)
-        for done, name in enumerate(names, 1):
-            if name not in ctx.curves:
-                ctx.curves[name] = layer_candidates(ctx.targets[name], _gram(ctx, name), config)
-            ctx.report_progress("error curves", done, len(names))
+        missing = [name for name in names if name not in ctx.curves]
+        requests = [(ctx.targets[name], _gram(ctx, name)) for name in missing]
+        for done, (name, curve) in enumerate(zip(missing, error_curves(ctx.executor, requests, config)), 1):
+            ctx.curves[name] = curve
+            ctx.report_progress("error curves", done, len(missing))
         curves = {name: ctx.curves[name] for name in names}
         probed = config.sensitivity and bool(ctx.calibration)
         if probed and not ctx.sensitivities:
@@ -100,19 +102,22 @@ class AllocateBudgetPass(Pass):
         shapes = input_shapes(ctx, names, feed)
         original_ms = _model_ms(ctx, feed)
         model = LatencyModel(threads=config.latency_threads)
+        keys = {name: _shape_key(ctx.targets[name], shapes[name], curves[name]) for name in names}
+        first: Dict[tuple, str] = {}  # one measurement per distinct layer, in layer order
+        for name in names:
+            first.setdefault(keys[name], name)
+        requests = [(ctx.targets[name], shapes[name], curves[name]) for name in first.values()]
         memo: Dict[tuple, Tuple[float, List[float]]] = {}
+        for done, (key, times) in enumerate(zip(first, latency_tasks(ctx.executor, _candidate_ms, model, requests)), 1):
+            memo[key] = times
+            ctx.report_progress("latency", done, len(first))
         options, dense_total = [], 0.0
-        for done, name in enumerate(names, 1):
-            target = ctx.targets[name]
-            key = _shape_key(target, shapes[name], curves[name])
-            if key not in memo:
-                memo[key] = _candidate_ms(model, target, shapes[name], curves[name])
-            dense_ms, candidate_ms = memo[key]
+        for name in names:
+            dense_ms, candidate_ms = memo[keys[name]]
             dense_total += dense_ms
             options.append([Option(dense_ms, 0.0)] + [
                 Option(ms, d)
                 for ms, d in zip(candidate_ms, damages[name])])
-            ctx.report_progress("latency", done, len(names))
         rest = original_ms - dense_total
         budget = original_ms / (speedup * self.correction) - rest
         cheapest = sum(min(o.cost for o in layer) for layer in options)
