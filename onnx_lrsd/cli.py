@@ -77,6 +77,24 @@ def _parse_sparse_share(value: Optional[str]):
     return share
 
 
+def scale_out_options(command):
+    """--executor, --workers and --ray-address, handed to the command as `scale_out` (the
+    `CompressConfig` fields that were given)."""
+
+    @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+                  help="Where calibration shards and per-layer work run: this machine or a Ray cluster. [local]")
+    @click.option("--workers", type=click.IntRange(min=1), default=None,
+                  help="Local executor: processes (1: this process). [1]")
+    @click.option("--ray-address", default=None, metavar="ADDR",
+                  help="Ray executor: the cluster to join (host:port, auto, ray://...); default: a local Ray.")
+    @functools.wraps(command)
+    def wrapper(*args, executor, workers, ray_address, **kwargs):
+        given = dict(executor=executor, workers=workers, ray_address=ray_address)
+        return command(*args, scale_out={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+    return wrapper
+
+
 def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -190,11 +208,13 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--external-data", is_flag=True, default=None, help="Save weights to OUTPUT.data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@scale_out_options
 @guarded
 def compress(model: Path, output: Path, keep, energy, method, ranks, skips, config_file, report_file, dims,
              calib, calib_samples, calib_batch, mode, mask_input, ridge, sparse_share, sparse_structure,
              bias_correction, target_params, target_macs, target_latency, max_error, latency_batch, latency_threads,
-             sensitivity, show_layers, layer_latency, joint, stages, evbmf, verify, seed, external_data, as_json, quiet) -> None:
+             sensitivity, show_layers, layer_latency, joint, stages, evbmf, verify, seed, external_data, as_json, quiet,
+             scale_out) -> None:
     """Factorize MODEL's Gemm / MatMul / Conv weights and write the smaller model to OUTPUT."""
     from .api import compress_file
     from .config import CompressConfig, LayerOverride, load_config_file
@@ -209,7 +229,7 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
         target_latency=target_latency, max_error=max_error, latency_batch=latency_batch,
         latency_threads=latency_threads, sensitivity=sensitivity, layer_latency=layer_latency,
         joint={"l": "left", "r": "right", "b": "both"}.get(joint, joint), stages=stages,
-        evbmf=evbmf).items()
+        evbmf=evbmf, **scale_out).items()
         if value is not None}
     if dims:
         options["dims"] = _parse_dims(dims)
@@ -297,9 +317,10 @@ def _parse_points(text: str) -> tuple:
 @click.option("--save-models", is_flag=True, help="Also write each point's model as params-<ratio>.onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@scale_out_options
 @guarded
 def sweep(model: Path, output_dir: Path, calib, points, config_file, calib_samples, calib_batch, mask_input, dims,
-          latency_batch, latency_threads, save_models, as_json, quiet) -> None:
+          latency_batch, latency_threads, save_models, as_json, quiet, scale_out) -> None:
     """Global allocations of MODEL at several sizes: a Pareto table and plot of speedup and
     size against output error."""
     from .api import sweep as run_sweep
@@ -314,7 +335,7 @@ def sweep(model: Path, output_dir: Path, calib, points, config_file, calib_sampl
     config = load_config_file(config_file) if config_file else CompressConfig()
     options = {key: value for key, value in dict(
         calib_samples=calib_samples, calib_batch=calib_batch, mask_input=mask_input, latency_batch=latency_batch,
-        latency_threads=latency_threads).items() if value is not None}
+        latency_threads=latency_threads, **scale_out).items() if value is not None}
     if dims:
         options["dims"] = _parse_dims(dims)
     config = config.replace(**options)
