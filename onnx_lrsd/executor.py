@@ -66,9 +66,9 @@ class Executor(ABC):
         """onnxruntime threads a task may use (0: the runtime's default, all cores)."""
         return 0
 
-    def callback(self, fn: Optional[Callable]) -> Optional[Callable]:
-        """`fn` when tasks run in this process (it may then be a task argument, e.g. to report
-        progress), else None."""
+    def local(self, value: Any) -> Any:
+        """`value` when tasks run in this process (it may then be a task argument as it is,
+        picklable or not: a progress callback, a graph), else None."""
         return None
 
     def close(self) -> None:
@@ -87,8 +87,8 @@ class InProcessExecutor(Executor):
     def imap(self, fn: Callable, tasks: Sequence[Task]) -> Iterator[Any]:
         return (fn(*task.args) for task in tasks)
 
-    def callback(self, fn: Optional[Callable]) -> Optional[Callable]:
-        return fn
+    def local(self, value: Any) -> Any:
+        return value
 
 
 def run_task(fn: Callable, blas_threads: Optional[int], *args) -> Any:

@@ -69,7 +69,7 @@ def sharded_statistics(executor: Executor, model: onnx.ModelProto, targets: Sequ
     light = [geometry_only(t) for t in targets]
     has_holdout = holdout_every > 1 and len(batches) >= holdout_every
     memory = _statistics_memory(model, targets, has_holdout, cross=False)
-    in_process = executor.callback(progress)
+    in_process = executor.local(progress)
     tasks = [Task((shared, light, [batches[i] for i in shard], holdout_every, mask_input, max_positions, seed,
                    in_process, shard.start, len(batches), executor.task_threads), memory=memory)
              for shard in shards]

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_lrsd.activations import split_holdout
@@ -14,7 +15,9 @@ from onnx_lrsd.cost import count_params, model_macs
 from onnx_lrsd.error_curves import LayerCandidate
 from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.factorize import factorize_data_aware
-from onnx_lrsd.graph import export_model
+from onnx_lrsd.executor import Task
+from onnx_lrsd.graph import export_model, import_graph
+from onnx_lrsd.io import initializer_bytes
 from onnx_lrsd.latency import LatencyModel, interpolate_latency
 from onnx_lrsd.parallel import error_curves, latency_tasks
 from onnx_lrsd.rank_select import LayerPlan, dense_plan, with_sparse_request
@@ -183,29 +186,45 @@ def layer_sensitivities(graph: gs.Graph, ctx: PassContext,
                         curves: Dict[str, List[LayerCandidate]]) -> Dict[str, Sensitivity]:
     """Each layer's `Sensitivity` from probes: the model's squared relative output error (all
     float outputs, `PROBE_BATCHES` calibration batches, held-out first) with layer l alone
-    replaced by its fit at each probe candidate."""
+    replaced by its fit at each probe candidate. One executor task per layer; the graph (as a
+    model, where tasks run elsewhere), batches and reference outputs are shared once."""
     config = ctx.config
     batches = (split_holdout(ctx.calibration, config.holdout_every)[1] or ctx.calibration)[:PROBE_BATCHES]
     original = make_session(ctx.source, threads=config.latency_threads)
     reference = [run_outputs(original, feeds) for feeds in batches]
-    found: Dict[str, Sensitivity] = {}
-    for done, (name, candidates) in enumerate(curves.items(), 1):
-        ctx.report_progress("sensitivity", done, len(curves))
+    executor = ctx.executor
+    probed = [name for name, candidates in curves.items() if candidates and name in ctx.statistics]
+    if probed:
+        source = executor.local(graph)
+        if source is None:
+            source = executor.share(export_model(graph.copy(), ctx.template))
+        template, shared_batches, shared_reference = (executor.share(v) for v in (ctx.template, batches, reference))
+    tasks, probes = [], {name: probe_candidates(curves[name]) for name in probed}
+    for name in probed:
         target = ctx.targets[name]
-        if not candidates or name not in ctx.statistics:
-            found[name] = UNIT
-            continue
-        points = []
-        for probe in probe_candidates(candidates):
-            plan = LayerPlan(name, target.op, probe.method, probe.ranks, probe.cost, ctx.plans[name].dense)
-            fact = factorize_data_aware(target, plan, ctx.statistics[name].fit, config.ridge, config.bias_correction)
-            probe_graph = graph.copy()
-            rewrite_layers(probe_graph, ctx.targets, [fact])
-            session = make_session(export_model(probe_graph, ctx.template), threads=config.latency_threads)
-            points.append((probe.error, _squared_output_error(session, batches, reference)))
-        found[name] = Sensitivity.fitted(points)
+        plans = [LayerPlan(name, target.op, p.method, p.ranks, p.cost, ctx.plans[name].dense) for p in probes[name]]
+        tasks.append(Task((source, template, target, plans, ctx.statistics[name].fit, config, shared_batches,
+                           shared_reference), memory=3 * initializer_bytes(ctx.source)))
+    found: Dict[str, Sensitivity] = {name: UNIT for name in curves}
+    for done, (name, damages) in enumerate(zip(probed, executor.imap(probe_layer, tasks)), 1):
+        found[name] = Sensitivity.fitted([(p.error, d) for p, d in zip(probes[name], damages)])
         log.debug("sensitivity %s: %s", name, found[name])
+        ctx.report_progress("sensitivity", done, len(probed))
     return found
+
+
+def probe_layer(source: Union[gs.Graph, onnx.ModelProto], template: onnx.ModelProto, target: LayerTarget,
+                plans: List[LayerPlan], fit, config, batches, reference) -> List[float]:
+    """The squared relative output error of the model with `target` alone replaced by its
+    data-aware fit at each plan; `source` is the prepared graph or its model."""
+    points = []
+    for plan in plans:
+        fact = factorize_data_aware(target, plan, fit, config.ridge, config.bias_correction)
+        probe_graph = source.copy() if isinstance(source, gs.Graph) else import_graph(source)
+        rewrite_layers(probe_graph, {target.name: target}, [fact])
+        session = make_session(export_model(probe_graph, template), threads=config.latency_threads)
+        points.append(_squared_output_error(session, batches, reference))
+    return points
 
 
 def _squared_output_error(session, batches, reference) -> float:
