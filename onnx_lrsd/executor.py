@@ -137,7 +137,13 @@ class PoolExecutor(Executor):
         while next_out < len(tasks):
             while pending and self._fits(tasks, running, pending[0]):
                 index = pending.pop(0)
-                running[self._executor().submit(run_task, fn, self.blas_threads, *tasks[index].args)] = index
+                try:
+                    running[self._executor().submit(run_task, fn, self.blas_threads, *tasks[index].args)] = index
+                except BrokenProcessPool:  # a worker died since the last wait
+                    if running:  # their futures report it
+                        pending.insert(0, index)
+                        break
+                    self._restart(tasks, running, pending, deaths, [index], fn)
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             broken = []
             for future in finished:
