@@ -200,11 +200,12 @@ def layer_sensitivities(graph: gs.Graph, ctx: PassContext,
             source = executor.share(export_model(graph.copy(), ctx.template))
         template, shared_batches, shared_reference = (executor.share(v) for v in (ctx.template, batches, reference))
     tasks, probes = [], {name: probe_candidates(curves[name]) for name in probed}
+    memory = 3 * initializer_bytes(ctx.source)  # the graph, its probe copy and a session
     for name in probed:
         target = ctx.targets[name]
         plans = [LayerPlan(name, target.op, p.method, p.ranks, p.cost, ctx.plans[name].dense) for p in probes[name]]
         tasks.append(Task((source, template, target, plans, ctx.statistics[name].fit, config, shared_batches,
-                           shared_reference), memory=3 * initializer_bytes(ctx.source)))
+                           shared_reference), memory=memory))
     found: Dict[str, Sensitivity] = {name: UNIT for name in curves}
     for done, (name, damages) in enumerate(zip(probed, executor.imap(probe_layer, tasks)), 1):
         found[name] = Sensitivity.fitted([(p.error, d) for p, d in zip(probes[name], damages)])
