@@ -239,27 +239,26 @@ class RayExecutor(Executor):
         return self._results(fn, refs)
 
     def _results(self, fn: Callable, refs: List[Any]) -> Iterator[Any]:
+        """Results in order, each reference dropped before its result is handed on (the object
+        store may then free it). Tasks are never cancelled: a run given up ends with its Ray
+        job, and cancelling a task as it completes can abort the driver (Ray 2.x)."""
         from ray import exceptions
 
-        try:
-            for index in range(len(refs)):
-                try:
-                    yield self._ray.get(refs[index])
-                except exceptions.RayTaskError as exc:
-                    cause = getattr(exc, "cause", None)
-                    if isinstance(cause, Exception):
-                        raise cause from None
-                    raise LrsdError(f"{getattr(fn, '__name__', fn)} failed on Ray: {str(exc).splitlines()[0]}") \
-                        from None
-                except (exceptions.WorkerCrashedError, exceptions.NodeDiedError,
-                        exceptions.ObjectLostError, exceptions.OutOfMemoryError) as exc:
-                    raise LrsdError(f"{getattr(fn, '__name__', fn)} failed on Ray after {self.retries} "
-                                    f"retries: {str(exc).splitlines()[0]}") from None
-                refs[index] = None  # the object store may drop it
-        finally:
-            for ref in refs:
-                if ref is not None:
-                    self._ray.cancel(ref)
+        for index in range(len(refs)):
+            ref, refs[index] = refs[index], None
+            try:
+                result = self._ray.get(ref)
+            except exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, Exception):
+                    raise cause from None
+                raise LrsdError(f"{getattr(fn, '__name__', fn)} failed on Ray: {str(exc).splitlines()[0]}") from None
+            except (exceptions.WorkerCrashedError, exceptions.NodeDiedError,
+                    exceptions.ObjectLostError, exceptions.OutOfMemoryError) as exc:
+                raise LrsdError(f"{getattr(fn, '__name__', fn)} failed on Ray after {self.retries} "
+                                f"retries: {str(exc).splitlines()[0]}") from None
+            del ref
+            yield result
 
     def close(self) -> None:
         if self._owned and self._ray.is_initialized():
