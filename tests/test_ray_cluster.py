@@ -77,6 +77,9 @@ def test_tasks_run_on_both_nodes_in_order(cluster):
         nodes = executor.map(node_of, [Task((0.5,)) for _ in range(4)])
         assert len(nodes) == 4 and len(set(nodes)) == 2
         assert executor.map(pow, [Task((2, k)) for k in range(6)]) == [1, 2, 4, 8, 16, 32]
+        # a layer estimated above any node's memory still runs (its request is capped), and a
+        # timing asking for more CPUs than a node has runs with all of one node's
+        assert executor.map(pow, [Task((3, 2), memory=2 ** 50, cpus=8)]) == [9]
 
 
 def test_a_task_error_comes_back_as_a_one_line_lrsd_error(cluster):
