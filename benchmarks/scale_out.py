@@ -6,15 +6,15 @@ and equality of the outputs.
     python -m benchmarks.scale_out --models minilm --quick
 
 Models:
-- ``minilm``: all-MiniLM-L6-v2 (``benchmarks/tasks/minilm.py``; 36 MatMuls, 384/1536 wide), global
-  allocation at ``target_params`` 0.75 on 256 calibration sentences (batches of 32, attention
-  mask): calibration shards, error curves, sensitivity probes and per-layer fits all run on the
-  executor.
+- ``minilm``: all-MiniLM-L6-v2 (``benchmarks/tasks/minilm.py``; 36 MatMuls, 384/1536 wide), keep
+  0.5 on 256 calibration sentences (batches of 32, attention mask): calibration shards and
+  per-layer fits on the executor. ``--minilm-target-params R`` runs a global allocation instead
+  (error curves and sensitivity probes on the executor too; minutes per run on 2 cores).
 - ``synthetic``: a transformer generated here (seeded random weights; ``--blocks`` blocks of
   q/k/v/o 1024×1024 and FFN 1024→4096→1024 MatMuls, single-head attention, LayerNorm, plus a
-  two-MatMul head: 50 MatMuls and 103M parameters at 8 blocks), keep 0.5 on 64 random sequences
-  of 64 tokens: calibration (1.4 GB of Gram statistics, twice with the held-out copy) and 50
-  whitened fits of up to 4096×1024.
+  two-MatMul head: 50 MatMuls and 103M parameters at 8 blocks), keep 0.5 on 40 random sequences
+  of 64 tokens (5 batches, one held out): calibration (1.4 GB of Gram statistics, twice with the
+  held-out copy) and 50 whitened fits of up to 4096×1024.
 
 Every run is a fresh subprocess (``--worker``): wall time of ``compress`` (Ray connection
 included), the driver's peak RSS (``getrusage``, the process's whole life) and what compress
@@ -53,8 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 WIDTH, FFN, SEQ = 1024, 4096, 64
 
 SETTINGS = {
-    "minilm": {"samples": 256, "batch": 32, "options": {"target_params": 0.75, "mask_input": "attention_mask"}},
-    "synthetic": {"samples": 64, "batch": 8, "options": {"keep": 0.5}},
+    "minilm": {"samples": 256, "batch": 32, "options": {"keep": 0.5, "mask_input": "attention_mask"}},
+    "synthetic": {"samples": 40, "batch": 8, "options": {"keep": 0.5}},
 }
 QUICK = {"minilm": {"samples": 64, "batch": 16}, "synthetic": {"samples": 16, "batch": 4}}
 
@@ -133,6 +133,8 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     work = Path(spec["work"])
     model_path, feeds = model_and_feeds(spec["model"], spec["samples"], spec["batch"], spec["blocks"], work)
     options = dict(SETTINGS[spec["model"]]["options"], calib_batch=spec["batch"])
+    if spec["model"] == "minilm" and spec.get("target_params"):
+        options = dict(options, keep=0.5, target_params=spec["target_params"])
     if spec["executor"] == "ray":
         options.update(executor="ray", ray_address=spec["address"])
     with PeakRSS() as memory:
@@ -201,7 +203,7 @@ def study(args, model: str, work: Path) -> List[Dict[str, Any]]:
 
     sizes = dict(SETTINGS[model], **(QUICK[model] if args.quick else {}))
     base = {"model": model, "samples": sizes["samples"], "batch": sizes["batch"], "blocks": args.blocks,
-            "work": str(work)}
+            "work": str(work), "target_params": args.minilm_target_params}
     runs = []
     for repeat in range(args.repeats):
         runs.append(run_subprocess({**base, "label": "local", "executor": "local", "address": None, "repeat": repeat,
@@ -237,7 +239,9 @@ def render(rows: List[Dict[str, Any]], info: Dict[str, Any], args) -> str:
         sub = [r for r in rows if r["model"] == model]
         local = [r["compress_s"] for r in sub if r["label"] == "local" and "compress_s" in r]
         parts += [f"## {model} ({sub[0]['samples']} calibration samples, batches of {sub[0]['batch']}; "
-                  f"{json.dumps(SETTINGS[model]['options'])})", ""]
+                  f"{json.dumps(SETTINGS[model]['options'])}"
+                  + (f", target_params {sub[0]['target_params']}" if model == "minilm" and sub[0].get("target_params")
+                     else "") + ")", ""]
         table = []
         for r in sub:
             if "error" in r:
@@ -269,6 +273,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--cpus-per-node", type=int, default=1)
     parser.add_argument("--object-store-mb", type=int, default=1024)
     parser.add_argument("--blocks", type=int, default=8, help="synthetic transformer blocks (6 MatMuls each, + 2)")
+    parser.add_argument("--minilm-target-params", type=float, default=None, metavar="R",
+                        help="MiniLM: a global allocation at this params ratio instead of keep 0.5")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="fewer calibration samples; results to *.quick.*")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
