@@ -38,13 +38,11 @@ Results: ``benchmarks/results/suite.{json,md}`` and ``benchmarks/results/suite_<
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import (MB, RESULTS_DIR, benchmark_main, fmt, markdown_table, time_against_original,
-                               write_text)
+from benchmarks.common import MB, benchmark_main, fmt, markdown_table, time_against_original
 from benchmarks.data_aware import HOLDOUT_EVERY, TASKS, task_inputs
 from benchmarks.global_allocation import PRIMARY
 

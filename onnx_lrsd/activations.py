@@ -168,48 +168,61 @@ def memory_groups(targets: Sequence[LayerTarget], budget_bytes: int, per_layer_b
 
 def collect_statistics(model: onnx.ModelProto, targets: Sequence[LayerTarget], batches: Iterable[Feeds],
                        holdout_every: int = 0, mask_input: Optional[str] = None, max_positions: int = 4096,
-                       seed: int = 0, progress=None) -> Dict[str, LayerStatistics]:
+                       seed: int = 0, progress=None, first_index: int = 0, total_batches: Optional[int] = None,
+                       threads: int = 0) -> Dict[str, LayerStatistics]:
     """Gram statistics of every target's input over `batches` (one onnxruntime pass).
 
     Batch i goes to the held-out statistics when `holdout_every` > 0 and
-    i % holdout_every == holdout_every − 1.
+    i % holdout_every == holdout_every − 1. `batches` may be a shard of a larger set: its first
+    batch is number `first_index` of `total_batches`; conv positions are drawn per batch and
+    layer (generator seeded with (seed, i)), so shards summed give the statistics of one pass.
     """
     batches = list(batches)
-    runner = ActivationRunner(model, sorted({t.activation for t in targets}))
-    has_holdout = is_held_out(holdout_every - 1, len(batches), holdout_every)
+    total = len(batches) if total_batches is None else total_batches
+    runner = ActivationRunner(model, sorted({t.activation for t in targets}), threads)
+    has_holdout = is_held_out(holdout_every - 1, total, holdout_every)
     stats = {t.name: LayerStatistics(GramAccumulator(t.in_features),
                                      GramAccumulator(t.in_features) if has_holdout else None) for t in targets}
-    rng = np.random.default_rng(seed)
-    for index, feeds in enumerate(batches):
+    for index, feeds in enumerate(batches, first_index):
         activations = runner.run(feeds)
         mask = _row_mask(feeds, mask_input)
-        held_out = is_held_out(index, len(batches), holdout_every)
+        held_out = is_held_out(index, total, holdout_every)
         for target in targets:
-            rows, row_mask = layer_rows(target, activations[target.activation], mask, max_positions, rng)
+            rows, row_mask = layer_rows(target, activations[target.activation], mask, max_positions,
+                                        np.random.default_rng([seed, index]))
             layer = stats[target.name]
             (layer.holdout if held_out else layer.fit).update(rows, row_mask)
         if progress is not None:
-            progress(index + 1, len(batches))
+            progress(index + 1 - first_index, len(batches))
     return stats
+
+
+def merge_statistics(a: Dict[str, LayerStatistics], b: Dict[str, LayerStatistics]) -> Dict[str, LayerStatistics]:
+    """Layer by layer sums of two shards' statistics (same layers, same held-out layout)."""
+    return {name: LayerStatistics(stats.fit.merge(b[name].fit),
+                                  None if stats.holdout is None else stats.holdout.merge(b[name].holdout))
+            for name, stats in a.items()}
 
 
 def collect_paired_statistics(original: onnx.ModelProto, compressed: onnx.ModelProto,
                               targets: Sequence[LayerTarget], batches: Sequence[Feeds], holdout_every: int = 0,
                               mask_input: Optional[str] = None, max_positions: int = 4096,
-                              seed: int = 0) -> Dict[str, LayerStatistics]:
+                              seed: int = 0, first_index: int = 0, total_batches: Optional[int] = None,
+                              threads: int = 0) -> Dict[str, LayerStatistics]:
     """X̂ᵀX̂, X̂ᵀX and the means, where X are a target's input rows in the original model and
     X̂ the same rows in the partly compressed one (sequential reconstruction); held-out
-    batches as in `collect_statistics`."""
+    batches and shards as in `collect_statistics`."""
     names = sorted({t.activation for t in targets})
-    reference, current = ActivationRunner(original, names), ActivationRunner(compressed, names)
-    has_holdout = is_held_out(holdout_every - 1, len(batches), holdout_every)
+    reference, current = ActivationRunner(original, names, threads), ActivationRunner(compressed, names, threads)
+    total = len(batches) if total_batches is None else total_batches
+    has_holdout = is_held_out(holdout_every - 1, total, holdout_every)
     stats = {t.name: LayerStatistics(GramAccumulator(t.in_features, track_cross=True),
                                      GramAccumulator(t.in_features, track_cross=True) if has_holdout else None)
              for t in targets}
-    for index, feeds in enumerate(batches):
+    for index, feeds in enumerate(batches, first_index):
         x, x_hat = reference.run(feeds), current.run(feeds)
         mask = _row_mask(feeds, mask_input)
-        held_out = is_held_out(index, len(batches), holdout_every)
+        held_out = is_held_out(index, total, holdout_every)
         for target in targets:
             # the same positions must be drawn for both: one generator state per batch and layer
             rows, row_mask = layer_rows(target, x[target.activation], mask, max_positions,

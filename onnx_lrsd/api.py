@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 from .config import CompressConfig
 from .cost import count_params, model_macs
 from .errors import LrsdError
+from .executor import executor_for
 from .graph import export_model, import_graph, model_template
 from .io import (PROTOBUF_LIMIT, ModelSource, check_output_directory, initializer_bytes, load_model, load_source,
                  save_model)
@@ -117,7 +118,8 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
     ctx = _context(source, config, progress)
     ctx.calibration = calibration_batches(calibration, source, config)
     prepare = [NameNodesPass(), FindTargetsPass(), SelectRanksPass(), CollectActivationsPass()]
-    with threadpool_limits(limits=config.blas_threads, user_api="blas"), weights_in(mapped_dir):
+    with executor_for(config) as ctx.executor, threadpool_limits(limits=config.blas_threads, user_api="blas"), \
+            weights_in(mapped_dir):
         if mapped_dir is not None and config.verify:  # while nothing else is in memory
             from .passes.verify_outputs import reference_outputs
             ctx.reference_outputs = reference_outputs(ctx)
@@ -387,7 +389,7 @@ def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Op
     ctx.calibration = calibration_batches(calibration, source, config)
     reference = float(metric(source)) if metric is not None else None
     points, models, verified_on = [], [], ""
-    with threadpool_limits(limits=config.blas_threads, user_api="blas"):
+    with executor_for(config) as ctx.executor, threadpool_limits(limits=config.blas_threads, user_api="blas"):
         prepare = [NameNodesPass(), FindTargetsPass(), SelectRanksPass(), CollectActivationsPass()]
         prepared = PassManager(prepare).run(import_graph(source), ctx)
         feed = deployment_feed(ctx)

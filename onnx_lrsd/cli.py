@@ -151,6 +151,24 @@ def _parse_sparse_share(value: Optional[str]):
     return share
 
 
+def scale_out_options(command):
+    """--executor, --workers and --ray-address, handed to the command as `scale_out` (the
+    `CompressConfig` fields that were given)."""
+
+    @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+                  help="Where calibration shards and per-layer work run: this machine or a Ray cluster. [local]")
+    @click.option("--workers", type=click.IntRange(min=1), default=None,
+                  help="Local executor: processes (1: this process). [1]")
+    @click.option("--ray-address", default=None, metavar="ADDR",
+                  help="Ray executor: the cluster to join (host:port, auto, ray://...); default: a local Ray.")
+    @functools.wraps(command)
+    def wrapper(*args, executor, workers, ray_address, **kwargs):
+        given = dict(executor=executor, workers=workers, ray_address=ray_address)
+        return command(*args, scale_out={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+    return wrapper
+
+
 def _emit_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -277,12 +295,13 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--external-data", is_flag=True, default=None, help="Save weights to OUTPUT.data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@scale_out_options
 @guarded
 def compress(model: Path, output: Path, keep, energy, method, ranks, skips, config_file, report_file, dims,
              calib, calib_samples, calib_batch, mode, mask_input, ridge, sparse_share, sparse_structure,
              bias_correction, target_params, target_macs, target_latency, max_error, latency_batch, latency_threads,
              sensitivity, show_layers, layer_latency, joint, stages, evbmf, then_quantize, verify, seed, external_data,
-             as_json, quiet) -> None:
+             as_json, quiet, scale_out) -> None:
     """Factorize MODEL's Gemm / MatMul / Conv weights and write the smaller model to OUTPUT."""
     from .api import compress_file
     from .config import CompressConfig, LayerOverride, load_config_file
@@ -297,7 +316,7 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
         target_latency=target_latency, max_error=max_error, latency_batch=latency_batch,
         latency_threads=latency_threads, sensitivity=sensitivity, layer_latency=layer_latency,
         joint={"l": "left", "r": "right", "b": "both"}.get(joint, joint), stages=stages,
-        evbmf=evbmf, then_quantize=then_quantize).items()
+        evbmf=evbmf, then_quantize=then_quantize, **scale_out).items()
         if value is not None}
     if dims:
         options["dims"] = _parse_dims(dims)
@@ -328,22 +347,6 @@ def _write_report(path: Path, report, model: Path, compressed, config) -> None:
     profiles, why = (None, "") if path.suffix.lower() == ".json" else profile_pair(
         model, compressed, config.latency_batch, config.latency_threads, config.dims, config.seed)
     write_report(path, report, title=f"onnx-lrsd: {model.name}", profiles=profiles, profile_note=why)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    handle, temp = tempfile.mkstemp(prefix=".onnx_lrsd-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    except BaseException as exc:
-        Path(temp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
 
 
 @main.command()
@@ -407,14 +410,15 @@ def _parse_points(text: str) -> tuple:
 @click.option("--save-models", is_flag=True, help="Also write each point's model as params-<ratio>.onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@scale_out_options
 @guarded
 def sweep(model: Path, output_dir: Path, calib, points, config_file, calib_samples, calib_batch, mask_input, dims,
-          latency_batch, latency_threads, save_models, as_json, quiet) -> None:
+          latency_batch, latency_threads, save_models, as_json, quiet, scale_out) -> None:
     """Global allocations of MODEL at several sizes: a Pareto table and plot of speedup and
     size against output error."""
     from .api import sweep as run_sweep
     from .config import CompressConfig, load_config_file
-    from .io import save_model
+    from .io import save_model, write_atomic
     from .plot import plot_sweep, require_matplotlib
 
     values = _parse_points(points)
@@ -424,7 +428,7 @@ def sweep(model: Path, output_dir: Path, calib, points, config_file, calib_sampl
     config = load_config_file(config_file) if config_file else CompressConfig()
     options = {key: value for key, value in dict(
         calib_samples=calib_samples, calib_batch=calib_batch, mask_input=mask_input, latency_batch=latency_batch,
-        latency_threads=latency_threads).items() if value is not None}
+        latency_threads=latency_threads, **scale_out).items() if value is not None}
     if dims:
         options["dims"] = _parse_dims(dims)
     config = config.replace(**options)
@@ -435,8 +439,8 @@ def sweep(model: Path, output_dir: Path, calib, points, config_file, calib_sampl
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LrsdError(f"cannot create {output_dir}: {exc.strerror or exc}") from None
-    _write_text_atomic(output_dir / "sweep.json", report.to_json())
-    _write_text_atomic(output_dir / "sweep.md", report.to_markdown() + "\n")
+    write_atomic(output_dir / "sweep.json", report.to_json())
+    write_atomic(output_dir / "sweep.md", report.to_markdown() + "\n")
     plot_sweep(report, output_dir / "sweep.png", title=f"onnx-lrsd sweep of {model.name}")
     for point, compressed in zip(report.points, models):
         save_model(compressed, output_dir / f"params-{point.target_params:g}.onnx")

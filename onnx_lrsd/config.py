@@ -139,6 +139,10 @@ class CompressConfig:
     blas_threads: BLAS threads of the numpy/scipy fits (None: the library's default). One is
         the default because OpenBLAS threads that wait by spinning slow a busy 2-core machine
         by an order of magnitude (PP-OCR data-free: 58 s with 2 threads under load, 3.4 s with 1).
+    executor: where calibration shards, per-layer fits, error curves, sensitivity probes and
+        latency microbenchmarks run (`onnx_lrsd.executor`): "local" (this process, or a process
+        pool of `workers` > 1) or "ray" (the cluster at `ray_address`, else a local Ray).
+        The result does not depend on it (up to float rounding of summed statistics).
     """
 
     keep: float = 0.5
@@ -184,6 +188,9 @@ class CompressConfig:
     residual_min_gain: float = 0.01
     residual_model_tolerance: float = 0.03
     then_quantize: Optional[str] = None
+    executor: str = "local"
+    workers: int = 1
+    ray_address: Optional[str] = None
 
     @property
     def target(self) -> Optional[Tuple[str, float]]:
@@ -221,6 +228,7 @@ class CompressConfig:
         if not isinstance(self.holdout_every, int) or self.holdout_every < 0 or self.holdout_every == 1:
             raise LrsdError(f"holdout_every must be 0 (none) or >= 2, got {self.holdout_every!r}")
         check_sparse_share(self.sparse_share)
+        check_executor(self.executor, self.workers, self.ray_address)
         if self.sparse_structure not in SPARSE_STRUCTURES:
             raise LrsdError(f"unknown sparse_structure {self.sparse_structure!r} "
                             f"(choose from {', '.join(SPARSE_STRUCTURES)})")
@@ -291,6 +299,17 @@ def check_sparse_share(share) -> None:
         return
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
         raise LrsdError(f"sparse_share must be in [0, 1) or 'auto', got {share!r}")
+
+
+def check_executor(executor, workers, ray_address) -> None:
+    from .executor import EXECUTORS
+
+    if executor not in EXECUTORS:
+        raise LrsdError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise LrsdError(f"workers must be a positive integer, got {workers!r}")
+    if ray_address is not None and (executor != "ray" or not isinstance(ray_address, str) or not ray_address):
+        raise LrsdError("ray_address needs executor 'ray' and a non-empty address")
 
 
 def check_energy(energy, where: str) -> None:

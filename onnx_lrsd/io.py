@@ -192,6 +192,23 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str]) -> Path:
+    """Write `data` (text as UTF-8) to `path` through a temporary file in the same directory
+    renamed over it: a reader never sees a half-written file, a failure leaves none."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data.encode() if isinstance(data, str) else data)
+        os.replace(temp, path)
+    except BaseException as exc:
+        Path(temp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise
+    return path
+
+
 def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external_data: bool = False,
                source_dir: Optional[Path] = None) -> Path:
     """Write `model` atomically: into a temporary file in the target directory, then renamed.

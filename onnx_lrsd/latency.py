@@ -264,6 +264,17 @@ class LatencyModel:
                 self._times[key] = float(np.median([b[i].median_ms / b[0].median_ms for b in blocks]))
             self._save()
         return self._times[chain_key], [self._times[k] for k in keys]
+    @property
+    def times(self) -> Dict[str, float]:
+        """Median milliseconds by cache key (`LatencyKey.text`), measured or loaded."""
+        return self._times
+
+    def record(self, times: Dict[str, float]) -> None:
+        """Add times measured elsewhere (another process of the same run) and save them."""
+        new = {k: float(v) for k, v in times.items() if k not in self._times}
+        if new:
+            self._times.update(new)
+            self._save()
 
     def _read(self) -> Optional[Dict[str, float]]:
         try:

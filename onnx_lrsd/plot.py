@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
 from .errors import LrsdError
+from .io import write_atomic
 from .report import SweepReport
 
 
@@ -54,17 +54,7 @@ def plot_sweep(report: SweepReport, path: Union[str, os.PathLike], title: str = 
         ax.grid(alpha=0.3)
     fig.suptitle(title or "onnx-lrsd sweep (labels: target params)")
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, _figure_png(fig))
 
 
 def _figure_png(fig) -> bytes:

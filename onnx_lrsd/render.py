@@ -16,12 +16,12 @@ from __future__ import annotations
 import base64
 import html
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import LrsdError
+from .io import write_atomic
 from .profile import LayerProfile, layer_of
 from .report import CompressionReport, LayerReport, SweepReport
 
@@ -80,7 +80,7 @@ def write_report(path: Union[str, os.PathLike], report: CompressionReport, title
     plot; `profile_note`: why there are no profiles, shown in the report."""
     path = check_report_path(path)
     if path.suffix.lower() == ".json":
-        _write_atomic(path, report.to_json().encode())
+        write_atomic(path, report.to_json().encode())
         return [path]
     title = title or "onnx-lrsd compression report"
     plots, note = _plots(report, layer_rows(report, profiles), sweep)
@@ -89,14 +89,14 @@ def write_report(path: Union[str, os.PathLike], report: CompressionReport, title
         images = {}
         for key, png in plots.items():
             image = path.with_name(f"{path.stem}-{key}.png")
-            _write_atomic(image, png)
+            write_atomic(image, png)
             written.append(image)
             images[key] = image.name
         text = markdown_report(report, title, profiles, sweep, images, note, profile_note)
-        _write_atomic(path, text.encode())
+        write_atomic(path, text.encode())
         return [path] + written
     images = {key: "data:image/png;base64," + base64.b64encode(png).decode("ascii") for key, png in plots.items()}
-    _write_atomic(path, html_report(report, title, profiles, sweep, images, note, profile_note).encode())
+    write_atomic(path, html_report(report, title, profiles, sweep, images, note, profile_note).encode())
     return [path]
 
 
@@ -117,17 +117,6 @@ def _plots(report: CompressionReport, rows: Sequence[LayerRow], sweep: Optional[
         notes.append("no model-level trade-off plot: one compressed point (onnx-lrsd sweep or "
                      "--stages N draw a curve)")
     return plots, "; ".join(notes)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temp, path)
-    except OSError as exc:
-        Path(temp).unlink(missing_ok=True)
-        raise LrsdError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _fmt(value: Optional[float], spec: str) -> str:

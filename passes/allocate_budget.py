@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnx_lrsd.activations import split_holdout
@@ -14,11 +15,14 @@ from onnx_lrsd.allocate import (UNIT, Allocation, Option, Sensitivity, allocate_
 from onnx_lrsd.bench import make_session, run_outputs, time_sessions
 from onnx_lrsd.cost import Cost, count_params, model_macs
 from onnx_lrsd.decompose.joint import joint_error_curves
-from onnx_lrsd.error_curves import LayerCandidate, layer_candidates, rank_grid
+from onnx_lrsd.error_curves import LayerCandidate, rank_grid
 from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.factorize import factorize_data_aware
-from onnx_lrsd.graph import export_model
+from onnx_lrsd.executor import Task
+from onnx_lrsd.graph import export_model, import_graph
+from onnx_lrsd.io import initializer_bytes
 from onnx_lrsd.latency import LatencyModel, interpolate_latency
+from onnx_lrsd.parallel import error_curves, latency_tasks
 from onnx_lrsd.rank_select import LayerPlan, dense_plan, with_sparse_request
 from onnx_lrsd.report import AllocationSummary
 from onnx_lrsd.rewrite import rewrite_layers
@@ -65,10 +69,11 @@ class AllocateBudgetPass(Pass):
             return PassResult(graph, modified=False, stats={"allocated": 0})
         kind, value = config.target
         names = list(ctx.allocatable)
-        for done, name in enumerate(names, 1):
-            if name not in ctx.curves:
-                ctx.curves[name] = layer_candidates(ctx.targets[name], _gram(ctx, name), config)
-            ctx.report_progress("error curves", done, len(names))
+        missing = [name for name in names if name not in ctx.curves]
+        requests = [(ctx.targets[name], _gram(ctx, name)) for name in missing]
+        for done, (name, curve) in enumerate(zip(missing, error_curves(ctx.executor, requests, config)), 1):
+            ctx.curves[name] = curve
+            ctx.report_progress("error curves", done, len(missing))
         curves = {name: ctx.curves[name] for name in names}
         probed = config.sensitivity and bool(ctx.calibration)
         if probed and not ctx.sensitivities:
@@ -116,19 +121,22 @@ class AllocateBudgetPass(Pass):
         shapes = input_shapes(ctx, names, feed)
         original_ms = _model_ms(ctx, feed)
         model = LatencyModel(threads=config.latency_threads)
+        keys = {name: _shape_key(ctx.targets[name], shapes[name], curves[name]) for name in names}
+        first: Dict[tuple, str] = {}  # one measurement per distinct layer, in layer order
+        for name in names:
+            first.setdefault(keys[name], name)
+        requests = [(ctx.targets[name], shapes[name], curves[name]) for name in first.values()]
         memo: Dict[tuple, Tuple[float, List[float]]] = {}
+        for done, (key, times) in enumerate(zip(first, latency_tasks(ctx.executor, _candidate_ms, model, requests)), 1):
+            memo[key] = times
+            ctx.report_progress("latency", done, len(first))
         options, dense_total = [], 0.0
-        for done, name in enumerate(names, 1):
-            target = ctx.targets[name]
-            key = _shape_key(target, shapes[name], curves[name])
-            if key not in memo:
-                memo[key] = _candidate_ms(model, target, shapes[name], curves[name])
-            dense_ms, candidate_ms = memo[key]
+        for name in names:
+            dense_ms, candidate_ms = memo[keys[name]]
             dense_total += dense_ms
             options.append([Option(dense_ms, 0.0)] + [
                 Option(ms, d)
                 for ms, d in zip(candidate_ms, damages[name])])
-            ctx.report_progress("latency", done, len(names))
         rest = original_ms - dense_total
         budget = original_ms / (speedup * self.correction) - rest
         cheapest = sum(min(o.cost for o in layer) for layer in options)
@@ -281,29 +289,46 @@ def layer_sensitivities(graph: gs.Graph, ctx: PassContext,
                         curves: Dict[str, List[LayerCandidate]]) -> Dict[str, Sensitivity]:
     """Each layer's `Sensitivity` from probes: the model's squared relative output error (all
     float outputs, `PROBE_BATCHES` calibration batches, held-out first) with layer l alone
-    replaced by its fit at each probe candidate."""
+    replaced by its fit at each probe candidate. One executor task per layer; the graph (as a
+    model, where tasks run elsewhere), batches and reference outputs are shared once."""
     config = ctx.config
     batches = (split_holdout(ctx.calibration, config.holdout_every)[1] or ctx.calibration)[:PROBE_BATCHES]
     original = make_session(ctx.source, threads=config.latency_threads)
     reference = [run_outputs(original, feeds) for feeds in batches]
-    found: Dict[str, Sensitivity] = {}
-    for done, (name, candidates) in enumerate(curves.items(), 1):
-        ctx.report_progress("sensitivity", done, len(curves))
+    executor = ctx.executor
+    probed = [name for name, candidates in curves.items() if candidates and name in ctx.statistics]
+    if probed:
+        source = executor.local(graph)
+        if source is None:
+            source = executor.share(export_model(graph.copy(), ctx.template))
+        template, shared_batches, shared_reference = (executor.share(v) for v in (ctx.template, batches, reference))
+    tasks, probes = [], {name: probe_candidates(curves[name]) for name in probed}
+    memory = 3 * initializer_bytes(ctx.source)  # the graph, its probe copy and a session
+    for name in probed:
         target = ctx.targets[name]
-        if not candidates or name not in ctx.statistics:
-            found[name] = UNIT
-            continue
-        points = []
-        for probe in probe_candidates(candidates):
-            plan = LayerPlan(name, target.op, probe.method, probe.ranks, probe.cost, ctx.plans[name].dense)
-            fact = factorize_data_aware(target, plan, ctx.statistics[name].fit, config.ridge, config.bias_correction)
-            probe_graph = graph.copy()
-            rewrite_layers(probe_graph, ctx.targets, [fact])
-            session = make_session(export_model(probe_graph, ctx.template), threads=config.latency_threads)
-            points.append((probe.error, _squared_output_error(session, batches, reference)))
-        found[name] = Sensitivity.fitted(points)
+        plans = [LayerPlan(name, target.op, p.method, p.ranks, p.cost, ctx.plans[name].dense) for p in probes[name]]
+        tasks.append(Task((source, template, target, plans, ctx.statistics[name].fit, config, shared_batches,
+                           shared_reference), memory=memory))
+    found: Dict[str, Sensitivity] = {name: UNIT for name in curves}
+    for done, (name, damages) in enumerate(zip(probed, executor.imap(probe_layer, tasks)), 1):
+        found[name] = Sensitivity.fitted([(p.error, d) for p, d in zip(probes[name], damages)])
         log.debug("sensitivity %s: %s", name, found[name])
+        ctx.report_progress("sensitivity", done, len(probed))
     return found
+
+
+def probe_layer(source: Union[gs.Graph, onnx.ModelProto], template: onnx.ModelProto, target: LayerTarget,
+                plans: List[LayerPlan], fit, config, batches, reference) -> List[float]:
+    """The squared relative output error of the model with `target` alone replaced by its
+    data-aware fit at each plan; `source` is the prepared graph or its model."""
+    points = []
+    for plan in plans:
+        fact = factorize_data_aware(target, plan, fit, config.ridge, config.bias_correction)
+        probe_graph = source.copy() if isinstance(source, gs.Graph) else import_graph(source)
+        rewrite_layers(probe_graph, {target.name: target}, [fact])
+        session = make_session(export_model(probe_graph, template), threads=config.latency_threads)
+        points.append(_squared_output_error(session, batches, reference))
+    return points
 
 
 def _squared_output_error(session, batches, reference) -> float:

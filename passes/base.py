@@ -16,6 +16,7 @@ from onnx_lrsd.activations import Feeds, LayerStatistics
 from onnx_lrsd.allocate import Sensitivity
 from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.error_curves import LayerCandidate
+from onnx_lrsd.executor import Executor, InProcessExecutor
 from onnx_lrsd.factorize import LayerFactorization
 from onnx_lrsd.rank_select import LayerPlan, Residual
 from onnx_lrsd.report import AllocationSummary, JointGroupReport, LayerLatency, ResidualCheck
@@ -34,7 +35,8 @@ class PassContext:
     global allocation may choose for with their error curves and sensitivities, kept for
     later allocations of the same run; statistics, factorizations, verification).
     `sparse_initializers` names the constants the rewrite wants saved as sparse initializers
-    (unstructured residuals)."""
+    (unstructured residuals). `executor` runs the independent work (calibration shards,
+    per-layer fits, curves, probes, microbenchmarks)."""
 
     config: CompressConfig
     source: onnx.ModelProto
@@ -61,6 +63,7 @@ class PassContext:
     sparse_initializers: List[str] = field(default_factory=list)
     residual_check: Optional[ResidualCheck] = None
     reference_outputs: Optional[List[np.ndarray]] = None
+    executor: Executor = field(default_factory=InProcessExecutor)
 
     def add_factorization(self, fact: LayerFactorization) -> None:
         """Store a layer's factors; a plan that asked for a sparse residual is updated to the

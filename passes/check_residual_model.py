@@ -1,7 +1,6 @@
 """Keep the automatic residuals only if the written model is better for them."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np

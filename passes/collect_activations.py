@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.activations import collect_statistics, gram_bytes, memory_groups, split_holdout
+from onnx_lrsd.activations import gram_bytes, memory_groups, split_holdout
+from onnx_lrsd.parallel import sharded_statistics
 
 from .base import Pass, PassContext, PassResult
 
@@ -11,7 +12,8 @@ from .base import Pass, PassContext, PassResult
 class CollectActivationsPass(Pass):
     """Fills `ctx.statistics` for the factorized targets (independent mode) and the targets a
     global allocation may factorize (`ctx.allocatable`, any mode) from the original model. Statistics that would exceed `stats_memory_mb` are collected in several passes over
-    the data; a single layer over the cap is left to the data-free fit."""
+    the data; a single layer over the cap is left to the data-free fit. The batches are sharded
+    across the executor's workers and the partial statistics summed."""
 
     name = "collect_activations"
     requires = ("select_ranks",)
@@ -34,9 +36,9 @@ class CollectActivationsPass(Pass):
             def progress(done, total, index=index):
                 ctx.report_progress("calibrate", index * batches + done, len(groups) * batches)
 
-            found = collect_statistics(ctx.source, group, ctx.calibration, holdout_every=config.holdout_every,
-                                       mask_input=config.mask_input, max_positions=config.conv_positions,
-                                       seed=config.seed, progress=progress)
+            found = sharded_statistics(ctx.executor, ctx.source, group, ctx.calibration,
+                                       holdout_every=config.holdout_every, mask_input=config.mask_input,
+                                       max_positions=config.conv_positions, seed=config.seed, progress=progress)
             ctx.statistics.update(found)
         return PassResult(graph, modified=False, stats={"layers": len(ctx.statistics), "passes": len(groups)})
 

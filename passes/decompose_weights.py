@@ -3,21 +3,22 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.factorize import factorize_data_free
+from onnx_lrsd.parallel import decompose_layers
 
 from .base import Pass, PassContext, PassResult
 
 
 class DecomposeWeightsPass(Pass):
     """Fills `ctx.factorizations` for layers that have a plan but no factors yet (layers
-    already fitted on calibration data are kept)."""
+    already fitted on calibration data are kept); one executor task per layer."""
 
     name = "decompose_weights"
     requires = ("select_ranks",)
 
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         todo = [p for p in ctx.plans.values() if p.factorized and p.name not in ctx.factorizations]
-        for done, plan in enumerate(todo, 1):
-            ctx.add_factorization(factorize_data_free(ctx.targets[plan.name], plan, ctx.config.seed))
+        requests = [(ctx.targets[plan.name], plan) for plan in todo]
+        for done, fact in enumerate(decompose_layers(ctx.executor, requests, ctx.config.seed), 1):
+            ctx.add_factorization(fact)
             ctx.report_progress("decompose", done, len(todo))
         return PassResult(graph, modified=False, stats={"decomposed": len(todo)})

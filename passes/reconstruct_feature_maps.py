@@ -6,9 +6,8 @@ from typing import Dict, List
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.activations import collect_paired_statistics
-from onnx_lrsd.factorize import LayerFactorization, factorize_data_aware
 from onnx_lrsd.graph import export_model
+from onnx_lrsd.parallel import fit_layers, sharded_paired_statistics
 from onnx_lrsd.targets import LayerTarget
 
 from .base import Pass, PassContext, PassResult
@@ -40,9 +39,8 @@ class ReconstructFeatureMapsPass(Pass):
     def _independent(self, ctx: PassContext) -> None:
         todo = [p for p in ctx.plans.values()
                 if p.factorized and p.name in ctx.statistics and p.name not in ctx.factorizations]
-        for done, plan in enumerate(todo, 1):
-            stats = ctx.statistics[plan.name]
-            ctx.add_factorization(fit_best_kind(ctx, ctx.targets[plan.name], stats.fit, stats.holdout))
+        fitted = fit_best_kinds(ctx, [ctx.targets[p.name] for p in todo], ctx.statistics)
+        for done, _ in enumerate(fitted, 1):
             ctx.report_progress("fit", done, len(todo))
 
     def _sequential(self, graph: gs.Graph, ctx: PassContext) -> None:
@@ -52,29 +50,25 @@ class ReconstructFeatureMapsPass(Pass):
         current = graph.copy()
         for done, wave in enumerate(waves, 1):
             compressed = export_model(current, ctx.template)
-            stats = collect_paired_statistics(ctx.source, compressed, wave, ctx.calibration, config.holdout_every,
-                                              mask_input=config.mask_input, max_positions=config.conv_positions,
-                                              seed=config.seed)
-            fitted = [fit_best_kind(ctx, t, stats[t.name].fit, stats[t.name].holdout) for t in wave]
-            for fact in fitted:
-                ctx.add_factorization(fact)
+            stats = sharded_paired_statistics(ctx.executor, ctx.source, compressed, wave, ctx.calibration,
+                                              config.holdout_every, mask_input=config.mask_input,
+                                              max_positions=config.conv_positions, seed=config.seed)
+            fitted = list(fit_best_kinds(ctx, wave, stats))
             rewrite_layers(current, ctx.targets, fitted)
             ctx.report_progress("fit waves", done, len(waves))
 
 
-def fit_best_kind(ctx: PassContext, target: LayerTarget, fit, holdout) -> LayerFactorization:
-    """Fit every candidate kind of the layer (`ctx.plan_options`, else its plan) and keep the
-    one with the lowest (held-out) data error; its plan becomes the layer's plan. The
-    fewest-MACs kind is not always fit to reconstruct: PP-OCR keep 0.75 with Tucker-2 picked
-    by MACs alone fell to character accuracy 0.28."""
-    config = ctx.config
-    options = ctx.plan_options.get(target.name) or [ctx.plans[target.name]]
-    fits = [(factorize_data_aware(target, plan, fit, config.ridge, config.bias_correction, holdout,
-                                  config.residual_min_gain), plan)
-            for plan in options]
-    best, plan = min(fits, key=lambda pair: (pair[0].data_error, pair[1].cost.macs))
-    ctx.plans[target.name] = plan
-    return best
+def fit_best_kinds(ctx: PassContext, targets: List[LayerTarget], statistics):
+    """Fit every candidate kind of each layer (`ctx.plan_options`, else its plan) and keep the
+    one with the lowest (held-out) data error; its plan becomes the layer's plan and its
+    factors are added to `ctx` (in the order of `targets`; one executor task per layer).
+    Yields the factorizations. The fewest-MACs kind is not always fit to reconstruct: PP-OCR
+    keep 0.75 with Tucker-2 picked by MACs alone fell to character accuracy 0.28."""
+    requests = [(t, ctx.plan_options.get(t.name) or [ctx.plans[t.name]], statistics[t.name]) for t in targets]
+    for fact, plan in fit_layers(ctx.executor, requests, ctx.config):
+        ctx.plans[fact.name] = plan
+        ctx.add_factorization(fact)
+        yield fact
 
 
 def merged_waves(waves: List[List[LayerTarget]], stages: int) -> List[List[LayerTarget]]:

@@ -50,14 +50,3 @@ class VerifyOutputsPass(Pass):
         ctx.output_errors = relative_output_errors(reference, outputs_on(compressed, batches), names)
         return PassResult(graph, modified=False, stats={"outputs": len(names), "batches": len(batches)})
 
-
-def verification_batches(ctx: PassContext):
-    """(feed dicts, what they are): the batches `VerifyOutputsPass` verifies on."""
-    config = ctx.config
-    held_out = split_holdout(ctx.calibration, config.holdout_every)[1]
-    if held_out:
-        return held_out, "held-out calibration batches"
-    if ctx.calibration:
-        return ctx.calibration[:UNHELD_BATCHES], "calibration batches (none held out)"
-    return [random_feeds(ctx.source, batch=config.verify_batch, dims=dict(config.dims), seed=config.seed)], \
-        "random inputs"

@@ -13,6 +13,7 @@ import onnx_lrsd
 import onnx_lrsd.api
 import onnx_lrsd.cli
 import onnx_lrsd.io
+import onnx_lrsd.render
 from onnx_lrsd.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,10 +102,10 @@ def test_interrupt_swallowed_by_a_destructor_still_discards_the_output(tmp_path,
 
 def test_failure_after_saving_removes_the_output(tmp_path, monkeypatch):
     """A report that cannot be written fails the command: the model is not left behind."""
-    def disk_full(path, text):
+    def disk_full(path, data):
         raise onnx_lrsd.LrsdError(f"cannot write {path}: No space left on device")
 
-    monkeypatch.setattr(onnx_lrsd.cli, "_write_text_atomic", disk_full)
+    monkeypatch.setattr(onnx_lrsd.render, "write_atomic", disk_full)
     output = tmp_path / "small.onnx"
     result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(output), "--keep", "0.5",
                                        "--report", str(tmp_path / "report.json")])

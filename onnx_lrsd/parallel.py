@@ -1,0 +1,164 @@
+"""The pipeline's independent work as executor tasks (`onnx_lrsd.executor`).
+
+- Calibration is sharded: the batches are cut into as many contiguous shards as the executor
+  runs at once; each task runs onnxruntime on its shard and returns partial Gram statistics,
+  which the driver sums in shard order (G = Σ_shards Σ_batches XᵀX, so the sum is the
+  one-pass statistic up to float rounding; with one shard it is the same computation).
+  The model goes to the workers once (`Executor.share`).
+- Per-layer fits (data-free or data-aware), error curves and latency microbenchmarks are one
+  task per layer (or per distinct layer shape), each with an estimate of its peak memory.
+
+Results are applied by the caller in the order of the layers, whatever ran where.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+
+from .activations import (Feeds, LayerStatistics, collect_paired_statistics, collect_statistics, gram_bytes,
+                          merge_statistics)
+from .config import CompressConfig
+from .error_curves import LayerCandidate, layer_candidates
+from .executor import Executor, Task
+from .factorize import LayerFactorization, factorize_data_aware, factorize_data_free
+from .io import initializer_bytes
+from .latency import LatencyModel
+from .rank_select import LayerPlan
+from .stats import GramAccumulator
+from .targets import LayerTarget
+
+Progress = Optional[Callable[[int, int], None]]
+
+
+def shard_ranges(count: int, parts: int) -> List[range]:
+    """`count` items cut into min(parts, count) contiguous ranges of near-equal size."""
+    parts = max(1, min(parts, count))
+    bounds = np.linspace(0, count, parts + 1).round().astype(int)
+    return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def geometry_only(target: LayerTarget) -> LayerTarget:
+    """The target without its weight (what statistics read is the geometry: the activation,
+    widths, Gemm / Conv attributes), so calibration tasks do not carry every weight."""
+    return dataclasses.replace(target, weight=np.empty((0,) * target.weight.ndim, target.weight.dtype))
+
+
+def _statistics_memory(model: onnx.ModelProto, targets: Sequence[LayerTarget], holdout: bool, cross: bool) -> int:
+    """Peak bytes of a calibration task: its accumulators, the model and one onnxruntime copy."""
+    grams = sum(gram_bytes(t.in_features, cross) for t in targets) * (2 if holdout else 1)
+    return grams + 3 * initializer_bytes(model)
+
+
+def _shard_progress(progress: Progress, shards: List[range], total: int):
+    def done(index: int) -> None:
+        if progress is not None:
+            progress(shards[index].stop, total)
+    return done
+
+
+def sharded_statistics(executor: Executor, model: onnx.ModelProto, targets: Sequence[LayerTarget],
+                       batches: Sequence[Feeds], holdout_every: int = 0, mask_input: Optional[str] = None,
+                       max_positions: int = 4096, seed: int = 0,
+                       progress: Progress = None) -> Dict[str, LayerStatistics]:
+    """`collect_statistics` over `batches`, sharded across the executor's workers."""
+    shards = shard_ranges(len(batches), executor.slots)
+    shared = executor.share(model)
+    light = [geometry_only(t) for t in targets]
+    has_holdout = holdout_every > 1 and len(batches) >= holdout_every
+    memory = _statistics_memory(model, targets, has_holdout, cross=False)
+    in_process = executor.local(progress)
+    tasks = [Task((shared, light, [batches[i] for i in shard], holdout_every, mask_input, max_positions, seed,
+                   in_process, shard.start, len(batches), executor.task_threads), memory=memory)
+             for shard in shards]
+    return _summed(executor.imap(collect_statistics, tasks), _shard_progress(None if in_process else progress,
+                                                                              shards, len(batches)))
+
+
+def sharded_paired_statistics(executor: Executor, original: onnx.ModelProto, compressed: onnx.ModelProto,
+                              targets: Sequence[LayerTarget], batches: Sequence[Feeds], holdout_every: int = 0,
+                              mask_input: Optional[str] = None, max_positions: int = 4096,
+                              seed: int = 0) -> Dict[str, LayerStatistics]:
+    """`collect_paired_statistics` (sequential reconstruction), sharded the same way; the
+    original model is shared once per call, as is the partly compressed one."""
+    shards = shard_ranges(len(batches), executor.slots)
+    shared_original, shared_compressed = executor.share(original), executor.share(compressed)
+    light = [geometry_only(t) for t in targets]
+    has_holdout = holdout_every > 1 and len(batches) >= holdout_every
+    memory = _statistics_memory(original, targets, has_holdout, cross=True) + 3 * initializer_bytes(compressed)
+    tasks = [Task((shared_original, shared_compressed, light, [batches[i] for i in shard], holdout_every, mask_input,
+                   max_positions, seed, shard.start, len(batches), executor.task_threads), memory=memory)
+             for shard in shards]
+    return _summed(executor.imap(collect_paired_statistics, tasks), lambda index: None)
+
+
+def _summed(parts, done) -> Dict[str, LayerStatistics]:
+    """Shard statistics summed in shard order, each shard dropped once added."""
+    total = None
+    for index, part in enumerate(parts):
+        total = part if total is None else merge_statistics(total, part)
+        done(index)
+    return total or {}
+
+
+def fit_memory(target: LayerTarget) -> int:
+    """Rough peak bytes of fitting one layer in float64: its Gram and whitening factor
+    (in²), the weight and its whitened and reconstructed copies (in·out), the SVD factors."""
+    n, m = target.in_features, target.out_features
+    return 8 * (4 * n * n + 6 * n * m + 2 * min(n, m) * (n + m))
+
+
+def best_fit(target: LayerTarget, options: Sequence[LayerPlan], fit: GramAccumulator,
+             holdout: Optional[GramAccumulator], ridge: float, bias_correction: bool,
+             residual_min_gain: float = 0.0) -> Tuple[LayerFactorization, LayerPlan]:
+    """The data-aware fit of every candidate plan of the layer with the lowest (held-out)
+    data error, ties to the fewest MACs, and its plan."""
+    fits = [(factorize_data_aware(target, plan, fit, ridge, bias_correction, holdout, residual_min_gain), plan)
+            for plan in options]
+    return min(fits, key=lambda pair: (pair[0].data_error, pair[1].cost.macs))
+
+
+FitRequest = Tuple[LayerTarget, Sequence[LayerPlan], LayerStatistics]
+
+
+def fit_layers(executor: Executor, requests: Sequence[FitRequest], config: CompressConfig):
+    """(factorization, chosen plan) of every request, one task per layer, yielded in order."""
+    tasks = [Task((target, list(options), stats.fit, stats.holdout, config.ridge, config.bias_correction,
+                   config.residual_min_gain), memory=fit_memory(target)) for target, options, stats in requests]
+    return executor.imap(best_fit, tasks)
+
+
+def decompose_layers(executor: Executor, requests: Sequence[Tuple[LayerTarget, LayerPlan]], seed: int):
+    """Data-free factorizations, one task per layer, yielded in order."""
+    tasks = [Task((target, plan, seed), memory=fit_memory(target)) for target, plan in requests]
+    return executor.imap(factorize_data_free, tasks)
+
+
+def error_curves(executor: Executor, requests: Sequence[Tuple[LayerTarget, Optional[np.ndarray]]],
+                 config: CompressConfig):
+    """`layer_candidates` of every (target, Gram or None), one task per layer, yielded in order."""
+    tasks = [Task((target, gram, config), memory=fit_memory(target)) for target, gram in requests]
+    return executor.imap(layer_candidates, tasks)
+
+
+Measure = Callable[[LatencyModel, LayerTarget, Tuple[int, ...], Sequence[LayerCandidate]], object]
+
+
+def _measured(measure: Measure, model: LatencyModel, target: LayerTarget, shape: Tuple[int, ...],
+              candidates: Sequence[LayerCandidate]):
+    """`measure(model, ...)` and the times the model holds afterwards (for the driver's cache)."""
+    return measure(model, target, shape, candidates), model.times
+
+
+def latency_tasks(executor: Executor, measure: Measure, model: LatencyModel,
+                  requests: Sequence[Tuple[LayerTarget, Tuple[int, ...], Sequence[LayerCandidate]]]):
+    """`measure(model, target, shape, candidates)` per request, one task each asking for the
+    model's threads (so a node runs no more timings at once than it has cores for them);
+    times measured by workers are added to `model` (and its cache file). Yielded in order."""
+    tasks = [Task((measure, model, target, shape, list(candidates)), memory=3 * target.weight.nbytes,
+                  cpus=model.threads) for target, shape, candidates in requests]
+    for result, times in executor.imap(_measured, tasks):
+        model.record(times)
+        yield result
