@@ -287,7 +287,8 @@ def test_newest_ir_version_is_capped_to_what_onnxruntime_accepts():
 
 def test_newest_ir_version_source_can_be_verified():
     model = matmul_model(ir_version=onnx.IR_VERSION)
-    assert model.ir_version > max_runtime_ir_version()  # what helper.make_model writes with onnx 1.23
+    if model.ir_version <= max_runtime_ir_version():
+        pytest.skip("the installed onnxruntime runs the installed onnx's newest IR version")
     result = _full(model)
     assert result.report.output_errors["y"] <= FP32_TOL
 
