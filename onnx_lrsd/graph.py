@@ -18,19 +18,24 @@ from .mapped import map_external_constants, mapped_directory, mapped_values
 log = logging.getLogger(__name__)
 
 
+def copy_fields(source, target, but: str) -> None:
+    """Copy every set field of the protobuf message `source` into `target` except field `but`."""
+    for field, value in source.ListFields():
+        if field.name == but:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
 def model_template(model: onnx.ModelProto) -> onnx.ModelProto:
     """Everything of `model` but its graph (IR version, opsets, metadata, functions), plus
     the graph's overridable initializers, which the graph editor would drop."""
     template = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            continue
-        if field.is_repeated:
-            getattr(template, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(template, field.name).CopyFrom(value)
-        else:
-            setattr(template, field.name, value)
+    copy_fields(model, template, but="graph")
     template.graph.initializer.extend(overridable_initializers(model))
     return template
 
@@ -72,25 +77,9 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     name, type and dims but no values (marked external): what shape inference needs, without
     copying the weights (inference serializes its input and parses its output: four copies)."""
     skeleton = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name == "graph":
-            continue
-        if field.is_repeated:
-            getattr(skeleton, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(skeleton, field.name).CopyFrom(value)
-        else:
-            setattr(skeleton, field.name, value)
+    copy_fields(model, skeleton, but="graph")
     graph = model.graph
-    for field, value in graph.ListFields():
-        if field.name == "initializer":
-            continue
-        if field.is_repeated:
-            getattr(skeleton.graph, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(skeleton.graph, field.name).CopyFrom(value)
-        else:
-            setattr(skeleton.graph, field.name, value)
+    copy_fields(graph, skeleton.graph, but="initializer")
     for tensor in graph.initializer:
         if tensor.HasField("raw_data") and len(tensor.raw_data) >= SKELETON_BYTES or tensor.external_data:
             stub = skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,

@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 
 from .errors import LrsdError
+from .validate import unique_name
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,7 @@ def name_nodes(model: onnx.ModelProto) -> int:
 def _name_graph(graph: onnx.GraphProto, taken: set, prefix: str) -> int:
     renamed = 0
     for index, node in enumerate(graph.node):
-        name = node.name or f"{prefix}{node.op_type}_{index}"
-        base, suffix = name, 1
-        while name in taken:
-            name, suffix = f"{base}_{suffix}", suffix + 1
-        taken.add(name)
+        name = unique_name(node.name or f"{prefix}{node.op_type}_{index}", taken)
         if name != node.name:
             node.name = name
             renamed += 1

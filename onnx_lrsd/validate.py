@@ -48,6 +48,15 @@ def check_model(model: onnx.ModelProto, what: str = "the model") -> None:
         _check_tensor(tensor, what)
 
 
+def unique_name(name: str, taken: Set[str]) -> str:
+    """`name`, or the first of ``name_1``, ``name_2``… not in `taken`; added to `taken`."""
+    candidate, suffix = name, 1
+    while candidate in taken:
+        candidate, suffix = f"{name}_{suffix}", suffix + 1
+    taken.add(candidate)
+    return candidate
+
+
 def make_node_names_unique(model: onnx.ModelProto) -> int:
     """Suffix repeated node names ``_1``, ``_2``… in place (subgraphs included, as the
     `name_nodes` pass does); returns how many were renamed."""
@@ -56,10 +65,7 @@ def make_node_names_unique(model: onnx.ModelProto) -> int:
     for node in _all_nodes(model.graph):
         if not node.name:
             continue
-        name, suffix = node.name, 1
-        while name in taken:
-            name, suffix = f"{node.name}_{suffix}", suffix + 1
-        taken.add(name)
+        name = unique_name(node.name, taken)
         if name != node.name:
             node.name = name
             renamed += 1

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from onnx_lrsd.validate import unique_name
+
 from .base import Pass, PassContext, PassResult
 
 
@@ -22,11 +24,7 @@ def _name_nodes(graph: gs.Graph, taken: set, prefix: str) -> int:
     with the owning node's name)."""
     renamed = 0
     for index, node in enumerate(graph.nodes):
-        name = node.name or f"{prefix}{node.op}_{index}"
-        base, suffix = name, 1
-        while name in taken:
-            name, suffix = f"{base}_{suffix}", suffix + 1
-        taken.add(name)
+        name = unique_name(node.name or f"{prefix}{node.op}_{index}", taken)
         if name != node.name:
             node.name = name
             renamed += 1

@@ -89,6 +89,7 @@ def test_joint_fit_validates(ws, side, ranks, message):
 # in the graph: one shared initializer, exact on planted structure, groups found by role
 
 
+import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 from graphs import make_model, run  # noqa: E402
@@ -147,15 +148,20 @@ def test_joint_groups_share_one_initializer_and_are_exact_on_planted_structure(s
     assert result.report.after.params == count_params(result.model)
 
 
-def test_auto_keeps_separate_fits_when_they_are_better():
-    rng = np.random.default_rng(3)  # unrelated full-rank weights: nothing to share
+def unrelated_blocks() -> onnx.ModelProto:
+    """Three MatMul + Tanh blocks with unrelated full-rank 48×48 weights: nothing to share."""
+    rng = np.random.default_rng(3)
     nodes, inits, cur = [], {}, "x"
     for i in range(3):
         inits[f"w{i}"] = (rng.standard_normal((48, 48)) / 7).astype(np.float32)
         nodes += [helper.make_node("MatMul", [cur, f"w{i}"], [f"h{i}"], name=f"block{i}/fc"),
                   helper.make_node("Tanh", [f"h{i}"], [f"a{i}"], name=f"block{i}/act")]
         cur = f"a{i}"
-    model = make_model(nodes, [("x", TensorProto.FLOAT, ["n", 48])], [(cur, TensorProto.FLOAT, ["n", 48])], inits)
+    return make_model(nodes, [("x", TensorProto.FLOAT, ["n", 48])], [(cur, TensorProto.FLOAT, ["n", 48])], inits)
+
+
+def test_auto_keeps_separate_fits_when_they_are_better():
+    model = unrelated_blocks()
     report = compress(model, calibration=blocks_calibration(), keep=0.5, joint="auto", min_layer_share=0.0,
                       calib_batch=32).report
     (group,) = report.joint_groups
@@ -229,14 +235,7 @@ def test_the_allocation_takes_a_group_jointly_when_it_predicts_less_damage(struc
 
 
 def test_the_allocation_keeps_separate_fits_when_nothing_is_shared():
-    rng = np.random.default_rng(3)
-    nodes, inits, cur = [], {}, "x"
-    for i in range(3):
-        inits[f"w{i}"] = (rng.standard_normal((48, 48)) / 7).astype(np.float32)
-        nodes += [helper.make_node("MatMul", [cur, f"w{i}"], [f"h{i}"], name=f"block{i}/fc"),
-                  helper.make_node("Tanh", [f"h{i}"], [f"a{i}"], name=f"block{i}/act")]
-        cur = f"a{i}"
-    model = make_model(nodes, [("x", TensorProto.FLOAT, ["n", 48])], [(cur, TensorProto.FLOAT, ["n", 48])], inits)
+    model = unrelated_blocks()
     options = dict(calibration=blocks_calibration(), target_params=0.5, min_layer_share=0.0, calib_batch=32)
     separate = compress(model, **options).report
     joint = compress(model, joint="auto", **options).report
