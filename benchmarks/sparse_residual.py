@@ -26,7 +26,8 @@ of ``benchmarks.data_aware`` (disjoint from evaluation, see its docstring):
 Columns: task metrics, params ratio, file size of the written model, latency ratios against the
 original at batch 1 and 32 (2 threads, all four models and the original interleaved, block
 medians), the number of layers with a residual and the largest per-layer time of an L + S layer
-over the plain chain of its budget (``--layer-latency`` timings, batch 1, 2 threads).
+over the plain chain of its budget (``--layer-latency`` timings, batch 1, 2 threads), and for the
+unstructured residuals how much of their energy sits in their top 10 % rows and columns.
 
 Results: ``benchmarks/results/sparse_residual.{json,md}``.
 """
@@ -38,6 +39,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from benchmarks.common import benchmark_main, fmt, markdown_table, time_against_original
 from benchmarks.data_aware import HOLDOUT_EVERY, METRIC_COLUMNS, TASKS, task_inputs
@@ -86,6 +89,7 @@ def run_task(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, 
                        kxk_residual_layers=sum(1 for layer in residual if layer.op == "Conv" and layer.residual == "rows"
                                                and layer.name in kxk),
                        residual_check=None if check is None else check.__dict__,
+                       concentration=residual_concentration(result.model),
                        layers=[{"name": layer.name, "method": layer.method, "ranks": list(layer.ranks),
                                 "residual": layer.residual, "residual_size": layer.residual_size,
                                 "data_error": layer.data_error,
@@ -107,6 +111,36 @@ def run_task(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, 
     return out
 
 
+TOP_SHARE = 0.1
+"""`residual_concentration` looks at the top 10 % of a residual's rows and of its columns."""
+
+
+def residual_concentration(model) -> dict[str, list[float]] | None:
+    """For the unstructured residuals (sparse initializers) of `model`: per layer, the share of
+    the residual's squared entries in its top `TOP_SHARE` rows, and in its top columns — near 1
+    would mean whole rows / channels could carry it; None without sparse initializers."""
+    from onnx import numpy_helper
+
+    shares: dict[str, list[float]] = {"rows": [], "columns": []}
+    for sparse in model.graph.sparse_initializer:
+        shape = tuple(sparse.dims)
+        indices = numpy_helper.to_array(sparse.indices)
+        coords = np.stack(np.unravel_index(indices, shape), 1) if indices.ndim == 1 else indices
+        energy = numpy_helper.to_array(sparse.values).astype(np.float64) ** 2
+        if len(shape) != 2 or not energy.sum():
+            continue
+        for axis, key in enumerate(("rows", "columns")):
+            per = np.sort(np.bincount(coords[:, axis], weights=energy, minlength=shape[axis]))[::-1]
+            shares[key].append(float(per[:max(1, round(TOP_SHARE * shape[axis]))].sum() / energy.sum()))
+    return shares if shares["rows"] else None
+
+
+def concentration_text(shares: dict[str, list[float]] | None) -> str:
+    if not shares:
+        return ""
+    return "; ".join(f"{key} {np.median(v):.2f} ({min(v):.2f}–{max(v):.2f})" for key, v in shares.items())
+
+
 def kxk_convs(path: Path) -> set[str]:
     """Names of the model's target convs with a kernel larger than 1×1."""
     from onnx_lrsd import inspect_model
@@ -126,22 +160,23 @@ def check_text(check: dict[str, Any] | None) -> str:
 
 def results_table(tasks: list[dict[str, Any]]) -> str:
     headers = ["task", "keep", "configuration", *METRIC_COLUMNS, "params", "file MB", "lat b1", "lat b32",
-               "residual layers (k×k conv)", "L+S / plain chain (worst layer)", "residual check", "compress s"]
+               "residual layers (k×k conv)", "L+S / plain chain (worst layer)", "residual check",
+               "S energy in top 10% rows; columns (median, range)", "compress s"]
     rows = []
     for t in tasks:
         rows.append([t["task"], "", "original", *[fmt(t["original"].get(m)) for m in METRIC_COLUMNS], "1",
-                     fmt(t["original_bytes"] / 1e6, 2), "1", "1", "", "", "", ""])
+                     fmt(t["original_bytes"] / 1e6, 2), "1", "1", "", "", "", "", ""])
         for r in t["rows"]:
             if "error" in r:
                 rows.append([t["task"], t["keep"], r["label"], *[""] * len(METRIC_COLUMNS), "", "", "", "", "", "", "",
-                             r["error"]])
+                             "", r["error"]])
                 continue
             worst = r.get("max_residual_time")
             rows.append([t["task"], t["keep"], r["label"], *[fmt(r["metrics"].get(m)) for m in METRIC_COLUMNS],
                          fmt(r["params_ratio"]), fmt(r["file_bytes"] / 1e6, 2), fmt(r.get("lat_b1")),
                          fmt(r.get("lat_b32")), f"{r['residual_layers']} ({r.get('kxk_residual_layers', 0)})",
                          "" if worst is None else f"{1 + worst:.2f}", check_text(r.get("residual_check")),
-                         fmt(r["compress_s"], 1)])
+                         concentration_text(r.get("concentration")), fmt(r["compress_s"], 1)])
     return markdown_table(headers, rows)
 
 
@@ -153,7 +188,10 @@ def render(data: dict[str, Any]) -> str:
         f"{m.get('git_commit')}, {m.get('cpu')}, onnxruntime {m.get('onnxruntime')}; total "
         f"{data['total_s'] / 60:.1f} min. Latency ratios: compressed / original median (2 threads, interleaved "
         "blocks; below 1 is faster). `L+S / plain chain`: the slowest residual layer's time over the plain "
-        "chain of the same parameter budget, each layer timed alone (batch 1, 2 threads).",
+        "chain of the same parameter budget, each layer timed alone (batch 1, 2 threads). `S energy`: "
+        "for unstructured residuals, the share of a layer's squared residual entries in its top 10 % rows "
+        "(and columns) of the stored matrix, median and range over the layers (near 1 would mean whole "
+        "rows or channels could carry the residual).",
         results_table(data["tasks"]),
     ]) + "\n"
 
