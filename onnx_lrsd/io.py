@@ -192,12 +192,20 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str]) -> Path:
     """Write `data` (text as UTF-8) to `path` through a temporary file in the same directory
     renamed over it: a reader never sees a half-written file, a failure leaves none."""
     path = Path(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600, not what an open() would give
         with os.fdopen(handle, "wb") as stream:
             stream.write(data.encode() if isinstance(data, str) else data)
         os.replace(temp, path)

@@ -111,3 +111,13 @@ def test_failure_after_saving_removes_the_output(tmp_path, monkeypatch):
                                        "--report", str(tmp_path / "report.json")])
     assert result.exit_code == 1 and "No space left" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    """Reports are staged through a temporary file, yet end with the umask's permissions."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = onnx_lrsd.io.write_atomic(tmp_path / "report.json", "{}")
+    assert written.read_text() == "{}"
+    assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt", "report.json"]
