@@ -197,11 +197,22 @@ def collect_statistics(model: onnx.ModelProto, targets: Sequence[LayerTarget], b
     return stats
 
 
-def merge_statistics(a: Dict[str, LayerStatistics], b: Dict[str, LayerStatistics]) -> Dict[str, LayerStatistics]:
-    """Layer by layer sums of two shards' statistics (same layers, same held-out layout)."""
-    return {name: LayerStatistics(stats.fit.merge(b[name].fit),
-                                  None if stats.holdout is None else stats.holdout.merge(b[name].holdout))
-            for name, stats in a.items()}
+def own_statistics(stats: Dict[str, LayerStatistics]) -> Dict[str, LayerStatistics]:
+    """`stats` with every accumulator's arrays writable (`GramAccumulator.own`)."""
+    for layer in stats.values():
+        for acc in (layer.fit, layer.holdout):
+            if acc is not None:
+                acc.own()
+    return stats
+
+
+def add_statistics(total: Dict[str, LayerStatistics], part: Dict[str, LayerStatistics]) -> None:
+    """Add a shard's statistics into `total`, layer by layer, in place (same layers, same
+    held-out layout)."""
+    for name, stats in total.items():
+        stats.fit.add(part[name].fit)
+        if stats.holdout is not None:
+            stats.holdout.add(part[name].holdout)
 
 
 def collect_paired_statistics(original: onnx.ModelProto, compressed: onnx.ModelProto,

@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .activations import (Feeds, LayerStatistics, collect_paired_statistics, collect_statistics, gram_bytes,
-                          merge_statistics)
+from .activations import (Feeds, LayerStatistics, add_statistics, collect_paired_statistics, collect_statistics,
+                          gram_bytes, own_statistics)
 from .config import CompressConfig
 from .error_curves import LayerCandidate, layer_candidates
 from .executor import Executor, Task
@@ -95,10 +95,16 @@ def sharded_paired_statistics(executor: Executor, original: onnx.ModelProto, com
 
 
 def _summed(parts, done) -> Dict[str, LayerStatistics]:
-    """Shard statistics summed in shard order, each shard dropped once added."""
+    """Shard statistics summed in shard order, in place into the first shard's (made
+    writable before the next shard is fetched), each shard dropped once added: the driver
+    holds at most two shards' statistics at a time."""
     total = None
     for index, part in enumerate(parts):
-        total = part if total is None else merge_statistics(total, part)
+        if total is None:
+            total = own_statistics(part)
+        else:
+            add_statistics(total, part)
+        del part
         done(index)
     return total or {}
 

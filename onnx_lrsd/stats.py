@@ -121,20 +121,34 @@ class GramAccumulator:
 
     def merge(self, other: GramAccumulator) -> GramAccumulator:
         """A new accumulator holding the sums of both (e.g. calibration shards)."""
+        merged = GramAccumulator(self.dim, self.track_cross)
+        merged.add(self)
+        merged.add(other)
+        return merged
+
+    def add(self, other: GramAccumulator) -> None:
+        """Add `other`'s sums into this accumulator, in place. Arrays that arrived read-only
+        (e.g. from a shared-memory object store) are copied first: see `owned`."""
         if (other.dim, other.track_cross) != (self.dim, self.track_cross):
             raise ValueError(
                 f"cannot merge dim={other.dim}, track_cross={other.track_cross} into "
                 f"dim={self.dim}, track_cross={self.track_cross}"
             )
-        merged = GramAccumulator(self.dim, self.track_cross)
-        for acc in (self, other):
-            merged._gram += acc._gram
-            merged._sum += acc._sum
-            merged._count += acc._count
-            if self.track_cross:
-                merged._cross += acc._cross
-                merged._target_sum += acc._target_sum
-        return merged
+        self.own()
+        self._gram += other._gram
+        self._sum += other._sum
+        self._count += other._count
+        if self.track_cross:
+            self._cross += other._cross
+            self._target_sum += other._target_sum
+
+    def own(self) -> None:
+        """Make every array writable, copying those that are not (a result deserialized
+        from Ray's object store is a view of shared memory); free when they already are."""
+        for name in ("_gram", "_sum", "_cross", "_target_sum"):
+            a = getattr(self, name)
+            if a is not None and not a.flags.writeable:
+                setattr(self, name, a.copy())
 
 
 def _int_tuple(values, length: int, name: str, minimum: int) -> tuple[int, ...]:

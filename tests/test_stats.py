@@ -127,6 +127,27 @@ def test_gram_streaming_equals_one_shot_and_merge():
         acc.gram[0, 0] = 1.0
 
 
+def test_add_in_place_equals_merge_and_copies_shared_arrays_first():
+    """Shards arrive from Ray's object store as read-only views of shared memory: `add` sums
+    into a private copy of them, never into the shared buffer, with the sums `merge` gives."""
+    X = _rng(6).standard_normal((50, 4))
+    a, b = GramAccumulator(4, track_cross=True), GramAccumulator(4, track_cross=True)
+    a.update_pair(X[:20], X[:20] * 2)
+    b.update_pair(X[20:], X[20:] * 2)
+    expected = a.merge(b)
+    shared = a._gram.copy()
+    for name in ("_gram", "_sum", "_cross", "_target_sum"):
+        getattr(a, name).flags.writeable = False
+    a._gram = shared.view()
+    a._gram.flags.writeable = False
+    a.add(b)
+    assert a.count == 50 and a._gram.flags.writeable
+    np.testing.assert_array_equal(a.gram, expected.gram)
+    np.testing.assert_array_equal(a.cross, expected.cross)
+    np.testing.assert_array_equal(a.target_mean, expected.target_mean)
+    np.testing.assert_array_equal(shared, X[:20].T @ X[:20])  # the shared buffer is untouched
+
+
 def test_gram_accumulates_in_float64():
     X = np.full((20000, 2), 1.0001, dtype=np.float32)
     acc = GramAccumulator(2)
