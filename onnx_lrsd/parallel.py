@@ -73,8 +73,8 @@ def sharded_statistics(executor: Executor, model: onnx.ModelProto, targets: Sequ
     tasks = [Task((shared, light, [batches[i] for i in shard], holdout_every, mask_input, max_positions, seed,
                    in_process, shard.start, len(batches), executor.task_threads), memory=memory)
              for shard in shards]
-    return _summed(executor.imap(collect_statistics, tasks), _shard_progress(None if in_process else progress,
-                                                                              shards, len(batches)))
+    done = _shard_progress(None if in_process else progress, shards, len(batches))
+    return _summed(executor.imap(collect_statistics, tasks), len(shards), done)
 
 
 def sharded_paired_statistics(executor: Executor, original: onnx.ModelProto, compressed: onnx.ModelProto,
@@ -91,17 +91,17 @@ def sharded_paired_statistics(executor: Executor, original: onnx.ModelProto, com
     tasks = [Task((shared_original, shared_compressed, light, [batches[i] for i in shard], holdout_every, mask_input,
                    max_positions, seed, shard.start, len(batches), executor.task_threads), memory=memory)
              for shard in shards]
-    return _summed(executor.imap(collect_paired_statistics, tasks), lambda index: None)
+    return _summed(executor.imap(collect_paired_statistics, tasks), len(shards), lambda index: None)
 
 
-def _summed(parts, done) -> Dict[str, LayerStatistics]:
-    """Shard statistics summed in shard order, in place into the first shard's (made
-    writable before the next shard is fetched), each shard dropped once added: the driver
-    holds at most two shards' statistics at a time."""
+def _summed(parts, count: int, done) -> Dict[str, LayerStatistics]:
+    """The `count` shards' statistics summed in shard order, in place into the first shard's
+    (made writable before the next shard is fetched, when there is one), each shard dropped
+    once added: the driver holds at most two shards' statistics at a time."""
     total = None
     for index, part in enumerate(parts):
         if total is None:
-            total = own_statistics(part)
+            total = own_statistics(part) if count > 1 else part
         else:
             add_statistics(total, part)
         del part
