@@ -321,5 +321,17 @@ def initializer_arrays(model: onnx.ModelProto) -> Dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
+def assert_same_compression(got, want) -> None:
+    """Two `compress` results agree: the same layers, kinds and ranks, initializers equal up
+    to float rounding, outputs within 1e-5 relative."""
+    assert [(l.name, l.method, l.ranks) for l in got.report.layers] == \
+        [(l.name, l.method, l.ranks) for l in want.report.layers]
+    a, b = initializer_arrays(want.model), initializer_arrays(got.model)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6 * np.abs(a[name]).max())
+    assert max_rel_error(want.model, got.model) < 1e-5
+
+
 def producers(model: onnx.ModelProto) -> Dict[str, onnx.NodeProto]:
     return {out: node for node in model.graph.node for out in node.output}

@@ -20,7 +20,7 @@ from onnx_lrsd.graph import import_graph, model_template
 from onnx_lrsd.parallel import shard_ranges, sharded_paired_statistics, sharded_statistics
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassContext, PassManager
 
-from graphs import initializer_arrays, make_model
+from graphs import assert_same_compression, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS, DIGITS_CALIB = ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_calib.npz"
@@ -167,12 +167,7 @@ def test_pooled_compression_equals_in_process():
     options = dict(calibration=str(DIGITS_CALIB), target_params=0.3, verify=False)
     local = onnx_lrsd.compress(str(DIGITS), **options)
     pooled = onnx_lrsd.compress(str(DIGITS), workers=2, **options)
-    assert [(l.name, l.method, l.ranks) for l in pooled.report.layers] == \
-        [(l.name, l.method, l.ranks) for l in local.report.layers]
-    a, b = initializer_arrays(local.model), initializer_arrays(pooled.model)
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6 * np.abs(a[name]).max())
+    assert_same_compression(pooled, local)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from onnx_lrsd.executor import RayExecutor, Task, run_task  # noqa: E402
 from onnx_lrsd.latency import LatencyModel  # noqa: E402
 from onnx_lrsd.parallel import latency_tasks  # noqa: E402
 
-from graphs import initializer_arrays, max_rel_error  # noqa: E402
+from graphs import assert_same_compression  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS, DIGITS_CALIB = str(ROOT / "models" / "digits_cnn.onnx"), str(ROOT / "models" / "digits_calib.npz")
@@ -40,16 +40,6 @@ def cluster():
 @pytest.fixture(scope="module")
 def local_global():
     return onnx_lrsd.compress(DIGITS, **GLOBAL)
-
-
-def assert_same_compression(got, want):
-    assert [(l.name, l.method, l.ranks) for l in got.report.layers] == \
-        [(l.name, l.method, l.ranks) for l in want.report.layers]
-    a, b = initializer_arrays(want.model), initializer_arrays(got.model)
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-6 * np.abs(a[name]).max())
-    assert max_rel_error(want.model, got.model) < 1e-5
 
 
 def test_global_allocation_on_the_cluster_equals_local(cluster, local_global):
