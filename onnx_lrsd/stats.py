@@ -128,7 +128,7 @@ class GramAccumulator:
 
     def add(self, other: GramAccumulator) -> None:
         """Add `other`'s sums into this accumulator, in place. Arrays that arrived read-only
-        (e.g. from a shared-memory object store) are copied first: see `owned`."""
+        (e.g. from a shared-memory object store) are copied first: see `own`."""
         if (other.dim, other.track_cross) != (self.dim, self.track_cross):
             raise ValueError(
                 f"cannot merge dim={other.dim}, track_cross={other.track_cross} into "
