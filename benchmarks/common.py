@@ -2,8 +2,8 @@
 peak-RSS measurement and interleaved latency of compressed models against the original.
 
 Latency follows DESIGN §2: every session stays alive in one process with a fixed number of
-intra-op threads and spinning off (``onnx_lrsd.bench.make_session``), each is warmed up, runs
-are interleaved (order reversed every round, ``onnx_lrsd.bench.time_sessions``) and medians are
+intra-op threads and spinning off (``onnx_lrsd.runtime.bench.make_session``), each is warmed up, runs
+are interleaved (order reversed every round, ``onnx_lrsd.runtime.bench.time_sessions``) and medians are
 compared as ratios, so that load from other processes on the machine mostly cancels.
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from onnx_lrsd.latency import cpu_model
+from onnx_lrsd.runtime.latency import cpu_model
 
 REPO_ROOT: Path = Path(__file__).resolve().parents[1]
 RESULTS_DIR: Path = REPO_ROOT / "benchmarks" / "results"
@@ -241,12 +241,12 @@ def time_against_original(original: Path, candidates: Sequence[Path], feeds: Map
                           threads: int = 2, budget_s: float = 20.0, blocks: int = 5, min_runs: int = 3,
                           max_runs: int = 40, warmup: int = 3) -> LatencyResult:
     """Latency of every candidate relative to ``original``, all sessions alive and interleaved
-    (``onnx_lrsd.bench.time_sessions``), in ``blocks`` blocks (see `LatencyResult`).
+    (``onnx_lrsd.runtime.bench.time_sessions``), in ``blocks`` blocks (see `LatencyResult`).
 
     Rounds per block fit ``budget_s`` overall (estimated from one untimed round), clamped to
     [``min_runs``, ``max_runs``]; ``warmup`` untimed rounds precede the first block.
     """
-    from onnx_lrsd.bench import make_session, time_sessions
+    from onnx_lrsd.runtime.bench import make_session, time_sessions
 
     sessions = [make_session(Path(p), threads) for p in (original, *candidates)]
     feeds = dict(feeds)

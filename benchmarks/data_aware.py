@@ -25,7 +25,7 @@ every 5th calibration batch (``holdout_every=5``) for its verification, so the f
 the calibration samples.
 
 Latency (DESIGN §2): for each task and keep, the original and the compressed models of every
-method are opened together (``onnx_lrsd.bench.make_session``: 2 threads, spinning off), warmed
+method are opened together (``onnx_lrsd.runtime.bench.make_session``: 2 threads, spinning off), warmed
 up and timed interleaved with ``time_sessions`` in 5 blocks; the table shows the median over
 blocks of each block's ratio of medians, so a burst of load from other processes spoils one
 block, not the result (``benchmarks.common.time_against_original``).
@@ -208,7 +208,7 @@ def run_task(name: str, keeps: tuple[float, ...], methods: tuple[str, ...], work
     Keeps that ``previous`` (the same task in an interrupted run's JSON) completed are taken
     from it; ``save(out)`` is called after every keep so that a killed run loses one keep at most.
     """
-    from onnx_lrsd.io import save_model
+    from onnx_lrsd.model.io import save_model
 
     from benchmarks.tasks import get_task
 
@@ -336,7 +336,7 @@ def ablation_specs(task: str, base: dict[str, Any]) -> list[tuple[str, dict[str,
 
 def ablations(task_data: dict[str, Any], blas: Any) -> list[dict[str, Any]]:
     """For every floor configuration whose floor is missed, rerun it with `ablation_specs`."""
-    from onnx_lrsd.io import save_model
+    from onnx_lrsd.model.io import save_model
 
     from benchmarks.tasks import get_task
 
@@ -432,7 +432,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["calibrate_plus_fit_s"] = out["calibrate_s"] + out["fit_s"]
     if spec.get("evaluate"):
         path = Path(tempfile.mkdtemp(prefix="data_aware_")) / "minilm.onnx"
-        from onnx_lrsd.io import save_model
+        from onnx_lrsd.model.io import save_model
 
         save_model(result.model, path)
         del result

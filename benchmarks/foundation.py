@@ -150,7 +150,7 @@ def run_cli(args: list, env_extra: Optional[dict] = None, timeout: float = 7200)
 
 
 def write_zoo(names, workdir: Path) -> dict:
-    from onnx_lrsd.zoo import zoo_model
+    from onnx_lrsd.testing.zoo import zoo_model
 
     paths = {}
     for name in names:
@@ -174,7 +174,7 @@ def dim_args(dims: dict) -> list:
 def fixed_shape_macs(path: Path, dims: dict) -> int:
     """MACs with the symbolic input dims fixed (batch 1), for models the library can only
     count per position (its `model_macs` counts unknown dims as 1)."""
-    from onnx_lrsd.cost import model_macs
+    from onnx_lrsd.plan.cost import model_macs
 
     model = onnx.load(str(path))
     for inp in model.graph.input:
@@ -190,8 +190,8 @@ def fixed_shape_macs(path: Path, dims: dict) -> int:
 
 def recheck_error(original: Path, compressed: Path, dims: dict, seed: int = 1) -> float:
     """Largest relative output error on a seeded input different from `compress`'s own."""
-    from onnx_lrsd.bench import make_session, relative_output_errors, run_outputs
-    from onnx_lrsd.feeds import random_feeds
+    from onnx_lrsd.runtime.bench import make_session, relative_output_errors, run_outputs
+    from onnx_lrsd.runtime.feeds import random_feeds
 
     model = onnx.load(str(original), load_external_data=False)
     feeds = random_feeds(model, dims=dims, seed=seed)
@@ -454,7 +454,7 @@ def part2(workdir: Path, quick: bool) -> dict:
     result: dict = {"batch8_fixed_graph": batch8_on_original(original)}
     batchable = workdir / "resnet50_dyn.onnx"
     result["patched_reshapes"] = make_batchable(original, batchable)
-    from onnx_lrsd.bench import make_session
+    from onnx_lrsd.runtime.bench import make_session
 
     feeds = {"gpu_0/data_0": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     a, b = (make_session(p, threads=2).run(None, feeds)[0] for p in (original, batchable))

@@ -67,7 +67,7 @@ def compress_task(task, feeds, settings, **options):
 
 
 def evaluated(task, result, path: Path, seconds: float, label: str) -> dict[str, Any]:
-    from onnx_lrsd.io import save_model
+    from onnx_lrsd.model.io import save_model
 
     save_model(result.model, path)
     report = result.report
@@ -113,7 +113,7 @@ def attempt(rows: list, label: str, make: Callable[[], dict[str, Any]]) -> None:
 def run_task(name: str, keeps, workdir: Path, budget: float, blocks: int, do_sweep: bool,
              results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
     from onnx_lrsd import plot_sweep, sweep
-    from onnx_lrsd.io import save_model
+    from onnx_lrsd.model.io import save_model
 
     task, settings, feeds, latency_feeds, dims = task_inputs(name, LATENCY_BATCHES)
     out: dict[str, Any] = {"task": name, "samples": settings.samples, "batch": settings.batch,

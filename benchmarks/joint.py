@@ -63,7 +63,7 @@ BENCHMARKS = {"minilm": None, "resnet50": None}
 
 
 def _row(result, path: Path, seconds: float, joint: str) -> dict[str, Any]:
-    from onnx_lrsd.io import save_model
+    from onnx_lrsd.model.io import save_model
 
     save_model(result.model, path)
     report = result.report
@@ -132,8 +132,8 @@ def run_resnet(workdir: Path, budget: float, blocks: int) -> dict[str, Any]:
     import onnx
 
     from onnx_lrsd import compress
-    from onnx_lrsd.feeds import random_feeds
-    from onnx_lrsd.zoo import zoo_model
+    from onnx_lrsd.runtime.feeds import random_feeds
+    from onnx_lrsd.testing.zoo import zoo_model
 
     model = zoo_model("resnet50")
     source = workdir / "resnet50.onnx"

@@ -6,11 +6,11 @@
 1. Mapping: for the digit CNN, all-MiniLM-L6-v2 (sequence 128), PP-OCRv4 recognition
    (48×320) and the 9 model-zoo graphs of the onnx wheel, and for each one's `--keep 0.5`
    compression (data-free: the chains' structure and cost, not their accuracy, matter here),
-   `onnx_lrsd.profile.profile_layers` at batch 1, 2 threads, 10 runs: how many model nodes,
+   `onnx_lrsd.runtime.profile.profile_layers` at batch 1, 2 threads, 10 runs: how many model nodes,
    executed kernels and layers; whether every node is accounted for exactly once (a layer's
    node or not executed); whether every Conv / Gemm / MatMul has time of its own (chains: under
    the layer they replace); the kernels' share of the run time.
-2. `bench` (`onnx_lrsd.bench.compare_models`: warm interleaved latency, cold start and peak
+2. `bench` (`onnx_lrsd.runtime.bench.compare_models`: warm interleaved latency, cold start and peak
    RSS in 3 fresh processes, per-layer profiles) of MiniLM against its data-aware keep-0.5
    compression (64 calibration texts) at batch 1 and 8, sequence 128, and of ResNet-50 and
    PP-OCRv4 against their keep-0.5 compressions at batch 1.
@@ -28,11 +28,11 @@ import onnx
 
 import onnx_lrsd
 from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_json, write_text
-from onnx_lrsd.bench import compare_models
-from onnx_lrsd.feeds import random_feeds
-from onnx_lrsd.io import load_model, save_model
-from onnx_lrsd.profile import WEIGHT_OPS, layer_of, name_nodes, profile_layers
-from onnx_lrsd.zoo import ZOO_MODELS, zoo_model
+from onnx_lrsd.runtime.bench import compare_models
+from onnx_lrsd.runtime.feeds import random_feeds
+from onnx_lrsd.model.io import load_model, save_model
+from onnx_lrsd.runtime.profile import WEIGHT_OPS, layer_of, name_nodes, profile_layers
+from onnx_lrsd.testing.zoo import ZOO_MODELS, zoo_model
 
 MINILM = Path(__file__).resolve().parent / "cache" / "minilm.onnx"
 MINILM_DIMS = {"sequence": 128}

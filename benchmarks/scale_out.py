@@ -128,7 +128,7 @@ def model_and_feeds(name: str, samples: int, batch: int, blocks: int, work: Path
 def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Compress once with spec's executor; write the model to spec["output"]."""
     import onnx_lrsd
-    from onnx_lrsd.io import save_model
+    from onnx_lrsd.model.io import save_model
 
     work = Path(spec["work"])
     model_path, feeds = model_and_feeds(spec["model"], spec["samples"], spec["batch"], spec["blocks"], work)

@@ -60,7 +60,7 @@ CONFIGS = {
 
 def run_task(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, Any]:
     from onnx_lrsd import compress
-    from onnx_lrsd.io import save_model
+    from onnx_lrsd.model.io import save_model
 
     task, settings, feeds, latency_feeds, dims = task_inputs(name, LATENCY_BATCHES)
     keep = KEEPS[name]

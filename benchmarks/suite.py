@@ -14,7 +14,7 @@ faster), at batch 1 and 32 (the zoo graphs at 1 and 8):
 - ``int8 dynamic`` (``quantize_dynamic`` on every op type it supports), ``int8 dynamic MatMul``
   (MatMul only) and ``int8 static QDQ`` (``quantize_static``, QDQ, MinMax ranges from the same
   calibration batches as the compression, per-channel int8 weights, uint8 activations) — the
-  three modes of ``onnx_lrsd.quantize``, which ``compress --then-quantize`` runs;
+  three modes of ``onnx_lrsd.runtime.quantize``, which ``compress --then-quantize`` runs;
 - ``data-free SVD``: ``compress(keep=0.5)`` without calibration;
 - ``onnx_lrsd params P``: the global allocation at ``target_params`` P, data-aware;
 - ``onnx_lrsd <=1% drop``: ``compress(metric=..., max_metric_drop=0.01)``, the smallest params
@@ -29,7 +29,7 @@ The verdict per task: the best int8 configuration alone is the fastest at batch 
 within 0.01 of the original's primary metric; it is beaten when an onnx_lrsd + int8 model
 within 0.01 is both smaller and faster (batch 1 and 32).
 
-The zoo graphs (``onnx_lrsd.zoo``, seeded random weights) have no task: latency and size only,
+The zoo graphs (``onnx_lrsd.testing.zoo``, seeded random weights) have no task: latency and size only,
 data-free compression at keep 0.5 and static quantization calibrated on seeded random inputs.
 
 Results: ``benchmarks/results/suite.{json,md}`` and ``benchmarks/results/suite_<task>.png``.
@@ -72,8 +72,8 @@ class Rows:
         self.rows: list[dict[str, Any]] = []
 
     def add(self, label: str, family: str, model, seconds: float, **extra) -> dict[str, Any]:
-        from onnx_lrsd.cost import count_params
-        from onnx_lrsd.io import save_model
+        from onnx_lrsd.plan.cost import count_params
+        from onnx_lrsd.model.io import save_model
 
         path = self.workdir / f"{self.name}_{len(self.rows)}.onnx"
         save_model(model, path)
@@ -117,8 +117,8 @@ def run_task(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, 
     if name in ZOO:
         return run_zoo(name, workdir, budget, blocks)
     from onnx_lrsd import compress
-    from onnx_lrsd.io import load_model, save_model
-    from onnx_lrsd.quantize import quantize_model
+    from onnx_lrsd.model.io import load_model, save_model
+    from onnx_lrsd.runtime.quantize import quantize_model
 
     task, settings, feeds, latency_feeds, dims = task_inputs(name, LATENCY_BATCHES)
     primary = PRIMARY[name]
@@ -179,9 +179,9 @@ def _compressed(result, **extra):
 def run_zoo(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, Any]:
     """Latency and size of a zoo graph (seeded random weights): no task metric."""
     from onnx_lrsd import compress
-    from onnx_lrsd.feeds import random_feeds
-    from onnx_lrsd.quantize import quantize_model
-    from onnx_lrsd.zoo import zoo_model
+    from onnx_lrsd.runtime.feeds import random_feeds
+    from onnx_lrsd.runtime.quantize import quantize_model
+    from onnx_lrsd.testing.zoo import zoo_model
 
     original = zoo_model(name)
     rows = Rows(name, workdir, None)
@@ -197,7 +197,7 @@ def run_zoo(name: str, workdir: Path, budget: float, blocks: int) -> dict[str, A
                  lambda: _compressed(compress(source, keep=DATA_FREE_KEEP)))
     compressed = next((r for r in rows.rows if r["family"] == "onnx_lrsd" and "path" in r), None)
     if compressed is not None:
-        from onnx_lrsd.io import load_model
+        from onnx_lrsd.model.io import load_model
 
         model = load_model(compressed["path"])
         rows.attempt(f"onnx_lrsd keep {DATA_FREE_KEEP} + int8 static QDQ", "onnx_lrsd+int8",

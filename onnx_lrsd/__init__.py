@@ -4,16 +4,17 @@
     >>> result = onnx_lrsd.compress("model.onnx", keep=0.5)
     >>> result.report.params_ratio
 
-The maths (`onnx_lrsd.decompose`, `onnx_lrsd.stats`) imports without onnx; the API below is
+The maths (`onnx_lrsd.decompose`, `onnx_lrsd.decompose.stats`) imports without onnx; the API below is
 loaded on first use.
 """
 __version__ = "0.1.0"
 
 _API = {
     "compress": "api", "compress_file": "api", "inspect_model": "api", "sweep": "api", "CompressionResult": "api",
-    "plot_sweep": "plot", "SweepReport": "report", "write_report": "render", "profile_layers": "profile",
+    "plot_sweep": "report.plot", "SweepReport": "report.types", "write_report": "report.render",
+    "profile_layers": "runtime.profile",
     "CompressConfig": "config", "LayerOverride": "config", "load_config_file": "config",
-    "LrsdError": "errors", "CompressionReport": "report", "InspectReport": "report",
+    "LrsdError": "errors", "CompressionReport": "report.types", "InspectReport": "report.types",
 }
 
 __all__ = sorted(_API)

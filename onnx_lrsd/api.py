@@ -18,17 +18,17 @@ import onnx
 from threadpoolctl import threadpool_limits
 
 from .config import CompressConfig
-from .cost import count_params, model_macs
+from .plan.cost import count_params, model_macs
 from .errors import LrsdError
-from .executor import executor_for
-from .graph import export_model, import_graph, model_template
-from .io import (PROTOBUF_LIMIT, ModelSource, check_output_directory, initializer_bytes, load_model, load_source,
+from .parallel.executor import executor_for
+from .model.graph import export_model, import_graph, model_template
+from .model.io import (PROTOBUF_LIMIT, ModelSource, check_output_directory, initializer_bytes, load_model, load_source,
                  save_model)
-from .mapped import weights_in
-from .activations import split_holdout
-from .bench import output_errors_on
-from .feeds import random_feeds
-from .report import CompressionReport, InspectReport, LayerReport, ModelStats, StageSummary, TargetInfo
+from .model.mapped import weights_in
+from .runtime.activations import split_holdout
+from .runtime.bench import output_errors_on
+from .runtime.feeds import random_feeds
+from .report.types import CompressionReport, InspectReport, LayerReport, ModelStats, StageSummary, TargetInfo
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def calibration_batches(calibration: Calibration, model: onnx.ModelProto, config
     """Validated calibration batches of `config.calib_batch` samples from any source: a
     reader with `get_next()` (onnxruntime's CalibrationDataReader protocol), a list of feed
     dicts, .npz paths or directories, or "random" (seeded random inputs; a warning)."""
-    from .calibrate import CalibrationSpec, ListReader, iter_batches, open_reader
+    from .runtime.calibrate import CalibrationSpec, ListReader, iter_batches, open_reader
 
     if calibration is None:
         return []
@@ -135,7 +135,7 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
             ctx, compressed = _finish(prepared, ctx, done)
         quantization = None
         if config.then_quantize is not None:
-            from .activations import split_holdout
+            from .runtime.activations import split_holdout
             from .passes.verify_outputs import verification_batches
 
             fit = split_holdout(ctx.calibration, config.holdout_every)[0] or ctx.calibration
@@ -156,7 +156,7 @@ def _then_quantize(source: onnx.ModelProto, compressed: onnx.ModelProto, mode: s
                    errors_before):
     """(int8 model of `compressed`, its `QuantizationSummary`): static quantization calibrates
     on `fit_batches`; output errors against `source` on `verify_batches` (none: not verified)."""
-    from .quantize import quantize_model, summarize
+    from .runtime.quantize import quantize_model, summarize
 
     quantized = quantize_model(compressed, mode, fit_batches)
     names = [o.name for o in source.graph.output]
@@ -204,7 +204,7 @@ def _compress_to_latency(prepared, ctx, done):
     target is bracketed, then bisected. An ask the prediction cannot reach writes the fastest
     allocation; if that measures below the target, the target is unreachable. The round
     nearest the target is returned."""
-    from .bench import compare_latency
+    from .runtime.bench import compare_latency
     from .passes.deployment import deployment_feed
 
     config = ctx.config
@@ -264,8 +264,8 @@ def _quantized_for_metric(ctx, compressed: onnx.ModelProto) -> onnx.ModelProto:
     mode = ctx.config.then_quantize
     if mode is None:
         return compressed
-    from .activations import split_holdout
-    from .quantize import quantize_model
+    from .runtime.activations import split_holdout
+    from .runtime.quantize import quantize_model
 
     return quantize_model(compressed, mode, split_holdout(ctx.calibration, ctx.config.holdout_every)[0]
                           or ctx.calibration)
@@ -371,10 +371,10 @@ def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Op
     `latency_batch` and `latency_threads`), output error, and `metric` when given. Statistics,
     error curves and sensitivities are computed once. Returns the `SweepReport` and, with
     `keep_models`, the compressed models in the order of the points."""
-    from .bench import compare_latency
+    from .runtime.bench import compare_latency
     from .passes import CollectActivationsPass, FindTargetsPass, NameNodesPass, PassManager, SelectRanksPass
     from .passes.deployment import deployment_feed
-    from .report import SweepPoint, SweepReport
+    from .report.types import SweepPoint, SweepReport
 
     config = (config or CompressConfig()).replace(**options) if options else (config or CompressConfig())
     values = sorted({float(v) for v in values}, reverse=True)

@@ -322,7 +322,7 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
         options["dims"] = _parse_dims(dims)
     config = config.replace(overrides=cli_overrides + config.overrides, **options)
     if report_file is not None:
-        from .render import check_report_path
+        from .report.render import check_report_path
         check_report_path(report_file)
     calibration = list(calib) if calib else None
     with _unless_completed(output):
@@ -342,7 +342,7 @@ def compress(model: Path, output: Path, keep, energy, method, ranks, skips, conf
 
 def _write_report(path: Path, report, model: Path, compressed, config) -> None:
     """JSON, or Markdown / HTML with plots and the in-network per-layer latency of both models."""
-    from .render import profile_pair, write_report
+    from .report.render import profile_pair, write_report
 
     profiles, why = (None, "") if path.suffix.lower() == ".json" else profile_pair(
         model, compressed, config.latency_batch, config.latency_threads, config.dims, config.seed)
@@ -370,7 +370,7 @@ def bench(baseline: Path, candidate: Optional[Path], threads, batch, dims, runs,
     """Latency of BASELINE (and CANDIDATE, interleaved in one process) in onnxruntime: warm and
     cold, peak memory, per-layer times mapped to the model's layers, params, file size, MACs
     and output error side by side."""
-    from .bench import compare_models
+    from .runtime.bench import compare_models
 
     comparison = compare_models(baseline, candidate, threads=threads, batch=batch, dims=dict(_parse_dims(dims)),
                                 runs=runs, warmup=warmup, seed=seed, profile_runs=profile_runs,
@@ -418,8 +418,8 @@ def sweep(model: Path, output_dir: Path, calib, points, config_file, calib_sampl
     size against output error."""
     from .api import sweep as run_sweep
     from .config import CompressConfig, load_config_file
-    from .io import save_model, write_atomic
-    from .plot import plot_sweep, require_matplotlib
+    from .model.io import save_model, write_atomic
+    from .report.plot import plot_sweep, require_matplotlib
 
     values = _parse_points(points)
     require_matplotlib()

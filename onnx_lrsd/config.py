@@ -24,7 +24,7 @@ factor (right), both (MatMul groups), or per group the best of left, right and s
 SPARSE_STRUCTURES = ("rows", "unstructured")
 
 QUANTIZE_MODES = ("dynamic", "dynamic-matmul", "static")
-"""int8 quantization after compression (see `onnx_lrsd.quantize`)."""
+"""int8 quantization after compression (see `onnx_lrsd.runtime.quantize`)."""
 
 AUTO_SHARE = "auto"
 
@@ -93,7 +93,7 @@ class CompressConfig:
     seed: seed of every random choice (verification inputs, randomized solvers).
     external_data: always save weights as external data (always done above 2 GB).
     map_weights_above_mb: a model file whose external data exceeds this many MiB keeps its
-        weights on disk, read through memory maps one layer at a time (`onnx_lrsd.mapped`);
+        weights on disk, read through memory maps one layer at a time (`onnx_lrsd.model.mapped`);
         the output is then written with external data.
     sparse_share: share of each layer's parameter budget given to a sparse residual S (W ≈
         L + S, LRSD / CMD), in [0, 1); ``"auto"`` picks per layer among `AUTO_SHARES` by the
@@ -133,14 +133,14 @@ class CompressConfig:
     stages: compress in this many stages (MUSCO), each cutting further and refitting on the
         current compressed model; the target or keep is reached at the last stage.
     then_quantize: quantize the compressed model to int8 with onnxruntime's quantizer as the
-        last step (one of `onnx_lrsd.quantize.QUANTIZE_MODES`; ``static`` calibrates on the
+        last step (one of `onnx_lrsd.runtime.quantize.QUANTIZE_MODES`; ``static`` calibrates on the
         same calibration batches). Targets apply to the low-rank model; the report gives the
         output errors before and after quantization.
     blas_threads: BLAS threads of the numpy/scipy fits (None: the library's default). One is
         the default because OpenBLAS threads that wait by spinning slow a busy 2-core machine
         by an order of magnitude (PP-OCR data-free: 58 s with 2 threads under load, 3.4 s with 1).
     executor: where calibration shards, per-layer fits, error curves, sensitivity probes and
-        latency microbenchmarks run (`onnx_lrsd.executor`): "local" (this process, or a process
+        latency microbenchmarks run (`onnx_lrsd.parallel.executor`): "local" (this process, or a process
         pool of `workers` > 1) or "ray" (the cluster at `ray_address`, else a local Ray).
         The result does not depend on it (up to float rounding of summed statistics).
     """
@@ -302,7 +302,7 @@ def check_sparse_share(share) -> None:
 
 
 def check_executor(executor, workers, ray_address) -> None:
-    from .executor import EXECUTORS
+    from .parallel.executor import EXECUTORS
 
     if executor not in EXECUTORS:
         raise LrsdError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")

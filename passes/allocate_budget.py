@@ -9,24 +9,24 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.activations import split_holdout
-from onnx_lrsd.allocate import (UNIT, Allocation, Option, Sensitivity, allocate_budget, allocate_damage,
+from ..runtime.activations import split_holdout
+from ..plan.allocate import (UNIT, Allocation, Option, Sensitivity, allocate_budget, allocate_damage,
                                 compound_frontier)
-from onnx_lrsd.bench import make_session, run_outputs, time_sessions
-from onnx_lrsd.cost import Cost, count_params, model_macs
-from onnx_lrsd.decompose.joint import joint_error_curves
-from onnx_lrsd.error_curves import LayerCandidate, rank_grid
-from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.factorize import factorize_data_aware
-from onnx_lrsd.executor import Task
-from onnx_lrsd.graph import export_model, import_graph
-from onnx_lrsd.io import initializer_bytes
-from onnx_lrsd.latency import LatencyModel, interpolate_latency
-from onnx_lrsd.parallel import error_curves, latency_tasks
-from onnx_lrsd.rank_select import LayerPlan, dense_plan, with_sparse_request
-from onnx_lrsd.report import AllocationSummary
-from onnx_lrsd.rewrite import rewrite_layers
-from onnx_lrsd.targets import LayerTarget
+from ..runtime.bench import make_session, run_outputs, time_sessions
+from ..plan.cost import Cost, count_params, model_macs
+from ..decompose.joint import joint_error_curves
+from ..plan.candidates import LayerCandidate, rank_grid
+from ..errors import LrsdError
+from ..plan.factorize import factorize_data_aware
+from ..parallel.executor import Task
+from ..model.graph import export_model, import_graph
+from ..model.io import initializer_bytes
+from ..runtime.latency import LatencyModel, interpolate_latency
+from ..parallel.tasks import error_curves, latency_tasks
+from ..plan.rank_select import LayerPlan, dense_plan, with_sparse_request
+from ..report.types import AllocationSummary
+from ..model.rewrite import rewrite_layers
+from ..model.layers import LayerTarget
 
 from .base import Pass, PassContext, PassResult
 from .deployment import deployment_feed, input_shapes
@@ -48,7 +48,7 @@ class AllocateBudgetPass(Pass):
     reconstruction error from the calibration statistics, D_l the layer's `Sensitivity` (the
     model's squared relative output error, measured in onnxruntime by compressing that layer
     alone at two errors) — and a cost (params, MACs, or latency measured per candidate
-    shape by `LatencyModel`); `onnx_lrsd.allocate` picks the least total damage for the budget
+    shape by `LatencyModel`); `onnx_lrsd.plan.allocate` picks the least total damage for the budget
     (or the fewest params within `max_error`). Dense is always an option.
 
     `correction` comes from measuring the written model (`onnx_lrsd.api`): it multiplies the

@@ -12,15 +12,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.activations import Feeds, LayerStatistics
-from onnx_lrsd.allocate import Sensitivity
-from onnx_lrsd.config import CompressConfig
-from onnx_lrsd.error_curves import LayerCandidate
-from onnx_lrsd.executor import Executor, InProcessExecutor
-from onnx_lrsd.factorize import LayerFactorization
-from onnx_lrsd.rank_select import LayerPlan, Residual
-from onnx_lrsd.report import AllocationSummary, JointGroupReport, LayerLatency, ResidualCheck
-from onnx_lrsd.targets import LayerTarget, SkippedLayer
+from ..runtime.activations import Feeds, LayerStatistics
+from ..plan.allocate import Sensitivity
+from ..config import CompressConfig
+from ..plan.candidates import LayerCandidate
+from ..parallel.executor import Executor, InProcessExecutor
+from ..plan.factorize import LayerFactorization
+from ..plan.rank_select import LayerPlan, Residual
+from ..report.types import AllocationSummary, JointGroupReport, LayerLatency, ResidualCheck
+from ..model.layers import LayerTarget, SkippedLayer
 
 log = logging.getLogger(__name__)
 

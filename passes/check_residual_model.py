@@ -6,11 +6,11 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.bench import make_session, relative_output_errors, run_outputs, time_sessions
-from onnx_lrsd.config import AUTO_SHARE
-from onnx_lrsd.graph import export_model
-from onnx_lrsd.report import ResidualCheck
-from onnx_lrsd.rewrite import rewrite_layers
+from ..runtime.bench import make_session, relative_output_errors, run_outputs, time_sessions
+from ..config import AUTO_SHARE
+from ..model.graph import export_model
+from ..report.types import ResidualCheck
+from ..model.rewrite import rewrite_layers
 
 from .base import Pass, PassContext, PassResult
 from .deployment import deployment_feed

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.activations import gram_bytes, memory_groups, split_holdout
-from onnx_lrsd.parallel import sharded_statistics
+from ..runtime.activations import gram_bytes, memory_groups, split_holdout
+from ..parallel.tasks import sharded_statistics
 
 from .base import Pass, PassContext, PassResult
 

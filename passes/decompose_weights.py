@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.parallel import decompose_layers
+from ..parallel.tasks import decompose_layers
 
 from .base import Pass, PassContext, PassResult
 

@@ -5,8 +5,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from onnx_lrsd.activations import ActivationRunner
-from onnx_lrsd.feeds import random_feeds
+from ..runtime.activations import ActivationRunner
+from ..runtime.feeds import random_feeds
 
 from .base import PassContext
 

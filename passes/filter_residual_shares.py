@@ -5,10 +5,10 @@ import dataclasses
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.config import AUTO_SHARE
-from onnx_lrsd.decompose import split_budget
-from onnx_lrsd.latency import RESIDUAL, LatencyModel
-from onnx_lrsd.rank_select import residual_group
+from ..config import AUTO_SHARE
+from ..decompose import split_budget
+from ..runtime.latency import RESIDUAL, LatencyModel
+from ..plan.rank_select import residual_group
 
 from .base import Pass, PassContext, PassResult
 from .deployment import deployment_feed, input_shapes

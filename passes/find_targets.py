@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.targets import ADAPTERS, WEIGHT_OPS_NOT_SUPPORTED, LayerTarget, SkippedLayer, classify
+from ..model.layers import ADAPTERS, WEIGHT_OPS_NOT_SUPPORTED, LayerTarget, SkippedLayer, classify
 
 from .base import Pass, PassContext, PassResult
 

@@ -8,11 +8,11 @@ from typing import List, Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.cost import Cost
-from onnx_lrsd.decompose import data_error, relative_tail_errors, whitened_spectrum
-from onnx_lrsd.decompose.joint import JointFactors, joint_fit, joint_ranks
-from onnx_lrsd.factorize import LayerFactorization
-from onnx_lrsd.report import JointGroupReport
+from ..plan.cost import Cost
+from ..decompose import data_error, relative_tail_errors, whitened_spectrum
+from ..decompose.joint import JointFactors, joint_fit, joint_ranks
+from ..plan.factorize import LayerFactorization
+from ..report.types import JointGroupReport
 
 from .base import Pass, PassContext, PassResult
 

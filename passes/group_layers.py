@@ -7,8 +7,8 @@ from typing import Dict, List
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.targets import LayerTarget
+from ..errors import LrsdError
+from ..model.layers import LayerTarget
 
 from .base import Pass, PassContext, PassResult
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.decompose import split_budget
-from onnx_lrsd.latency import RESIDUAL, LatencyModel
-from onnx_lrsd.report import LayerLatency
+from ..decompose import split_budget
+from ..runtime.latency import RESIDUAL, LatencyModel
+from ..report.types import LayerLatency
 
 from .base import Pass, PassContext, PassResult
 from .deployment import deployment_feed, input_shapes

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.validate import unique_name
+from ..model.validate import unique_name
 
 from .base import Pass, PassContext, PassResult
 

@@ -6,12 +6,12 @@ from typing import Dict, List
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.graph import export_model
-from onnx_lrsd.parallel import fit_layers, sharded_paired_statistics
-from onnx_lrsd.targets import LayerTarget
+from ..model.graph import export_model
+from ..parallel.tasks import fit_layers, sharded_paired_statistics
+from ..model.layers import LayerTarget
 
 from .base import Pass, PassContext, PassResult
-from onnx_lrsd.rewrite import rewrite_layers
+from ..model.rewrite import rewrite_layers
 
 
 class ReconstructFeatureMapsPass(Pass):

@@ -1,10 +1,10 @@
-"""Replace each factorized layer by its chain of smaller ops (`onnx_lrsd.rewrite`)."""
+"""Replace each factorized layer by its chain of smaller ops (`onnx_lrsd.model.rewrite`)."""
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.mapped import mapped_directory, trim_heap
-from onnx_lrsd.rewrite import rewrite_layers
+from ..model.mapped import mapped_directory, trim_heap
+from ..model.rewrite import rewrite_layers
 
 from .base import Pass, PassContext, PassResult
 

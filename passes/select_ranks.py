@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.rank_select import candidate_plans
+from ..errors import LrsdError
+from ..plan.rank_select import candidate_plans
 
 from .base import Pass, PassContext, PassResult
 

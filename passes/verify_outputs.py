@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnx_lrsd.activations import split_holdout
-from onnx_lrsd.bench import outputs_on, relative_output_errors
-from onnx_lrsd.feeds import random_feeds
-from onnx_lrsd.graph import export_model
+from ..runtime.activations import split_holdout
+from ..runtime.bench import outputs_on, relative_output_errors
+from ..runtime.feeds import random_feeds
+from ..model.graph import export_model
 
 from .base import Pass, PassContext, PassResult
 

@@ -1,4 +1,4 @@
-"""Layer-input statistics from calibration data run through onnxruntime (onnx_lrsd.activations).
+"""Layer-input statistics from calibration data run through onnxruntime (onnx_lrsd.runtime.activations).
 
 Every expectation is checked against what onnxruntime (or the ONNX reference evaluator, where
 onnxruntime refuses an attribute combination) actually computes, never against the code under
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnx_lrsd.activations import (
+from onnx_lrsd.runtime.activations import (
     ActivationRunner,
     collect_paired_statistics,
     collect_statistics,
@@ -30,7 +30,7 @@ from onnx_lrsd.activations import (
 )
 from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.graph import import_graph, model_template
+from onnx_lrsd.model.graph import import_graph, model_template
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassContext, PassManager
 
 from graphs import make_model
@@ -536,7 +536,7 @@ class _T:
 
 def test_memory_groups_split_consecutively_and_drop_oversize(caplog):
     layers = [_T("a", 40), _T("b", 50), _T("c", 20), _T("huge", 101), _T("d", 100), _T("e", 1)]
-    with caplog.at_level(logging.WARNING, logger="onnx_lrsd.activations"):
+    with caplog.at_level(logging.WARNING, logger="onnx_lrsd.runtime.activations"):
         groups = memory_groups(layers, 100, lambda t: t.size)
     assert [[t.name for t in g] for g in groups] == [["a", "b"], ["c"], ["d"], ["e"]]
     assert "huge" in caplog.text and "without data" in caplog.text

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_lrsd.allocate import Option, allocate_budget, allocate_damage
+from onnx_lrsd.plan.allocate import Option, allocate_budget, allocate_damage
 from onnx_lrsd.api import compress
 from onnx_lrsd.config import CompressConfig, LayerOverride
 from onnx_lrsd.decompose import data_error, relative_tail_errors, whitened_spectrum, whitened_svd
-from onnx_lrsd.error_curves import layer_candidates, rank_grid
+from onnx_lrsd.plan.candidates import layer_candidates, rank_grid
 from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.graph import import_graph, model_template
+from onnx_lrsd.model.graph import import_graph, model_template
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassContext, PassManager
 
 from graphs import make_model, rel_error, run
@@ -267,8 +267,8 @@ def test_stages_reach_the_keep_and_report_each_stage_against_the_original():
 
 
 def output_error_on_holdout(original, compressed):
-    from onnx_lrsd.activations import split_holdout
-    from onnx_lrsd.bench import output_errors_on
+    from onnx_lrsd.runtime.activations import split_holdout
+    from onnx_lrsd.runtime.bench import output_errors_on
     return output_errors_on(original, compressed, split_holdout(calibration(), 5)[1], ["y"])["y"]
 
 
@@ -320,7 +320,7 @@ def test_sweep_points_meet_their_targets_and_mark_the_pareto_front():
 
 
 def test_sensitivity_grows_as_measured_between_probes_and_quadratically_below():
-    from onnx_lrsd.allocate import UNIT, Sensitivity
+    from onnx_lrsd.plan.allocate import UNIT, Sensitivity
 
     s = Sensitivity.fitted([(0.4, 0.16 * 8), (0.1, 0.01)])  # damage ∝ e^3.5 between the probes
     assert s.error == 0.1 and s.exponent == pytest.approx(np.log(128) / np.log(4))

@@ -411,7 +411,7 @@ def test_external_data_outside_the_model_directory_is_refused(tmp_path):
 
 @pytest.mark.parametrize("rank, expected", [(31, 31), (32, 32), (47, 47), (48, 48), (70, 64), (100, 96), (15, 15), (8, 8)])
 def test_conv_ranks_round_to_blocks_only_when_cheap(rank, expected):
-    from onnx_lrsd.rank_select import round_conv_rank
+    from onnx_lrsd.plan.rank_select import round_conv_rank
 
     assert round_conv_rank(rank, 16, limit=512) == expected
     assert round_conv_rank(rank, 16, limit=20) == min(expected, 20)

@@ -4,7 +4,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lrsd.bench import (
+from onnx_lrsd.runtime.bench import (
     Comparison,
     LatencyStats,
     compare_latency,

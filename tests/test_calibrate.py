@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lrsd.calibrate import (
+from onnx_lrsd.runtime.calibrate import (
     CalibrationSpec,
     ListReader,
     NpzReader,
@@ -88,7 +88,7 @@ def test_wrong_dtype_names_input_expected_and_got():
 
 def test_safe_casts_are_applied_and_logged_once(caplog):
     reader = ListReader([{"x": np.zeros((2, 3), np.float64)}] * 3)
-    with caplog.at_level(logging.DEBUG, logger="onnx_lrsd.calibrate"):
+    with caplog.at_level(logging.DEBUG, logger="onnx_lrsd.runtime.calibrate"):
         batches = _collect(reader)
     assert [b["x"].dtype for b in batches] == [np.float32] * 3
     assert sum("casting float64 to float32" in r.message for r in caplog.records) == 1
@@ -323,7 +323,7 @@ def test_npz_errors(tmp_path):
 
 
 def test_random_reader_warns_and_is_seeded(caplog):
-    with caplog.at_level(logging.WARNING, logger="onnx_lrsd.calibrate"):
+    with caplog.at_level(logging.WARNING, logger="onnx_lrsd.runtime.calibrate"):
         first = _collect(RandomReader(TOKENS, 10, batch_size=4, dims={"seq": 6}, seed=3), TOKENS, 10, 4)
     assert any(r.levelno == logging.WARNING and "random inputs" in r.message for r in caplog.records)
     again = _collect(RandomReader(TOKENS, 10, batch_size=4, dims={"seq": 6}, seed=3), TOKENS, 10, 4)

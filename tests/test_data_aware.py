@@ -10,16 +10,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_lrsd.activations import collect_paired_statistics, collect_statistics
+from onnx_lrsd.runtime.activations import collect_paired_statistics, collect_statistics
 from onnx_lrsd.api import compress
 from onnx_lrsd.config import CompressConfig, LayerOverride
 from onnx_lrsd.decompose import conv_to_matrix, data_error
-from onnx_lrsd.factorize import channel_block_gram, vertical_gram, factorize_data_aware, factorize_data_free
-from onnx_lrsd.graph import import_graph, model_template
+from onnx_lrsd.plan.factorize import channel_block_gram, vertical_gram, factorize_data_aware, factorize_data_free
+from onnx_lrsd.model.graph import import_graph, model_template
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassContext, PassManager
 from onnx_lrsd.passes.reconstruct_feature_maps import dependency_waves
-from onnx_lrsd.rank_select import plan_layer
-from onnx_lrsd.stats import im2col
+from onnx_lrsd.plan.rank_select import plan_layer
+from onnx_lrsd.decompose.stats import im2col
 
 from graphs import make_model
 

@@ -1,4 +1,4 @@
-"""The executor seam (onnx_lrsd.executor, onnx_lrsd.parallel) without Ray: sharded calibration
+"""The executor seam (onnx_lrsd.parallel.executor, onnx_lrsd.parallel.tasks) without Ray: sharded calibration
 sums to the one-pass statistics, the process pool keeps task order, retries dead workers and
 passes task errors through, and a pooled compression equals the in-process one."""
 import os
@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper
 
 import onnx_lrsd
-from onnx_lrsd.activations import collect_paired_statistics, collect_statistics
+from onnx_lrsd.runtime.activations import collect_paired_statistics, collect_statistics
 from onnx_lrsd.cli import main
 from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.executor import InProcessExecutor, PoolExecutor, Task, open_executor
-from onnx_lrsd.graph import import_graph, model_template
-from onnx_lrsd.parallel import shard_ranges, sharded_paired_statistics, sharded_statistics
+from onnx_lrsd.parallel.executor import InProcessExecutor, PoolExecutor, Task, open_executor
+from onnx_lrsd.model.graph import import_graph, model_template
+from onnx_lrsd.parallel.tasks import shard_ranges, sharded_paired_statistics, sharded_statistics
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassContext, PassManager
 
 from graphs import assert_same_compression, make_model

@@ -6,8 +6,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.feeds import random_feeds, resolve_input_shapes
-from onnx_lrsd.zoo import zoo_path
+from onnx_lrsd.runtime.feeds import random_feeds, resolve_input_shapes
+from onnx_lrsd.testing.zoo import zoo_path
 
 
 def _model(inputs, ir_version=8, initializers=()):

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 import onnx_lrsd
 from hostile_corpus import CASES, CORPUS
 from onnx_lrsd.cli import main
-from onnx_lrsd.feeds import random_feeds
-from onnx_lrsd.io import load_model
+from onnx_lrsd.runtime.feeds import random_feeds
+from onnx_lrsd.model.io import load_model
 
 BY_NAME = {case.name: case for case in CASES}
 

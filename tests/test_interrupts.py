@@ -12,8 +12,8 @@ from click.testing import CliRunner
 import onnx_lrsd
 import onnx_lrsd.api
 import onnx_lrsd.cli
-import onnx_lrsd.io
-import onnx_lrsd.render
+import onnx_lrsd.model.io
+import onnx_lrsd.report.render
 from onnx_lrsd.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def test_interrupt_while_saving_leaves_no_output(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(onnx_lrsd.io.os, "replace", interrupted)
+    monkeypatch.setattr(onnx_lrsd.model.io.os, "replace", interrupted)
     output = tmp_path / "out" / "small.onnx"
     output.parent.mkdir()
     result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(output), "--keep", "0.5", "--external-data"])
@@ -105,7 +105,7 @@ def test_failure_after_saving_removes_the_output(tmp_path, monkeypatch):
     def disk_full(path, data):
         raise onnx_lrsd.LrsdError(f"cannot write {path}: No space left on device")
 
-    monkeypatch.setattr(onnx_lrsd.render, "write_atomic", disk_full)
+    monkeypatch.setattr(onnx_lrsd.report.render, "write_atomic", disk_full)
     output = tmp_path / "small.onnx"
     result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(output), "--keep", "0.5",
                                        "--report", str(tmp_path / "report.json")])
@@ -117,7 +117,7 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     """Reports are staged through a temporary file, yet end with the umask's permissions."""
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
-    written = onnx_lrsd.io.write_atomic(tmp_path / "report.json", "{}")
+    written = onnx_lrsd.model.io.write_atomic(tmp_path / "report.json", "{}")
     assert written.read_text() == "{}"
     assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt", "report.json"]

@@ -95,7 +95,7 @@ from onnx import TensorProto, helper  # noqa: E402
 from graphs import make_model, run  # noqa: E402
 from onnx_lrsd.api import compress  # noqa: E402
 from onnx_lrsd.config import CompressConfig  # noqa: E402
-from onnx_lrsd.cost import count_params  # noqa: E402
+from onnx_lrsd.plan.cost import count_params  # noqa: E402
 from onnx_lrsd.errors import LrsdError  # noqa: E402
 
 
@@ -203,7 +203,7 @@ def test_joint_error_curves_match_the_fits(side):
 def test_compound_frontier_is_the_pareto_front_of_the_members_sums():
     import itertools
 
-    from onnx_lrsd.allocate import Option, compound_frontier
+    from onnx_lrsd.plan.allocate import Option, compound_frontier
 
     rng = np.random.default_rng(6)
     members = [[Option(float(c), float(d)) for c, d in zip(rng.integers(1, 30, 5), rng.uniform(0, 5, 5))]

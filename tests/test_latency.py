@@ -1,4 +1,4 @@
-"""Measured latency of layer candidates (`onnx_lrsd.latency`): the timed chains are the ones
+"""Measured latency of layer candidates (`onnx_lrsd.runtime.latency`): the timed chains are the ones
 the compressor writes, the disk cache avoids re-timing, bad requests are refused, and the
 rank interpolation is piecewise linear. Every cache lives in tmp_path."""
 import json
@@ -8,16 +8,16 @@ import numpy as np
 import onnx
 import pytest
 
-import onnx_lrsd.latency as latency
+import onnx_lrsd.runtime.latency as latency
 from graphs import conv_model, gemm_model, matmul_model, session
-from onnx_lrsd.bench import LatencyStats
-from onnx_lrsd.cost import dense_cost, factorized_cost
-from onnx_lrsd.factorize import factorize_data_free
-from onnx_lrsd.graph import export_model, import_graph, model_template
-from onnx_lrsd.latency import LatencyModel, interpolate_latency
-from onnx_lrsd.rank_select import LayerPlan
-from onnx_lrsd.rewrite import rewrite_layers
-from onnx_lrsd.targets import classify
+from onnx_lrsd.runtime.bench import LatencyStats
+from onnx_lrsd.plan.cost import dense_cost, factorized_cost
+from onnx_lrsd.plan.factorize import factorize_data_free
+from onnx_lrsd.model.graph import export_model, import_graph, model_template
+from onnx_lrsd.runtime.latency import LatencyModel, interpolate_latency
+from onnx_lrsd.plan.rank_select import LayerPlan
+from onnx_lrsd.model.rewrite import rewrite_layers
+from onnx_lrsd.model.layers import classify
 
 
 def _target(model):
@@ -132,7 +132,7 @@ def test_key_covers_threads_shape_and_attributes(tmp_path):
 def test_corrupt_cache_warns_once_and_is_overwritten(tmp_path, caplog):
     path = tmp_path / "latency.json"
     path.write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="onnx_lrsd.latency"):
+    with caplog.at_level(logging.WARNING, logger="onnx_lrsd.runtime.latency"):
         model = LatencyModel(cache_path=path, runs=2)
         times = model.measure(_target(matmul_model((4, 16), 8)), (4, 16), [("dense", ()), ("svd", (2,))])
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
@@ -143,7 +143,7 @@ def test_corrupt_cache_warns_once_and_is_overwritten(tmp_path, caplog):
 def test_uncreatable_cache_directory_runs_without_cache(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with caplog.at_level(logging.WARNING, logger="onnx_lrsd.latency"):
+    with caplog.at_level(logging.WARNING, logger="onnx_lrsd.runtime.latency"):
         model = LatencyModel(cache_path=blocker / "sub" / "latency.json", runs=2)
     assert model.cache_path is None and "without cache" in caplog.text
     assert model.measure(_target(matmul_model((4, 16), 8)), (4, 16), [("svd", (2,))])[0] > 0

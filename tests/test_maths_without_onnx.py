@@ -19,7 +19,7 @@ else:
 
 import numpy as np
 import onnx_lrsd.decompose as d
-import onnx_lrsd.stats as s
+import onnx_lrsd.decompose.stats as s
 
 x = np.random.default_rng(0).standard_normal((2, 3, 6, 6))
 w = np.random.default_rng(1).standard_normal((4, 3, 3, 3))

@@ -9,10 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lrsd
-from onnx_lrsd.bench import cold_start
-from onnx_lrsd.feeds import random_feeds
+from onnx_lrsd.runtime.bench import cold_start
+from onnx_lrsd.runtime.feeds import random_feeds
 from onnx_lrsd.passes import NameNodesPass
-from onnx_lrsd.profile import (
+from onnx_lrsd.runtime.profile import (
     ExecutedNode,
     compare_profiles,
     layer_of,
@@ -22,7 +22,7 @@ from onnx_lrsd.profile import (
     profile_models,
     summarize_profile,
 )
-from onnx_lrsd.zoo import zoo_model
+from onnx_lrsd.testing.zoo import zoo_model
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 

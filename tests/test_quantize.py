@@ -12,9 +12,9 @@ from graphs import cnn_model, feeds_for, mlp_model, rel_error, run
 from onnx_lrsd.api import compress
 from onnx_lrsd.cli import main
 from onnx_lrsd.config import CompressConfig
-from onnx_lrsd.cost import count_params
+from onnx_lrsd.plan.cost import count_params
 from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.quantize import constants_to_initializers, int8_weights, integer_nodes, quantize_model
+from onnx_lrsd.runtime.quantize import constants_to_initializers, int8_weights, integer_nodes, quantize_model
 
 
 def _calibration(model, n=4, batch=8, seed=3):

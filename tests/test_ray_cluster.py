@@ -13,11 +13,11 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'onnx_lrsd[ray]')")
 
 import onnx_lrsd  # noqa: E402
-from onnx_lrsd import executor as executor_module  # noqa: E402
+from onnx_lrsd.parallel import executor as executor_module  # noqa: E402
 from onnx_lrsd.errors import LrsdError  # noqa: E402
-from onnx_lrsd.executor import RayExecutor, Task, run_task  # noqa: E402
-from onnx_lrsd.latency import LatencyModel  # noqa: E402
-from onnx_lrsd.parallel import latency_tasks  # noqa: E402
+from onnx_lrsd.parallel.executor import RayExecutor, Task, run_task  # noqa: E402
+from onnx_lrsd.runtime.latency import LatencyModel  # noqa: E402
+from onnx_lrsd.parallel.tasks import latency_tasks  # noqa: E402
 
 from graphs import assert_same_compression  # noqa: E402
 
@@ -79,7 +79,7 @@ def test_a_task_error_comes_back_as_a_one_line_lrsd_error(cluster):
 
 
 def test_latency_microbenchmarks_run_as_tasks_and_fill_the_driver_cache(cluster, tmp_path):
-    from onnx_lrsd.targets import LayerTarget
+    from onnx_lrsd.model.layers import LayerTarget
 
     weight = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
     target = LayerTarget("fc", "MatMul", weight, "W", "x", "y", None, 64, 48, rows=1)

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 import onnx_lrsd
 from onnx_lrsd.cli import main
 from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.feeds import random_feeds
-from onnx_lrsd.profile import layer_of, profile_models
-from onnx_lrsd.render import NO_MATPLOTLIB, write_report
+from onnx_lrsd.runtime.feeds import random_feeds
+from onnx_lrsd.runtime.profile import layer_of, profile_models
+from onnx_lrsd.report.render import NO_MATPLOTLIB, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "models" / "digits_cnn.onnx"

@@ -27,7 +27,7 @@ from graphs import (
 )
 from onnx_lrsd.api import compress
 from onnx_lrsd.config import LayerOverride
-from onnx_lrsd.io import max_runtime_ir_version, runtime_ir_version
+from onnx_lrsd.model.io import max_runtime_ir_version, runtime_ir_version
 
 FP32_TOL = 1e-5
 FP16_TOL = 5e-3

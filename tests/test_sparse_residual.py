@@ -13,13 +13,13 @@ from graphs import conv_model, gemm_model, matmul_model, rel_error, run
 from onnx_lrsd.api import _context, compress
 from onnx_lrsd.cli import main
 from onnx_lrsd.config import CompressConfig
-from onnx_lrsd.cost import count_params
+from onnx_lrsd.plan.cost import count_params
 from onnx_lrsd.decompose import LowRankFactors, LowRankSparse, SparseResidual, data_error
 from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.factorize import LayerFactorization
-from onnx_lrsd.graph import export_model, import_graph
+from onnx_lrsd.plan.factorize import LayerFactorization
+from onnx_lrsd.model.graph import export_model, import_graph
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassManager
-from onnx_lrsd.rewrite import rewrite_layers
+from onnx_lrsd.model.rewrite import rewrite_layers
 
 TOL = 1e-5
 
@@ -386,7 +386,7 @@ def _fake_ratios(chain_ms, ratio_per_row):
 
 
 def test_auto_share_keeps_only_residuals_within_the_latency_limit(monkeypatch):
-    from onnx_lrsd import latency
+    from onnx_lrsd.runtime import latency
 
     monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(1.0, 0.25))
     model = matmul_model(x_shape=("n", 24), n=16)
@@ -397,7 +397,7 @@ def test_auto_share_keeps_only_residuals_within_the_latency_limit(monkeypatch):
 
 
 def test_a_layer_too_fast_for_a_residual_keeps_its_plain_chain(monkeypatch):
-    from onnx_lrsd import latency
+    from onnx_lrsd.runtime import latency
 
     model, calibration, _ = _heavy_rows_layer()
     for chain_ms, wanted in ((0.01, ""), (1.0, "rows")):
@@ -409,7 +409,7 @@ def test_a_layer_too_fast_for_a_residual_keeps_its_plain_chain(monkeypatch):
 
 @pytest.mark.parametrize("ratio,kept", [(1.0, True), (1.5, False)])
 def test_written_model_keeps_residuals_only_if_they_pay(monkeypatch, ratio, kept):
-    from onnx_lrsd import latency
+    from onnx_lrsd.runtime import latency
     from onnx_lrsd.passes import CheckResidualModelPass
 
     monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(1.0, 0.0))
@@ -431,7 +431,7 @@ def test_written_model_keeps_residuals_only_if_they_pay(monkeypatch, ratio, kept
 
 
 def test_written_model_drops_residuals_that_do_not_lower_its_output_error(monkeypatch):
-    from onnx_lrsd import latency
+    from onnx_lrsd.runtime import latency
     from onnx_lrsd.passes import CheckResidualModelPass
 
     monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(1.0, 0.0))
@@ -458,8 +458,8 @@ def test_auto_share_needs_a_real_held_out_gain():
 
 
 def test_latency_model_times_residual_ratios_interleaved_and_caches_them(tmp_path, monkeypatch):
-    from onnx_lrsd import latency
-    from onnx_lrsd.latency import LatencyModel
+    from onnx_lrsd.runtime import latency
+    from onnx_lrsd.runtime.latency import LatencyModel
 
     model = matmul_model(x_shape=(8, 24), n=16)
     ctx = _context(model, CompressConfig())
@@ -484,7 +484,7 @@ def test_layer_latency_is_reported_for_chains_and_residuals():
 
 
 def test_latency_model_times_the_residual_chain_as_written():
-    from onnx_lrsd.latency import LatencyModel, candidate_model
+    from onnx_lrsd.runtime.latency import LatencyModel, candidate_model
 
     model = matmul_model(x_shape=(8, 24), n=16)
     ctx = _context(model, CompressConfig())
@@ -498,7 +498,7 @@ def test_latency_model_times_the_residual_chain_as_written():
 
 @pytest.mark.parametrize("per_row,wanted", [(0.0, "rows"), (1.0, "")])
 def test_auto_share_gives_a_kxk_conv_a_channel_residual_only_within_the_latency_limit(monkeypatch, per_row, wanted):
-    from onnx_lrsd import latency
+    from onnx_lrsd.runtime import latency
 
     monkeypatch.setattr(latency.LatencyModel, "measure_ratios", _fake_ratios(1.0, per_row))
     model = _channel_heavy_conv()
@@ -515,7 +515,7 @@ def test_auto_share_gives_a_kxk_conv_a_channel_residual_only_within_the_latency_
 
 def test_written_model_keeps_the_best_prefix_of_residual_layers(monkeypatch):
     from graphs import mlp_model
-    from onnx_lrsd import latency
+    from onnx_lrsd.runtime import latency
     from onnx_lrsd.passes import CheckResidualModelPass
 
     seen = []

@@ -1,9 +1,9 @@
-"""Streaming statistics and im2col (onnx_lrsd.stats), and their contract with decompose."""
+"""Streaming statistics and im2col (onnx_lrsd.decompose.stats), and their contract with decompose."""
 import numpy as np
 import pytest
 
 from onnx_lrsd.decompose import conv_to_matrix, data_error, truncated_svd, whitened_svd
-from onnx_lrsd.stats import GramAccumulator, channel_gram, im2col
+from onnx_lrsd.decompose.stats import GramAccumulator, channel_gram, im2col
 
 
 def _rng(seed=0):

@@ -6,10 +6,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnx_lrsd.bench import make_session, run_outputs
+from onnx_lrsd.runtime.bench import make_session, run_outputs
 from onnx_lrsd.errors import LrsdError
-from onnx_lrsd.feeds import random_feeds
-from onnx_lrsd.zoo import RESIDUAL_SCALE, ZOO_MODELS, zoo_model, zoo_path
+from onnx_lrsd.runtime.feeds import random_feeds
+from onnx_lrsd.testing.zoo import RESIDUAL_SCALE, ZOO_MODELS, zoo_model, zoo_path
 
 
 def test_zoo_names_and_paths():

@@ -15,10 +15,10 @@ import onnx
 import pytest
 
 from onnx_lrsd.api import compress
-from onnx_lrsd.bench import make_session, run_outputs
+from onnx_lrsd.runtime.bench import make_session, run_outputs
 from onnx_lrsd.config import LayerOverride
-from onnx_lrsd.feeds import random_feeds
-from onnx_lrsd.zoo import ZOO_MODELS, zoo_model
+from onnx_lrsd.runtime.feeds import random_feeds
+from onnx_lrsd.testing.zoo import ZOO_MODELS, zoo_model
 
 FULL_TOL = 1e-4
 ALEXNET_BIG_GEMMS = ("n16", "n19")

@@ -21,9 +21,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .bench import make_session
-from .errors import LrsdError
-from .feeds import random_feeds
+from ..runtime.bench import make_session
+from ..errors import LrsdError
+from ..runtime.feeds import random_feeds
 
 log = logging.getLogger(__name__)
 

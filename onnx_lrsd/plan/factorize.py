@@ -7,8 +7,8 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from .config import AUTO_SHARE
-from .decompose import (
+from ..config import AUTO_SHARE
+from ..decompose import (
     LowRankFactors,
     LowRankSparse,
     SparseResidual,
@@ -28,10 +28,10 @@ from .decompose import (
     tucker2_whitened,
     whitened_svd,
 )
-from .decompose.joint import TwoTerms
-from .stats import GramAccumulator
+from ..decompose.joint import TwoTerms
+from ..decompose.stats import GramAccumulator
 from .rank_select import LayerPlan, SparseRequest, residual_group
-from .targets import LayerTarget
+from ..model.layers import LayerTarget
 
 Factors = Union[LowRankFactors, Tucker2Factors, LowRankSparse, TwoTerms]
 

@@ -18,7 +18,7 @@ from typing import Tuple
 
 import numpy as np
 
-from .targets import LayerTarget
+from ..model.layers import LayerTarget
 
 METHOD_KINDS = ("svd", "channel", "spatial", "tucker2")
 
@@ -108,7 +108,7 @@ def _elements(dims) -> int:
 def model_macs(model) -> int:
     """Multiply-accumulates of one inference (batch 1) over every Conv, Gemm and MatMul whose
     shapes shape inference can tell (nodes of constants only are folded away: not counted)."""
-    from .graph import infer_shapes
+    from ..model.graph import infer_shapes
 
     graph = infer_shapes(model).graph
     shapes = {vi.name: _dims(vi) for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}

@@ -16,10 +16,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import LrsdError, runtime_message
-from .io import serialize_for_runtime
+from ..errors import LrsdError, runtime_message
+from ..model.io import serialize_for_runtime
 from .profile import LayerDelta, LayerProfile, compare_profiles, comparison_text
-from .mapped import runtime_options
+from ..model.mapped import runtime_options
 
 log = logging.getLogger(__name__)
 
@@ -403,9 +403,9 @@ def compare_models(baseline: Path, candidate: Optional[Path] = None, threads: in
     inputs (then interleaved, with the candidate's output error): seeded random inputs of
     `batch`, symbolic dims from `dims`. With `profile_runs`, each model's per-layer profile over
     that many runs; with `cold_repeats`, its cold start in that many fresh processes."""
-    from .cost import count_params, model_macs
+    from ..plan.cost import count_params, model_macs
     from .feeds import random_feeds
-    from .io import load_model
+    from ..model.io import load_model
     from .profile import profile_models
 
     paths = [Path(baseline)] + ([Path(candidate)] if candidate is not None else [])

@@ -9,10 +9,10 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
-from .config import AUTO_SHARES, FULL_RANK, CompressConfig
+from ..config import AUTO_SHARES, FULL_RANK, CompressConfig
 from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks, residual_cost
-from .decompose import evbmf_rank, rank_for_energy, singular_values, spatial_matrix, weakened_rank
-from .targets import LayerTarget
+from ..decompose import evbmf_rank, rank_for_energy, singular_values, spatial_matrix, weakened_rank
+from ..model.layers import LayerTarget
 
 DENSE = "dense"
 

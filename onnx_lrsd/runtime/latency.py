@@ -24,13 +24,13 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from .bench import make_session, time_sessions
-from .cost import full_ranks
-from .decompose import LowRankFactors, LowRankSparse, SparseResidual, Tucker2Factors
-from .factorize import LayerFactorization
-from .graph import export_model, import_graph, model_template
-from .rank_select import residual_group, sparse_applies
-from .rewrite import rewrite_layers
-from .targets import LayerTarget, classify
+from ..plan.cost import full_ranks
+from ..decompose import LowRankFactors, LowRankSparse, SparseResidual, Tucker2Factors
+from ..plan.factorize import LayerFactorization
+from ..model.graph import export_model, import_graph, model_template
+from ..plan.rank_select import residual_group, sparse_applies
+from ..model.rewrite import rewrite_layers
+from ..model.layers import LayerTarget, classify
 
 log = logging.getLogger(__name__)
 

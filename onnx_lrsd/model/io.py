@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Tuple, Union
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import LrsdError
+from ..errors import LrsdError
 from .mapped import external_bytes, external_info, has_external_references, write_with_external_data
 from .validate import check_model, make_node_names_unique
 
@@ -37,7 +37,7 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
 def load_source(source: ModelSource, map_above: Optional[int] = None) -> Tuple[onnx.ModelProto, Optional[Path]]:
     """`load_model`, except that a file whose external data exceeds `map_above` bytes is
     checked but not loaded: returns the model and the directory its weights stay in (None
-    when everything was loaded; see `onnx_lrsd.mapped`)."""
+    when everything was loaded; see `onnx_lrsd.model.mapped`)."""
     if isinstance(source, (onnx.ModelProto, bytes, bytearray)):
         model = _copy(source) if isinstance(source, onnx.ModelProto) else _parse(bytes(source), "the given bytes")
         _refuse_unloaded_external_data(model)
@@ -223,7 +223,7 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external_d
 
     With `external_data` (forced above 2 GB) the weights go to ``<name>.data`` beside it;
     a stale data file of that name is replaced, never appended to. A model whose tensors
-    still refer to external files in `source_dir` (a mapped run, `onnx_lrsd.mapped`) is
+    still refer to external files in `source_dir` (a mapped run, `onnx_lrsd.model.mapped`) is
     streamed into the data file and left referring to it.
     Returns the written path.
     """

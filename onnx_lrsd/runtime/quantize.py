@@ -24,10 +24,10 @@ import numpy as np
 import onnx
 
 from .calibrate import ListReader
-from .config import QUANTIZE_MODES
-from .errors import LrsdError
-from .io import load_model, save_model
-from .report import QuantizationSummary
+from ..config import QUANTIZE_MODES
+from ..errors import LrsdError
+from ..model.io import load_model, save_model
+from ..report.types import QuantizationSummary
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from .errors import LrsdError
-from .io import write_atomic
-from .profile import LayerProfile, layer_of
-from .report import CompressionReport, LayerReport, SweepReport
+from ..errors import LrsdError
+from ..model.io import write_atomic
+from ..runtime.profile import LayerProfile, layer_of
+from .types import CompressionReport, LayerReport, SweepReport
 
 REPORT_SUFFIXES = (".json", ".md", ".html", ".htm")
 NO_MATPLOTLIB = "plots omitted: matplotlib is not installed (pip install 'onnx-lrsd[plot]')"
@@ -271,9 +271,9 @@ def profile_pair(original: Union[str, os.PathLike], compressed, batch: int = 1, 
     """In-network per-layer profiles of the original model file and the compressed model on the
     same seeded random inputs, or (None, why not) when the inputs cannot be built or a model
     does not run."""
-    from .feeds import random_feeds
-    from .io import load_model
-    from .profile import profile_models
+    from ..runtime.feeds import random_feeds
+    from ..model.io import load_model
+    from ..runtime.profile import profile_models
 
     try:
         source = load_model(original)

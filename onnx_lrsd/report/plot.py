@@ -5,9 +5,9 @@ import os
 from pathlib import Path
 from typing import Union
 
-from .errors import LrsdError
-from .io import write_atomic
-from .report import SweepReport
+from ..errors import LrsdError
+from ..model.io import write_atomic
+from .types import SweepReport
 
 
 def require_matplotlib() -> None:

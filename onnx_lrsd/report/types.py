@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
-from .targets import SkippedLayer
+from ..model.layers import SkippedLayer
 
 
 @dataclass(frozen=True)

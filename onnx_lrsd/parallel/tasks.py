@@ -1,4 +1,4 @@
-"""The pipeline's independent work as executor tasks (`onnx_lrsd.executor`).
+"""The pipeline's independent work as executor tasks (`onnx_lrsd.parallel.executor`).
 
 - Calibration is sharded: the batches are cut into as many contiguous shards as the executor
   runs at once; each task runs onnxruntime on its shard and returns partial Gram statistics,
@@ -18,17 +18,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .activations import (Feeds, LayerStatistics, add_statistics, collect_paired_statistics, collect_statistics,
+from ..runtime.activations import (Feeds, LayerStatistics, add_statistics, collect_paired_statistics, collect_statistics,
                           gram_bytes, own_statistics)
-from .config import CompressConfig
-from .error_curves import LayerCandidate, layer_candidates
+from ..config import CompressConfig
+from ..plan.candidates import LayerCandidate, layer_candidates
 from .executor import Executor, Task
-from .factorize import LayerFactorization, factorize_data_aware, factorize_data_free
-from .io import initializer_bytes
-from .latency import LatencyModel
-from .rank_select import LayerPlan
-from .stats import GramAccumulator
-from .targets import LayerTarget
+from ..plan.factorize import LayerFactorization, factorize_data_aware, factorize_data_free
+from ..model.io import initializer_bytes
+from ..runtime.latency import LatencyModel
+from ..plan.rank_select import LayerPlan
+from ..decompose.stats import GramAccumulator
+from ..model.layers import LayerTarget
 
 Progress = Optional[Callable[[int, int], None]]
 

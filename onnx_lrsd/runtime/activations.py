@@ -15,11 +15,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import LrsdError, runtime_message
-from .io import serialize_for_runtime
-from .mapped import runtime_options
-from .stats import GramAccumulator, im2col
-from .targets import ConvGeometry, LayerTarget
+from ..errors import LrsdError, runtime_message
+from ..model.io import serialize_for_runtime
+from ..model.mapped import runtime_options
+from ..decompose.stats import GramAccumulator, im2col
+from ..model.layers import ConvGeometry, LayerTarget
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .errors import LrsdError
-from .validate import unique_name
+from ..errors import LrsdError
+from ..model.validate import unique_name
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def profile_models(models: Sequence[onnx.ModelProto], feeds: Mapping[str, np.nda
     reversed every round) so that load on the machine hits them alike. Models are copied,
     never modified."""
     from .bench import make_session
-    from .io import needs_external_data, save_model
+    from ..model.io import needs_external_data, save_model
 
     if runs < 1:
         raise LrsdError(f"profile runs must be >= 1, got {runs}")

@@ -21,16 +21,16 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .decompose import (
+from ..decompose import (
     channel_factors_to_convs,
     spatial_factors_to_convs,
     tucker2_to_convs,
 )
-from .decompose.joint import TwoTerms
-from .factorize import LayerFactorization
+from ..decompose.joint import TwoTerms
+from ..plan.factorize import LayerFactorization
 from .graph import TensorNamer, resolve_constant
-from .rank_select import pointwise_residual
-from .targets import LayerTarget
+from ..plan.rank_select import pointwise_residual
+from .layers import LayerTarget
 
 
 def rewrite_layers(graph: gs.Graph, targets: Dict[str, LayerTarget],

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from threadpoolctl import threadpool_limits
 
-from .errors import LrsdError
+from ..errors import LrsdError
 
 log = logging.getLogger(__name__)
 

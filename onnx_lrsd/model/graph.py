@@ -11,7 +11,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .errors import LrsdError
+from ..errors import LrsdError
 from .io import runtime_ir_version
 from .mapped import map_external_constants, mapped_directory, mapped_values
 

@@ -15,13 +15,13 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .config import CompressConfig
+from ..config import CompressConfig
 from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks
-from .decompose import (conv_to_matrix, data_error, relative_tail_errors, spatial_matrix, tucker2, tucker2_whitened,
+from ..decompose import (conv_to_matrix, data_error, relative_tail_errors, spatial_matrix, tucker2, tucker2_whitened,
                         whitened_spectrum)
 from .factorize import TUCKER_ITERATIONS, channel_block_gram, vertical_gram
 from .rank_select import round_conv_rank
-from .targets import LayerTarget
+from ..model.layers import LayerTarget
 
 GRID_POINTS = 24
 """Ranks per kind on a layer's curve: this many evenly spaced and as many geometrically spaced

@@ -26,7 +26,7 @@ from onnx import numpy_helper
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .errors import LrsdError
+from ..errors import LrsdError
 
 _DIRECTORY: contextvars.ContextVar[Optional[Path]] = contextvars.ContextVar("onnx_lrsd_mapped_dir", default=None)
 

@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import onnx
 
-from .errors import LrsdError
+from ..errors import LrsdError
 from .feeds import _real_inputs, random_feeds, resolve_input_shapes
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class NpzReader:
 
 
 class RandomReader:
-    """Seeded random inputs (`onnx_lrsd.feeds.random_feeds`): a last resort, not data.
+    """Seeded random inputs (`onnx_lrsd.runtime.feeds.random_feeds`): a last resort, not data.
 
     Floats are standard normal and integers 0/1, so data-aware fitting tunes the model to noise.
     """

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import onnx
 
-from .errors import LrsdError
+from ..errors import LrsdError
 
 log = logging.getLogger(__name__)
 
