@@ -5,15 +5,18 @@ Exit codes: 0 success, 1 failure (bad model, bad data, runtime error), 2 usage e
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import click
 
+from .config import COMPRESS, FULL_RANK, SWEEP, CliOption, CompressConfig, LayerOverride, load_config_file, parse_dim
 from .errors import LrsdError
 
 log = logging.getLogger("onnx_lrsd")
@@ -115,19 +118,7 @@ def _unless_completed(output: Path):
     return block()
 
 
-def _parse_dims(values) -> tuple:
-    dims = []
-    for item in values:
-        name, sep, size = item.partition("=")
-        if not sep or not name or not size.isdigit() or int(size) < 1:
-            raise click.BadParameter(f"expected name=positive-integer, got {item!r}", param_hint="--dim")
-        dims.append((name, int(size)))
-    return tuple(dims)
-
-
 def _parse_ranks(values) -> tuple:
-    from .config import FULL_RANK, LayerOverride
-
     overrides = []
     for item in values:
         name, sep, rank = item.rpartition("=")
@@ -138,35 +129,73 @@ def _parse_ranks(values) -> tuple:
     return tuple(overrides)
 
 
-def _parse_sparse_share(value: Optional[str]):
-    """FLOAT in [0, 1) or 'auto' (None when the option is not given)."""
-    if value is None or value == "auto":
-        return value
-    try:
-        share = float(value)
-    except ValueError:
-        share = -1.0
-    if not 0 <= share < 1:
-        raise click.BadParameter(f"expected a number in [0, 1) or 'auto', got {value!r}", param_hint="--sparse-share")
-    return share
+def _parsed_by(parse, multiple: bool):
+    """A click callback applying `parse` (to each value when repeatable); None when not given."""
+
+    def callback(ctx, param, value):
+        if value is None or (multiple and not value):
+            return None
+        try:
+            return tuple(parse(v) for v in value) if multiple else parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
 
 
-def scale_out_options(command):
-    """--executor, --workers and --ray-address, handed to the command as `scale_out` (the
-    `CompressConfig` fields that were given)."""
+def _default_text(default) -> str:
+    if default in (None, False, ()):
+        return ""
+    if default is True:
+        return " [on]"
+    return f" [{default:g}]" if isinstance(default, float) else f" [{default}]"
 
-    @click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
-                  help="Where calibration shards and per-layer work run: this machine or a Ray cluster. [local]")
-    @click.option("--workers", type=click.IntRange(min=1), default=None,
-                  help="Local executor: processes (1: this process). [1]")
-    @click.option("--ray-address", default=None, metavar="ADDR",
-                  help="Ray executor: the cluster to join (host:port, auto, ray://...); default: a local Ray.")
-    @functools.wraps(command)
-    def wrapper(*args, executor, workers, ray_address, **kwargs):
-        given = dict(executor=executor, workers=workers, ray_address=ray_address)
-        return command(*args, scale_out={k: v for k, v in given.items() if v is not None}, **kwargs)
 
-    return wrapper
+def _config_option(field: dataclasses.Field, hint) -> Callable:
+    """The click option of a `CompressConfig` field from its `CliOption` metadata (default None:
+    a value not given leaves the config file's or the default)."""
+    cli: CliOption = field.metadata["cli"]
+    flag = cli.flag or "--" + field.name.replace("_", "-")
+    kwargs = dict(default=None, metavar=cli.metavar, help=cli.help + _default_text(field.default))
+    hint = next((h for h in getattr(hint, "__args__", ()) if h is not type(None)), hint)
+    if hint is bool:
+        if field.default:
+            flag = f"{flag}/--no-{flag[2:]}"
+        else:
+            kwargs["is_flag"] = True
+    elif cli.parse is not None:
+        kwargs.update(callback=_parsed_by(cli.parse, cli.multiple), multiple=cli.multiple)
+    elif cli.choices is not None:
+        short = {value: name for name, value in cli.aliases}
+        kwargs["type"] = click.Choice([short.get(c, c) for c in cli.choices])
+        if cli.aliases:
+            kwargs["callback"] = _parsed_by(lambda name: dict(cli.aliases).get(name, name), False)
+    elif hint is int and cli.minimum is not None:
+        kwargs["type"] = click.IntRange(min=cli.minimum)
+    elif hint in (int, float):
+        kwargs["type"] = hint
+    return click.option(flag, field.name, **kwargs)
+
+
+def config_options(command_name: str):
+    """Give a click command one option per `CompressConfig` field whose `CliOption` lists
+    `command_name` (in field order, after the command's own options); the command receives
+    the given ones as `options` (field -> value)."""
+    hints = typing.get_type_hints(CompressConfig)
+    fields = [f for f in dataclasses.fields(CompressConfig) if command_name in getattr(
+        f.metadata.get("cli"), "commands", ())]
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            given = {f.name: kwargs.pop(f.name) for f in fields}
+            return command(*args, options={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+        for field in reversed(fields):
+            wrapper = _config_option(field, hints[field.name])(wrapper)
+        return wrapper
+
+    return decorate
 
 
 def _emit_json(data) -> None:
@@ -233,11 +262,6 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the compressed model.")
-@click.option("--keep", type=float, default=None, help="Fraction of each layer's parameters kept, in (0, 1]. [0.5]")
-@click.option("--energy", type=float, default=None,
-              help="Keep the smallest rank holding this share of the squared singular values (capped by --keep).")
-@click.option("--method", type=click.Choice(["auto", "svd", "channel", "spatial", "tucker2"]), default=None,
-              help="Factorization kind (auto: fewest MACs at the layer's budget).")
 @click.option("--rank", "ranks", multiple=True, metavar="LAYER=R",
               help="Force a layer's rank (name or glob; R an integer or 'full'). Repeatable.")
 @click.option("--skip", "skips", multiple=True, metavar="LAYER", help="Leave a layer dense (name or glob). Repeatable.")
@@ -246,80 +270,21 @@ def inspect(model: Path, as_json: bool) -> None:
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the report to this file: .json (full data), .md or .html (per-layer table, "
                    "in-network latency and plots).")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic input dim.")
 @click.option("--calib", "calib", multiple=True, metavar="PATH|random",
               help="Calibration data: .npz files or directories keyed by input name (repeatable), or 'random'. "
                    "Enables data-aware reconstruction.")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Use at most N calibration samples.")
-@click.option("--calib-batch", type=click.IntRange(min=1), default=None, help="Samples per onnxruntime run. [16]")
-@click.option("--mode", type=click.Choice(["independent", "sequential"]), default=None,
-              help="Fit each layer on original inputs, or on the compressed network's inputs in dependency order.")
-@click.option("--mask-input", default=None, metavar="NAME",
-              help="Input whose zeros mark padding positions (dropped from the statistics).")
-@click.option("--ridge", type=float, default=None, help="Relative ridge of the whitening. [1e-3]")
-@click.option("--sparse-share", default=None, metavar="FLOAT|auto",
-              help="Share of each layer's parameter budget given to a sparse residual (W ≈ L + S); "
-                   "'auto' picks it per layer by held-out error. [0]")
-@click.option("--sparse-structure", type=click.Choice(["rows", "unstructured"]), default=None,
-              help="Residual of whole input rows (runs fast), or unstructured entries (smaller file only). [rows]")
-@click.option("--bias-correction/--no-bias-correction", default=None, help="Restore each layer's mean output. [on]")
-@click.option("--target-params", type=float, default=None, metavar="R",
-              help="Global allocation: the whole model keeps this fraction of its parameters.")
-@click.option("--target-macs", type=float, default=None, metavar="R",
-              help="Global allocation: the whole model keeps this fraction of its MACs.")
-@click.option("--target-latency", type=float, default=None, metavar="S",
-              help="Global allocation: this speedup over the original, measured in onnxruntime.")
-@click.option("--max-error", type=float, default=None, metavar="E",
-              help="Global allocation: fewest parameters with relative output error at most E.")
-@click.option("--latency-batch", type=click.IntRange(min=1), default=None,
-              help="Batch at which latency is measured for --target-latency. [1]")
-@click.option("--latency-threads", type=click.IntRange(min=1), default=None,
-              help="onnxruntime threads for latency measurements and sensitivity probes. [2]")
-@click.option("--sensitivity/--no-sensitivity", default=None,
-              help="Weight layer errors by their measured effect on the outputs (global allocation). [on]")
 @click.option("--layers", "show_layers", is_flag=True, help="Print the per-layer table.")
-@click.option("--layer-latency", is_flag=True, default=None,
-              help="Time every factorized layer in onnxruntime (dense, as written) for the report.")
-@click.option("--joint", type=click.Choice(["off", "l", "r", "b", "auto"]), default=None,
-              help="Decompose repeated layers jointly with a shared input-side (l), output-side (r) or both (b) "
-                   "factors; auto picks per group, or keeps separate fits. [off]")
-@click.option("--stages", type=click.IntRange(min=1), default=None,
-              help="Compress in N stages, each refitting on the previous stage's model (MUSCO). [1]")
-@click.option("--evbmf", type=float, default=None, metavar="W",
-              help="Ranks from EVBMF weakened by W in [0, 1] (1: plain EVBMF), capped by --keep.")
-@click.option("--then-quantize", type=click.Choice(["dynamic", "dynamic-matmul", "static"]), default=None,
-              help="Quantize the compressed model to int8 with onnxruntime's quantizer: dynamic (all ops), "
-                   "dynamic-matmul (MatMul only) or static (QDQ, calibrated on --calib).")
-@click.option("--verify/--no-verify", default=None, help="Compare outputs with the original in onnxruntime. [on]")
-@click.option("--seed", type=int, default=None, help="Seed of every random choice. [0]")
-@click.option("--external-data", is_flag=True, default=None, help="Save weights to OUTPUT.data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@scale_out_options
+@config_options(COMPRESS)
 @guarded
-def compress(model: Path, output: Path, keep, energy, method, ranks, skips, config_file, report_file, dims,
-             calib, calib_samples, calib_batch, mode, mask_input, ridge, sparse_share, sparse_structure,
-             bias_correction, target_params, target_macs, target_latency, max_error, latency_batch, latency_threads,
-             sensitivity, show_layers, layer_latency, joint, stages, evbmf, then_quantize, verify, seed, external_data,
-             as_json, quiet, scale_out) -> None:
+def compress(model: Path, output: Path, ranks, skips, config_file, report_file, calib, show_layers, as_json, quiet,
+             options) -> None:
     """Factorize MODEL's Gemm / MatMul / Conv weights and write the smaller model to OUTPUT."""
     from .api import compress_file
-    from .config import CompressConfig, LayerOverride, load_config_file
 
     config = load_config_file(config_file) if config_file else CompressConfig()
     cli_overrides = _parse_ranks(ranks) + tuple(LayerOverride(s, skip=True) for s in skips)
-    options = {key: value for key, value in dict(
-        keep=keep, energy=energy, method=method, verify=verify, seed=seed, external_data=external_data,
-        calib_samples=calib_samples, calib_batch=calib_batch, mode=mode, mask_input=mask_input, ridge=ridge,
-        bias_correction=bias_correction, sparse_share=_parse_sparse_share(sparse_share),
-        sparse_structure=sparse_structure, target_params=target_params, target_macs=target_macs,
-        target_latency=target_latency, max_error=max_error, latency_batch=latency_batch,
-        latency_threads=latency_threads, sensitivity=sensitivity, layer_latency=layer_latency,
-        joint={"l": "left", "r": "right", "b": "both"}.get(joint, joint), stages=stages,
-        evbmf=evbmf, then_quantize=then_quantize, **scale_out).items()
-        if value is not None}
-    if dims:
-        options["dims"] = _parse_dims(dims)
     config = config.replace(overrides=cli_overrides + config.overrides, **options)
     if report_file is not None:
         from .report.render import check_report_path
@@ -354,7 +319,8 @@ def _write_report(path: Path, report, model: Path, compressed, config) -> None:
 @click.argument("candidate", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="intra_op_num_threads.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size of the inputs.")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic input dim.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", callback=_parsed_by(parse_dim, True),
+              help="Value of a symbolic input dim.")
 @click.option("--runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per model.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs per model.")
 @click.option("--profile-runs", type=click.IntRange(min=0), default=10, show_default=True,
@@ -372,7 +338,7 @@ def bench(baseline: Path, candidate: Optional[Path], threads, batch, dims, runs,
     and output error side by side."""
     from .runtime.bench import compare_models
 
-    comparison = compare_models(baseline, candidate, threads=threads, batch=batch, dims=dict(_parse_dims(dims)),
+    comparison = compare_models(baseline, candidate, threads=threads, batch=batch, dims=dict(dims or ()),
                                 runs=runs, warmup=warmup, seed=seed, profile_runs=profile_runs,
                                 cold_repeats=cold_repeats)
     if as_json:
@@ -401,23 +367,15 @@ def _parse_points(text: str) -> tuple:
               show_default=True, help="Comma-separated target params ratios.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON or YAML config (CompressConfig fields and per-layer settings).")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=None, help="Use at most N calibration samples.")
-@click.option("--calib-batch", type=click.IntRange(min=1), default=None, help="Samples per onnxruntime run. [16]")
-@click.option("--mask-input", default=None, metavar="NAME", help="Input whose zeros drop positions (token masks).")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", help="Value of a symbolic input dim.")
-@click.option("--latency-batch", type=click.IntRange(min=1), default=None, help="Batch of the latency measurements. [1]")
-@click.option("--latency-threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads. [2]")
 @click.option("--save-models", is_flag=True, help="Also write each point's model as params-<ratio>.onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-@scale_out_options
+@config_options(SWEEP)
 @guarded
-def sweep(model: Path, output_dir: Path, calib, points, config_file, calib_samples, calib_batch, mask_input, dims,
-          latency_batch, latency_threads, save_models, as_json, quiet, scale_out) -> None:
+def sweep(model: Path, output_dir: Path, calib, points, config_file, save_models, as_json, quiet, options) -> None:
     """Global allocations of MODEL at several sizes: a Pareto table and plot of speedup and
     size against output error."""
     from .api import sweep as run_sweep
-    from .config import CompressConfig, load_config_file
     from .model.io import save_model, write_atomic
     from .report.plot import plot_sweep, require_matplotlib
 
@@ -426,11 +384,6 @@ def sweep(model: Path, output_dir: Path, calib, points, config_file, calib_sampl
     if output_dir.exists() and not output_dir.is_dir():
         raise LrsdError(f"output directory is a file: {output_dir}")
     config = load_config_file(config_file) if config_file else CompressConfig()
-    options = {key: value for key, value in dict(
-        calib_samples=calib_samples, calib_batch=calib_batch, mask_input=mask_input, latency_batch=latency_batch,
-        latency_threads=latency_threads, **scale_out).items() if value is not None}
-    if dims:
-        options["dims"] = _parse_dims(dims)
     config = config.replace(**options)
     outcome = run_sweep(model, values, config, list(calib) if calib else None, keep_models=save_models,
                         progress=_progress_printer(quiet or as_json))

@@ -6,9 +6,10 @@ import fnmatch
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 from .errors import LrsdError
+from .parallel.executor import EXECUTORS
 
 METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
 """Factorization kinds: `svd` for Gemm/MatMul (and 1×1 convs), the others for Conv; `auto`
@@ -38,6 +39,65 @@ TARGETS = {"params": "target_params", "macs": "target_macs", "latency": "target_
 FULL_RANK = "full"
 
 Rank = Union[int, str]
+
+JOINT_SHORT = (("l", "left"), ("r", "right"), ("b", "both"))
+"""The command line's short names of the `JOINT` kinds."""
+
+
+def parse_dim(text: str) -> Tuple[str, int]:
+    """``name=size`` -> (name, size) of a symbolic input dim; ValueError if malformed."""
+    name, sep, size = text.partition("=")
+    if not sep or not name or not size.isdigit() or int(size) < 1:
+        raise ValueError(f"expected name=positive-integer, got {text!r}")
+    return name, int(size)
+
+
+def parse_sparse_share(text: str) -> Union[float, str]:
+    """A share in [0, 1) or 'auto'; ValueError otherwise."""
+    if text == AUTO_SHARE:
+        return text
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share < 1:
+        raise ValueError(f"expected a number in [0, 1) or 'auto', got {text!r}")
+    return share
+
+
+COMPRESS, SWEEP = "compress", "sweep"
+"""The commands that take `CompressConfig` fields as options."""
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """How a `CompressConfig` field appears on the command line; `onnx_lrsd.cli` builds the
+    click option from it, the field's type and its default (appended to `help`).
+
+    flag: the option's name (``--field-name`` if None); choices: the allowed values, with
+    `aliases` (short name, value) shown in their place; minimum: the smallest integer;
+    parse: text -> value (ValueError with the message if malformed); multiple: repeatable, the
+    field holds the tuple of parsed values. A bool field whose default is on also gets a
+    ``--no-`` form; one whose default is off is a plain switch.
+    """
+
+    help: str
+    commands: Tuple[str, ...] = (COMPRESS,)
+    flag: Optional[str] = None
+    choices: Optional[Tuple[str, ...]] = None
+    aliases: Tuple[Tuple[str, str], ...] = ()
+    metavar: Optional[str] = None
+    minimum: Optional[int] = None
+    parse: Optional[Callable[[str], Any]] = None
+    multiple: bool = False
+
+
+def option(default, help: str, **cli) -> Any:
+    """A `CompressConfig` field with a command-line option (see `CliOption`)."""
+    return dataclasses.field(default=default, metadata={"cli": CliOption(help, **cli)})
+
+
+BOTH = (COMPRESS, SWEEP)
 
 
 @dataclass(frozen=True)
@@ -145,52 +205,75 @@ class CompressConfig:
         The result does not depend on it (up to float rounding of summed statistics).
     """
 
-    keep: float = 0.5
-    energy: Optional[float] = None
-    method: str = "auto"
+    keep: float = option(0.5, "Fraction of each layer's parameters kept, in (0, 1].")
+    energy: Optional[float] = option(
+        None, "Keep the smallest rank holding this share of the squared singular values (capped by --keep).")
+    method: str = option("auto", "Factorization kind (auto: fewest MACs at the layer's budget).", choices=METHODS)
     overrides: Tuple[LayerOverride, ...] = ()
     conv_rank_multiple: int = 16
     min_rank: int = 8
     min_layer_share: float = 0.01
-    verify: bool = True
+    verify: bool = option(True, "Compare outputs with the original in onnxruntime.")
     verify_batch: int = 1
-    dims: Tuple[Tuple[str, int], ...] = ()
-    seed: int = 0
-    external_data: bool = False
+    dims: Tuple[Tuple[str, int], ...] = option((), "Value of a symbolic input dim.", commands=BOTH, flag="--dim",
+                                               metavar="NAME=VALUE", parse=parse_dim, multiple=True)
+    seed: int = option(0, "Seed of every random choice.")
+    external_data: bool = option(False, "Save weights to OUTPUT.data.")
     map_weights_above_mb: float = 1024.0
     blas_threads: Optional[int] = 1
-    mode: str = "independent"
+    mode: str = option("independent", "Fit each layer on original inputs, or on the compressed network's inputs "
+                                      "in dependency order.", choices=MODES)
     sequential_stages: int = 12
-    ridge: float = 1e-3
-    bias_correction: bool = True
-    mask_input: Optional[str] = None
-    calib_samples: Optional[int] = None
-    calib_batch: int = 16
+    ridge: float = option(1e-3, "Relative ridge of the whitening.")
+    bias_correction: bool = option(True, "Restore each layer's mean output.")
+    mask_input: Optional[str] = option(None, "Input whose zeros mark padding positions (dropped from the "
+                                             "statistics).", commands=BOTH, metavar="NAME")
+    calib_samples: Optional[int] = option(None, "Use at most N calibration samples.", commands=BOTH, minimum=1)
+    calib_batch: int = option(16, "Samples per onnxruntime run.", commands=BOTH, minimum=1)
     conv_positions: int = 4096
     holdout_every: int = 5
     stats_memory_mb: int = 4096
-    sparse_share: Union[float, str] = 0.0
-    sparse_structure: str = "rows"
-    target_params: Optional[float] = None
-    target_macs: Optional[float] = None
-    target_latency: Optional[float] = None
-    max_error: Optional[float] = None
-    latency_batch: int = 1
-    latency_threads: int = 2
-    sensitivity: bool = True
-    evbmf: Optional[float] = None
-    stages: int = 1
-    layer_latency: bool = False
-    joint: str = "off"
+    sparse_share: Union[float, str] = option(
+        0.0, "Share of each layer's parameter budget given to a sparse residual (W ≈ L + S); 'auto' picks it per "
+             "layer by held-out error.", metavar="FLOAT|auto", parse=parse_sparse_share)
+    sparse_structure: str = option("rows", "Residual of whole input rows (runs fast), or unstructured entries "
+                                           "(smaller file only).", choices=SPARSE_STRUCTURES)
+    target_params: Optional[float] = option(
+        None, "Global allocation: the whole model keeps this fraction of its parameters.", metavar="R")
+    target_macs: Optional[float] = option(
+        None, "Global allocation: the whole model keeps this fraction of its MACs.", metavar="R")
+    target_latency: Optional[float] = option(
+        None, "Global allocation: this speedup over the original, measured in onnxruntime.", metavar="S")
+    max_error: Optional[float] = option(
+        None, "Global allocation: fewest parameters with relative output error at most E.", metavar="E")
+    latency_batch: int = option(1, "Batch at which latency is measured (--target-latency, sweep points).",
+                                commands=BOTH, minimum=1)
+    latency_threads: int = option(2, "onnxruntime threads for latency measurements and sensitivity probes.",
+                                  commands=BOTH, minimum=1)
+    sensitivity: bool = option(True, "Weight layer errors by their measured effect on the outputs "
+                                     "(global allocation).")
+    evbmf: Optional[float] = option(None, "Ranks from EVBMF weakened by W in [0, 1] (1: plain EVBMF), capped by "
+                                          "--keep.", metavar="W")
+    stages: int = option(1, "Compress in N stages, each refitting on the previous stage's model (MUSCO).",
+                         minimum=1)
+    layer_latency: bool = option(False, "Time every factorized layer in onnxruntime (dense, as written) for the "
+                                        "report.")
+    joint: str = option("off", "Decompose repeated layers jointly with a shared input-side (l), output-side (r) or "
+                               "both (b) factors; auto picks per group, or keeps separate fits.",
+                        choices=JOINT, aliases=JOINT_SHORT)
     joint_groups: Tuple[str, ...] = ()
     residual_latency_limit: float = 0.25
     residual_min_chain_ms: float = 0.05
     residual_min_gain: float = 0.01
     residual_model_tolerance: float = 0.03
-    then_quantize: Optional[str] = None
-    executor: str = "local"
-    workers: int = 1
-    ray_address: Optional[str] = None
+    then_quantize: Optional[str] = option(
+        None, "Quantize the compressed model to int8 with onnxruntime's quantizer: dynamic (all ops), "
+              "dynamic-matmul (MatMul only) or static (QDQ, calibrated on --calib).", choices=QUANTIZE_MODES)
+    executor: str = option("local", "Where calibration shards and per-layer work run: this machine or a Ray "
+                                    "cluster.", commands=BOTH, choices=EXECUTORS)
+    workers: int = option(1, "Local executor: processes (1: this process).", commands=BOTH, minimum=1)
+    ray_address: Optional[str] = option(None, "Ray executor: the cluster to join (host:port, auto, ray://...); "
+                                              "default: a local Ray.", commands=BOTH, metavar="ADDR")
 
     @property
     def target(self) -> Optional[Tuple[str, float]]:
@@ -302,8 +385,6 @@ def check_sparse_share(share) -> None:
 
 
 def check_executor(executor, workers, ray_address) -> None:
-    from .parallel.executor import EXECUTORS
-
     if executor not in EXECUTORS:
         raise LrsdError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
