@@ -27,8 +27,8 @@ from ..runtime.bench import compare_latency, output_errors_on
 from ..runtime.calibrate import Calibration, calibration_batches
 from ..runtime.feeds import random_feeds
 from ..runtime.quantize import quantize_model, summarize
+from ..runtime.deployment import deployment_feed
 from .context import PassContext, new_context
-from .deployment import deployment_feed
 from .pipeline import prepare, run_round
 from .verify_outputs import reference_outputs, verification_batches
 
@@ -118,7 +118,7 @@ def to_latency(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto
     nearest the target is returned."""
     config = ctx.config
     wanted = config.target_latency
-    feed = deployment_feed(ctx)
+    feed = deployment_feed(ctx.source, ctx.calibration, ctx.config)
     correction, slow, fast, rounds = 1.0, None, None, []
     for index in range(1, TARGET_ROUNDS + 1):
         result_ctx, compressed = run_round(prepared, ctx, correction)
@@ -275,7 +275,7 @@ def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Op
     models, verified_on = [], ""
     with executor_for(config) as ctx.executor, threadpool_limits(limits=config.blas_threads, user_api="blas"):
         prepared = prepare(ctx)
-        feed = deployment_feed(ctx)
+        feed = deployment_feed(ctx.source, ctx.calibration, ctx.config)
         before = model_stats(source)
         for index, value in enumerate(values, 1):
             try:
