@@ -308,7 +308,8 @@ def compress(model: Path, output: Path, ranks, skips, config_file, report_file, 
 
 def _write_report(path: Path, report, model: Path, compressed, config) -> None:
     """JSON, or Markdown / HTML with plots and the in-network per-layer latency of both models."""
-    from .report.render import profile_pair, write_report
+    from .report.render import write_report
+    from .runtime.profile import profile_pair
 
     profiles, why = (None, "") if path.suffix.lower() == ".json" else profile_pair(
         model, compressed, config.latency_batch, config.latency_threads, config.dims, config.seed)

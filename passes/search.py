@@ -22,9 +22,8 @@ from ..model.mapped import weights_in
 from ..parallel.executor import executor_for
 from ..plan.cost import count_params, model_macs
 from ..report.types import (CompressionReport, LayerReport, ModelStats, StageSummary, SweepPoint, SweepReport)
-from ..runtime.activations import split_holdout
 from ..runtime.bench import compare_latency, output_errors_on
-from ..runtime.calibrate import Calibration, calibration_batches
+from ..runtime.calibrate import Calibration, calibration_batches, split_holdout
 from ..runtime.feeds import random_feeds
 from ..runtime.quantize import quantize_model, summarize
 from ..runtime.deployment import deployment_feed
@@ -84,7 +83,7 @@ def compress_model(model: ModelSource, config: CompressConfig, calibration: Cali
             ctx, compressed = run_round(prepared, ctx)
         quantization = None
         if config.then_quantize is not None:
-            fit = split_holdout(ctx.calibration, config.holdout_every)[0] or ctx.calibration
+            fit = split_holdout(ctx.calibration, config.holdout_every).fit
             verify = verification_batches(ctx)[0] if config.verify else []
             compressed, quantization = then_quantize(source, compressed, config.then_quantize, fit, verify,
                                                      ctx.output_errors)
@@ -173,8 +172,7 @@ def _quantized_for_metric(ctx: PassContext, compressed: onnx.ModelProto) -> onnx
     mode = ctx.config.then_quantize
     if mode is None:
         return compressed
-    return quantize_model(compressed, mode, split_holdout(ctx.calibration, ctx.config.holdout_every)[0]
-                          or ctx.calibration)
+    return quantize_model(compressed, mode, split_holdout(ctx.calibration, ctx.config.holdout_every).fit)
 
 
 def to_metric(prepared, ctx: PassContext, metric: Metric, max_drop: float) -> Tuple[PassContext, onnx.ModelProto]:
@@ -219,7 +217,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
     start = time.perf_counter()
     source = load_model(model)
     batches = calibration_batches(calibration, source, config)
-    verify_batches = split_holdout(batches, config.holdout_every)[1] or batches[:2]
+    verify_batches = split_holdout(batches, config.holdout_every).judging(2)
     names = [o.name for o in source.graph.output]
     before = model_stats(source)
     current, stages, result = source, [], None
@@ -243,7 +241,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
         log.info("stage %d: params %.3f, output errors %s", stage, stages[-1].params_ratio, errors)
     quantization = None
     if config.then_quantize is not None:
-        fit = split_holdout(batches, config.holdout_every)[0] or batches
+        fit = split_holdout(batches, config.holdout_every).fit
         checked = verify_batches or [random_feeds(source, batch=config.verify_batch, dims=dict(config.dims),
                                                   seed=config.seed)]
         current, quantization = then_quantize(source, current, config.then_quantize, fit, checked,

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from graphs import conv_model, gemm_model, matmul_model, rel_error, run
+from helpers.graphs import conv_model, gemm_model, matmul_model, rel_error, run
 from onnx_lrsd.api import compress
 from onnx_lrsd.passes.context import new_context
 from onnx_lrsd.cli import main

@@ -27,8 +27,9 @@ from ..decompose import (
     tucker2_to_convs,
 )
 from ..decompose.joint import TwoTerms
-from .graph import TensorNamer, resolve_constant
+from .graph import resolve_constant
 from .layers import LayerTarget
+from .naming import TensorNamer, layer_of
 
 if TYPE_CHECKING:  # the fits' result type; the model layer does not depend on planning
     from ..plan.factorize import LayerFactorization
@@ -60,7 +61,7 @@ class _Emitter:
                  shared: Optional[Dict[str, gs.Constant]] = None, shared_roles: Optional[Dict[str, str]] = None):
         self.graph, self.node, self.target, self.namer = graph, node, target, namer
         self.shared, self.shared_roles = (shared if shared is not None else {}), (shared_roles or {})
-        self.base = node.name.split("/lrsd/")[0]  # a re-factored chain keeps its layer's name
+        self.base = layer_of(node.name)  # a re-factored chain keeps its layer's name
         self.nodes: List[gs.Node] = []
         self.sparse: List[str] = []
 
