@@ -23,7 +23,7 @@ ALLOWED = {
     "testing": {"errors", "config", "model", "runtime"},
     "passes": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel"},
     "api": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel", "passes"},
-    "cli": {"errors", "config", "model", "plan", "report", "runtime", "api"},
+    "cli": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel", "api"},
     "__init__": set(),
 }
 """Folder (or top-level module) -> the folders it may import (ARCHITECTURE.md)."""
