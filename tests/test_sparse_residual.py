@@ -515,7 +515,7 @@ def test_auto_share_gives_a_kxk_conv_a_channel_residual_only_within_the_latency_
 
 
 def test_written_model_keeps_the_best_prefix_of_residual_layers(monkeypatch):
-    from graphs import mlp_model
+    from helpers.graphs import mlp_model
     from onnx_lrsd.runtime import latency
     from onnx_lrsd.passes import CheckResidualModelPass
 
