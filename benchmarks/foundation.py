@@ -802,7 +802,12 @@ def main(argv=None) -> None:
 
     onnxruntime.set_default_logger_severity(3)
     start = time.perf_counter()
-    results: dict = {"quick": args.quick, "environment": environment()}
+    from benchmarks.common import run_record, write_json
+
+    command = argv[:argv.index("--results-dir")] + argv[argv.index("--results-dir") + 2:] \
+        if "--results-dir" in argv else argv
+    run = run_record("benchmarks.foundation", command)
+    results: dict = {"run": run, "quick": args.quick, "environment": environment()}
     results["environment"]["library"] = str(Path(onnx_lrsd.__file__).parent)
     results["environment"]["snapshot_of"] = os.environ.get(SNAPSHOT_ENV) or "live working tree"
     log(f"measuring onnx_lrsd from {results['environment']['library']}")
@@ -832,7 +837,7 @@ def main(argv=None) -> None:
             {"parts": sorted(parts), "environment": results["environment"], "minutes": results["total_minutes"]})
         merged.update({k: v for k, v in results.items() if k.startswith("part") and k != "partial_runs"})
         results = merged
-    (args.results_dir / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_json(args.results_dir / f"{stem}.json", results)
     text = markdown(results)
     (args.results_dir / f"{stem}.md").write_text(text + "\n")
     print(text)

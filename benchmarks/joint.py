@@ -207,3 +207,33 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_sections(data: dict[str, Any]) -> dict[str, str]:
+    """``joint`` (or ``joint_global`` for a ``--global-only`` run): every joint setting against
+    separate fits at equal params, every MiniLM metric, output error and latency."""
+    headers = ["model", "keep", "joint", "recall@1 / mrr / cosine", "output error", "params", "latency b1 / b32",
+               "groups fitted jointly"]
+    rows = []
+    for t in data["tasks"]:
+        if "original" in t:
+            rows.append([t["task"], "", "original", " / ".join(fmt(t["original"].get(m)) for m in METRICS), "0", "1",
+                         "1 / 1", ""])
+        for entry in t["keeps"]:
+            for r in entry["rows"]:
+                if "error" in r:
+                    rows.append([t["task"], entry["keep"], r["joint"], r["error"][:100], "", "", "", ""])
+                    continue
+                metrics = r.get("metrics") or {}
+                rows.append([t["task"], entry["keep"], r["joint"],
+                             " / ".join(fmt(metrics.get(m)) for m in METRICS) if metrics else "",
+                             f"{r['output_error']:.3f}", fmt(r["params_ratio"]),
+                             f"{fmt(r.get('lat_b1'), 2)} / {fmt(r.get('lat_b32'), 2)}", _groups_text(r)])
+    name = "joint_global" if "--global-only" in data.get("argv", []) else "joint"
+    return {name: markdown_table(headers, rows, "lrllrrrl")
+            + "\n\nOutput error: the largest relative error over the outputs on held-out calibration batches. "
+              "Latency: compressed median over the original's, 2 threads, interleaved (ResNet-50: seeded random "
+              "weights, batch 1 only)."}

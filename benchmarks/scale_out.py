@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from benchmarks.common import MB, RESULTS_DIR, PeakRSS, fmt, machine_info, markdown_table, max_rss_bytes, \
+from benchmarks.common import MB, RESULTS_DIR, PeakRSS, fmt, markdown_table, max_rss_bytes, run_record, \
     write_json, write_text
 
 LOGGER = logging.getLogger("benchmarks.scale_out")
@@ -291,13 +291,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     args.nodes = [int(n) for n in args.nodes.split(",") if n]
     import ray
 
-    info = dict(machine_info(), ray=ray.__version__)
+    run = run_record("benchmarks.scale_out", argv)
+    info = dict(run["machine"], ray=ray.__version__)
     stem = "scale_out.quick" if args.quick else "scale_out"
     work = Path(tempfile.mkdtemp(prefix="scale_out_"))
     rows: List[Dict[str, Any]] = []
     for model in args.models:  # results written after every model
         rows += study(args, model, work)
-        write_json(RESULTS_DIR / f"{stem}.json", {"machine": info, "argv": argv, "settings": SETTINGS, "rows": rows})
+        write_json(RESULTS_DIR / f"{stem}.json", {"run": run, "machine": info, "argv": argv, "settings": SETTINGS, "rows": rows})
         write_text(RESULTS_DIR / f"{stem}.md", render(rows, info, args))
     shutil.rmtree(work, ignore_errors=True)
     print(render(rows, info, args))
