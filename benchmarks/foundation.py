@@ -845,3 +845,31 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_sections(data: dict) -> dict:
+    """``foundation``: every zoo graph and PP-OCR at keep 0.5 and at full rank (params, output
+    error); ``foundation_resnet``: ResNet-50's speedup at keep 0.5 per conv method."""
+    rows = []
+    for r in data.get("part1") or []:
+        c, full = r["compress"], r.get("full_rank") or {}
+        rows.append([r["model"], fmt(c.get("params_ratio")) if c.get("ok") else c.get("error", "failed")[:60],
+                     fmt(c.get("macs_ratio")) if c.get("ok") else "", fmt(c.get("output_error"), ".3f"),
+                     fmt(full.get("max_error"), ".1e") if full.get("ok") else full.get("error", "")[:60]])
+    table = ("| model | params at keep 0.5 | MACs at keep 0.5 | output error at keep 0.5 | "
+             "output error at full rank |\n| :--- | ---: | ---: | ---: | ---: |\n"
+             + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows))
+    speed = []
+    for method, m in ((data.get("part2") or {}).get("methods") or {}).items():
+        c = m.get("compress") or {}
+        speed.append([method, fmt(c.get("params_ratio")), fmt(c.get("macs_ratio")),
+                      *[f"{m[b]['speedup']:.2f}x" if (m.get(b) or {}).get("ok") else "" for b in ("b1", "b8")]])
+    resnet = ("| ResNet-50 conv method | params | MACs | speedup b1 | speedup b8 |\n| :--- | ---: | ---: | ---: | ---: |\n"
+              + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in speed))
+    return {"foundation": table + "\n\nZoo graphs: the onnx wheel's model-zoo structures with seeded random weights "
+                                  "(`onnx_lrsd.testing.zoo`); output error: relative, on seeded random inputs.",
+            "foundation_resnet": resnet + "\n\nSpeedup: original median over compressed median, interleaved, "
+                                          "2 threads, data-free `--keep 0.5`."}

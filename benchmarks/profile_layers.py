@@ -158,3 +158,18 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_sections(data: dict) -> dict:
+    """``profile_layers``: how completely the per-layer profile maps kernels to the model's nodes."""
+    mapping = data["mapping"]
+    complete = sum(1 for r in mapping if r["every_node_once"] and r["weight_layers_timed"] == r["weight_layers"])
+    models = sorted({r["model"] for r in mapping})
+    nodes = [r["nodes"] for r in mapping]
+    return {"profile_layers": f"On {len(models)} models ({', '.join(models)}), original and compressed "
+                              f"({len(mapping)} graphs, {min(nodes)} to {max(nodes)} nodes), {complete} of "
+                              f"{len(mapping)} have every node accounted for exactly once and every Conv / Gemm / "
+                              "MatMul layer (a chain as its layer) with time of its own."}

@@ -306,3 +306,27 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_sections(data: Dict[str, Any]) -> Dict[str, str]:
+    """``scale_out``: wall time, driver memory and equality of every run against the local one."""
+    table = []
+    for r in data["rows"]:
+        if "error" in r:
+            table.append([r["model"], r["label"], "failed: " + r["error"][:80], "", "", ""])
+            continue
+        table.append([r["model"], r["label"], fmt(r["compress_s"], 1), f"{r['driver_maxrss_mb'] / 1024:.1f}",
+                      "yes" if r.get("same_plans") else "no",
+                      f"{r.get('max_weight_rel_diff', 0.0):.1e} / {r.get('output_rel_diff', 0.0):.1e}"])
+    rows = {r["model"]: r for r in data["rows"]}
+    described = {"minilm": "MiniLM at keep 0.5 on {samples} sentences",
+                 "synthetic": "synthetic: a generated transformer of {matmuls} MatMuls at keep 0.5 on {samples} samples"}
+    notes = [text.format(samples=rows[m]["samples"], matmuls=6 * rows[m]["blocks"] + 2)
+             for m, text in described.items() if m in rows]
+    return {"scale_out": markdown_table(["model", "run", "compress s", "driver peak RSS GB", "same ranks",
+                                         "weights / outputs, relative difference to local"], table, "llrrll")
+            + "\n\n" + "; ".join(notes) + ". Ray runs on loopback clusters on the same 2-core machine, where no "
+              "real speedup is possible (the local run already uses both cores)."}
