@@ -834,7 +834,8 @@ def main(argv=None) -> None:
     if parts != ALL_PARTS and previous.is_file():  # a partial run updates its parts of the last results
         merged = json.loads(previous.read_text())
         merged.setdefault("partial_runs", []).append(
-            {"parts": sorted(parts), "environment": results["environment"], "minutes": results["total_minutes"]})
+            {"parts": sorted(parts), "run": run, "environment": results["environment"],
+             "minutes": results["total_minutes"]})
         merged.update({k: v for k, v in results.items() if k.startswith("part") and k != "partial_runs"})
         results = merged
     write_json(args.results_dir / f"{stem}.json", results)

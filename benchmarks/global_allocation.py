@@ -111,7 +111,7 @@ def attempt(rows: list, label: str, make: Callable[[], dict[str, Any]]) -> None:
 
 
 def run_task(name: str, keeps, workdir: Path, budget: float, blocks: int, do_sweep: bool,
-             results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
+             results_dir: Path = RESULTS_DIR, stem: str = "global_allocation") -> dict[str, Any]:
     from onnx_lrsd import plot_sweep, sweep
     from onnx_lrsd.model.io import save_model
 
@@ -153,7 +153,7 @@ def run_task(name: str, keeps, workdir: Path, budget: float, blocks: int, do_swe
         report = sweep(task.model_path, SWEEP, calibration=feeds, metric=metric, mask_input=task.mask_input,
                        calib_samples=settings.samples, calib_batch=settings.batch, holdout_every=HOLDOUT_EVERY,
                        latency_threads=THREADS, latency_batch=1, dims=dims)
-        plot = results_dir / f"global_allocation_{name}.png"
+        plot = results_dir / f"{stem}_{name}.png"
         plot_sweep(report, plot, title=f"{name}: global allocation sweep ({PRIMARY[name]} on the task)")
         out["sweep"] = {**report.to_dict(), "metrics": seen[1:], "plot": plot.name,
                         "seconds": time.perf_counter() - start}
@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     benchmark_main(argv, __doc__, TASKS, "global_allocation",
                    lambda task, workdir, budget, blocks, args, results: run_task(
-                       task, KEEPS[task], workdir, budget, blocks, not args.no_sweep, results),
+                       task, KEEPS[task], workdir, budget, blocks, not args.no_sweep, results,
+                       "global_allocation.quick" if args.quick else "global_allocation"),
                    render, lambda parser: parser.add_argument("--no-sweep", action="store_true"))
 
 

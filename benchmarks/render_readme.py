@@ -27,21 +27,27 @@ README: Path = REPO_ROOT / "README.md"
 MARKER = re.compile(r"(<!-- results:([\w.-]+) -->\n)(.*?)(<!-- /results:\2 -->)", re.S)
 
 
+def _measured(run: dict[str, Any]) -> str:
+    commit = (run.get("commit") or "unknown")[:10]
+    state = " with uncommitted changes" if run.get("dirty") else ""
+    return f"commit `{commit}`{state} on {run['started'][:10]} by `{run['command']}`"
+
+
 def provenance(data: dict[str, Any], module: str) -> str:
-    """One line: the commit (and a dirty tree), the date and the command of a results file."""
+    """One line: the commit (and a dirty tree), the date and the command of a results file, and of
+    each later run that re-measured some of its parts (``partial_runs``)."""
+    later = "".join(f"; parts {', '.join(map(str, p['parts']))} re-measured at {_measured(p['run'])}"
+                    for p in data.get("partial_runs", []) if p.get("run"))
     run = data.get("run")
     if run:
-        commit = (run.get("commit") or "unknown")[:10]
-        state = " with uncommitted changes" if run.get("dirty") else ""
-        return (f"*Measured at commit `{commit}`{state} on {run['started'][:10]} by `{run['command']}`, "
-                "on a 2-core machine shared with other jobs.*")
+        return f"*Measured at {_measured(run)}{later}, on a 2-core machine shared with other jobs.*"
     machine = data.get("machine") or data.get("environment") or {}
     commit = (machine.get("git_commit") or "unknown").split()[0][:10]
     args = " ".join(data.get("argv") or [])
     command = f"python -m {module}" + (f" {args}" if args else "")
     return (f"*Measured at commit `{commit}` on {(machine.get('date') or '')[:10]} by `{command}` "
-            "(a results file from before run records: no dirty-tree flag), on a 2-core machine shared with "
-            "other jobs.*")
+            f"(a results file from before run records: no dirty-tree flag){later}, on a 2-core machine shared "
+            "with other jobs.*")
 
 
 def rendered_sections() -> dict[str, str]:

@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     def run_one(task, workdir, budget, blocks, args, results_dir):
         out = run_task(task, workdir, budget, blocks)
         if out["primary"] is not None:
-            out["plot"] = plot(out, results_dir / f"suite_{task}.png")
+            out["plot"] = plot(out, results_dir / f"suite{'.quick' if args.quick else ''}_{task}.png")
         return out
 
     benchmark_main(argv, __doc__, ALL_TASKS, "suite", run_one, render)
