@@ -37,6 +37,9 @@ def run(names: list[str], quick: bool, fresh: bool) -> int:
     failed, started = [], time.perf_counter()
     for index, name in enumerate(names, 1):
         entry = benchmark(name)
+        if entry.command(quick) is None:
+            print(f"[{index}/{len(names)}] {name}: no quick form, skipped", flush=True)
+            continue
         command = [sys.executable, *entry.command(quick)] + (["--fresh"] if fresh and entry.module in _CACHED else [])
         expected = entry.quick_minutes if quick else entry.minutes
         print(f"[{index}/{len(names)}] {name}: {' '.join(['python', *command[1:]])}"
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.names == ["list"]:
         for b in BENCHMARKS:
-            print(f"{b.name:18} python {' '.join(b.command(False))}  (~{b.minutes:g} min; quick ~{b.quick_minutes:g})")
+            quick = f"quick ~{b.quick_minutes:g} min" if b.command(True) else "no quick form"
+            print(f"{b.name:18} python {' '.join(b.command(False))}  (~{b.minutes:g} min; {quick})")
         return 0
     names = [b.name for b in BENCHMARKS] if args.names == ["all"] else args.names
     try:

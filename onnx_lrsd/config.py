@@ -166,7 +166,8 @@ class CompressConfig:
     sparse_structure: ``"rows"`` (whole input rows, concatenated into the chain's second
         matmul: runs at about the cost of dense parameters; for a k×k conv whole input
         channels, a Gather and a k×k conv on them added to the chain) or ``"unstructured"`` (stored as a
-        sparse initializer: a file-size saving only, onnxruntime densifies it).
+        sparse initializer, which onnxruntime densifies: the layer runs dense, and the file is larger
+        than low rank alone at equal params, since every entry carries its index).
     target_params / target_macs: the whole model's params / MACs after ÷ before, in (0, 1];
         target_latency: the wanted speedup over the original in onnxruntime (> 1, measured at
         `latency_batch` and `latency_threads`); max_error: the largest relative output error.
@@ -246,7 +247,8 @@ class CompressConfig:
         0.0, "Share of each layer's parameter budget given to a sparse residual (W ≈ L + S); 'auto' picks it per "
              "layer by held-out error.", metavar="FLOAT|auto", parse=parse_sparse_share)
     sparse_structure: str = option("rows", "Residual of whole input rows (runs fast), or unstructured entries "
-                                           "(smaller file only).", choices=SPARSE_STRUCTURES)
+                                           "(accuracy at equal params; runs dense, larger file).",
+                                   choices=SPARSE_STRUCTURES)
     target_params: Optional[float] = option(
         None, "Global allocation: the whole model keeps this fraction of its parameters.", metavar="R")
     target_macs: Optional[float] = option(
