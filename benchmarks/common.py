@@ -117,15 +117,20 @@ def _git(*args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+NOT_CODE = ("benchmarks/results", "README.md")
+"""Paths a benchmark run writes or renders: changes there do not make the measured code dirty."""
+
+
 def git_state() -> dict[str, Any]:
     """The code a run measures: ``commit`` (HEAD, or the commit of a ``.snapshot_commit``
-    snapshot), ``dirty`` (tracked files differ from it) and, when dirty, ``diff_sha1`` (a hash
-    of ``git diff HEAD``, so two dirty runs are known to measure the same code or not)."""
+    snapshot), ``dirty`` (tracked files outside `NOT_CODE` differ from it) and, when dirty,
+    ``diff_sha1`` (a hash of that diff, so two dirty runs are known to measure the same code or
+    not)."""
     marker = REPO_ROOT / ".snapshot_commit"
     if marker.is_file():
         return {"commit": marker.read_text().strip(), "dirty": False, "snapshot": True}
     commit = (_git("rev-parse", "HEAD") or "").strip() or None
-    diff = _git("diff", "HEAD") if commit else None
+    diff = _git("diff", "HEAD", "--", ".", *(f":(exclude){p}" for p in NOT_CODE)) if commit else None
     state: dict[str, Any] = {"commit": commit, "dirty": bool(diff)}
     if diff:
         state["diff_sha1"] = hashlib.sha1(diff.encode()).hexdigest()
