@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python -m benchmarks.joint              # MiniLM and ResNet-50 (about 25 min on 2 cores)
-    python -m benchmarks.joint --quick      # MiniLM at keep 0.35 only
+    python -m benchmarks.joint --quick      # MiniLM at keep 0.35 only, without the global-allocation rows
     python -m benchmarks.joint --global-only --output benchmarks/results/joint_global
                                             # the global-allocation rows and ResNet-50
 
@@ -92,7 +92,7 @@ def run_minilm(workdir: Path, budget: float, blocks: int, quick: bool, global_on
                 row = {"joint": joint, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             rows.append(row)
         off = next((r for r in rows if r["joint"] == "off" and "error" not in r), None)
-        if keep in GLOBAL_KEEPS and off is not None:
+        if keep in GLOBAL_KEEPS and off is not None and (global_only or not quick):  # quick: no global rows
             rows += global_rows(task, settings, feeds, dims, off["params_ratio"], workdir)
         done = [r for r in rows if "error" not in r]
         for batch in (1, 32):
