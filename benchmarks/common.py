@@ -389,7 +389,7 @@ def benchmark_main(argv, doc: str, tasks, name: str, run_one, render, extra_args
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("onnx_lrsd").setLevel(logging.WARNING)
-    logging.getLogger("onnx_lrsd.api").setLevel(logging.INFO)
+    logging.getLogger("onnx_lrsd.passes.search").setLevel(logging.INFO)
     names = args.tasks or (list(quick_tasks) if args.quick else list(tasks))
     run = run_record(f"benchmarks.{name}", argv)
     data = {"argv": argv, "run": run, "machine": run["machine"], "tasks": []}

@@ -22,7 +22,7 @@ class Benchmark:
 
     ``quick_args`` None: no quick form (the reduced grid would still take the full form's time).
     ``minutes`` / ``quick_minutes``: wall time of the last full / quick run on the project's
-    2-core machine (shared with other jobs), for the progress line; 0 when not measured yet.
+    2-core machine (shared with other jobs, load 9-11 for the quick times), for the progress line.
     """
 
     name: str
@@ -43,15 +43,15 @@ class Benchmark:
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    Benchmark("data_aware", "benchmarks.data_aware", ("--resume",), ("--quick", "--resume"), 40, 0.5),
-    Benchmark("global_allocation", "benchmarks.global_allocation", (), ("--quick",), 25, 1),
-    Benchmark("sparse_residual", "benchmarks.sparse_residual", (), ("--quick",), 15, 1),
-    Benchmark("joint", "benchmarks.joint", (), ("--quick",), 20, 5),
+    Benchmark("data_aware", "benchmarks.data_aware", ("--resume",), ("--quick", "--resume"), 40, 1.5),
+    Benchmark("global_allocation", "benchmarks.global_allocation", (), ("--quick",), 25, 3),
+    Benchmark("sparse_residual", "benchmarks.sparse_residual", (), ("--quick",), 15, 5),
+    Benchmark("joint", "benchmarks.joint", (), ("--quick",), 20, 10),
     Benchmark("joint_global", "benchmarks.joint",
               ("--global-only", "--output", "benchmarks/results/joint_global"),
               None, 110),
-    Benchmark("suite", "benchmarks.suite", (), ("--quick",), 75, 2),
-    Benchmark("foundation", "benchmarks.foundation", (), ("--quick",), 25, 2),
+    Benchmark("suite", "benchmarks.suite", (), ("--quick",), 120, 5),
+    Benchmark("foundation", "benchmarks.foundation", (), ("--quick",), 25, 3),
     Benchmark("profile_layers", "benchmarks.profile_layers", (), ("--quick",), 10, 3),
     Benchmark("scale_out", "benchmarks.scale_out", (), ("--quick", "--models", "synthetic", "--blocks", "2"), 15, 3),
 )

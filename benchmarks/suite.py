@@ -333,7 +333,7 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
     zoo graphs' size and latency."""
     headers = ["model", "configuration", "metrics, test split", "metrics, search split", "file MB",
                "latency b1 / b32"]
-    rows, zoo = [], []
+    rows, zoo, verdicts = [], [], []
     for t in data["tasks"]:
         if t["primary"] is None:
             base = t["rows"][0]
@@ -356,7 +356,7 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
                              " / ".join(fmt(r["search_metrics"].get(m)) for m in names), fmt(r["file_mb"], 2),
                              " / ".join(fmt(r.get(f"lat_b{b}"), 2) for b in LATENCY_BATCHES)])
             first = ""
-        rows.append(["", verdict_line(t), "", "", "", ""])
+        verdicts.append(f"{README_LABELS[t['task']]}: {verdict_line(t)}")
     if not rows:
         sections = {"suite": "No results yet: the results file predates the search split (its searches scored "
                              "on the test split they reported). Run `python -m benchmarks suite`."}
@@ -367,10 +367,14 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
                   "MiniLM recall@1, digits accuracy) all stay within 0.01 of the original's on the search split; "
                   "with int8 the search judges the quantized model. The test split is never looked at by a search "
                   "or a verdict. Latency: compressed median over the original's, 2 threads, interleaved (below 1 is "
-                  "faster)."}
-    if zoo:
-        sections["suite_zoo"] = markdown_table(["zoo graph (seeded random weights)", "configuration", "file MB",
-                                                "latency " + " / ".join(f"b{b}" for b in ZOO_BATCHES)], zoo, "llrr")
+                  "faster).\n\n" + "\n".join(f"- {v}" for v in verdicts)}
+    measured = {t["task"] for t in data["tasks"]}
+    missing = [name for name in ALL_TASKS if name not in measured]
+    if missing:  # an interrupted run: say what it lacks
+        sections["suite"] += f"\n\nNot measured in this run: {', '.join(missing)}."
+    sections["suite_zoo"] = markdown_table(["zoo graph (seeded random weights)", "configuration", "file MB",
+                                            "latency " + " / ".join(f"b{b}" for b in ZOO_BATCHES)], zoo, "llrr") \
+        if zoo else f"Not measured in this run: {', '.join(ZOO)}."
     return sections
 
 

@@ -27,9 +27,10 @@ from ..plan.rank_select import LayerPlan, dense_plan, with_sparse_request
 from ..report.types import AllocationSummary
 from ..model.rewrite import rewrite_layers
 from ..model.layers import LayerTarget
+from ..runtime.deployment import deployment_feed, input_shapes
 
-from .base import Pass, PassContext, PassResult
-from .deployment import deployment_feed, input_shapes
+from .base import Pass, PassResult
+from .context import PassContext
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class AllocateBudgetPass(Pass):
 
     def _latency(self, ctx: PassContext, names: List[str], curves, damages, speedup: float):
         config = ctx.config
-        feed = deployment_feed(ctx)
-        shapes = input_shapes(ctx, names, feed)
+        feed = deployment_feed(ctx.source, ctx.calibration, config)
+        shapes = input_shapes(ctx.source, [ctx.targets[n] for n in names], feed)
         original_ms = _model_ms(ctx, feed)
         model = LatencyModel(threads=config.latency_threads)
         keys = {name: _shape_key(ctx.targets[name], shapes[name], curves[name]) for name in names}

@@ -11,9 +11,10 @@ from ..config import AUTO_SHARE
 from ..model.graph import export_model
 from ..report.types import ResidualCheck
 from ..model.rewrite import rewrite_layers
+from ..runtime.deployment import deployment_feed
 
-from .base import Pass, PassContext, PassResult
-from .deployment import deployment_feed
+from .base import Pass, PassResult
+from .context import PassContext
 from .verify_outputs import verification_batches
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class CheckResidualModelPass(Pass):
         models = [self._written(graph, ctx, v) for v in variants]
         errors = self._errors(ctx, models, verification_batches(ctx)[0])
         best = 1 + int(np.argmin(errors[1:]))
-        ratio = self._latency_ratio([models[best], models[0]], deployment_feed(ctx), config.latency_threads)
+        feed = deployment_feed(ctx.source, ctx.calibration, config)
+        ratio = self._latency_ratio([models[best], models[0]], feed, config.latency_threads)
         kept = errors[best] < errors[0] and ratio <= 1 + config.residual_model_tolerance
         size = sizes[best - 1] if kept else 0
         ctx.residual_check = ResidualCheck(layers=len(chosen), kept_layers=size, error=errors[best],
