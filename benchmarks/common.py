@@ -1,5 +1,7 @@
-"""Helpers shared by the benchmark scripts: machine info, results files, Markdown tables,
-peak-RSS measurement and interleaved latency of compressed models against the original.
+"""Helpers shared by the benchmark scripts: the run record every results file carries
+(`run_record`), the per-commit cache that lets a long benchmark resume (`RowCache`), results
+files, Markdown tables, peak-RSS measurement and interleaved latency of compressed models
+against the original.
 
 Latency: every session stays alive in one process with a fixed number of
 intra-op threads and spinning off (``onnx_lrsd.runtime.bench.make_session``), each is warmed up, runs
@@ -10,7 +12,9 @@ compared as ratios, so that load from other processes on the machine mostly canc
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -28,7 +32,9 @@ from onnx_lrsd.runtime.latency import cpu_model
 
 REPO_ROOT: Path = Path(__file__).resolve().parents[1]
 RESULTS_DIR: Path = REPO_ROOT / "benchmarks" / "results"
+ROW_CACHE_DIR: Path = REPO_ROOT / "benchmarks" / "cache" / "rows"
 MB = 2**20
+LOGGER = logging.getLogger("benchmarks")
 
 # --------------------------------------------------------------------------- machine and files
 
@@ -103,6 +109,83 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+NOT_CODE = ("benchmarks/results", "README.md")
+"""Paths a benchmark run writes or renders: changes there do not make the measured code dirty."""
+
+
+def git_state() -> dict[str, Any]:
+    """The code a run measures: ``commit`` (HEAD, or the commit of a ``.snapshot_commit``
+    snapshot), ``dirty`` (tracked files outside `NOT_CODE` differ from it) and, when dirty,
+    ``diff_sha1`` (a hash of that diff, so two dirty runs are known to measure the same code or
+    not)."""
+    marker = REPO_ROOT / ".snapshot_commit"
+    if marker.is_file():
+        return {"commit": marker.read_text().strip(), "dirty": False, "snapshot": True}
+    commit = (_git("rev-parse", "HEAD") or "").strip() or None
+    diff = _git("diff", "HEAD", "--", ".", *(f":(exclude){p}" for p in NOT_CODE)) if commit else None
+    state: dict[str, Any] = {"commit": commit, "dirty": bool(diff)}
+    if diff:
+        state["diff_sha1"] = hashlib.sha1(diff.encode()).hexdigest()
+    return state
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_record(module: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """What every results file records under ``"run"``: the exact command, the code (`git_state`),
+    the machine (`machine_info`: CPU, cores, onnxruntime / onnx / numpy versions, load), the
+    start time and, stamped by `write_json` at every write, the time of the last write
+    (``finished``: the end, for a complete run)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return {"command": " ".join(["python", "-m", module, *args]), **git_state(), "started": _now(),
+            "finished": None, "shared_machine": True, "machine": machine_info()}
+
+
+class RowCache:
+    """Finished rows of one benchmark at this code, so an interrupted run resumes where it
+    stopped: ``benchmarks/cache/rows/<benchmark>/<commit>[-dirty-<diff hash>]/<key>.json``
+    (git-ignored). A row is reused only by a run of the same commit and the same diff."""
+
+    def __init__(self, benchmark: str, enabled: bool = True) -> None:
+        state = git_state()
+        label = (state["commit"] or "no-git")[:12]
+        if state.get("dirty"):
+            label += "-dirty-" + state["diff_sha1"][:10]
+        self.directory = ROW_CACHE_DIR / benchmark / label
+        self.enabled = enabled and state["commit"] is not None
+
+    def _path(self, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in key)
+        return self.directory / f"{safe}.json"
+
+    def get(self, key: str) -> Any | None:
+        """The row stored under ``key`` at this code, or None."""
+        path = self._path(key)
+        if not self.enabled or not path.is_file():
+            return None
+        LOGGER.info("reusing %s: measured at this commit (%s)", key, path)
+        return json.loads(path.read_text())
+
+    def put(self, key: str, row: Any) -> None:
+        if self.enabled:
+            write_json(self._path(key), row)
+
+
+def progress(index: int, total: int, what: str, started: float) -> None:
+    """One progress line: ``[index/total] what (elapsed)``."""
+    LOGGER.info("[%d/%d] %s (%.1f min elapsed)", index, total, what, (time.perf_counter() - started) / 60)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -120,7 +203,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` as indented JSON (numpy scalars converted, NaN/inf as null), atomically."""
+    """Write ``data`` as indented JSON (numpy scalars converted, NaN/inf as null), atomically;
+    a ``"run"`` record (`run_record`) gets this write's time as ``finished``."""
+    if isinstance(data, dict) and isinstance(data.get("run"), dict):
+        data["run"]["finished"] = _now()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
@@ -272,9 +358,11 @@ def time_against_original(original: Path, candidates: Sequence[Path], feeds: Map
 def benchmark_main(argv, doc: str, tasks, name: str, run_one, render, extra_args=None,
                    quick_tasks=("digits_cnn",)) -> None:
     """The command line every task benchmark shares: ``--tasks``, ``--quick`` (digits only,
-    short timings; ``quick_tasks``), ``--output PREFIX``, ``--render-only``; runs ``run_one(task, workdir,
-    latency_budget_s, blocks, args)`` per task, saving ``PREFIX.json`` after each, then writes
-    ``render(data)`` to ``PREFIX.md`` and prints it. ``extra_args(parser)`` adds options."""
+    short timings; ``quick_tasks``), ``--output PREFIX``, ``--render-only``, ``--fresh``; runs
+    ``run_one(task, workdir, latency_budget_s, blocks, args, results_dir)`` per task, saving
+    ``PREFIX.json`` (with its `run_record`) after each, then writes ``render(data)`` to
+    ``PREFIX.md`` and prints it. A task already measured at this commit with the same options is
+    taken from the `RowCache` (``--fresh`` measures it again). ``extra_args(parser)`` adds options."""
     import argparse
     import json
     import logging
@@ -287,8 +375,10 @@ def benchmark_main(argv, doc: str, tasks, name: str, run_one, render, extra_args
     parser.add_argument("--quick", action="store_true", help="digits only, short timings")
     parser.add_argument("--output", type=Path, default=None, help=f"results prefix (default results/{name})")
     parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON")
+    parser.add_argument("--fresh", action="store_true", help="measure again what this commit already measured")
     if extra_args is not None:
         extra_args(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     output = args.output or RESULTS_DIR / (f"{name}.quick" if args.quick else name)
     json_path, md_path = Path(str(output) + ".json"), Path(str(output) + ".md")
@@ -301,12 +391,21 @@ def benchmark_main(argv, doc: str, tasks, name: str, run_one, render, extra_args
     logging.getLogger("onnx_lrsd").setLevel(logging.WARNING)
     logging.getLogger("onnx_lrsd.passes.search").setLevel(logging.INFO)
     names = args.tasks or (list(quick_tasks) if args.quick else list(tasks))
-    data = {"argv": argv if argv is not None else sys.argv[1:], "machine": machine_info(), "tasks": []}
+    run = run_record(f"benchmarks.{name}", argv)
+    data = {"argv": argv, "run": run, "machine": run["machine"], "tasks": []}
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ("tasks", "output", "render_only", "fresh")}
+    cache = RowCache(Path(str(output)).name, enabled=not args.fresh)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"{name}_") as tmp:
-        for task in names:
-            data["tasks"].append(run_one(task, Path(tmp), 4.0 if args.quick else 15.0, 3 if args.quick else 5,
-                                         args, json_path.parent))
+        for index, task in enumerate(names, 1):
+            progress(index, len(names), f"{name}: {task}", started)
+            key = task + "-" + hashlib.sha1(json.dumps(options, default=str).encode()).hexdigest()[:8]
+            out = cache.get(key)
+            if out is None:
+                out = run_one(task, Path(tmp), 4.0 if args.quick else 15.0, 3 if args.quick else 5, args,
+                              json_path.parent)
+                cache.put(key, out)
+            data["tasks"].append(out)
             data["total_s"] = time.perf_counter() - started
             write_json(json_path, data)
     text = render(data)

@@ -65,9 +65,9 @@ from benchmarks.common import (
     RESULTS_DIR,
     PeakRSS,
     fmt,
-    machine_info,
     markdown_table,
     max_rss_bytes,
+    run_record,
     time_against_original,
     write_json,
     write_text,
@@ -688,7 +688,9 @@ def main(argv: list[str] | None = None) -> None:
     blocks = 3 if args.quick else 5
     blas: Any = LIBRARY_DEFAULT if args.blas_threads < 0 else (args.blas_threads or None)
     output = args.output or RESULTS_DIR / ("data_aware.quick" if args.quick else "data_aware")
-    data: dict[str, Any] = {"argv": argv if argv is not None else sys.argv[1:], "machine": machine_info(),
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run = run_record("benchmarks.data_aware", argv)
+    data: dict[str, Any] = {"argv": argv, "run": run, "machine": run["machine"],
                             "threads": THREADS, "latency_batches": list(LATENCY_BATCHES),
                             "holdout_every": HOLDOUT_EVERY,
                             "blas_threads": blas, "floors": [f.__dict__ for f in FLOORS],
@@ -697,9 +699,10 @@ def main(argv: list[str] | None = None) -> None:
     previous: dict[str, Any] = {}
     if args.resume and json_path.is_file():
         previous = json.loads(json_path.read_text())
-        if previous.get("machine", {}).get("git_commit") != data["machine"]["git_commit"]:
-            LOGGER.warning("not resuming: %s was written by library commit %s, this is %s", json_path,
-                           previous.get("machine", {}).get("git_commit"), data["machine"]["git_commit"])
+        code = ("commit", "dirty", "diff_sha1")
+        if [previous.get("run", {}).get(k) for k in code] != [run.get(k) for k in code]:
+            LOGGER.warning("not resuming: %s was written by other code (commit %s), this is %s", json_path,
+                           previous.get("run", {}).get("commit"), run["commit"])
             previous = {}
     if previous:
         data["resumed_from"] = previous.get("machine", {}).get("date")
@@ -743,3 +746,37 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- README
+
+TASK_LABELS = {"digits_cnn": "digit CNN, test accuracy", "ppocr_rec": "PP-OCRv4 rec, char accuracy normal / hard",
+               "minilm": "all-MiniLM-L6-v2 docstring retrieval, recall@1 / mrr / cosine"}
+
+
+def metric_text(metrics: dict[str, float] | None, names: tuple[str, ...]) -> str:
+    """A task's metrics as ``a / b / c`` (every metric the task reports)."""
+    if not metrics:
+        return ""
+    return " / ".join(fmt(metrics.get(m)) for m in names)
+
+
+def readme_sections(data: dict[str, Any]) -> dict[str, str]:
+    """``data_aware``: every task's metrics for each keep and method, params and latency."""
+    headers = ["model, task (original)", "keep", "data-free SVD", "data-aware independent", "data-aware sequential",
+               "params", "latency b1 / b32"]
+    rows = []
+    for t in data["tasks"]:
+        names = TASKS[t["task"]].metrics
+        first = f"{TASK_LABELS[t['task']]} ({metric_text(t['original'], names)})"
+        for keep in sorted({c["keep"] for c in t["configs"]}, reverse=True):
+            by_method = {c["method"]: c for c in t["configs"] if c["keep"] == keep}
+            aware = by_method.get("independent") or next(iter(by_method.values()))
+            rows.append([first, keep, *[metric_text(by_method.get(m, {}).get("metrics"), names) for m in METHODS],
+                         fmt(aware.get("params_ratio")),
+                         f"{fmt(aware.get('latency_ratio_b1'), 2)} / {fmt(aware.get('latency_ratio_b32'), 2)}"])
+            first = ""
+    return {"data_aware": markdown_table(headers, rows, "lrlllrr")
+            + "\n\nLatency: data-aware independent model's median over the original's (below 1 is faster), "
+              f"{THREADS} threads, interleaved. MiniLM's params ratio includes its 11.7M embedding parameters, "
+              "which are not factorized."}

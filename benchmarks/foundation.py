@@ -802,7 +802,12 @@ def main(argv=None) -> None:
 
     onnxruntime.set_default_logger_severity(3)
     start = time.perf_counter()
-    results: dict = {"quick": args.quick, "environment": environment()}
+    from benchmarks.common import run_record, write_json
+
+    command = argv[:argv.index("--results-dir")] + argv[argv.index("--results-dir") + 2:] \
+        if "--results-dir" in argv else argv
+    run = run_record("benchmarks.foundation", command)
+    results: dict = {"run": run, "quick": args.quick, "environment": environment()}
     results["environment"]["library"] = str(Path(onnx_lrsd.__file__).parent)
     results["environment"]["snapshot_of"] = os.environ.get(SNAPSHOT_ENV) or "live working tree"
     log(f"measuring onnx_lrsd from {results['environment']['library']}")
@@ -829,10 +834,11 @@ def main(argv=None) -> None:
     if parts != ALL_PARTS and previous.is_file():  # a partial run updates its parts of the last results
         merged = json.loads(previous.read_text())
         merged.setdefault("partial_runs", []).append(
-            {"parts": sorted(parts), "environment": results["environment"], "minutes": results["total_minutes"]})
+            {"parts": sorted(parts), "run": run, "environment": results["environment"],
+             "minutes": results["total_minutes"]})
         merged.update({k: v for k, v in results.items() if k.startswith("part") and k != "partial_runs"})
         results = merged
-    (args.results_dir / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_json(args.results_dir / f"{stem}.json", results)
     text = markdown(results)
     (args.results_dir / f"{stem}.md").write_text(text + "\n")
     print(text)
@@ -840,3 +846,31 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_sections(data: dict) -> dict:
+    """``foundation``: every zoo graph and PP-OCR at keep 0.5 and at full rank (params, output
+    error); ``foundation_resnet``: ResNet-50's speedup at keep 0.5 per conv method."""
+    rows = []
+    for r in data.get("part1") or []:
+        c, full = r["compress"], r.get("full_rank") or {}
+        rows.append([r["model"], fmt(c.get("params_ratio")) if c.get("ok") else c.get("error", "failed")[:60],
+                     fmt(c.get("macs_ratio")) if c.get("ok") else "", fmt(c.get("output_error"), ".3f"),
+                     fmt(full.get("max_error"), ".1e") if full.get("ok") else full.get("error", "")[:60]])
+    table = ("| model | params at keep 0.5 | MACs at keep 0.5 | output error at keep 0.5 | "
+             "output error at full rank |\n| :--- | ---: | ---: | ---: | ---: |\n"
+             + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in rows))
+    speed = []
+    for method, m in ((data.get("part2") or {}).get("methods") or {}).items():
+        c = m.get("compress") or {}
+        speed.append([method, fmt(c.get("params_ratio")), fmt(c.get("macs_ratio")),
+                      *[f"{m[b]['speedup']:.2f}x" if (m.get(b) or {}).get("ok") else "" for b in ("b1", "b8")]])
+    resnet = ("| ResNet-50 conv method | params | MACs | speedup b1 | speedup b8 |\n| :--- | ---: | ---: | ---: | ---: |\n"
+              + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in speed))
+    return {"foundation": table + "\n\nZoo graphs: the onnx wheel's model-zoo structures with seeded random weights "
+                                  "(`onnx_lrsd.testing.zoo`); output error: relative, on seeded random inputs.",
+            "foundation_resnet": resnet + "\n\nSpeedup: original median over compressed median, interleaved, "
+                                          "2 threads, data-free `--keep 0.5`."}

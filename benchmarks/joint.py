@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python -m benchmarks.joint              # MiniLM and ResNet-50 (about 25 min on 2 cores)
-    python -m benchmarks.joint --quick      # MiniLM at keep 0.35 only
+    python -m benchmarks.joint --quick      # MiniLM at keep 0.35, off and left only, no global rows
     python -m benchmarks.joint --global-only --output benchmarks/results/joint_global
                                             # the global-allocation rows and ResNet-50
 
@@ -45,6 +45,8 @@ THREADS = 2
 MINILM_KEEPS = (0.5, 0.35, 0.25)
 JOINTS = ("off", "left", "right", "auto")
 """"both" is left out: its alternating fit takes minutes per MiniLM group (see the note)."""
+QUICK_JOINTS = ("off", "left")
+"""``--quick``: separate fits against the shared input side only."""
 RESNET_KEEP = 0.35
 RESNET_JOINTS = ("off", "right")
 """ResNet-50's conv groups are up to 4608 inputs wide: the left (ALS) fit takes minutes per group
@@ -79,7 +81,7 @@ def run_minilm(workdir: Path, budget: float, blocks: int, quick: bool, global_on
     out: dict[str, Any] = {"task": "minilm", "original": task.evaluate(task.model_path), "keeps": []}
     for keep in (GLOBAL_KEEPS if global_only else (0.35,) if quick else MINILM_KEEPS):
         rows = []
-        for joint in (("off",) if global_only else JOINTS):
+        for joint in (("off",) if global_only else QUICK_JOINTS if quick else JOINTS):
             try:
                 start = time.perf_counter()
                 result = compress(task.model_path, calibration=feeds, keep=keep, joint=joint, mask_input=task.mask_input,
@@ -92,7 +94,7 @@ def run_minilm(workdir: Path, budget: float, blocks: int, quick: bool, global_on
                 row = {"joint": joint, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             rows.append(row)
         off = next((r for r in rows if r["joint"] == "off" and "error" not in r), None)
-        if keep in GLOBAL_KEEPS and off is not None:
+        if keep in GLOBAL_KEEPS and off is not None and (global_only or not quick):  # quick: no global rows
             rows += global_rows(task, settings, feeds, dims, off["params_ratio"], workdir)
         done = [r for r in rows if "error" not in r]
         for batch in (1, 32):
@@ -207,3 +209,33 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_sections(data: dict[str, Any]) -> dict[str, str]:
+    """``joint`` (or ``joint_global`` for a ``--global-only`` run): every joint setting against
+    separate fits at equal params, every MiniLM metric, output error and latency."""
+    headers = ["model", "keep", "joint", "recall@1 / mrr / cosine", "output error", "params", "latency b1 / b32",
+               "groups fitted jointly"]
+    rows = []
+    for t in data["tasks"]:
+        if "original" in t:
+            rows.append([t["task"], "", "original", " / ".join(fmt(t["original"].get(m)) for m in METRICS), "0", "1",
+                         "1 / 1", ""])
+        for entry in t["keeps"]:
+            for r in entry["rows"]:
+                if "error" in r:
+                    rows.append([t["task"], entry["keep"], r["joint"], r["error"][:100], "", "", "", ""])
+                    continue
+                metrics = r.get("metrics") or {}
+                rows.append([t["task"], entry["keep"], r["joint"],
+                             " / ".join(fmt(metrics.get(m)) for m in METRICS) if metrics else "",
+                             f"{r['output_error']:.3f}", fmt(r["params_ratio"]),
+                             f"{fmt(r.get('lat_b1'), 2)} / {fmt(r.get('lat_b32'), 2)}", _groups_text(r)])
+    name = "joint_global" if "--global-only" in data.get("argv", []) else "joint"
+    return {name: markdown_table(headers, rows, "lrllrrrl")
+            + "\n\nOutput error: the largest relative error over the outputs on held-out calibration batches. "
+              "Latency: compressed median over the original's, 2 threads, interleaved (ResNet-50: seeded random "
+              "weights, batch 1 only)."}

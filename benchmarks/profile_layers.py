@@ -20,6 +20,7 @@ Writes `benchmarks/results/profile_layers.{json,md}`.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import onnx
 
 import onnx_lrsd
-from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, write_json, write_text
+from benchmarks.common import RESULTS_DIR, markdown_table, run_record, write_json, write_text
 from onnx_lrsd.runtime.bench import compare_models
 from onnx_lrsd.runtime.feeds import random_feeds
 from onnx_lrsd.model.io import load_model, save_model
@@ -139,6 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    run = run_record("benchmarks.profile_layers", sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="lrsd-profile-") as tmp:
         workdir = Path(tmp)
         mapping, pairs = mapping_rows(args.quick, workdir)
@@ -149,10 +151,25 @@ def main() -> None:
             bench_pairs[(name, 1)] = (paths, dims)
         benches = bench_rows(bench_pairs)
     stem = "profile_layers.quick" if args.quick else "profile_layers"
-    write_json(RESULTS_DIR / f"{stem}.json", {"machine": machine_info(), "mapping": mapping,
+    write_json(RESULTS_DIR / f"{stem}.json", {"run": run, "machine": run["machine"], "mapping": mapping,
                                                "bench": [{k: v for k, v in b.items() if k != "text"} for b in benches]})
     write_text(RESULTS_DIR / f"{stem}.md", markdown(mapping, benches))
 
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_sections(data: dict) -> dict:
+    """``profile_layers``: how completely the per-layer profile maps kernels to the model's nodes."""
+    mapping = data["mapping"]
+    complete = sum(1 for r in mapping if r["every_node_once"] and r["weight_layers_timed"] == r["weight_layers"])
+    models = sorted({r["model"] for r in mapping})
+    nodes = [r["nodes"] for r in mapping]
+    return {"profile_layers": f"On {len(models)} models ({', '.join(models)}), original and compressed "
+                              f"({len(mapping)} graphs, {min(nodes)} to {max(nodes)} nodes), {complete} of "
+                              f"{len(mapping)} have every node accounted for exactly once and every Conv / Gemm / "
+                              "MatMul layer (a chain as its layer) with time of its own."}

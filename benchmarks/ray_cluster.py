@@ -20,7 +20,10 @@ from typing import List, Optional
 
 import psutil
 
-RAY = str(Path(sys.executable).with_name("ray"))
+RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").is_file() \
+    else shutil.which("ray") or "ray"
+"""The `ray` command beside this interpreter (a venv with Ray installed), else on the PATH (a venv
+using the system site-packages, whose `ray` script is the system's)."""
 
 
 def _free_port() -> int:

@@ -203,3 +203,30 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_sections(data: dict[str, Any]) -> dict[str, str]:
+    """``sparse_residual``: L only against L + S at equal params, with file size and latency."""
+    from benchmarks.data_aware import TASK_LABELS, TASKS as SETTINGS, metric_text
+
+    headers = ["model, task (original)", "keep", "configuration", "metrics", "params", "file MB", "latency b1 / b32",
+               "L+S layer / plain chain (worst)", "residual check"]
+    rows = []
+    for t in data["tasks"]:
+        names = SETTINGS[t["task"]].metrics
+        first = f"{TASK_LABELS[t['task']]} ({metric_text(t['original'], names)}, {t['original_bytes'] / 1e6:.2f} MB)"
+        for r in t["rows"]:
+            if "error" in r:
+                rows.append([first, t["keep"], r["label"], r["error"][:100], "", "", "", "", ""])
+            else:
+                worst = r.get("max_residual_time")
+                rows.append([first, t["keep"], r["label"], metric_text(r["metrics"], names), fmt(r["params_ratio"]),
+                             fmt(r["file_bytes"] / 1e6, 2), f"{fmt(r.get('lat_b1'), 2)} / {fmt(r.get('lat_b32'), 2)}",
+                             "" if worst is None else f"{1 + worst:.2f}", check_text(r.get("residual_check"))])
+            first = ""
+    return {"sparse_residual": markdown_table(headers, rows, "lrllrrrrl")
+            + "\n\nLatency: compressed median over the original's, 2 threads, interleaved (below 1 is faster). "
+              "`L+S layer / plain chain`: the slowest residual layer alone against the plain chain of its budget."}

@@ -21,6 +21,7 @@ from .passes.search import sweep as sweep_rounds
 from .plan.cost import count_params, model_macs
 from .report.types import InspectReport, TargetInfo
 from .runtime.calibrate import Calibration, calibration_batches
+from .runtime.command_metric import CommandMetric
 
 __all__ = ["inspect_model", "compress", "compress_file", "sweep", "CompressionResult", "Calibration", "Metric",
            "calibration_batches", "SWEEP_POINTS"]
@@ -38,28 +39,31 @@ def inspect_model(model: ModelSource) -> InspectReport:
 
 
 def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibration: Calibration = None,
-             progress=None, metric: Optional[Metric] = None, max_metric_drop: Optional[float] = None,
-             **options) -> CompressionResult:
+             progress=None, metric: Optional[Metric] = None, **options) -> CompressionResult:
     """Compress `model` (path, bytes or ModelProto; never modified) and verify it.
 
     With `calibration` (see `calibration_batches`) every layer is fitted to reconstruct its
     original feature maps (data-aware); without, the weights are factorized data-free.
     `options` are `CompressConfig` fields applied on top of `config`. `progress(stage, done,
-    total)` is called as work advances. With `metric` and `max_metric_drop`, the global
-    allocation searches the smallest parameter count whose metric is at most that much below
-    the original's (`config` must not set another target).
+    total)` is called as work advances. With `metric` (or `config.metric_command`) and
+    `max_metric_drop`, the global allocation searches the smallest parameter count whose metric
+    is at most that much below the original's (`config` must not set another target); the metric
+    should score on data the caller does not report on. A target no allocation reaches is an
+    `LrsdError` naming the nearest model's numbers, unless `best_effort` (then that model is
+    returned, with a warning).
     """
     config = (config or CompressConfig()).replace(**options) if options else (config or CompressConfig())
-    if (metric is None) != (max_metric_drop is None):
-        raise LrsdError("metric and max_metric_drop go together")
-    if metric is not None:
-        if config.target is not None or config.stages > 1:
-            raise LrsdError("max_metric_drop is a target of its own: drop the other target and stages")
-        if not (isinstance(max_metric_drop, (int, float)) and max_metric_drop >= 0):
-            raise LrsdError(f"max_metric_drop must be >= 0, got {max_metric_drop!r}")
+    if metric is not None and config.metric_command is not None:
+        raise LrsdError("give a metric callable or a metric command, not both")
+    if config.metric_command is not None:
+        metric = CommandMetric(config.metric_command)
+    if (metric is None) != (config.max_metric_drop is None):
+        raise LrsdError("a metric and max_metric_drop go together")
+    if metric is not None and (config.target is not None or config.stages > 1):
+        raise LrsdError("max_metric_drop is a target of its own: drop the other target and stages")
     if config.stages > 1:
         return compress_in_stages(model, config, calibration, progress)
-    return compress_model(model, config, calibration, progress, metric, max_metric_drop)
+    return compress_model(model, config, calibration, progress, metric, config.max_metric_drop)
 
 
 def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Optional[CompressConfig] = None,

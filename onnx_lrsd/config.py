@@ -70,6 +70,9 @@ def parse_sparse_share(text: str) -> Union[float, str]:
     return share
 
 
+METRIC_PLACEHOLDER = "{model}"
+"""Where a metric command (`CompressConfig.metric_command`) takes the candidate model's path."""
+
 COMPRESS, SWEEP = "compress", "sweep"
 """The commands that take `CompressConfig` fields as options."""
 
@@ -168,7 +171,8 @@ class CompressConfig:
     sparse_structure: ``"rows"`` (whole input rows, concatenated into the chain's second
         matmul: runs at about the cost of dense parameters; for a k×k conv whole input
         channels, a Gather and a k×k conv on them added to the chain) or ``"unstructured"`` (stored as a
-        sparse initializer: a file-size saving only, onnxruntime densifies it).
+        sparse initializer, which onnxruntime densifies: the layer runs dense, and the file is larger
+        than low rank alone at equal params, since every entry carries its index).
     target_params / target_macs: the whole model's params / MACs after ÷ before, in (0, 1];
         target_latency: the wanted speedup over the original in onnxruntime (> 1, measured at
         `latency_batch` and `latency_threads`); max_error: the largest relative output error.
@@ -197,6 +201,12 @@ class CompressConfig:
         `joint_groups` lists glob patterns, one group per pattern. Independent mode only.
     stages: compress in this many stages (MUSCO), each cutting further and refitting on the
         current compressed model; the target or keep is reached at the last stage.
+    metric_command / max_metric_drop: a task metric as the target: the smallest params ratio
+        whose model scores at most `max_metric_drop` below the original (`compress`'s `metric`
+        callable, or this shell command with ``{model}`` replaced by the candidate's path, its
+        last output line the score; `onnx_lrsd.runtime.command_metric`).
+    best_effort: a latency, error or metric target that no round reaches is an error (with the
+        nearest model's numbers) unless this is set; then that nearest model is returned.
     then_quantize: quantize the compressed model to int8 with onnxruntime's quantizer as the
         last step (one of `onnx_lrsd.runtime.quantize.QUANTIZE_MODES`; ``static`` calibrates on the
         same calibration batches). Targets apply to the low-rank model; the report gives the
@@ -242,7 +252,8 @@ class CompressConfig:
         0.0, "Share of each layer's parameter budget given to a sparse residual (W ≈ L + S); 'auto' picks it per "
              "layer by held-out error.", metavar="FLOAT|auto", parse=parse_sparse_share)
     sparse_structure: str = option("rows", "Residual of whole input rows (runs fast), or unstructured entries "
-                                           "(smaller file only).", choices=SPARSE_STRUCTURES)
+                                           "(accuracy at equal params; runs dense, larger file).",
+                                   choices=SPARSE_STRUCTURES)
     target_params: Optional[float] = option(
         None, "Global allocation: the whole model keeps this fraction of its parameters.", metavar="R")
     target_macs: Optional[float] = option(
@@ -271,6 +282,15 @@ class CompressConfig:
     residual_min_chain_ms: float = 0.05
     residual_min_gain: float = 0.01
     residual_model_tolerance: float = 0.03
+    metric_command: Optional[str] = option(
+        None, "Search the smallest model whose score stays within --max-drop of the original's: a shell command "
+              "with {model} where the candidate's path goes, printing the score (higher is better) as its last "
+              "line. Score on data you do not report on.", flag="--metric", metavar="CMD")
+    max_metric_drop: Optional[float] = option(
+        None, "With --metric (or a metric in Python): the largest drop of the score below the original's.",
+        flag="--max-drop", metavar="D")
+    best_effort: bool = option(False, "When a latency, error or metric target is unreachable, write the model "
+                                      "nearest to it (with a warning) instead of failing.")
     then_quantize: Optional[str] = option(
         None, "Quantize the compressed model to int8 with onnxruntime's quantizer: dynamic (all ops), "
               "dynamic-matmul (MatMul only) or static (QDQ, calibrated on --calib).", choices=QUANTIZE_MODES)
@@ -361,6 +381,15 @@ class CompressConfig:
             raise LrsdError("joint 'both' works with keep; with a target use left, right or auto")
         if self.then_quantize is not None and self.then_quantize not in QUANTIZE_MODES:
             raise LrsdError(f"unknown then_quantize {self.then_quantize!r} (choose from {', '.join(QUANTIZE_MODES)})")
+        if self.metric_command is not None and (not isinstance(self.metric_command, str)
+                                                or METRIC_PLACEHOLDER not in self.metric_command):
+            raise LrsdError(f"the metric command must contain {METRIC_PLACEHOLDER} (where the candidate model's "
+                            f"path goes), got {self.metric_command!r}")
+        if self.max_metric_drop is not None and (isinstance(self.max_metric_drop, bool) or not isinstance(
+                self.max_metric_drop, (int, float)) or not self.max_metric_drop >= 0):
+            raise LrsdError(f"max_metric_drop must be >= 0, got {self.max_metric_drop!r}")
+        if self.metric_command is not None and self.max_metric_drop is None:
+            raise LrsdError("a metric command needs max_metric_drop (--max-drop)")
         if self.evbmf is not None and (isinstance(self.evbmf, bool) or not isinstance(self.evbmf, (int, float))
                                        or not 0 <= self.evbmf <= 1):
             raise LrsdError(f"evbmf (the weakening factor) must be in [0, 1], got {self.evbmf!r}")

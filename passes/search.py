@@ -34,7 +34,8 @@ from .verify_outputs import reference_outputs, verification_batches
 log = logging.getLogger(__name__)
 
 Metric = Callable[[onnx.ModelProto], float]
-"""A user's task metric of a model (higher is better), e.g. accuracy on their own data."""
+"""A user's task metric of a model (higher is better), e.g. accuracy on their own data. A search
+picks the model by it, so it should score on data the user does not report on."""
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,27 @@ def then_quantize(source: onnx.ModelProto, compressed: onnx.ModelProto, mode: st
     return quantized, summarize(quantized, mode, errors_before, errors)
 
 
+def _unreachable(ctx: PassContext, what: str, nearest: str) -> None:
+    """A target no round reached: an LrsdError naming the nearest model, or, with
+    `best_effort`, a warning (the caller returns that model)."""
+    if not ctx.config.best_effort:
+        raise LrsdError(f"{what}; nearest model: {nearest} (nothing written; --best-effort writes it)")
+    log.warning("%s; writing the nearest model (best effort): %s", what, nearest)
+
+
+def _numbers(ctx: PassContext, compressed: onnx.ModelProto) -> str:
+    """The params ratio and verified output error of a round's model, for messages."""
+    error = max(ctx.output_errors.values(), default=float("nan"))
+    return f"params {count_params(compressed) / max(count_params(ctx.source), 1):.3f}, output error {error:.3g}"
+
+
 def to_latency(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto]:
     """Rounds of allocation until the written model's measured speedup is within
     `LATENCY_TOLERANCE` of the target. The measured speedup grows with the speedup asked of
     the prediction, so the ask is searched in log space: scaled by target / measured until the
-    target is bracketed, then bisected. An ask the prediction cannot reach writes the fastest
-    allocation; if that measures below the target, the target is unreachable. The round
-    nearest the target is returned."""
+    target is bracketed, then bisected. When the fastest allocation measures below the target,
+    or no round lands within the tolerance, the target is unreachable (`_unreachable`); the
+    round nearest the target is the result."""
     config = ctx.config
     wanted = config.target_latency
     feed = deployment_feed(ctx.source, ctx.calibration, ctx.config)
@@ -130,9 +145,7 @@ def to_latency(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto
             break
         if measured < wanted:
             if result_ctx.allocation.capped:
-                best = max(r[1].allocation.measured_speedup for r in rounds)
-                raise LrsdError(f"speedup {wanted:g}x is unreachable: the fastest allocation measured {best:.2f}x "
-                                f"(batch {config.latency_batch}, {config.latency_threads} threads)")
+                break  # the fastest allocation is too slow
             slow = correction
         else:
             fast = correction
@@ -142,27 +155,34 @@ def to_latency(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto
             correction *= wanted / measured
     miss, result_ctx, compressed = min(rounds, key=lambda r: r[0])
     if miss > LATENCY_TOLERANCE:
-        log.warning("measured speedup %.2fx is not within %d%% of the target %.2fx after %d rounds",
-                    result_ctx.allocation.measured_speedup, round(100 * LATENCY_TOLERANCE), wanted, len(rounds))
+        _unreachable(result_ctx, f"speedup {wanted:g}x is unreachable: no round of {len(rounds)} measured within "
+                                 f"{round(100 * LATENCY_TOLERANCE)}% of it (batch {config.latency_batch}, "
+                                 f"{config.latency_threads} threads)",
+                     f"{result_ctx.allocation.measured_speedup:.2f}x, {_numbers(result_ctx, compressed)}")
     return result_ctx, compressed
 
 
 def to_error(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto]:
     """Rounds of allocation until the verified output error (the largest over the outputs)
-    is at most `max_error`: each round shrinks the error budget by the excess measured."""
+    is at most `max_error`: each round shrinks the error budget by the excess measured. If no
+    round gets there the target is unreachable (`_unreachable`; the lowest-error round)."""
     wanted = ctx.config.max_error
     correction = 1.0
-    for rounds in range(1, TARGET_ROUNDS + 1):
+    rounds = []
+    for index in range(1, TARGET_ROUNDS + 1):
         result_ctx, compressed = run_round(prepared, ctx, correction)
         measured = max(result_ctx.output_errors.values(), default=0.0)
-        result_ctx.allocation = dataclasses.replace(result_ctx.allocation, rounds=rounds)
-        log.info("error round %d: predicted %.4g, measured %.4g (target %.4g)", rounds,
+        result_ctx.allocation = dataclasses.replace(result_ctx.allocation, rounds=index)
+        log.info("error round %d: predicted %.4g, measured %.4g (target %.4g)", index,
                  result_ctx.allocation.predicted_error, measured, wanted)
+        rounds.append((measured if np.isfinite(measured) else float("inf"), result_ctx, compressed))
         if measured <= wanted or not np.isfinite(measured) or measured == 0:
             break
         correction *= wanted / measured
+    measured, result_ctx, compressed = min(rounds, key=lambda r: r[0])
     if measured > wanted:
-        log.warning("measured output error %.3g is above the target %.3g after %d rounds", measured, wanted, rounds)
+        _unreachable(result_ctx, f"output error {wanted:g} is unreachable: above it after {len(rounds)} rounds",
+                     _numbers(result_ctx, compressed))
     return result_ctx, compressed
 
 
@@ -179,11 +199,11 @@ def to_metric(prepared, ctx: PassContext, metric: Metric, max_drop: float) -> Tu
     """The smallest params ratio whose model's metric is at most `max_drop` below the
     original's, by bisection over `target_params` in (0, 1] (the metric is assumed to fall as
     the model shrinks; a ratio below the smallest allocation counts as too small). With
-    `then_quantize` the metric is measured on the quantized model. LrsdError when no
-    allocation tried qualifies."""
+    `then_quantize` the metric is measured on the quantized model. When no allocation tried
+    qualifies the target is unreachable (`_unreachable`; the best-scoring model)."""
     reference = float(metric(ctx.source))
     lo, hi = 0.0, 1.0
-    best = None
+    best, nearest = None, None
     for _ in range(METRIC_STEPS):
         mid = 0.5 * (lo + hi)
         try:
@@ -193,13 +213,20 @@ def to_metric(prepared, ctx: PassContext, metric: Metric, max_drop: float) -> Tu
             continue
         value = float(metric(_quantized_for_metric(round_ctx, compressed)))
         log.info("metric search: params %.3f -> metric %.4g (original %.4g)", mid, value, reference)
+        if nearest is None or value > nearest[2]:
+            nearest = (round_ctx, compressed, value)
         if reference - value <= max_drop:
             best, hi = (round_ctx, compressed, value), mid
         else:
             lo = mid
     if best is None:
-        raise LrsdError(f"no allocation keeps the metric within {max_drop:g} of the original's {reference:.4g} "
-                        f"(tried down to params ratio {hi:.3f})")
+        if nearest is None:
+            raise LrsdError("the metric target is unreachable: no params target could be allocated")
+        round_ctx, compressed, value = nearest
+        _unreachable(round_ctx, f"the metric target is unreachable: no allocation keeps it within {max_drop:g} of "
+                                f"the original's {reference:.4g} (tried down to params ratio {hi:.3f})",
+                     f"metric {value:.4g}, {_numbers(round_ctx, compressed)}")
+        best = nearest
     round_ctx, compressed, value = best
     round_ctx.allocation = dataclasses.replace(round_ctx.allocation, metric=value, metric_original=reference)
     return round_ctx, compressed

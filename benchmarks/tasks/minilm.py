@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from benchmarks.tasks.base import CACHE_DIR, Task, batch_slices, make_session
+from benchmarks.tasks.base import CACHE_DIR, Task, batch_slices, check_split, make_session
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ CALIB_MODULES = (
     "scipy.stats",
 )
 CALIB_SEED = 0
+#: The ``search`` split: pairs of these numpy modules' docstrings, minus any text of the
+#: evaluation or the calibration set (retrieval among its own ~150 documents).
+SEARCH_MODULES = ("numpy.ma", "numpy.random", "numpy.char", "numpy.strings", "numpy.testing")
+SEARCH_REFERENCE_PATH: Path = CACHE_DIR / "minilm_reference_embeddings_search.npz"
 _SIGNATURE_RE = re.compile(r"^[\w.]+\(.*\)")
 
 
@@ -165,6 +169,7 @@ class MiniLMTask(Task):
     _pairs: list[DocPair] | None = field(default=None, init=False, repr=False)
     _tokenizer: Tokenizer | None = field(default=None, init=False, repr=False)
     _reference: np.ndarray | None = field(default=None, init=False, repr=False)
+    _search: tuple[list[DocPair], np.ndarray] | None = field(default=None, init=False, repr=False)
 
     def prepare(self) -> None:
         """Build the ONNX model if missing, collect the pairs, cache the original's embeddings."""
@@ -181,23 +186,35 @@ class MiniLMTask(Task):
         if self._reference is None:
             self._reference = self._load_or_compute_reference()
 
-    def _texts(self) -> list[str]:
-        assert self._pairs is not None
-        return [p.query for p in self._pairs] + [p.document for p in self._pairs]
+    def _texts(self, pairs: list[DocPair] | None = None) -> list[str]:
+        pairs = self._pairs if pairs is None else pairs
+        assert pairs is not None
+        return [p.query for p in pairs] + [p.document for p in pairs]
 
-    def _load_or_compute_reference(self) -> np.ndarray:
-        texts = self._texts()
+    def _load_or_compute_reference(self, texts: list[str] | None = None, path: Path | None = None) -> np.ndarray:
+        """The original model's embeddings of ``texts`` (default: the evaluation set), cached in ``path``."""
+        texts = self._texts() if texts is None else texts
+        path = self.reference_path if path is None else path
         digest = _digest(texts, self.model_path)
-        if self.reference_path.is_file():
-            with np.load(self.reference_path) as cached:
+        if path.is_file():
+            with np.load(path) as cached:
                 if str(cached["digest"]) == digest:
                     return cached["embeddings"]
         assert self._tokenizer is not None
         embeddings = embed(make_session(self.model_path), self._tokenizer, texts)
-        self.reference_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(self.reference_path, embeddings=embeddings, digest=np.array(digest))
-        LOGGER.info("cached the original model's embeddings in %s", self.reference_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, embeddings=embeddings, digest=np.array(digest))
+        LOGGER.info("cached the original model's embeddings in %s", path)
         return embeddings
+
+    def search_split(self) -> tuple[list[DocPair], np.ndarray]:
+        """The ``search`` split's pairs (`SEARCH_MODULES`) and the original's embeddings of them."""
+        if self._search is None:
+            self.prepare()
+            taken = set(self._texts()) | {t for p in collect_pairs(CALIB_MODULES) for t in (p.query, p.document)}
+            pairs = [p for p in collect_pairs(SEARCH_MODULES) if p.query not in taken and p.document not in taken]
+            self._search = pairs, self._load_or_compute_reference(self._texts(pairs), SEARCH_REFERENCE_PATH)
+        return self._search
 
     def calibration_texts(self) -> list[str]:
         """scipy summaries and bodies interleaved in a seeded pair order, minus evaluation texts."""
@@ -216,14 +233,16 @@ class MiniLMTask(Task):
             raise ValueError(f"n_samples must be in [1, {len(texts)}], got {n_samples}")
         return [tokenize(self._tokenizer, texts[part]) for part in batch_slices(n_samples, batch_size)]
 
-    def evaluate(self, model_path: Path) -> dict[str, float]:
-        """Retrieval metrics and mean cosine to the original model's embeddings."""
+    def evaluate(self, model_path: Path, split: str = "test") -> dict[str, float]:
+        """Retrieval metrics and mean cosine to the original model's embeddings on ``split``."""
+        check_split(split)
         self.prepare()
         assert self._pairs is not None and self._tokenizer is not None and self._reference is not None
-        embeddings = embed(make_session(model_path), self._tokenizer, self._texts())
-        n_pairs = len(self._pairs)
+        pairs, reference = self.search_split() if split == "search" else (self._pairs, self._reference)
+        embeddings = embed(make_session(model_path), self._tokenizer, self._texts(pairs))
+        n_pairs = len(pairs)
         metrics = retrieval_metrics(embeddings[:n_pairs], embeddings[n_pairs:])
-        metrics["cosine"] = float(np.mean(np.sum(_unit(embeddings) * _unit(self._reference), axis=1)))
+        metrics["cosine"] = float(np.mean(np.sum(_unit(embeddings) * _unit(reference), axis=1)))
         return metrics
 
     def latency_feeds(self, batch: int) -> dict[str, np.ndarray]:

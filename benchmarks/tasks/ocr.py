@@ -38,7 +38,7 @@ import onnx
 import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from benchmarks.tasks.base import Task, batch_slices, make_session
+from benchmarks.tasks.base import Task, batch_slices, check_split, make_session
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,6 +50,10 @@ N_EVAL_LINES = 200
 SEED_NORMAL = 1001
 SEED_HARD = 2002
 SEED_CALIB = 3003
+#: The ``search`` split: the evaluation vocabulary and styles, other seeds (other lines).
+SEED_SEARCH_NORMAL = 4004
+SEED_SEARCH_HARD = 5005
+N_SEARCH_LINES = 100
 MAX_CHARS = 22
 FONT_DIR = Path("/usr/share/fonts")
 #: Standard-library modules whose docstrings give the calibration vocabulary.
@@ -374,6 +378,7 @@ class OcrRecTask(Task):
     n_eval_lines: int = N_EVAL_LINES
     _characters: list[str] | None = field(default=None, init=False, repr=False)
     _eval_sets: dict[str, tuple[list[str], np.ndarray]] | None = field(default=None, init=False, repr=False)
+    _search_sets: dict[str, tuple[list[str], np.ndarray]] | None = field(default=None, init=False, repr=False)
 
     def prepare(self) -> None:
         """Load the character list and render both evaluation sets (kept in memory)."""
@@ -402,13 +407,25 @@ class OcrRecTask(Task):
             texts.extend(ctc_greedy_decode(probs, self._characters))
         return texts
 
-    def evaluate(self, model_path: Path) -> dict[str, float]:
-        """Mean character accuracy on the normal and the hard set."""
+    def search_sets(self) -> dict[str, tuple[list[str], np.ndarray]]:
+        """The ``search`` split: `N_SEARCH_LINES` normal and hard lines of their own seeds."""
+        if self._search_sets is None:
+            vocabulary = evaluation_vocabulary()
+            self._search_sets = {
+                "char_acc": make_lines(SEED_SEARCH_NORMAL, N_SEARCH_LINES, vocabulary, (NORMAL_STYLE,)),
+                "char_acc_hard": make_lines(SEED_SEARCH_HARD, N_SEARCH_LINES, vocabulary, (HARD_STYLE,)),
+            }
+        return self._search_sets
+
+    def evaluate(self, model_path: Path, split: str = "test") -> dict[str, float]:
+        """Mean character accuracy on the normal and the hard set of ``split``."""
+        check_split(split)
         self.prepare()
         assert self._eval_sets is not None
+        sets = self.search_sets() if split == "search" else self._eval_sets
         session = make_session(model_path)
         metrics: dict[str, float] = {}
-        for key, (truths, inputs) in self._eval_sets.items():
+        for key, (truths, inputs) in sets.items():
             predictions = self.recognize(session, inputs)
             scores = [char_accuracy(p.strip(), t) for p, t in zip(predictions, truths, strict=True)]
             metrics[key] = float(np.mean(scores))

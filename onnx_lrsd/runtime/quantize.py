@@ -11,11 +11,16 @@ measured per model, not assumed):
 
 onnxruntime's quantizer refuses weights held in ``Constant`` nodes, so they become
 initializers first; the model is staged in a temporary directory (the quantizer works on files
-and writes external data for large models).
+and writes external data for large models), and the quantizer runs with that directory as the
+working directory: some of its helpers write scratch files into the current directory (the
+symbolic shape inference leaves ``sym_shape_infer_temp.onnx`` and its ``*.data`` there when it
+cannot infer every shape), which must never land in the user's.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -86,6 +91,17 @@ def _prepared(model: onnx.ModelProto, mode: str) -> onnx.ModelProto:
     return model
 
 
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    """Run the block with `path` as the process's working directory, restored afterwards."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def quantize_model(model: onnx.ModelProto, mode: str, calibration: Sequence[Mapping[str, np.ndarray]] = (),
                    per_channel: bool = True) -> onnx.ModelProto:
     """The int8 model of `model` (not modified) in `mode` (see the module docstring).
@@ -94,8 +110,6 @@ def quantize_model(model: onnx.ModelProto, mode: str, calibration: Sequence[Mapp
         raise LrsdError(f"unknown quantization mode {mode!r}: choose one of {', '.join(QUANTIZE_MODES)}")
     if mode == "static" and not calibration:
         raise LrsdError("static quantization needs calibration data (--calib)")
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     prepared = _prepared(model, mode)
     with tempfile.TemporaryDirectory(prefix="onnx_lrsd-quantize-") as tmp:
         source, target = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
@@ -103,16 +117,11 @@ def quantize_model(model: onnx.ModelProto, mode: str, calibration: Sequence[Mapp
         large = (Path(tmp) / "model.onnx.data").exists()
         hint = _WithoutPreprocessingHint()
         logging.getLogger().addFilter(hint)
+        scratch = Path(tmp) / "scratch"
+        scratch.mkdir()
         try:
-            if mode == "static":
-                quantize_static(str(source), str(target), ListReader(calibration), quant_format=QuantFormat.QDQ,
-                                per_channel=per_channel, activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                                use_external_data_format=large)
-            else:
-                quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"]
-                                 if mode == "dynamic-matmul" else None, per_channel=per_channel,
-                                 weight_type=QuantType.QInt8, use_external_data_format=large)
+            with _working_directory(scratch):
+                _quantize(mode, source, target, calibration, per_channel, large)
         except LrsdError:
             raise
         except Exception as exc:  # the quantizer raises bare Exceptions and ValueErrors
@@ -123,6 +132,20 @@ def quantize_model(model: onnx.ModelProto, mode: str, calibration: Sequence[Mapp
     quantized.ir_version = min(quantized.ir_version, max(prepared.ir_version, 3))
     log.info("%s quantization: %d int8 weights", mode, int8_weights(quantized)[0])
     return quantized
+
+
+def _quantize(mode: str, source: Path, target: Path, calibration, per_channel: bool, large: bool) -> None:
+    """onnxruntime's quantizer on the file `source`, writing `target`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if mode == "static":
+        quantize_static(str(source), str(target), ListReader(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=large)
+    else:
+        quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"] if mode == "dynamic-matmul"
+                         else None, per_channel=per_channel, weight_type=QuantType.QInt8,
+                         use_external_data_format=large)
 
 
 def int8_weights(model: onnx.ModelProto) -> tuple[int, float]:

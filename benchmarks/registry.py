@@ -1,0 +1,65 @@
+"""Every benchmark that publishes numbers, in the order `python -m benchmarks all` runs them.
+
+To add a benchmark: write ``benchmarks/<name>.py`` whose ``main`` writes
+``benchmarks/results/<name>.json`` (and ``.md``) with ``"run": run_record(...)`` (``benchmarks.common``;
+``benchmark_main`` does it for task benchmarks), and ``<name>.quick.json`` under ``--quick``; then add
+one `Benchmark` line to `BENCHMARKS`. To publish in the README, give the module a function
+``readme_sections(data) -> {section: markdown}`` and put ``<!-- results:section -->`` …
+``<!-- /results:section -->`` markers in README.md; ``python -m benchmarks.render_readme`` fills them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import RESULTS_DIR
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One results file and the command that writes it.
+
+    ``quick_args`` None: no quick form (the reduced grid would still take the full form's time).
+    ``minutes`` / ``quick_minutes``: wall time of the last full / quick run on the project's
+    2-core machine (shared with other jobs, load 9-11 for the quick times), for the progress line.
+    """
+
+    name: str
+    module: str
+    args: tuple[str, ...] = ()
+    quick_args: tuple[str, ...] | None = ("--quick",)
+    minutes: float = 0.0
+    quick_minutes: float = 0.0
+
+    def command(self, quick: bool) -> list[str] | None:
+        """``python`` arguments of the full or quick form (None: no quick form)."""
+        if quick and self.quick_args is None:
+            return None
+        return ["-m", self.module, *(self.quick_args if quick else self.args)]
+
+    def results(self, quick: bool = False) -> Path:
+        return RESULTS_DIR / f"{self.name}{'.quick' if quick else ''}.json"
+
+
+BENCHMARKS: tuple[Benchmark, ...] = (
+    Benchmark("data_aware", "benchmarks.data_aware", ("--resume",), ("--quick", "--resume"), 40, 1.5),
+    Benchmark("global_allocation", "benchmarks.global_allocation", (), ("--quick",), 25, 3),
+    Benchmark("sparse_residual", "benchmarks.sparse_residual", (), ("--quick",), 15, 5),
+    Benchmark("joint", "benchmarks.joint", (), ("--quick",), 20, 10),
+    Benchmark("joint_global", "benchmarks.joint",
+              ("--global-only", "--output", "benchmarks/results/joint_global"),
+              None, 110),
+    Benchmark("suite", "benchmarks.suite", (), ("--quick",), 120, 5),
+    Benchmark("foundation", "benchmarks.foundation", (), ("--quick",), 25, 3),
+    Benchmark("profile_layers", "benchmarks.profile_layers", (), ("--quick",), 10, 3),
+    Benchmark("scale_out", "benchmarks.scale_out", (), ("--quick", "--models", "synthetic", "--blocks", "2"), 15, 3),
+)
+
+
+def benchmark(name: str) -> Benchmark:
+    """The registered benchmark called ``name``."""
+    for entry in BENCHMARKS:
+        if entry.name == name:
+            return entry
+    raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(b.name for b in BENCHMARKS)}")

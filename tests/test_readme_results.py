@@ -1,0 +1,52 @@
+"""The README's measured tables are what `benchmarks.render_readme` renders from the results files:
+a number typed into the README, or a results file changed without re-rendering, fails here."""
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import render_readme
+from benchmarks.registry import BENCHMARKS
+
+
+def test_readme_sections_match_the_results_files():
+    readme = render_readme.README.read_text()
+    sections = render_readme.rendered_sections()
+    assert render_readme.MARKER.search(readme), "the README has no rendered sections"
+    stale = render_readme.differing(readme, sections)
+    assert not stale, f"README sections differ from the results: {stale}; run `python -m benchmarks.render_readme`"
+    assert render_readme.render(readme, sections) == readme
+
+
+def test_every_section_names_its_commit_and_command():
+    for name, text in render_readme.rendered_sections().items():
+        first = text.splitlines()[0]
+        assert first.startswith("*Measured at commit `") and "by `python -m benchmarks." in first, (name, first)
+
+
+def test_a_changed_number_is_detected():
+    readme = render_readme.README.read_text()
+    sections = render_readme.rendered_sections()
+    name, text = next((n, t) for n, t in sections.items() if "| 0." in t)
+    tampered = readme.replace(text, text.replace("| 0.", "| 1.", 1), 1)
+    assert render_readme.differing(tampered, sections) == [name]
+    assert render_readme.render(tampered, sections) == render_readme.render(readme, sections)
+
+
+def test_a_marker_nothing_renders_is_an_error():
+    with pytest.raises(SystemExit, match="no benchmark renders: nowhere"):
+        render_readme.render("<!-- results:nowhere -->\n<!-- /results:nowhere -->\n", {})
+
+
+def test_results_files_record_their_run():
+    """Results written since run records exist say the commit, dirty flag, machine, times and command."""
+    for entry in BENCHMARKS:
+        path = entry.results()
+        if not path.is_file():
+            continue
+        run = json.loads(path.read_text()).get("run")
+        if run is None:  # older than run records: the README line says so
+            continue
+        assert {"command", "commit", "dirty", "started", "finished", "machine"} <= set(run), path
+        assert {"cpu", "cores_logical", "onnxruntime", "onnx", "numpy"} <= set(run["machine"]), path
+        assert run["command"].startswith("python -m benchmarks."), path
