@@ -98,13 +98,16 @@ def support_masks(model: onnx.ModelProto, names: Sequence[str]) -> Dict[str, np.
 
 def with_values(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of `model` whose named weights (initializers, Constant nodes, sparse
-    initializers on their own support) hold `values`, in the weights' own dtypes."""
+    initializers on their own support) hold `values`, in the weights' own dtypes, subnormal
+    values flushed to zero."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
 
     def refill(tensor: onnx.TensorProto, array: np.ndarray) -> None:
         old = numpy_helper.to_array(tensor)
-        tensor.CopyFrom(numpy_helper.from_array(np.asarray(array, dtype=old.dtype).reshape(old.shape), tensor.name))
+        new = np.array(array, dtype=old.dtype).reshape(old.shape)
+        new[np.abs(new) < np.finfo(new.dtype).tiny] = 0  # subnormals run many times slower on x86
+        tensor.CopyFrom(numpy_helper.from_array(new, tensor.name))
 
     for tensor in out.graph.initializer:
         if tensor.name in values:
@@ -218,7 +221,7 @@ def _weights_of(model: onnx.ModelProto, exc: UnsupportedOp, trainable: Sequence[
     return [t for t in trainable if any(t in n.input for n in nodes)]
 
 
-def recover(student: onnx.ModelProto, teacher: onnx.ModelProto, calibration: Sequence[Mapping[str, np.ndarray]],
+def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibration: Sequence[Mapping[str, np.ndarray]],
             config: Optional[RecoverConfig] = None,
             on_step: Optional[Callable[[RecoverProgress], None]] = None) -> RecoveryResult:
     """Fine-tune `student` (compressed) to reproduce `teacher` (original) on `calibration`

@@ -30,6 +30,7 @@ class RecoverConfig:
     holdout: fraction of the samples held out for early stopping and for keeping the best step.
     eval_every: steps between held-out evaluations; patience: evaluations without improvement
       before stopping (None: never stop early).
+    samples: use at most this many calibration samples (None: all the source gives).
     """
 
     steps: Optional[int] = None
@@ -47,6 +48,7 @@ class RecoverConfig:
     output: Optional[str] = None
     mask_input: Optional[str] = None
     unk_id: int = 100
+    samples: Optional[int] = None
     seed: int = 0
     threads: int = 2
 
@@ -64,6 +66,7 @@ class RecoverConfig:
             (0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout!r}"),
             (isinstance(self.eval_every, int) and self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every!r}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience!r}"),
+            (self.samples is None or self.samples >= 2, f"samples must be >= 2, got {self.samples!r}"),
             (isinstance(self.threads, int) and self.threads >= 1, f"threads must be >= 1, got {self.threads!r}"),
         ]
         for ok, message in checks:
