@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Mapping, Optional, Union
 
 from ..errors import LrsdError
 from .distill import RecoveryResult, recover_models
@@ -34,10 +34,29 @@ def recover(model, teacher, calibration, config: Optional[RecoverConfig] = None,
         raise LrsdError("the compressed model and the teacher have different outputs")
     if calibration is None or (isinstance(calibration, str) and calibration == "random"):
         raise LrsdError("recovery needs real unlabeled inputs (--calib DATA), not random ones")
-    batches = calibration_batches(calibration, original,
-                                  CompressConfig(calib_samples=config.samples, calib_batch=config.batch, verify=False,
-                                                 seed=config.seed))
+    if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, Mapping) for c in calibration):
+        batches = list(calibration)  # feed dicts as given (token batches may differ in length)
+        if config.samples is not None:
+            batches = _first_samples(batches, config.samples)
+    else:
+        batches = calibration_batches(calibration, original, CompressConfig(
+            calib_samples=config.samples, calib_batch=config.batch, verify=False, seed=config.seed))
     return recover_models(student, original, batches, config, on_step)
+
+
+def _first_samples(batches, n: int):
+    out, total = [], 0
+    for batch in batches:
+        rows = len(next(iter(batch.values())))
+        if total + rows > n:
+            batch = {k: v[:n - total] for k, v in batch.items()}
+            rows = n - total
+        if rows:
+            out.append(batch)
+        total += rows
+        if total >= n:
+            break
+    return out
 
 
 def recover_file(model, teacher, output: Union[str, os.PathLike], calibration, config: Optional[RecoverConfig] = None,
