@@ -47,7 +47,7 @@ def pair():
 def test_distillation_lowers_heldout_loss_and_output_error(pair):
     teacher, student = pair
     before = (teacher.SerializeToString(), student.SerializeToString())
-    result = recover(student, teacher, _data(), RecoverConfig(steps=80, lr=1e-2, batch=8, eval_every=10, patience=None))
+    result = recover(student, teacher, _data(), RecoverConfig(steps=80, lr=1e-2, batch=8, eval_every=10, patience=None, schedule="constant"))
     r = result.report
     assert (teacher.SerializeToString(), student.SerializeToString()) == before  # inputs untouched
     assert r.loss == "kl" and r.augment == "noise" and r.steps == 80 and r.heldout_samples + r.train_samples == 96
@@ -114,7 +114,7 @@ def test_weight_without_gradient_rule_is_left_as_fitted():
                           opset=17)
     teacher, student = model(w, v), model(w, v + 0.3 * rng.normal(size=v.shape).astype(np.float32))
     x = rng.normal(size=(24, 4, 6, 6)).astype(np.float32)
-    result = recover(student, teacher, [{"x": x}], RecoverConfig(steps=20, lr=1e-2, batch=4, augment="none",
+    result = recover(student, teacher, [{"x": x}], RecoverConfig(steps=20, lr=1e-2, batch=4, augment="none", schedule="constant",
                                                                  eval_every=5, patience=None))
     r = result.report
     assert [a.part for a in r.left_as_fitted] == ["c/lrsd/dw"] and "Conv" in r.left_as_fitted[0].reason
@@ -149,3 +149,13 @@ def test_no_compressed_layers_is_an_error():
     teacher = _mlp()
     with pytest.raises(LrsdError, match="nothing to train"):
         recover(teacher, teacher, _data(), RecoverConfig(steps=1))
+
+
+def test_cosine_schedule_spans_the_budget():
+    from onnx_lrsd.recover.distill import _decay
+
+    steps = RecoverConfig(steps=100)
+    assert [_decay(steps, s, 0.0) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    timed = RecoverConfig(time_budget=10.0)
+    assert _decay(timed, 3, 5.0) == pytest.approx(0.5) and _decay(timed, 3, 20.0) == pytest.approx(0.0)
+    assert _decay(RecoverConfig(steps=100, schedule="constant"), 99, 0.0) == 1.0

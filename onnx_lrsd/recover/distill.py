@@ -4,7 +4,9 @@ output matches the original's (teacher's) on augmented unlabeled inputs.
 Each step draws `batch` training samples (a seeded permutation per epoch), augments them, lets
 the teacher label them, and takes one Adam step with onnxruntime's loss and gradients:
 
-    m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − lr·m̂/(√v̂ + ε)   (m̂, v̂ bias-corrected)
+    m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − lr_t·m̂/(√v̂ + ε)   (m̂, v̂ bias-corrected)
+
+with lr_t = lr·½(1 + cos πt) (t: spent share of the step or time budget) or constant.
 
 A residual stored as a sparse initializer keeps its support: its gradient is masked to it.
 Every `eval_every` steps the loss on the held-out samples (not augmented) is measured; the
@@ -190,6 +192,18 @@ def _relative_error(session, feeds: Mapping[str, np.ndarray], teacher_out: np.nd
     return math.sqrt(num / den) if den else math.sqrt(num)
 
 
+def _decay(config: RecoverConfig, step: int, seconds: float) -> float:
+    """The schedule's factor on lr: ½(1 + cos πt), t the spent share of the budget."""
+    if config.schedule == "constant":
+        return 1.0
+    spent = 0.0
+    if config.step_budget:
+        spent = step / config.step_budget
+    if config.time_budget:
+        spent = max(spent, seconds / config.time_budget)
+    return 0.5 * (1.0 + math.cos(math.pi * min(spent, 1.0)))
+
+
 def _build_gradient(student, prepared, trainable, shapes, loss, output, probabilities, scale, threads):
     """LossGradient over `trainable`; a weight an op cannot differentiate is dropped (left as
     fitted) and the rest retried. Returns (LossGradient or None, trainable, left)."""
@@ -312,6 +326,7 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
             break
         step += 1
         b1, b2 = config.beta1, config.beta2
+        lr = config.lr * _decay(config, step - 1, time.perf_counter() - start)
         for name, g in grads.items():
             g = g.astype(np.float64)
             if name in masks:
@@ -320,7 +335,7 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
             moment2[name] = b2 * moment2[name] + (1 - b2) * g * g
             m_hat = moment1[name] / (1 - b1 ** step)
             v_hat = moment2[name] / (1 - b2 ** step)
-            params[name] -= config.lr * m_hat / (np.sqrt(v_hat) + ADAM_EPS)
+            params[name] -= lr * m_hat / (np.sqrt(v_hat) + ADAM_EPS)
         evaluated = None
         last = budget is not None and step >= budget
         if step % config.eval_every == 0 or last:

@@ -10,6 +10,7 @@ from ..errors import LrsdError
 LOSS_CHOICES = ("auto", "kl", "mse")
 AUGMENT_CHOICES = ("auto", "none", "image", "tokens", "noise")
 TRAINABLE_CHOICES = ("compressed", "all")
+SCHEDULE_CHOICES = ("cosine", "constant")
 DEFAULT_STEPS = 200
 """Steps when neither `steps` nor `time_budget` is given ("auto")."""
 
@@ -21,6 +22,8 @@ class RecoverConfig:
     steps / time_budget: the budget (either or both; neither: `DEFAULT_STEPS`).
     batch: samples per Adam step (the adjoint is built for this static batch).
     lr, beta1, beta2: Adam's step size and moment decays.
+    schedule: "cosine" decays the step size as lr·½(1 + cos πt), t the spent share of the budget
+      (steps or time, whichever is further), or "constant".
     loss: "kl" on probability or logit outputs, "mse" (scaled by the teacher's mean square)
       otherwise; "auto" picks from the teacher's output on the data.
     augment: "image" (contrast, brightness, noise, blur, scale), "tokens" (token dropout to
@@ -39,6 +42,7 @@ class RecoverConfig:
     lr: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.999
+    schedule: str = "cosine"
     loss: str = "auto"
     augment: str = "auto"
     trainable: str = "compressed"
@@ -59,6 +63,8 @@ class RecoverConfig:
             (isinstance(self.batch, int) and self.batch >= 1, f"batch must be >= 1, got {self.batch!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+            (self.schedule in SCHEDULE_CHOICES,
+             f"schedule must be one of {', '.join(SCHEDULE_CHOICES)}, got {self.schedule!r}"),
             (self.loss in LOSS_CHOICES, f"loss must be one of {', '.join(LOSS_CHOICES)}, got {self.loss!r}"),
             (self.augment in AUGMENT_CHOICES, f"augment must be one of {', '.join(AUGMENT_CHOICES)}, got {self.augment!r}"),
             (self.trainable in TRAINABLE_CHOICES,
