@@ -136,3 +136,12 @@ class RecoveryReport:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_text(self) -> str:
+        text = (f"recovery ({self.level}, {self.loss}, augment {self.augment}): {self.steps} steps in {self.seconds:.0f} s "
+                f"(best {self.best_step}, stopped by {self.stopped_by}), {self.trainable_params:,} weights trained on "
+                f"{self.train_samples} samples; held-out loss {self.loss_before:.4g} -> {self.loss_after:.4g}, "
+                f"output error {self.error_before:.3e} -> {self.error_after:.3e}")
+        for left in self.left_as_fitted:
+            text += f"\n  left as fitted: {left.part} ({left.reason})"
+        return text

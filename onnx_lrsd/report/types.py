@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from ..model.layers import SkippedLayer
+from ..recover.types import RecoveryReport
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,7 @@ class CompressionReport:
     joint_groups: Tuple[JointGroupReport, ...] = ()
     quantization: Optional[QuantizationSummary] = None
     residual_check: Optional[ResidualCheck] = None
+    recovery: Optional[RecoveryReport] = None
 
     @property
     def params_ratio(self) -> float:
@@ -274,6 +276,8 @@ class CompressionReport:
             errors = ", ".join(f"{e:.3e}" for e in stage.output_errors.values())
             lines.append(f"stage {stage.stage}: params {stage.params_ratio:.3f}, MACs {stage.macs_ratio:.3f}, "
                          f"output error {errors} ({stage.seconds:.1f} s)")
+        if self.recovery is not None:
+            lines.append(self.recovery.to_text())
         if self.quantization is not None:
             lines.append(self.quantization.to_text())
         where = f" ({self.verified_on})" if self.verified_on else ""
