@@ -25,7 +25,7 @@ from typing import Any
 
 import onnx
 
-from benchmarks.common import benchmark_main, fmt, markdown_table, time_against_original
+from benchmarks.common import PeakRSS, benchmark_main, fmt, markdown_table, time_against_original
 
 LOGGER = logging.getLogger("benchmarks.recovery")
 THREADS = 2
@@ -110,7 +110,9 @@ def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args
             if p.heldout_loss is not None:
                 LOGGER.info("  step %d  %.0f s  train %.4g  held-out %.4g (best %.4g)", p.step, p.seconds,
                             p.train_loss, p.heldout_loss, p.best_heldout_loss)
-        recovered = recover(result.model, teacher, recover_feeds, config, on_step=show)
+        gc.collect()
+        with PeakRSS(interval=0.2) as memory:
+            recovered = recover(result.model, teacher, recover_feeds, config, on_step=show)
         recovered_path = workdir / f"{name}_{index}_recovered.onnx"
         onnx.save(recovered.model, str(recovered_path))
         recovered_metrics = task.evaluate(recovered_path)
@@ -123,7 +125,8 @@ def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args
                               "recovered_ratio": timing.ratios[1]}
         rows.append({"budget": budget, "params_ratio": result.report.params_ratio, "compress_s": compress_s,
                      "closed": closed_metrics, "recovered": recovered_metrics, "latency": latency,
-                     "recovery": recovered.report.to_dict(), "recover_config": config.__dict__})
+                     "recovery": recovered.report.to_dict(), "recover_config": config.__dict__,
+                     "recover_memory": memory.to_dict()})
     out = {"task": name, "original": original_metrics, "bar": plan.bar, "calib_samples": plan.calib_samples,
            "recover_samples": plan.recover_samples, "rows": rows}
     study = plan.extra.get("sample_study")
@@ -215,7 +218,9 @@ def render(data: dict[str, Any]) -> str:
             rec = row["recovery"]
             curve = ", ".join(f"{s}: {l:.4g}" for s, l in rec["curve"])
             left = "; ".join(f"{a['part']}: {a['reason']}" for a in rec["left_as_fitted"]) or "none"
+            mem = row.get("recover_memory", {})
             lines.append(f"- {_budget_label(row['budget'])}: {rec['loss']} loss, augment {rec['augment']}, "
+                         f"peak RSS added by recovery {fmt(mem.get('rss_added_mb'), 0)} MB, "
                          f"{rec['trainable_params']:,} trainable parameters in {rec['trainable_tensors']} tensors, "
                          f"stopped by {rec['stopped_by']}; held-out curve (step: loss) {curve}; left as fitted: {left}.")
         lines.append("")

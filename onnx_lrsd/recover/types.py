@@ -145,3 +145,18 @@ class RecoveryReport:
         for left in self.left_as_fitted:
             text += f"\n  left as fitted: {left.part} ({left.reason})"
         return text
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "10m" or "1h" (an LrsdError otherwise)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    value = str(text).strip().lower()
+    scale = units.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise LrsdError(f"not a duration: {text!r} (e.g. 90s, 10m, 1h)") from None
+    if not seconds > 0:
+        raise LrsdError(f"a duration must be > 0, got {text!r}")
+    return seconds
