@@ -67,3 +67,15 @@ def test_bad_inputs_are_one_line_errors(small, tmp_path):
     with pytest.raises(LrsdError, match="different outputs"):
         recover(small, other, CALIB, steps=1)
     assert not out.exists()
+
+
+def test_interrupt_keeps_nothing(small, tmp_path):
+    out = tmp_path / "rec.onnx"
+
+    def interrupt(progress):
+        if progress.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recover_file(small, DIGITS, out, CALIB, RecoverConfig(steps=10, batch=16), on_step=interrupt)
+    assert list(tmp_path.iterdir()) == []
