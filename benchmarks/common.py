@@ -299,7 +299,7 @@ def benchmark_main(argv, doc: str, tasks, name: str, run_one, render, extra_args
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("onnx_lrsd").setLevel(logging.WARNING)
-    logging.getLogger("onnx_lrsd.api").setLevel(logging.INFO)
+    logging.getLogger("onnx_lrsd.passes.search").setLevel(logging.INFO)
     names = args.tasks or (list(quick_tasks) if args.quick else list(tasks))
     data = {"argv": argv if argv is not None else sys.argv[1:], "machine": machine_info(), "tasks": []}
     started = time.perf_counter()

@@ -17,7 +17,7 @@ For every task (``benchmarks/tasks``) and keep ratio K of ``KEEPS``:
   measured in onnxruntime);
 - ``global, equal latency``: ``compress(target_latency=S)`` with S the uniform model's speedup
   measured here at batch 1 (the allocation's latency costs come from a per-layer onnxruntime
-  microbenchmark, corrected by measuring the written model; see ``onnx_lrsd.api``).
+  microbenchmark, corrected by measuring the written model; see ``onnx_lrsd.passes.search``).
 
 Then ``target_latency=1.5`` (batch 1, 2 threads): the measured speedup, or the "unreachable"
 message. Finally a sweep over params targets with the task metric as callback
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     if "--rerun-latency" in argv:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
         logging.getLogger("onnx_lrsd").setLevel(logging.WARNING)
-        logging.getLogger("onnx_lrsd.api").setLevel(logging.INFO)
+        logging.getLogger("onnx_lrsd.passes.search").setLevel(logging.INFO)
         json_path = RESULTS_DIR / "global_allocation.json"
         rerun_latency(json_path, 15.0, 5)
         text = render(json.loads(json_path.read_text()))

@@ -16,7 +16,8 @@ from typing import Callable, Optional
 
 import click
 
-from .config import COMPRESS, FULL_RANK, SWEEP, CliOption, CompressConfig, LayerOverride, load_config_file, parse_dim
+from .config import (COMPRESS, FULL_RANK, SWEEP, SWEEP_POINTS, CliOption, CompressConfig, LayerOverride,
+                     load_config_file, parse_dim)
 from .errors import LrsdError
 
 log = logging.getLogger("onnx_lrsd")
@@ -363,7 +364,7 @@ def _parse_points(text: str) -> tuple:
               help="Directory for sweep.json, sweep.md and sweep.png (created if missing).")
 @click.option("--calib", "calib", multiple=True, metavar="PATH|random",
               help="Calibration .npz file(s) or directories keyed by input name, or 'random'.")
-@click.option("--points", default=",".join(f"{v:g}" for v in (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)),
+@click.option("--points", default=",".join(f"{v:g}" for v in SWEEP_POINTS),
               show_default=True, help="Comma-separated target params ratios.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON or YAML config (CompressConfig fields and per-layer settings).")

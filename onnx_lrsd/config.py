@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
 from .errors import LrsdError
-from .parallel.executor import EXECUTORS
 
 METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
 """Factorization kinds: `svd` for Gemm/MatMul (and 1×1 convs), the others for Conv; `auto`
@@ -24,6 +23,9 @@ factor (right), both (MatMul groups), or per group the best of left, right and s
 
 SPARSE_STRUCTURES = ("rows", "unstructured")
 
+EXECUTORS = ("local", "ray")
+"""Where the independent work runs (`onnx_lrsd.parallel.executor`)."""
+
 QUANTIZE_MODES = ("dynamic", "dynamic-matmul", "static")
 """int8 quantization after compression (see `onnx_lrsd.runtime.quantize`)."""
 
@@ -37,6 +39,9 @@ TARGETS = {"params": "target_params", "macs": "target_macs", "latency": "target_
 """Global targets: kind -> the `CompressConfig` field holding its value."""
 
 FULL_RANK = "full"
+
+SWEEP_POINTS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
+"""Default `target_params` values of a sweep."""
 
 Rank = Union[int, str]
 

@@ -28,7 +28,8 @@ from ..report.types import AllocationSummary
 from ..model.rewrite import rewrite_layers
 from ..model.layers import LayerTarget
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 from .deployment import deployment_feed, input_shapes
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from ..model.graph import export_model
 from ..report.types import ResidualCheck
 from ..model.rewrite import rewrite_layers
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 from .deployment import deployment_feed
 from .verify_outputs import verification_batches
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 
 
 class CleanupGraphPass(Pass):

@@ -6,7 +6,8 @@ import onnx_graphsurgeon as gs
 from ..runtime.activations import gram_bytes, memory_groups, split_holdout
 from ..parallel.tasks import sharded_statistics
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 
 
 class CollectActivationsPass(Pass):

@@ -5,7 +5,8 @@ import onnx_graphsurgeon as gs
 
 from ..parallel.tasks import decompose_layers
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 
 
 class DecomposeWeightsPass(Pass):

@@ -8,7 +8,7 @@ import numpy as np
 from ..runtime.activations import ActivationRunner
 from ..runtime.feeds import random_feeds
 
-from .base import PassContext
+from .context import PassContext
 
 
 def deployment_feed(ctx: PassContext) -> Dict[str, np.ndarray]:

@@ -5,7 +5,8 @@ import onnx_graphsurgeon as gs
 
 from ..model.layers import ADAPTERS, WEIGHT_OPS_NOT_SUPPORTED, LayerTarget, SkippedLayer, classify
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 
 
 class FindTargetsPass(Pass):

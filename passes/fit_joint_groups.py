@@ -14,7 +14,8 @@ from ..decompose.joint import JointFactors, joint_fit, joint_ranks
 from ..plan.factorize import LayerFactorization
 from ..report.types import JointGroupReport
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 
 log = logging.getLogger(__name__)
 

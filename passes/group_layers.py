@@ -10,7 +10,8 @@ import onnx_graphsurgeon as gs
 from ..errors import LrsdError
 from ..model.layers import LayerTarget
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 
 _DIGITS = re.compile(r"\d+")
 

@@ -7,7 +7,8 @@ from ..decompose import split_budget
 from ..runtime.latency import RESIDUAL, LatencyModel
 from ..report.types import LayerLatency
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 from .deployment import deployment_feed, input_shapes
 
 

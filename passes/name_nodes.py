@@ -5,7 +5,8 @@ import onnx_graphsurgeon as gs
 
 from ..model.validate import unique_name
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 
 
 class NameNodesPass(Pass):

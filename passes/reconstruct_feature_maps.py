@@ -10,7 +10,8 @@ from ..model.graph import export_model
 from ..parallel.tasks import fit_layers, sharded_paired_statistics
 from ..model.layers import LayerTarget
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 from ..model.rewrite import rewrite_layers
 
 

@@ -6,7 +6,8 @@ import onnx_graphsurgeon as gs
 from ..model.mapped import mapped_directory, trim_heap
 from ..model.rewrite import rewrite_layers
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 
 
 class RewriteLowRankPass(Pass):

@@ -6,7 +6,8 @@ import onnx_graphsurgeon as gs
 from ..errors import LrsdError
 from ..plan.rank_select import candidate_plans
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 
 
 class SelectRanksPass(Pass):

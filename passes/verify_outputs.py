@@ -8,7 +8,8 @@ from ..runtime.bench import outputs_on, relative_output_errors
 from ..runtime.feeds import random_feeds
 from ..model.graph import export_model
 
-from .base import Pass, PassContext, PassResult
+from .base import Pass, PassResult
+from .context import PassContext
 
 
 UNHELD_BATCHES = 2

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from graphs import conv_model, gemm_model, matmul_model, rel_error, run
-from onnx_lrsd.api import _context, compress
+from onnx_lrsd.api import compress
+from onnx_lrsd.passes.context import new_context
 from onnx_lrsd.cli import main
 from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.plan.cost import count_params
@@ -41,7 +42,7 @@ def _fit(n_in, n_out, rank, structure, seed=0):
 
 def _rewrite(model, fit, method="svd"):
     """`model` with its layer "layer" replaced by `fit`, as `compress` writes it."""
-    ctx = _context(model, CompressConfig())
+    ctx = new_context(model, CompressConfig())
     graph = PassManager([NameNodesPass(), FindTargetsPass()]).run(import_graph(model), ctx)
     sparse = rewrite_layers(graph, ctx.targets, [LayerFactorization("layer", method, fit)])
     return export_model(graph, ctx.template, sparse)
@@ -462,7 +463,7 @@ def test_latency_model_times_residual_ratios_interleaved_and_caches_them(tmp_pat
     from onnx_lrsd.runtime.latency import LatencyModel
 
     model = matmul_model(x_shape=(8, 24), n=16)
-    ctx = _context(model, CompressConfig())
+    ctx = new_context(model, CompressConfig())
     PassManager([NameNodesPass(), FindTargetsPass()]).run(import_graph(model), ctx)
     (target,) = ctx.targets.values()
     timer = LatencyModel(cache_path=tmp_path / "latency.json", runs=3, warmup=1)
@@ -487,7 +488,7 @@ def test_latency_model_times_the_residual_chain_as_written():
     from onnx_lrsd.runtime.latency import LatencyModel, candidate_model
 
     model = matmul_model(x_shape=(8, 24), n=16)
-    ctx = _context(model, CompressConfig())
+    ctx = new_context(model, CompressConfig())
     PassManager([NameNodesPass(), FindTargetsPass()]).run(import_graph(model), ctx)
     (target,) = ctx.targets.values()
     written = candidate_model(target, (8, 24), ("svd+rows", (4, 3)))

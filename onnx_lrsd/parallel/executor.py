@@ -21,11 +21,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from threadpoolctl import threadpool_limits
 
+from ..config import EXECUTORS
 from ..errors import LrsdError
 
 log = logging.getLogger(__name__)
-
-EXECUTORS = ("local", "ray")
 
 RETRIES = 3
 """Times a task is run again after its worker died."""

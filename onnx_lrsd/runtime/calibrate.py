@@ -13,12 +13,13 @@ would enter the statistics of any model without a mask input.
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, Union
 
 import numpy as np
 import onnx
@@ -26,9 +27,13 @@ import onnx
 from ..errors import LrsdError
 from .feeds import _real_inputs, random_feeds, resolve_input_shapes
 
+if TYPE_CHECKING:
+    from ..config import CompressConfig
+
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "Calibration", "calibration_batches",
     "CalibrationReader", "NpzReader", "ListReader", "RandomReader", "CalibrationSpec",
     "open_reader", "iter_batches", "RANDOM", "RANDOM_SAMPLES_DEFAULT",
 ]
@@ -457,3 +462,27 @@ def _validated(reader: CalibrationReader, specs: list[_InputSpec], n_samples: in
             batch = {name: array[:rows] for name, array in batch.items()}
         taken += rows
         yield batch
+
+
+Calibration = Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]], Sequence[Mapping], object]
+"""What a user hands as calibration data (see `calibration_batches`)."""
+
+
+def calibration_batches(calibration: Calibration, model: onnx.ModelProto, config: "CompressConfig") -> list[Feeds]:
+    """Validated calibration batches of `config.calib_batch` samples from any source: a
+    reader with `get_next()` (onnxruntime's CalibrationDataReader protocol), a list of feed
+    dicts, .npz paths or directories, or "random" (seeded random inputs; a warning)."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = [calibration]
+    if hasattr(calibration, "get_next"):
+        reader = calibration
+    elif isinstance(calibration, Sequence) and calibration and all(isinstance(c, Mapping) for c in calibration):
+        reader = ListReader(calibration)
+    elif isinstance(calibration, Sequence) and calibration and all(isinstance(c, (str, os.PathLike)) for c in calibration):
+        reader = open_reader(CalibrationSpec(sources=tuple(str(c) for c in calibration), n_samples=config.calib_samples,
+                                             batch_size=config.calib_batch, dims=config.dims, seed=config.seed), model)
+    else:
+        raise LrsdError("calibration must be a reader with get_next(), a list of feed dicts, .npz paths or 'random'")
+    return list(iter_batches(reader, model, config.calib_samples, config.calib_batch))
