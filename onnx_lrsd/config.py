@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
 from .errors import LrsdError
+from .recover.types import parse_duration, parse_recover
 
 METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
 """Factorization kinds: `svd` for Gemm/MatMul (and 1×1 convs), the others for Conv; `auto`
@@ -82,8 +83,9 @@ class CliOption:
     flag: the option's name (``--field-name`` if None); choices: the allowed values, with
     `aliases` (short name, value) shown in their place; minimum: the smallest integer;
     parse: text -> value (ValueError with the message if malformed); multiple: repeatable, the
-    field holds the tuple of parsed values. A bool field whose default is on also gets a
-    ``--no-`` form; one whose default is off is a plain switch.
+    field holds the tuple of parsed values; flag_value: the value of the option given without
+    one. A bool field whose default is on also gets a ``--no-`` form; one whose default is off
+    is a plain switch.
     """
 
     help: str
@@ -95,6 +97,7 @@ class CliOption:
     minimum: Optional[int] = None
     parse: Optional[Callable[[str], Any]] = None
     multiple: bool = False
+    flag_value: Optional[str] = None
 
 
 def option(default, help: str, **cli) -> Any:
@@ -197,6 +200,10 @@ class CompressConfig:
         `joint_groups` lists glob patterns, one group per pattern. Independent mode only.
     stages: compress in this many stages (MUSCO), each cutting further and refitting on the
         current compressed model; the target or keep is reached at the last stage.
+    recover, recover_time: after compressing, fine-tune the compressed model against the
+        original on the calibration batches the fits use (`onnx_lrsd.recover`, end-to-end
+        distillation): "auto" or a number of Adam steps, and/or a time budget in seconds; with
+        `stages`, after every stage against the original, the budget split evenly.
     then_quantize: quantize the compressed model to int8 with onnxruntime's quantizer as the
         last step (one of `onnx_lrsd.runtime.quantize.QUANTIZE_MODES`; ``static`` calibrates on the
         same calibration batches). Targets apply to the low-rank model; the report gives the
@@ -271,6 +278,12 @@ class CompressConfig:
     residual_min_chain_ms: float = 0.05
     residual_min_gain: float = 0.01
     residual_model_tolerance: float = 0.03
+    recover: Optional[Union[int, str]] = option(
+        None, "Then fine-tune the compressed model to reproduce the original on the calibration data "
+              "(distillation with onnxruntime gradients): 'auto' or a number of steps; with --stages, after every "
+              "stage (MUSCO).", metavar="[auto|STEPS]", parse=parse_recover, flag_value="auto")
+    recover_time: Optional[float] = option(None, "Time budget of the recovery (all stages), e.g. 10m, 600s, 1h.",
+                                           metavar="DURATION", parse=parse_duration)
     then_quantize: Optional[str] = option(
         None, "Quantize the compressed model to int8 with onnxruntime's quantizer: dynamic (all ops), "
               "dynamic-matmul (MatMul only) or static (QDQ, calibrated on --calib).", choices=QUANTIZE_MODES)
@@ -279,6 +292,11 @@ class CompressConfig:
     workers: int = option(1, "Local executor: processes (1: this process).", commands=BOTH, minimum=1)
     ray_address: Optional[str] = option(None, "Ray executor: the cluster to join (host:port, auto, ray://...); "
                                               "default: a local Ray.", commands=BOTH, metavar="ADDR")
+
+    @property
+    def recovers(self) -> bool:
+        """Whether recovery follows compression (`recover` or `recover_time` given)."""
+        return self.recover is not None or self.recover_time is not None
 
     @property
     def target(self) -> Optional[Tuple[str, float]]:
@@ -359,6 +377,11 @@ class CompressConfig:
             raise LrsdError("joint decomposition works with keep, params, MACs and error targets, not latency")
         if self.joint == "both" and self.target is not None:
             raise LrsdError("joint 'both' works with keep; with a target use left, right or auto")
+        if self.recover is not None and self.recover != "auto" and (
+                isinstance(self.recover, bool) or not isinstance(self.recover, int) or self.recover < 0):
+            raise LrsdError(f"recover must be 'auto' or a number of steps >= 0, got {self.recover!r}")
+        if self.recover_time is not None and not (isinstance(self.recover_time, (int, float)) and self.recover_time > 0):
+            raise LrsdError(f"recover_time must be > 0 seconds, got {self.recover_time!r}")
         if self.then_quantize is not None and self.then_quantize not in QUANTIZE_MODES:
             raise LrsdError(f"unknown then_quantize {self.then_quantize!r} (choose from {', '.join(QUANTIZE_MODES)})")
         if self.evbmf is not None and (isinstance(self.evbmf, bool) or not isinstance(self.evbmf, (int, float))

@@ -79,3 +79,19 @@ def test_interrupt_keeps_nothing(small, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         recover_file(small, DIGITS, out, CALIB, RecoverConfig(steps=10, batch=16), on_step=interrupt)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_package_call_and_compress_with_recover():
+    result = onnx_lrsd.compress(DIGITS, calibration=CALIB, keep=0.02, min_rank=2, recover=30)
+    recovery = result.report.recovery
+    assert recovery is not None and recovery.steps >= 1 and recovery.loss_after <= recovery.loss_before
+    assert "recovery (end-to-end" in result.report.to_text()
+    again = onnx_lrsd.recover(result.model, DIGITS, CALIB, steps=2)  # the subpackage is callable
+    assert again.report.steps == 2
+
+
+def test_musco_stages_recover_between_stages():
+    result = onnx_lrsd.compress(DIGITS, calibration=CALIB, keep=0.04, min_rank=2, stages=2, recover=20, verify=False)
+    report = result.report
+    assert len(report.stages) == 2 and report.recovery is not None and report.recovery.steps == 10
+    assert report.params_ratio < 0.1

@@ -19,9 +19,9 @@ def recover(model, teacher, calibration, config: Optional[RecoverConfig] = None,
     `calibration` data (any source `onnx_lrsd.api.calibration_batches` takes: .npz paths,
     feed dicts, a reader); neither model is modified. `options` are `RecoverConfig` fields
     applied on top of `config`."""
-    from ..api import calibration_batches
     from ..config import CompressConfig
     from ..model.io import load_model
+    from ..runtime.calibrate import RANDOM, calibration_batches
 
     config = (config or RecoverConfig()).replace(**options) if options else (config or RecoverConfig())
     student, original = load_model(model), load_model(teacher)
@@ -32,7 +32,8 @@ def recover(model, teacher, calibration, config: Optional[RecoverConfig] = None,
         raise LrsdError("the compressed model and the teacher have different inputs")
     if names(student.graph.output) != names(original.graph.output):
         raise LrsdError("the compressed model and the teacher have different outputs")
-    if calibration is None or (isinstance(calibration, str) and calibration == "random"):
+    given = [calibration] if isinstance(calibration, (str, os.PathLike)) else calibration
+    if calibration is None or (isinstance(given, (list, tuple)) and any(str(c) == RANDOM for c in given)):
         raise LrsdError("recovery needs real unlabeled inputs (--calib DATA), not random ones")
     if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, Mapping) for c in calibration):
         batches = list(calibration)  # feed dicts as given (token batches may differ in length)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from ..errors import LrsdError
 
@@ -147,8 +147,17 @@ class RecoveryReport:
         return text
 
 
+def parse_recover(text: str) -> Union[int, str]:
+    """'auto' or a number of steps (ValueError otherwise)."""
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise ValueError(f"expected 'auto' or a number of steps, got {text!r}")
+    return int(text)
+
+
 def parse_duration(text: str) -> float:
-    """Seconds from "90", "90s", "10m" or "1h" (an LrsdError otherwise)."""
+    """Seconds from "90", "90s", "10m" or "1h" (ValueError otherwise)."""
     units = {"s": 1.0, "m": 60.0, "h": 3600.0}
     value = str(text).strip().lower()
     scale = units.get(value[-1:], None)
@@ -156,7 +165,7 @@ def parse_duration(text: str) -> float:
     try:
         seconds = float(number) * (scale or 1.0)
     except ValueError:
-        raise LrsdError(f"not a duration: {text!r} (e.g. 90s, 10m, 1h)") from None
+        raise ValueError(f"not a duration: {text!r} (e.g. 90s, 10m, 1h)") from None
     if not seconds > 0:
-        raise LrsdError(f"a duration must be > 0, got {text!r}")
+        raise ValueError(f"a duration must be > 0, got {text!r}")
     return seconds
