@@ -179,7 +179,22 @@ def _bar_check(task: dict[str, Any], row: dict[str, Any], which: str) -> str:
     return ""
 
 
+def plot(data: dict[str, Any], results_dir: Path) -> list[Path]:
+    """One PNG per task: the held-out loss curve of every budget's recovery."""
+    from onnx_lrsd.report.plot import plot_recovery
+
+    paths = []
+    for task in data["tasks"]:
+        curves = {_budget_label(row["budget"]): [tuple(p) for p in row["recovery"]["curve"]] for row in task["rows"]}
+        paths.append(plot_recovery(curves, results_dir / f"recovery_{task['task']}.png",
+                                   title=f"recovery of {task['task']}: held-out loss"))
+    return paths
+
+
 def render(data: dict[str, Any]) -> str:
+    from benchmarks.common import RESULTS_DIR
+
+    plot(data, RESULTS_DIR)
     machine = data["machine"]
     lines = ["# Recovery: closed form vs closed form + end-to-end distillation", "",
              f"Commit {machine.get('git_commit')}, {machine.get('date')}, {machine.get('cpu')}, "
@@ -190,7 +205,8 @@ def render(data: dict[str, Any]) -> str:
              "", "Recovery = `onnx_lrsd.recover` end-to-end distillation (KL on probability/logit outputs), Adam, "
              "augmented inputs, best held-out step kept; block-wise reconstruction is not implemented yet. "
              "Trainable: the compressed layers' factors and biases. Calibration/recovery data come from the task's "
-             "calibration source, disjoint from the evaluation data.", ""]
+             "calibration source, disjoint from the evaluation data. Held-out loss curves: "
+             "`recovery_<task>.png`.", ""]
     for task in data["tasks"]:
         metric_names = list(task["original"])
         headers = ["budget", "method", *metric_names, "params", "lat b1", "lat b32", "compress s", "recover s",

@@ -454,11 +454,13 @@ def _recover_progress_printer(quiet: bool):
 @click.option("--seed", type=int, default=None, help=f"Seed of the split, sampling and augmentation. [{RecoverConfig.seed}]")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the recovery report as JSON to this file.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw the held-out loss curve to this PNG (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @guarded
 def recover(model: Path, teacher: Path, calib, output: Path, steps, time_budget, lr, batch, samples, loss, augment,
-            trainable, mask_input, seed, report_file, as_json, quiet) -> None:
+            trainable, mask_input, seed, report_file, plot_file, as_json, quiet) -> None:
     """Fine-tune the compressed MODEL to reproduce TEACHER (the original) on unlabeled data
     (end-to-end distillation with onnxruntime gradients) and write it to OUTPUT."""
     from .model.io import write_atomic
@@ -468,6 +470,9 @@ def recover(model: Path, teacher: Path, calib, output: Path, steps, time_budget,
                                       loss=loss, augment=augment, trainable=trainable, mask_input=mask_input,
                                       seed=seed).items() if v is not None}
     config = RecoverConfig(**options)
+    if plot_file is not None:
+        from .report.plot import require_matplotlib
+        require_matplotlib()
     if output.exists() and model.exists() and output.resolve() in (model.resolve(), teacher.resolve()):
         raise LrsdError("output path is an input path; refusing to overwrite it")
     with _unless_completed(output):
@@ -475,6 +480,9 @@ def recover(model: Path, teacher: Path, calib, output: Path, steps, time_budget,
                               on_step=_recover_progress_printer(quiet or as_json))
         if report_file is not None:
             write_atomic(report_file, json.dumps(result.report.to_dict(), indent=2, default=str))
+        if plot_file is not None:
+            from .report.plot import plot_recovery
+            plot_recovery({model.name: result.report}, plot_file, title=f"onnx-lrsd recover {model.name}")
         _raise_if_signalled()
     if as_json:
         _emit_json(result.report.to_dict())

@@ -32,14 +32,15 @@ def _agreement(model: Path) -> float:
 
 
 def test_recover_command_writes_a_closer_model(small, tmp_path):
-    out, report = tmp_path / "rec.onnx", tmp_path / "rec.json"
+    out, report, plot = tmp_path / "rec.onnx", tmp_path / "rec.json", tmp_path / "rec.png"
     result = CliRunner().invoke(main, ["recover", str(small), "--teacher", str(DIGITS), "--calib", str(CALIB), "-o",
                                        str(out), "--steps", "60", "--lr", "1e-3", "--batch", "16", "--report",
-                                       str(report), "--json"])
+                                       str(report), "--plot", str(plot), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["steps"] >= 1 and data["loss_after"] < data["loss_before"]
     assert json.loads(report.read_text())["loss_after"] == data["loss_after"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
     assert _agreement(out) > _agreement(small)
 
 
