@@ -159,3 +159,22 @@ def test_cosine_schedule_spans_the_budget():
     timed = RecoverConfig(time_budget=10.0)
     assert _decay(timed, 3, 5.0) == pytest.approx(0.5) and _decay(timed, 3, 20.0) == pytest.approx(0.0)
     assert _decay(RecoverConfig(steps=100, schedule="constant"), 99, 0.0) == 1.0
+
+
+def test_all_float_weights_including_constant_nodes(pair):
+    """trainable="all" trains weights held in Constant nodes too, and writes them back there."""
+    teacher, student = pair
+    as_constant = onnx.ModelProto()
+    as_constant.CopyFrom(student)
+    w2 = next(t for t in as_constant.graph.initializer if t.name == "W2")
+    as_constant.graph.node.insert(0, helper.make_node("Constant", [], ["W2"], value=w2))
+    as_constant.graph.initializer.remove(w2)
+    result = recover(as_constant, teacher, _data(), RecoverConfig(steps=20, lr=2e-3, batch=8, eval_every=5,
+                                                                   trainable="all", schedule="constant"))
+    assert result.report.best_step > 0, result.report.curve
+    assert result.report.trainable_tensors == len(trainable_tensors(as_constant, "all")) >= 4
+    constant = next(n for n in result.model.graph.node if n.op_type == "Constant")
+    before = numpy_helper.to_array(w2)
+    after = numpy_helper.to_array(constant.attribute[0].t)
+    assert after.shape == before.shape and not np.array_equal(after, before)
+    assert result.report.loss_after < result.report.loss_before
