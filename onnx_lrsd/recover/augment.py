@@ -82,7 +82,8 @@ def make_augment(kind: str, sample: Mapping[str, np.ndarray], mask_input: Option
         bounds = {k: (float(v.min()), float(v.max())) for k, v in sample.items() if np.issubdtype(v.dtype, np.floating)}
 
         def images(feeds: Feeds, rng: np.random.Generator) -> Feeds:
-            return {k: augment_images(v, rng, bounds[k]) if k in bounds and v.ndim == 4 else v for k, v in feeds.items()}
+            return {k: augment_images(v, rng, bounds[k]) if k in bounds and v.ndim == 4 else v
+                    for k, v in feeds.items()}
         return images
     if kind == "tokens":
         ints = [k for k, v in sample.items() if np.issubdtype(v.dtype, np.integer)]

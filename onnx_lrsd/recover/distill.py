@@ -49,14 +49,15 @@ class RecoveryResult:
 
 def _float_tensors(model: onnx.ModelProto) -> Dict[str, onnx.TensorProto]:
     """Float initializers and Constant-node tensors of `model`, by name."""
-    found = {t.name: t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+    found = {t.name: t for t in model.graph.initializer if t.data_type in floats}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+                if attr.name == "value" and attr.t.data_type in floats:
                     found[node.output[0]] = attr.t
     for sparse in model.graph.sparse_initializer:
-        if sparse.values.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        if sparse.values.data_type in floats:
             found[sparse.values.name] = sparse.values
     return found
 
@@ -211,8 +212,9 @@ def _build_gradient(student, prepared, trainable, shapes, loss, output, probabil
     trainable = list(trainable)
     for _ in range(MAX_RETRIES):
         try:
-            return LossGradient(student, trainable, shapes, loss=loss, output=output, output_is_probability=probabilities,
-                                mse_scale=scale, threads=threads), trainable, left
+            gradient = LossGradient(student, trainable, shapes, loss=loss, output=output,
+                                    output_is_probability=probabilities, mse_scale=scale, threads=threads)
+            return gradient, trainable, left
         except UnsupportedOp as exc:
             blocked = _weights_of(prepared, exc, trainable)
             if not blocked:
@@ -231,7 +233,8 @@ def _weights_of(model: onnx.ModelProto, exc: UnsupportedOp, trainable: Sequence[
     that has no gradient rule."""
     def grouped(node):
         return any(a.name == "group" and a.i > 1 for a in node.attribute)
-    nodes = [n for n in model.graph.node if (n.name == exc.node if exc.node else n.op_type == exc.op_type and grouped(n))]
+    nodes = [n for n in model.graph.node
+             if (n.name == exc.node if exc.node else n.op_type == exc.op_type and grouped(n))]
     return [t for t in trainable if any(t in n.input for n in nodes)]
 
 

@@ -58,19 +58,23 @@ class RecoverConfig:
 
     def __post_init__(self):
         checks = [
-            (self.steps is None or (isinstance(self.steps, int) and self.steps >= 0), f"steps must be >= 0, got {self.steps!r}"),
-            (self.time_budget is None or self.time_budget > 0, f"time_budget must be > 0 seconds, got {self.time_budget!r}"),
+            (self.steps is None or (isinstance(self.steps, int) and self.steps >= 0),
+             f"steps must be >= 0, got {self.steps!r}"),
+            (self.time_budget is None or self.time_budget > 0,
+             f"time_budget must be > 0 seconds, got {self.time_budget!r}"),
             (isinstance(self.batch, int) and self.batch >= 1, f"batch must be >= 1, got {self.batch!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
             (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
             (self.schedule in SCHEDULE_CHOICES,
              f"schedule must be one of {', '.join(SCHEDULE_CHOICES)}, got {self.schedule!r}"),
             (self.loss in LOSS_CHOICES, f"loss must be one of {', '.join(LOSS_CHOICES)}, got {self.loss!r}"),
-            (self.augment in AUGMENT_CHOICES, f"augment must be one of {', '.join(AUGMENT_CHOICES)}, got {self.augment!r}"),
+            (self.augment in AUGMENT_CHOICES,
+             f"augment must be one of {', '.join(AUGMENT_CHOICES)}, got {self.augment!r}"),
             (self.trainable in TRAINABLE_CHOICES,
              f"trainable must be one of {', '.join(TRAINABLE_CHOICES)}, got {self.trainable!r}"),
             (0 < self.holdout < 1, f"holdout must be in (0, 1), got {self.holdout!r}"),
-            (isinstance(self.eval_every, int) and self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every!r}"),
+            (isinstance(self.eval_every, int) and self.eval_every >= 1,
+             f"eval_every must be >= 1, got {self.eval_every!r}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience!r}"),
             (self.samples is None or self.samples >= 2, f"samples must be >= 2, got {self.samples!r}"),
             (isinstance(self.threads, int) and self.threads >= 1, f"threads must be >= 1, got {self.threads!r}"),
@@ -138,7 +142,8 @@ class RecoveryReport:
         return dataclasses.asdict(self)
 
     def to_text(self) -> str:
-        text = (f"recovery ({self.level}, {self.loss}, augment {self.augment}): {self.steps} steps in {self.seconds:.0f} s "
+        text = (f"recovery ({self.level}, {self.loss}, augment {self.augment}): {self.steps} steps in "
+                f"{self.seconds:.0f} s "
                 f"(best {self.best_step}, stopped by {self.stopped_by}), {self.trainable_params:,} weights trained on "
                 f"{self.train_samples} samples; held-out loss {self.loss_before:.4g} -> {self.loss_after:.4g}, "
                 f"output error {self.error_before:.3e} -> {self.error_after:.3e}")
