@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark scripts: machine info, results files, Markdown tables,
 peak-RSS measurement and interleaved latency of compressed models against the original.
 
-Latency follows DESIGN §2: every session stays alive in one process with a fixed number of
+Latency: every session stays alive in one process with a fixed number of
 intra-op threads and spinning off (``onnx_lrsd.runtime.bench.make_session``), each is warmed up, runs
 are interleaved (order reversed every round, ``onnx_lrsd.runtime.bench.time_sessions``) and medians are
 compared as ratios, so that load from other processes on the machine mostly cancels.

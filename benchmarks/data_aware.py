@@ -24,7 +24,7 @@ the evaluation set removed) and is scored on numpy's docstrings. ``compress`` fu
 every 5th calibration batch (``holdout_every=5``) for its verification, so the fit sees 4/5 of
 the calibration samples.
 
-Latency (DESIGN §2): for each task and keep, the original and the compressed models of every
+Latency: for each task and keep, the original and the compressed models of every
 method are opened together (``onnx_lrsd.runtime.bench.make_session``: 2 threads, spinning off), warmed
 up and timed interleaved with ``time_sessions`` in 5 blocks; the table shows the median over
 blocks of each block's ratio of medians, so a burst of load from other processes spoils one
@@ -552,7 +552,7 @@ def floors_table(tasks: list[dict[str, Any]]) -> str:
 
 
 def fragile_layers(tasks: list[dict[str, Any]], top: int = 6) -> str:
-    """Largest held-out data errors per floor configuration (DESIGN: fragile layers dominate)."""
+    """Largest held-out data errors per floor configuration (the fragile layers dominate the output error)."""
     blocks = []
     for t in tasks:
         for keep in sorted({f.keep for f in FLOORS if f.task == t["task"]}):

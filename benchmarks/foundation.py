@@ -580,7 +580,7 @@ def markdown(results: dict) -> str:
         lines += ["## 1. inspect and compress --keep 0.5 (data-free), full-rank round trip", "",
                   "Zoo graphs carry seeded *random* weights: their spectra are flat, so the keep-0.5 output "
                   "errors (~0.5–1) are expected and say nothing about real-weight accuracy. PP-OCRv4 has real "
-                  "weights but data-free truncation still wrecks it (DESIGN §3: activation-aware fitting is "
+                  "weights but data-free truncation still wrecks it (activation-aware fitting is "
                   "needed). `compress s` uses the inherited BLAS threading; `1-BLAS s` the same command with "
                   "`OPENBLAS_NUM_THREADS=1`. Since e364837 `compress` runs its fits under "
                   "`threadpool_limits(config.blas_threads=1)`, so the two columns should agree (part 4 shows "

@@ -17,10 +17,9 @@ from typing import Callable, Optional
 import click
 
 from .config import (COMPRESS, FULL_RANK, SWEEP, SWEEP_POINTS, CliOption, CompressConfig, LayerOverride,
-                     load_config_file, parse_dim)
+                     load_config_file, parse_dim, parse_duration)
 from .errors import LrsdError
-from .recover.types import (AUGMENT_CHOICES, DEFAULT_STEPS, LOSS_CHOICES, TRAINABLE_CHOICES, RecoverConfig,
-                            parse_duration)
+from .recover.types import AUGMENT_CHOICES, DEFAULT_STEPS, LOSS_CHOICES, TRAINABLE_CHOICES, RecoverConfig
 
 log = logging.getLogger("onnx_lrsd")
 
@@ -312,7 +311,8 @@ def compress(model: Path, output: Path, ranks, skips, config_file, report_file, 
 
 def _write_report(path: Path, report, model: Path, compressed, config) -> None:
     """JSON, or Markdown / HTML with plots and the in-network per-layer latency of both models."""
-    from .report.render import profile_pair, write_report
+    from .report.render import write_report
+    from .runtime.profile import profile_pair
 
     profiles, why = (None, "") if path.suffix.lower() == ".json" else profile_pair(
         model, compressed, config.latency_batch, config.latency_threads, config.dims, config.seed)

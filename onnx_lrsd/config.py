@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
 from .errors import LrsdError
-from .recover.types import parse_duration, parse_recover
 
 METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
 """Factorization kinds: `svd` for Gemm/MatMul (and 1×1 convs), the others for Conv; `auto`
@@ -69,6 +68,30 @@ def parse_sparse_share(text: str) -> Union[float, str]:
     if not 0 <= share < 1:
         raise ValueError(f"expected a number in [0, 1) or 'auto', got {text!r}")
     return share
+
+
+def parse_recover(text: str) -> Union[int, str]:
+    """'auto' or a number of steps (ValueError otherwise)."""
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise ValueError(f"expected 'auto' or a number of steps, got {text!r}")
+    return int(text)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "10m" or "1h" (ValueError otherwise)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    value = str(text).strip().lower()
+    scale = units.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (e.g. 90s, 10m, 1h)") from None
+    if not seconds > 0:
+        raise ValueError(f"a duration must be > 0, got {text!r}")
+    return seconds
 
 
 COMPRESS, SWEEP = "compress", "sweep"

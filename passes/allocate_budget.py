@@ -3,42 +3,31 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
-from ..runtime.activations import split_holdout
 from ..plan.allocate import (UNIT, Allocation, Option, Sensitivity, allocate_budget, allocate_damage,
                                 compound_frontier)
-from ..runtime.bench import make_session, run_outputs, time_sessions
+from ..runtime.bench import model_latency_ms
 from ..plan.cost import Cost, count_params, model_macs
 from ..decompose.joint import joint_error_curves
 from ..plan.candidates import LayerCandidate, rank_grid
 from ..errors import LrsdError
-from ..plan.factorize import factorize_data_aware
-from ..parallel.executor import Task
-from ..model.graph import export_model, import_graph
 from ..model.io import initializer_bytes
-from ..runtime.latency import LatencyModel, interpolate_latency
-from ..parallel.tasks import error_curves, latency_tasks
+from ..runtime.latency import LatencyModel, candidate_latencies, shape_key
+from ..runtime.sensitivity import probe_batches, probe_candidates
+from ..parallel.tasks import error_curves, latency_tasks, sensitivity_probes
 from ..plan.rank_select import LayerPlan, dense_plan, with_sparse_request
 from ..report.types import AllocationSummary
-from ..model.rewrite import rewrite_layers
 from ..model.layers import LayerTarget
+from ..runtime.deployment import deployment_feed, input_shapes
 
 from .base import Pass, PassResult
 from .context import PassContext
-from .deployment import deployment_feed, input_shapes
 
 log = logging.getLogger(__name__)
-
-PROBE_BATCHES = 2
-"""Calibration batches (held-out ones first) run per sensitivity probe."""
-
-LATENCY_POINTS = 4
-"""Ranks per kind whose latency is measured; the others are interpolated."""
 
 TINY = 1e-12
 
@@ -118,17 +107,17 @@ class AllocateBudgetPass(Pass):
 
     def _latency(self, ctx: PassContext, names: List[str], curves, damages, speedup: float):
         config = ctx.config
-        feed = deployment_feed(ctx)
-        shapes = input_shapes(ctx, names, feed)
-        original_ms = _model_ms(ctx, feed)
+        feed = deployment_feed(ctx.source, ctx.calibration, config)
+        shapes = input_shapes(ctx.source, [ctx.targets[n] for n in names], feed)
+        original_ms = model_latency_ms(ctx.source, feed, config.latency_threads)
         model = LatencyModel(threads=config.latency_threads)
-        keys = {name: _shape_key(ctx.targets[name], shapes[name], curves[name]) for name in names}
+        keys = {name: shape_key(ctx.targets[name], shapes[name], curves[name]) for name in names}
         first: Dict[tuple, str] = {}  # one measurement per distinct layer, in layer order
         for name in names:
             first.setdefault(keys[name], name)
         requests = [(ctx.targets[name], shapes[name], curves[name]) for name in first.values()]
         memo: Dict[tuple, Tuple[float, List[float]]] = {}
-        for done, (key, times) in enumerate(zip(first, latency_tasks(ctx.executor, _candidate_ms, model, requests)), 1):
+        for done, (key, times) in enumerate(zip(first, latency_tasks(ctx.executor, candidate_latencies, model, requests)), 1):
             memo[key] = times
             ctx.report_progress("latency", done, len(first))
         options, dense_total = [], 0.0
@@ -273,102 +262,23 @@ def _gram(ctx: PassContext, name: str) -> Optional[np.ndarray]:
     return None if stats is None else np.asarray(stats.fit.gram)
 
 
-PROBE_ERRORS = (0.1, 0.4)
-"""Reconstruction errors at which a layer's sensitivity is read: above float32 noise at the
-outputs, and far enough apart to see how fast the damage grows (softmax attention, CTC
-decoding and ReLUs make it grow faster than e² at large errors)."""
-
-def probe_candidates(candidates: Sequence[LayerCandidate]) -> List[LayerCandidate]:
-    """The candidates whose errors are nearest `PROBE_ERRORS` on a log scale (a layer nearly
-    exact at half its parameters is probed at lower ranks, where it loses something)."""
-    picks = [min(candidates, key=lambda c: (abs(np.log(max(c.error, TINY) / level)), c.cost.params))
-             for level in PROBE_ERRORS]
-    return list({(c.method, c.ranks): c for c in picks}.values())
-
-
 def layer_sensitivities(graph: gs.Graph, ctx: PassContext,
                         curves: Dict[str, List[LayerCandidate]]) -> Dict[str, Sensitivity]:
-    """Each layer's `Sensitivity` from probes: the model's squared relative output error (all
-    float outputs, `PROBE_BATCHES` calibration batches, held-out first) with layer l alone
-    replaced by its fit at each probe candidate. One executor task per layer; the graph (as a
-    model, where tasks run elsewhere), batches and reference outputs are shared once."""
+    """Each layer's `Sensitivity` from probes (`onnx_lrsd.runtime.sensitivity`): the model's
+    squared relative output error with layer l alone replaced by its fit at each probe
+    candidate, one executor task per layer (`sensitivity_probes`)."""
     config = ctx.config
-    batches = (split_holdout(ctx.calibration, config.holdout_every)[1] or ctx.calibration)[:PROBE_BATCHES]
-    original = make_session(ctx.source, threads=config.latency_threads)
-    reference = [run_outputs(original, feeds) for feeds in batches]
-    executor = ctx.executor
+    batches, reference = probe_batches(ctx.source, ctx.calibration, config)
     probed = [name for name, candidates in curves.items() if candidates and name in ctx.statistics]
-    if probed:
-        source = executor.local(graph)
-        if source is None:
-            source = executor.share(export_model(graph.copy(), ctx.template))
-        template, shared_batches, shared_reference = (executor.share(v) for v in (ctx.template, batches, reference))
-    tasks, probes = [], {name: probe_candidates(curves[name]) for name in probed}
+    probes = {name: probe_candidates(curves[name]) for name in probed}
+    requests = [(ctx.targets[name], [LayerPlan(name, ctx.targets[name].op, p.method, p.ranks, p.cost,
+                                               ctx.plans[name].dense) for p in probes[name]],
+                 ctx.statistics[name].fit) for name in probed]
     memory = 3 * initializer_bytes(ctx.source)  # the graph, its probe copy and a session
-    for name in probed:
-        target = ctx.targets[name]
-        plans = [LayerPlan(name, target.op, p.method, p.ranks, p.cost, ctx.plans[name].dense) for p in probes[name]]
-        tasks.append(Task((source, template, target, plans, ctx.statistics[name].fit, config, shared_batches,
-                           shared_reference), memory=memory))
+    results = sensitivity_probes(ctx.executor, graph, ctx.template, requests, config, batches, reference, memory)
     found: Dict[str, Sensitivity] = {name: UNIT for name in curves}
-    for done, (name, damages) in enumerate(zip(probed, executor.imap(probe_layer, tasks)), 1):
+    for done, (name, damages) in enumerate(zip(probed, results), 1):
         found[name] = Sensitivity.fitted([(p.error, d) for p, d in zip(probes[name], damages)])
         log.debug("sensitivity %s: %s", name, found[name])
         ctx.report_progress("sensitivity", done, len(probed))
     return found
-
-
-def probe_layer(source: Union[gs.Graph, onnx.ModelProto], template: onnx.ModelProto, target: LayerTarget,
-                plans: List[LayerPlan], fit, config, batches, reference) -> List[float]:
-    """The squared relative output error of the model with `target` alone replaced by its
-    data-aware fit at each plan; `source` is the prepared graph or its model."""
-    points = []
-    for plan in plans:
-        fact = factorize_data_aware(target, plan, fit, config.ridge, config.bias_correction)
-        probe_graph = source.copy() if isinstance(source, gs.Graph) else import_graph(source)
-        rewrite_layers(probe_graph, {target.name: target}, [fact])
-        session = make_session(export_model(probe_graph, template), threads=config.latency_threads)
-        points.append(_squared_output_error(session, batches, reference))
-    return points
-
-
-def _squared_output_error(session, batches, reference) -> float:
-    """Σ‖y′ − y‖² / Σ‖y‖² over the float outputs of all batches."""
-    err = ref = 0.0
-    for feeds, expected in zip(batches, reference):
-        for got, want in zip(run_outputs(session, feeds), expected):
-            if np.issubdtype(np.asarray(want).dtype, np.floating):
-                err += float(np.sum((np.asarray(got, np.float64) - want) ** 2))
-                ref += float(np.sum(np.asarray(want, np.float64) ** 2))
-    return err / max(ref, TINY)
-
-
-def _model_ms(ctx: PassContext, feed) -> float:
-    session = make_session(ctx.source, threads=ctx.config.latency_threads)
-    return time_sessions([session], feed, runs=30, warmup=3)[0].median_ms
-
-
-def _shape_key(target: LayerTarget, shape, candidates: Sequence[LayerCandidate]) -> tuple:
-    return (target.op, target.weight.shape, shape, target.weight_side, target.gemm, target.conv,
-            target.bias_tensor is not None, tuple((c.method, c.ranks) for c in candidates))
-
-
-def _candidate_ms(model: LatencyModel, target: LayerTarget, shape, candidates: Sequence[LayerCandidate]):
-    """Dense time and every candidate's time: `LATENCY_POINTS` ranks per kind measured (all of
-    them, interleaved, in one call), the rest interpolated in the first rank."""
-    by_kind: Dict[str, List[int]] = {}
-    for index, c in enumerate(candidates):
-        by_kind.setdefault(c.method, []).append(index)
-    measured = []
-    for indices in by_kind.values():
-        picks = np.unique(np.linspace(0, len(indices) - 1, num=min(LATENCY_POINTS, len(indices))).round().astype(int))
-        measured.extend(indices[i] for i in picks)
-    times = model.measure(target, shape, [("dense", ())] + [(candidates[i].method, candidates[i].ranks)
-                                                          for i in measured])
-    dense_ms, at = times[0], dict(zip(measured, times[1:]))
-    out = []
-    for index, c in enumerate(candidates):
-        points = [i for i in by_kind[c.method] if i in at]
-        out.append(at[index] if index in at else interpolate_latency(
-            [candidates[i].ranks[0] for i in points], [at[i] for i in points], c.ranks[0]))
-    return dense_ms, out

@@ -6,15 +6,14 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..runtime.bench import make_session, relative_output_errors, run_outputs, time_sessions
+from ..runtime.bench import relative_output_errors, time_sessions
 from ..config import AUTO_SHARE
-from ..model.graph import export_model
 from ..report.types import ResidualCheck
-from ..model.rewrite import rewrite_layers
+from ..runtime.deployment import deployment_feed
+from ..runtime.session import make_session, rewritten_model, run_outputs
 
 from .base import Pass, PassResult
 from .context import PassContext
-from .deployment import deployment_feed
 from .verify_outputs import verification_batches
 
 log = logging.getLogger(__name__)
@@ -51,10 +50,11 @@ class CheckResidualModelPass(Pass):
         chosen.sort(key=lambda n: (facts[n].data_error or 0.0) / max(facts[n].fallback.data_error or 0.0, 1e-300))
         sizes = sorted({min(2 ** i, len(chosen)) for i in range(len(chosen).bit_length() + 1)})
         variants = [dict(facts, **{n: facts[n].fallback for n in chosen[size:]}) for size in [0, *sizes]]
-        models = [self._written(graph, ctx, v) for v in variants]
+        models = [rewritten_model(graph, ctx.template, ctx.targets, v.values()) for v in variants]
         errors = self._errors(ctx, models, verification_batches(ctx)[0])
         best = 1 + int(np.argmin(errors[1:]))
-        ratio = self._latency_ratio([models[best], models[0]], deployment_feed(ctx), config.latency_threads)
+        feed = deployment_feed(ctx.source, ctx.calibration, config)
+        ratio = self._latency_ratio([models[best], models[0]], feed, config.latency_threads)
         kept = errors[best] < errors[0] and ratio <= 1 + config.residual_model_tolerance
         size = sizes[best - 1] if kept else 0
         ctx.residual_check = ResidualCheck(layers=len(chosen), kept_layers=size, error=errors[best],
@@ -67,13 +67,6 @@ class CheckResidualModelPass(Pass):
             facts[name] = fallback
             ctx.plans[name] = ctx.plans[name].with_residual(ctx.targets[name], fallback.low_rank.rank, None)
         return PassResult(graph, modified=False, stats={"layers": len(chosen), "kept": size})
-
-    @staticmethod
-    def _written(graph: gs.Graph, ctx: PassContext, facts):
-        copy = graph.copy()
-        sparse = rewrite_layers(copy, ctx.targets, facts.values())
-        copy.cleanup(remove_unused_graph_inputs=False).toposort()
-        return export_model(copy, ctx.template, sparse)
 
     @staticmethod
     def _errors(ctx: PassContext, models, batches):

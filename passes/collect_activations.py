@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ..runtime.activations import gram_bytes, memory_groups, split_holdout
+from ..runtime.activations import gram_bytes, memory_groups
+from ..runtime.calibrate import has_held_out
 from ..parallel.tasks import sharded_statistics
 
 from .base import Pass, PassResult
@@ -29,7 +30,7 @@ class CollectActivationsPass(Pass):
         targets = [t for name, t in ctx.targets.items() if name in wanted]
         if not targets:
             return PassResult(graph, modified=False, stats={"layers": 0})
-        copies = 2 if split_holdout(ctx.calibration, config.holdout_every)[1] else 1
+        copies = 2 if has_held_out(len(ctx.calibration), config.holdout_every) else 1
         groups = memory_groups(targets, config.stats_memory_mb * 2**20,
                                lambda t: copies * gram_bytes(t.in_features))
         batches = len(ctx.calibration)

@@ -9,10 +9,10 @@ from ..config import AUTO_SHARE
 from ..decompose import split_budget
 from ..runtime.latency import RESIDUAL, LatencyModel
 from ..plan.rank_select import residual_group
+from ..runtime.deployment import deployment_feed, input_shapes
 
 from .base import Pass, PassResult
 from .context import PassContext
-from .deployment import deployment_feed, input_shapes
 
 
 class FilterResidualSharesPass(Pass):
@@ -38,7 +38,8 @@ class FilterResidualSharesPass(Pass):
                   if p.sparse is not None and p.sparse.share == AUTO_SHARE and p.sparse.structure == "rows"]
         if not wanted:
             return PassResult(graph, modified=False, stats={"layers": 0})
-        shapes = input_shapes(ctx, sorted({p.name for p in wanted}), deployment_feed(ctx))
+        shapes = input_shapes(ctx.source, [ctx.targets[n] for n in sorted({p.name for p in wanted})],
+                              deployment_feed(ctx.source, ctx.calibration, config))
         model = LatencyModel(threads=config.latency_threads)
         dropped = too_small = 0
         filtered = {}

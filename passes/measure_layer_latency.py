@@ -6,10 +6,10 @@ import onnx_graphsurgeon as gs
 from ..decompose import split_budget
 from ..runtime.latency import RESIDUAL, LatencyModel
 from ..report.types import LayerLatency
+from ..runtime.deployment import deployment_feed, input_shapes
 
 from .base import Pass, PassResult
 from .context import PassContext
-from .deployment import deployment_feed, input_shapes
 
 
 class MeasureLayerLatencyPass(Pass):
@@ -28,7 +28,8 @@ class MeasureLayerLatencyPass(Pass):
         plans = [p for p in ctx.plans.values() if p.factorized]
         if not ctx.config.layer_latency or not plans:
             return PassResult(graph, modified=False, stats={"layers": 0})
-        shapes = input_shapes(ctx, [p.name for p in plans], deployment_feed(ctx))
+        shapes = input_shapes(ctx.source, [ctx.targets[p.name] for p in plans],
+                              deployment_feed(ctx.source, ctx.calibration, ctx.config))
         model = LatencyModel(threads=ctx.config.latency_threads)
         for done, plan in enumerate(plans, 1):
             target = ctx.targets[plan.name]

@@ -22,13 +22,12 @@ from ..model.mapped import weights_in
 from ..parallel.executor import executor_for
 from ..plan.cost import count_params, model_macs
 from ..report.types import (CompressionReport, LayerReport, ModelStats, StageSummary, SweepPoint, SweepReport)
-from ..runtime.activations import split_holdout
 from ..runtime.bench import compare_latency, output_errors_on
-from ..runtime.calibrate import RANDOM, Calibration, calibration_batches
+from ..runtime.calibrate import RANDOM, Calibration, calibration_batches, split_holdout
 from ..runtime.feeds import random_feeds
 from ..runtime.quantize import quantize_model, summarize
+from ..runtime.deployment import deployment_feed
 from .context import PassContext, new_context
-from .deployment import deployment_feed
 from .pipeline import prepare, run_round
 from .verify_outputs import reference_outputs, verification_batches
 
@@ -86,14 +85,14 @@ def compress_model(model: ModelSource, config: CompressConfig, calibration: Cali
         if config.recovers:
             if mapped_dir is not None:
                 raise LrsdError("recovery needs the model's weights in memory: raise map_weights_above_mb")
-            fit = split_holdout(ctx.calibration, config.holdout_every)[0] or ctx.calibration
+            fit = split_holdout(ctx.calibration, config.holdout_every).fit
             compressed, recovery = recover_compressed(source, compressed, calibration, fit, config, progress)
             if config.verify:
                 held, _ = verification_batches(ctx)
                 ctx.output_errors = output_errors_on(source, compressed, held, [o.name for o in source.graph.output])
         quantization = None
         if config.then_quantize is not None:
-            fit = split_holdout(ctx.calibration, config.holdout_every)[0] or ctx.calibration
+            fit = split_holdout(ctx.calibration, config.holdout_every).fit
             verify = verification_batches(ctx)[0] if config.verify else []
             compressed, quantization = then_quantize(source, compressed, config.then_quantize, fit, verify,
                                                      ctx.output_errors)
@@ -153,7 +152,7 @@ def to_latency(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto
     nearest the target is returned."""
     config = ctx.config
     wanted = config.target_latency
-    feed = deployment_feed(ctx)
+    feed = deployment_feed(ctx.source, ctx.calibration, ctx.config)
     correction, slow, fast, rounds = 1.0, None, None, []
     for index in range(1, TARGET_ROUNDS + 1):
         result_ctx, compressed = run_round(prepared, ctx, correction)
@@ -208,8 +207,7 @@ def _quantized_for_metric(ctx: PassContext, compressed: onnx.ModelProto) -> onnx
     mode = ctx.config.then_quantize
     if mode is None:
         return compressed
-    return quantize_model(compressed, mode, split_holdout(ctx.calibration, ctx.config.holdout_every)[0]
-                          or ctx.calibration)
+    return quantize_model(compressed, mode, split_holdout(ctx.calibration, ctx.config.holdout_every).fit)
 
 
 def to_metric(prepared, ctx: PassContext, metric: Metric, max_drop: float) -> Tuple[PassContext, onnx.ModelProto]:
@@ -256,7 +254,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
     start = time.perf_counter()
     source = load_model(model)
     batches = calibration_batches(calibration, source, config)
-    verify_batches = split_holdout(batches, config.holdout_every)[1] or batches[:2]
+    verify_batches = split_holdout(batches, config.holdout_every).judging(2)
     names = [o.name for o in source.graph.output]
     before = model_stats(source)
     current, stages, result, recoveries = source, [], None, []
@@ -274,7 +272,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
                                 batches or None, progress)
         current = result.model
         if config.recovers:  # MUSCO: recover against the original before the next stage
-            fit = split_holdout(batches, config.holdout_every)[0] or batches
+            fit = split_holdout(batches, config.holdout_every).fit
             current, recovery = recover_compressed(source, current, calibration, fit, config, progress,
                                                    share=1 / config.stages)
             recoveries.append(recovery)
@@ -286,7 +284,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
         log.info("stage %d: params %.3f, output errors %s", stage, stages[-1].params_ratio, errors)
     quantization = None
     if config.then_quantize is not None:
-        fit = split_holdout(batches, config.holdout_every)[0] or batches
+        fit = split_holdout(batches, config.holdout_every).fit
         checked = verify_batches or [random_feeds(source, batch=config.verify_batch, dims=dict(config.dims),
                                                   seed=config.seed)]
         current, quantization = then_quantize(source, current, config.then_quantize, fit, checked,
@@ -319,7 +317,7 @@ def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Op
     models, verified_on = [], ""
     with executor_for(config) as ctx.executor, threadpool_limits(limits=config.blas_threads, user_api="blas"):
         prepared = prepare(ctx)
-        feed = deployment_feed(ctx)
+        feed = deployment_feed(ctx.source, ctx.calibration, ctx.config)
         before = model_stats(source)
         for index, value in enumerate(values, 1):
             try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ..runtime.activations import split_holdout
+from ..runtime.calibrate import split_holdout
 from ..runtime.bench import outputs_on, relative_output_errors
 from ..runtime.feeds import random_feeds
 from ..model.graph import export_model
@@ -19,7 +19,7 @@ UNHELD_BATCHES = 2
 def verification_batches(ctx: PassContext):
     """(batches, what they are) the outputs are compared on: see `VerifyOutputsPass`."""
     config = ctx.config
-    held_out = split_holdout(ctx.calibration, config.holdout_every)[1]
+    held_out = split_holdout(ctx.calibration, config.holdout_every).held_out
     if held_out:
         return held_out, "held-out calibration batches"
     if ctx.calibration:

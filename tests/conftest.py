@@ -17,7 +17,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import pytest  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))  # `import graphs` from any test module
+sys.path.insert(0, os.path.dirname(__file__))  # `from helpers.graphs import ...` from any test module
 
 try:
     import onnx_lrsd.passes  # noqa: F401,E402

@@ -22,18 +22,17 @@ from onnx_lrsd.runtime.activations import (
     collect_statistics,
     explicit_pads,
     gram_bytes,
-    is_held_out,
     layer_rows,
     memory_groups,
     pruned_to,
-    split_holdout,
 )
+from onnx_lrsd.runtime.calibrate import is_held_out, split_holdout
 from onnx_lrsd.config import CompressConfig
 from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.model.graph import import_graph, model_template
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassContext, PassManager
 
-from graphs import make_model
+from helpers.graphs import make_model
 
 F = TensorProto.FLOAT
 

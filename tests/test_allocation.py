@@ -18,7 +18,7 @@ from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.model.graph import import_graph, model_template
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassContext, PassManager
 
-from graphs import make_model, rel_error, run
+from helpers.graphs import make_model, rel_error, run
 
 F = TensorProto.FLOAT
 
@@ -267,7 +267,7 @@ def test_stages_reach_the_keep_and_report_each_stage_against_the_original():
 
 
 def output_error_on_holdout(original, compressed):
-    from onnx_lrsd.runtime.activations import split_holdout
+    from onnx_lrsd.runtime.calibrate import split_holdout
     from onnx_lrsd.runtime.bench import output_errors_on
     return output_errors_on(original, compressed, split_holdout(calibration(), 5)[1], ["y"])["y"]
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from graphs import Builder, initializer_arrays, matmul_model, max_rel_error, mlp_model
+from helpers.graphs import Builder, initializer_arrays, matmul_model, max_rel_error, mlp_model
 from onnx_lrsd.api import compress, compress_file, inspect_model
 from onnx_lrsd.config import CompressConfig, LayerOverride
 from onnx_lrsd.errors import LrsdError

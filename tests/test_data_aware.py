@@ -21,7 +21,7 @@ from onnx_lrsd.passes.reconstruct_feature_maps import dependency_waves
 from onnx_lrsd.plan.rank_select import plan_layer
 from onnx_lrsd.decompose.stats import im2col
 
-from graphs import make_model
+from helpers.graphs import make_model
 
 F = TensorProto.FLOAT
 

@@ -20,7 +20,7 @@ from onnx_lrsd.model.graph import import_graph, model_template
 from onnx_lrsd.parallel.tasks import shard_ranges, sharded_paired_statistics, sharded_statistics
 from onnx_lrsd.passes import FindTargetsPass, NameNodesPass, PassContext, PassManager
 
-from graphs import assert_same_compression, make_model
+from helpers.graphs import assert_same_compression, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS, DIGITS_CALIB = ROOT / "models" / "digits_cnn.onnx", ROOT / "models" / "digits_calib.npz"

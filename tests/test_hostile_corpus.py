@@ -1,4 +1,4 @@
-"""Every case of the hostile-input corpus (`tests/corpus/`, built by `hostile_corpus.py`)
+"""Every case of the hostile-input corpus (`tests/corpus/`, built by `helpers/hostile_corpus.py`)
 through `onnx-lrsd compress` and `inspect`: a one-line error or a correct skip, the right exit
 code, no traceback, no output on failure, inputs byte-identical afterwards."""
 import hashlib
@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import onnx_lrsd
-from hostile_corpus import CASES, CORPUS
+from helpers.hostile_corpus import CASES, CORPUS
 from onnx_lrsd.cli import main
 from onnx_lrsd.runtime.feeds import random_feeds
 from onnx_lrsd.model.io import load_model

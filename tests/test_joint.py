@@ -92,7 +92,7 @@ def test_joint_fit_validates(ws, side, ranks, message):
 import onnx  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
-from graphs import make_model, run  # noqa: E402
+from helpers.graphs import make_model, run  # noqa: E402
 from onnx_lrsd.api import compress  # noqa: E402
 from onnx_lrsd.config import CompressConfig  # noqa: E402
 from onnx_lrsd.plan.cost import count_params  # noqa: E402

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from large_models import PEAK_RSS_SNIPPET, write_gemm_stack
+from helpers.large_models import PEAK_RSS_SNIPPET, write_gemm_stack
 
 MARGIN_MB = 800
 """Interpreter and libraries (~150 MB), one layer's float64 work (8192²: 512 MB) and the

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 import onnx_lrsd.runtime.latency as latency
-from graphs import conv_model, gemm_model, matmul_model, session
+from helpers.graphs import conv_model, gemm_model, matmul_model, session
 from onnx_lrsd.runtime.bench import LatencyStats
 from onnx_lrsd.plan.cost import dense_cost, factorized_cost
 from onnx_lrsd.plan.factorize import factorize_data_free

@@ -1,4 +1,5 @@
-"""The maths rooms import and run with onnx, onnxruntime and onnx_graphsurgeon unavailable."""
+"""The maths room (`onnx_lrsd.decompose`, every module of it, `stats` included) imports and runs
+with onnx, onnxruntime and onnx_graphsurgeon unavailable."""
 import os
 import subprocess
 import sys
@@ -17,9 +18,16 @@ except ImportError:
 else:
     raise SystemExit("blocking failed")
 
+import importlib
+import pkgutil
+
 import numpy as np
 import onnx_lrsd.decompose as d
 import onnx_lrsd.decompose.stats as s
+
+for module in pkgutil.iter_modules(d.__path__):  # every module of the maths room, stats included
+    importlib.import_module(f"onnx_lrsd.decompose.{{module.name}}")
+assert "onnx_lrsd.decompose.stats" in sys.modules
 
 x = np.random.default_rng(0).standard_normal((2, 3, 6, 6))
 w = np.random.default_rng(1).standard_normal((4, 3, 3, 3))

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import onnx_lrsd
-from graphs import GEMM_BIASES, WEIGHT_VIAS, Builder, conv_model, feeds_for, gemm_model, matmul_model, mlp_model, run
+from helpers.graphs import GEMM_BIASES, WEIGHT_VIAS, Builder, conv_model, feeds_for, gemm_model, matmul_model, mlp_model, run
 from onnx_lrsd.config import FULL_RANK, CompressConfig, LayerOverride
 
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,

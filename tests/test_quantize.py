@@ -8,7 +8,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from graphs import cnn_model, feeds_for, mlp_model, rel_error, run
+from helpers.graphs import cnn_model, feeds_for, mlp_model, rel_error, run
 from onnx_lrsd.api import compress
 from onnx_lrsd.cli import main
 from onnx_lrsd.config import CompressConfig

@@ -19,7 +19,7 @@ from onnx_lrsd.parallel.executor import RayExecutor, Task, run_task  # noqa: E40
 from onnx_lrsd.runtime.latency import LatencyModel  # noqa: E402
 from onnx_lrsd.parallel.tasks import latency_tasks  # noqa: E402
 
-from graphs import assert_same_compression  # noqa: E402
+from helpers.graphs import assert_same_compression  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS, DIGITS_CALIB = str(ROOT / "models" / "digits_cnn.onnx"), str(ROOT / "models" / "digits_calib.npz")

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import make_model
+from helpers.graphs import make_model
 from onnx_lrsd.errors import LrsdError
 from onnx_lrsd.recover.augment import augment_images, drop_tokens, input_kind
 from onnx_lrsd.recover.distill import recover_models as recover, support_masks, trainable_tensors, with_values

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphs import make_model
+from helpers.graphs import make_model
 from onnx_lrsd.recover.gradients import TEACHER_LOGP, TEACHER_PROB, TARGET, LossGradient, UnsupportedOp
 
 D = TensorProto.DOUBLE

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from graphs import (
+from helpers.graphs import (
     Builder,
     as_ir3,
     cnn_model,

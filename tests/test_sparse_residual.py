@@ -9,7 +9,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from graphs import conv_model, gemm_model, matmul_model, rel_error, run
+from helpers.graphs import conv_model, gemm_model, matmul_model, rel_error, run
 from onnx_lrsd.api import compress
 from onnx_lrsd.passes.context import new_context
 from onnx_lrsd.cli import main
@@ -515,7 +515,7 @@ def test_auto_share_gives_a_kxk_conv_a_channel_residual_only_within_the_latency_
 
 
 def test_written_model_keeps_the_best_prefix_of_residual_layers(monkeypatch):
-    from graphs import mlp_model
+    from helpers.graphs import mlp_model
     from onnx_lrsd.runtime import latency
     from onnx_lrsd.passes import CheckResidualModelPass
 

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from graphs import Builder, conv_model, gemm_model, matmul_model, max_rel_error, mlp_model, run
+from helpers.graphs import Builder, conv_model, gemm_model, matmul_model, max_rel_error, mlp_model, run
 from onnx_lrsd.api import compress, inspect_model
 from onnx_lrsd.config import LayerOverride
 from onnx_lrsd.model.layers import WEIGHT_OPS_NOT_SUPPORTED

@@ -6,7 +6,7 @@ Objective, from the Gram matrix G = XᵀX alone (the same relative ridge as ``wh
             = scale · ‖Lᵀ(W − L − S)‖²_F,            Σ/scale = (G + μI)/scale = L Lᵀ.
 
 Everything works in the whitened space: B = LᵀW, low rank Lw = Lᵀ·L_ (held as Uw Vw with Uw
-orthonormal), sparse part Lᵀ·S. Two structures for S (DESIGN.md §2):
+orthonormal), sparse part Lᵀ·S. Two structures for S:
 
 ``"rows"`` (structured — the one that runs fast in onnxruntime)
     S is non-zero only on k whole input rows P: ``x[:, P] @ S_P`` in the graph (Gather → small

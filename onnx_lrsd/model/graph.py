@@ -245,20 +245,3 @@ def sole_consumer(resolved: ResolvedConstant, node: gs.Node, graph: gs.Graph) ->
 
 def tensor_to_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)
-
-
-class TensorNamer:
-    """Makes the names of new tensors and nodes: ``{node}/lrsd/{role}``, unique among the
-    graph's tensor and node names (a second compression of a compressed model meets the
-    first one's names)."""
-
-    def __init__(self, graph: gs.Graph):
-        self._taken = set(graph.tensors().keys()) | {node.name for node in graph.nodes}
-
-    def __call__(self, node_name: str, role: str) -> str:
-        base = f"{node_name}/lrsd/{role}"
-        name, index = base, 1
-        while name in self._taken:
-            name, index = f"{base}_{index}", index + 1
-        self._taken.add(name)
-        return name

@@ -16,7 +16,8 @@ from google.protobuf.message import DecodeError
 
 from ..errors import LrsdError
 from .mapped import external_bytes, external_info, has_external_references, write_with_external_data
-from .validate import check_model, make_node_names_unique
+from .naming import make_node_names_unique
+from .validate import check_model
 
 log = logging.getLogger(__name__)
 

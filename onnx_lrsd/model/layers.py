@@ -46,6 +46,12 @@ class ConvGeometry:
     def out_positions(self) -> int:
         return int(np.prod(self.out_spatial)) if self.out_spatial else 1
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1×1 conv with stride 1 and no padding: a matmul over channels at every position."""
+        return (all(k == 1 for k in self.kernel_shape) and all(s == 1 for s in self.strides)
+                and not any(self.pads) and self.auto_pad in ("NOTSET", ""))
+
 
 @dataclass(frozen=True)
 class GemmAttrs:
@@ -274,10 +280,7 @@ def _chain_head(second: LayerTarget, node: gs.Node, graph: gs.Graph) -> Optional
         if not plain or first.op != "MatMul" or resolve_constant(first.inputs[1]) is None:
             return None
     else:
-        c = second.conv
-        pointwise = (all(k == 1 for k in c.kernel_shape) and all(s == 1 for s in c.strides) and not any(c.pads)
-                     and c.auto_pad in ("NOTSET", ""))
-        if not pointwise or first.op != "Conv" or len(first.inputs) > 2 or int(first.attrs.get("group", 1)) != 1:
+        if not second.conv.pointwise or first.op != "Conv" or len(first.inputs) > 2 or int(first.attrs.get("group", 1)) != 1:
             return None
     return first
 

@@ -16,7 +16,7 @@ Sparse residuals (W ≈ UV + S, weight on the right):
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -27,10 +27,12 @@ from ..decompose import (
     tucker2_to_convs,
 )
 from ..decompose.joint import TwoTerms
-from ..plan.factorize import LayerFactorization
-from .graph import TensorNamer, resolve_constant
-from ..plan.rank_select import pointwise_residual
+from .graph import resolve_constant
 from .layers import LayerTarget
+from .naming import TensorNamer, layer_of
+
+if TYPE_CHECKING:  # the fits' result type; the model layer does not depend on planning
+    from ..plan.factorize import LayerFactorization
 
 
 def rewrite_layers(graph: gs.Graph, targets: Dict[str, LayerTarget],
@@ -59,7 +61,7 @@ class _Emitter:
                  shared: Optional[Dict[str, gs.Constant]] = None, shared_roles: Optional[Dict[str, str]] = None):
         self.graph, self.node, self.target, self.namer = graph, node, target, namer
         self.shared, self.shared_roles = (shared if shared is not None else {}), (shared_roles or {})
-        self.base = node.name.split("/lrsd/")[0]  # a re-factored chain keeps its layer's name
+        self.base = layer_of(node.name)  # a re-factored chain keeps its layer's name
         self.nodes: List[gs.Node] = []
         self.sparse: List[str] = []
 
@@ -235,7 +237,7 @@ def _emit_conv(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
     n = len(g.kernel_shape)
     bias = e.bias(fact.bias_shift)
     tail = [bias] if bias is not None else []
-    if fact.sparse is not None and pointwise_residual(t):
+    if fact.sparse is not None and g.pointwise:  # the rows join the chain's 1×1 conv
         _emit_pointwise_residual(e, fact, tail)
     elif fact.sparse is not None:
         _emit_channel_residual(e, fact, tail)

@@ -7,7 +7,7 @@ outputs, initializers; from IR 4 an initializer may also be listed as an input) 
 before use (outer-scope names are visible in If / Loop / Scan bodies); graph outputs produced;
 no cycles; input dims not negative; every stored tensor holding exactly the bytes its dims
 declare. Duplicate node names, which onnxruntime refuses but which mean nothing to the
-model, are repaired instead (`make_node_names_unique`).
+model, are repaired instead (`onnx_lrsd.model.naming.make_node_names_unique`).
 """
 from __future__ import annotations
 
@@ -46,30 +46,6 @@ def check_model(model: onnx.ModelProto, what: str = "the model") -> None:
     _check_graph(model.graph, set(), model.ir_version, what)
     for tensor in _stored_tensors(model.graph):
         _check_tensor(tensor, what)
-
-
-def unique_name(name: str, taken: Set[str]) -> str:
-    """`name`, or the first of ``name_1``, ``name_2``… not in `taken`; added to `taken`."""
-    candidate, suffix = name, 1
-    while candidate in taken:
-        candidate, suffix = f"{name}_{suffix}", suffix + 1
-    taken.add(candidate)
-    return candidate
-
-
-def make_node_names_unique(model: onnx.ModelProto) -> int:
-    """Suffix repeated node names ``_1``, ``_2``… in place (subgraphs included, as the
-    `name_nodes` pass does); returns how many were renamed."""
-    taken: Set[str] = set()
-    renamed = 0
-    for node in _all_nodes(model.graph):
-        if not node.name:
-            continue
-        name = unique_name(node.name, taken)
-        if name != node.name:
-            node.name = name
-            renamed += 1
-    return renamed
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:

@@ -5,8 +5,9 @@
   which the driver sums in shard order (G = Σ_shards Σ_batches XᵀX, so the sum is the
   one-pass statistic up to float rounding; with one shard it is the same computation).
   The model goes to the workers once (`Executor.share`).
-- Per-layer fits (data-free or data-aware), error curves and latency microbenchmarks are one
-  task per layer (or per distinct layer shape), each with an estimate of its peak memory.
+- Per-layer fits (data-free or data-aware), error curves, sensitivity probes and latency
+  microbenchmarks are one task per layer (or per distinct layer shape), each with an estimate
+  of its peak memory.
 
 Results are applied by the caller in the order of the layers, whatever ran where.
 """
@@ -17,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from ..runtime.activations import (Feeds, LayerStatistics, add_statistics, collect_paired_statistics, collect_statistics,
                           gram_bytes, own_statistics)
@@ -24,8 +26,11 @@ from ..config import CompressConfig
 from ..plan.candidates import LayerCandidate, layer_candidates
 from .executor import Executor, Task
 from ..plan.factorize import LayerFactorization, factorize_data_aware, factorize_data_free
+from ..model.graph import export_model
 from ..model.io import initializer_bytes
+from ..runtime.calibrate import has_held_out
 from ..runtime.latency import LatencyModel
+from ..runtime.sensitivity import probe_layer
 from ..plan.rank_select import LayerPlan
 from ..decompose.stats import GramAccumulator
 from ..model.layers import LayerTarget
@@ -67,7 +72,7 @@ def sharded_statistics(executor: Executor, model: onnx.ModelProto, targets: Sequ
     shards = shard_ranges(len(batches), executor.slots)
     shared = executor.share(model)
     light = [geometry_only(t) for t in targets]
-    has_holdout = holdout_every > 1 and len(batches) >= holdout_every
+    has_holdout = has_held_out(len(batches), holdout_every)
     memory = _statistics_memory(model, targets, has_holdout, cross=False)
     in_process = executor.local(progress)
     tasks = [Task((shared, light, [batches[i] for i in shard], holdout_every, mask_input, max_positions, seed,
@@ -86,7 +91,7 @@ def sharded_paired_statistics(executor: Executor, original: onnx.ModelProto, com
     shards = shard_ranges(len(batches), executor.slots)
     shared_original, shared_compressed = executor.share(original), executor.share(compressed)
     light = [geometry_only(t) for t in targets]
-    has_holdout = holdout_every > 1 and len(batches) >= holdout_every
+    has_holdout = has_held_out(len(batches), holdout_every)
     memory = _statistics_memory(original, targets, has_holdout, cross=True) + 3 * initializer_bytes(compressed)
     tasks = [Task((shared_original, shared_compressed, light, [batches[i] for i in shard], holdout_every, mask_input,
                    max_positions, seed, shard.start, len(batches), executor.task_threads), memory=memory)
@@ -168,3 +173,23 @@ def latency_tasks(executor: Executor, measure: Measure, model: LatencyModel,
     for result, times in executor.imap(_measured, tasks):
         model.record(times)
         yield result
+
+
+ProbeRequest = Tuple[LayerTarget, Sequence[LayerPlan], GramAccumulator]
+
+
+def sensitivity_probes(executor: Executor, graph: gs.Graph, template: onnx.ModelProto,
+                       requests: Sequence[ProbeRequest], config: CompressConfig, batches: Sequence[Feeds],
+                       reference: list, memory: int):
+    """`probe_layer` of every (target, plans, fit statistics), one task per layer of `memory`
+    bytes, yielded in order. The prepared graph (as a model, where tasks run elsewhere), the
+    template, batches and reference outputs are shared once."""
+    if not requests:
+        return iter(())
+    source = executor.local(graph)
+    if source is None:
+        source = executor.share(export_model(graph.copy(), template))
+    template, batches, reference = (executor.share(v) for v in (template, batches, reference))
+    tasks = [Task((source, template, target, list(plans), fit, config, batches, reference), memory=memory)
+             for target, plans, fit in requests]
+    return executor.imap(probe_layer, tasks)

@@ -76,14 +76,6 @@ def sparse_applies(target: LayerTarget, method: str) -> bool:
     return method == "channel" and target.conv is not None
 
 
-def pointwise_residual(target: LayerTarget) -> bool:
-    """A conv whose rows residual is concatenated into the chain's 1×1 conv (a 1×1 conv with
-    stride 1 and no padding); other convs add a conv on the gathered channels."""
-    conv = target.conv
-    return (conv is not None and all(k == 1 for k in conv.kernel_shape) and all(s == 1 for s in conv.strides)
-            and not any(conv.pads) and conv.auto_pad in ("NOTSET", ""))
-
-
 def residual_group(target: LayerTarget) -> int:
     """Rows per unit of a rows residual: a conv's kernel taps (its input channel is a block of
     prod(kernel) consecutive im2col rows), else 1."""

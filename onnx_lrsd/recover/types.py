@@ -1,11 +1,12 @@
-"""Options and report of recovery (typed, frozen)."""
+"""Options and progress of recovery (typed, frozen); its report is `report.types.RecoveryReport`."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Optional
 
 from ..errors import LrsdError
+from ..report.types import LeftAsFitted, RecoveryReport  # noqa: F401  (reports live in report/)
 
 LOSS_CHOICES = ("auto", "kl", "mse")
 AUGMENT_CHOICES = ("auto", "none", "image", "tokens", "noise")
@@ -105,72 +106,3 @@ class RecoverProgress:
     train_loss: float
     heldout_loss: Optional[float]
     best_heldout_loss: Optional[float]
-
-
-@dataclass(frozen=True)
-class LeftAsFitted:
-    """A part of the model recovery did not train, and why (e.g. the op with no gradient rule)."""
-
-    part: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class RecoveryReport:
-    """Held-out loss and output error (‖y − y_teacher‖ / ‖y_teacher‖) before and after."""
-
-    level: str
-    loss: str
-    augment: str
-    output: str
-    trainable_tensors: int
-    trainable_params: int
-    train_samples: int
-    heldout_samples: int
-    steps: int
-    best_step: int
-    stopped_by: str
-    seconds: float
-    loss_before: float
-    loss_after: float
-    error_before: float
-    error_after: float
-    curve: Tuple[Tuple[int, float], ...]
-    left_as_fitted: Tuple[LeftAsFitted, ...] = ()
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_text(self) -> str:
-        text = (f"recovery ({self.level}, {self.loss}, augment {self.augment}): {self.steps} steps in "
-                f"{self.seconds:.0f} s "
-                f"(best {self.best_step}, stopped by {self.stopped_by}), {self.trainable_params:,} weights trained on "
-                f"{self.train_samples} samples; held-out loss {self.loss_before:.4g} -> {self.loss_after:.4g}, "
-                f"output error {self.error_before:.3e} -> {self.error_after:.3e}")
-        for left in self.left_as_fitted:
-            text += f"\n  left as fitted: {left.part} ({left.reason})"
-        return text
-
-
-def parse_recover(text: str) -> Union[int, str]:
-    """'auto' or a number of steps (ValueError otherwise)."""
-    if text == "auto":
-        return text
-    if not text.isdigit():
-        raise ValueError(f"expected 'auto' or a number of steps, got {text!r}")
-    return int(text)
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from "90", "90s", "10m" or "1h" (ValueError otherwise)."""
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    value = str(text).strip().lower()
-    scale = units.get(value[-1:], None)
-    number = value[:-1] if scale is not None else value
-    try:
-        seconds = float(number) * (scale or 1.0)
-    except ValueError:
-        raise ValueError(f"not a duration: {text!r} (e.g. 90s, 10m, 1h)") from None
-    if not seconds > 0:
-        raise ValueError(f"a duration must be > 0, got {text!r}")
-    return seconds

@@ -18,12 +18,15 @@ import html
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import LrsdError
 from ..model.io import write_atomic
-from ..runtime.profile import LayerProfile, layer_of
+from ..model.naming import layer_of
 from .types import CompressionReport, LayerReport, SweepReport
+
+if TYPE_CHECKING:  # measured by runtime.profile; a report only formats them
+    from ..runtime.profile import LayerProfile
 
 REPORT_SUFFIXES = (".json", ".md", ".html", ".htm")
 NO_MATPLOTLIB = "plots omitted: matplotlib is not installed (pip install 'onnx-lrsd[plot]')"
@@ -263,23 +266,3 @@ def html_report(report: CompressionReport, title: str, profiles=None, sweep=None
 
 def _numeric(text: str) -> bool:
     return bool(text) and text.replace(",", "").replace(".", "").replace("e-", "").replace("e+", "").lstrip("-").isdigit()
-
-
-def profile_pair(original: Union[str, os.PathLike], compressed, batch: int = 1, threads: int = 2,
-                 dims: Sequence[Tuple[str, int]] = (), seed: int = 0, runs: int = 10
-                 ) -> Tuple[Optional[Tuple[LayerProfile, LayerProfile]], str]:
-    """In-network per-layer profiles of the original model file and the compressed model on the
-    same seeded random inputs, or (None, why not) when the inputs cannot be built or a model
-    does not run."""
-    from ..runtime.feeds import random_feeds
-    from ..model.io import load_model
-    from ..runtime.profile import profile_models
-
-    try:
-        source = load_model(original)
-        compressed = load_model(compressed)
-        feeds = random_feeds(source, batch=batch, dims=dict(dims), seed=seed)
-        return tuple(profile_models([source, compressed], feeds, threads, runs=runs,
-                                    labels=["original", "compressed"])), ""
-    except LrsdError as exc:
-        return None, str(exc)

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from ..model.layers import SkippedLayer
-from ..recover.types import RecoveryReport
 
 
 @dataclass(frozen=True)
@@ -214,6 +213,51 @@ class ResidualCheck:
                    else "dropped: every residual layer falls back to its plain chain")
         return (f"residual check ({self.layers} layers): best output error {self.error:.3e} vs L only "
                 f"{self.plain_error:.3e}, latency {self.latency_ratio:.3f} of L only; {verdict}")
+
+
+@dataclass(frozen=True)
+class LeftAsFitted:
+    """A part of the model recovery did not train, and why (e.g. the op with no gradient rule)."""
+
+    part: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """Held-out loss and output error (‖y − y_teacher‖ / ‖y_teacher‖) before and after."""
+
+    level: str
+    loss: str
+    augment: str
+    output: str
+    trainable_tensors: int
+    trainable_params: int
+    train_samples: int
+    heldout_samples: int
+    steps: int
+    best_step: int
+    stopped_by: str
+    seconds: float
+    loss_before: float
+    loss_after: float
+    error_before: float
+    error_after: float
+    curve: Tuple[Tuple[int, float], ...]
+    left_as_fitted: Tuple[LeftAsFitted, ...] = ()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_text(self) -> str:
+        text = (f"recovery ({self.level}, {self.loss}, augment {self.augment}): {self.steps} steps in "
+                f"{self.seconds:.0f} s "
+                f"(best {self.best_step}, stopped by {self.stopped_by}), {self.trainable_params:,} weights trained on "
+                f"{self.train_samples} samples; held-out loss {self.loss_before:.4g} -> {self.loss_after:.4g}, "
+                f"output error {self.error_before:.3e} -> {self.error_after:.3e}")
+        for left in self.left_as_fitted:
+            text += f"\n  left as fitted: {left.part} ({left.reason})"
+        return text
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from ..model.io import serialize_for_runtime
 from ..model.mapped import runtime_options
 from ..decompose.stats import GramAccumulator, im2col
 from ..model.layers import ConvGeometry, LayerTarget
+from .calibrate import has_held_out, is_held_out
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +38,6 @@ class LayerStatistics:
     @property
     def nbytes(self) -> int:
         return gram_bytes(self.fit.dim, self.fit.track_cross) * (2 if self.holdout is not None else 1)
-
-
-def is_held_out(index: int, n_batches: int, holdout_every: int) -> bool:
-    """Batch `index` is held out when every `holdout_every`-th batch is (and there are enough)."""
-    return 0 < holdout_every <= n_batches and index % holdout_every == holdout_every - 1
-
-
-def split_holdout(batches: Sequence[Feeds], holdout_every: int):
-    """(fit batches, held-out batches)."""
-    fit = [b for i, b in enumerate(batches) if not is_held_out(i, len(batches), holdout_every)]
-    held = [b for i, b in enumerate(batches) if is_held_out(i, len(batches), holdout_every)]
-    return fit, held
 
 
 def gram_bytes(dim: int, cross: bool = False) -> int:
@@ -180,7 +169,7 @@ def collect_statistics(model: onnx.ModelProto, targets: Sequence[LayerTarget], b
     batches = list(batches)
     total = len(batches) if total_batches is None else total_batches
     runner = ActivationRunner(model, sorted({t.activation for t in targets}), threads)
-    has_holdout = is_held_out(holdout_every - 1, total, holdout_every)
+    has_holdout = has_held_out(total, holdout_every)
     stats = {t.name: LayerStatistics(GramAccumulator(t.in_features),
                                      GramAccumulator(t.in_features) if has_holdout else None) for t in targets}
     for index, feeds in enumerate(batches, first_index):
@@ -226,7 +215,7 @@ def collect_paired_statistics(original: onnx.ModelProto, compressed: onnx.ModelP
     names = sorted({t.activation for t in targets})
     reference, current = ActivationRunner(original, names, threads), ActivationRunner(compressed, names, threads)
     total = len(batches) if total_batches is None else total_batches
-    has_holdout = is_held_out(holdout_every - 1, total, holdout_every)
+    has_holdout = has_held_out(total, holdout_every)
     stats = {t.name: LayerStatistics(GramAccumulator(t.in_features, track_cross=True),
                                      GramAccumulator(t.in_features, track_cross=True) if has_holdout else None)
              for t in targets}

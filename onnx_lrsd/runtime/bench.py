@@ -1,4 +1,4 @@
-"""onnxruntime latency comparison with benchmark hygiene (DESIGN §2).
+"""onnxruntime latency comparison with benchmark hygiene.
 
 All sessions stay alive in one process with fixed `intra_op_num_threads` and spinning off
 (idle sessions' spinning threads otherwise steal cores), each is warmed up, and runs are
@@ -13,25 +13,13 @@ from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from ..errors import LrsdError, runtime_message
-from ..model.io import serialize_for_runtime
 from .profile import LayerDelta, LayerProfile, compare_profiles, comparison_text
-from ..model.mapped import runtime_options
+from .session import ModelLike, make_session, run_outputs
 
 log = logging.getLogger(__name__)
-
-ModelLike = Union[str, Path, bytes, onnx.ModelProto]
-
-_OPT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
 
 @dataclass(frozen=True)
 class LatencyStats:
@@ -65,54 +53,6 @@ class Comparison:
     batch: int
 
 
-def make_session(model: ModelLike, threads: int, optimization: str = "all", profile_prefix: Optional[str] = None,
-                 optimized_path: Optional[str] = None) -> ort.InferenceSession:
-    """A CPU session with `threads` intra-op threads, one inter-op thread and no spinning.
-
-    Paths are passed to onnxruntime as paths (external data, models above 2 GB).
-    `optimization` is one of "disable", "basic", "extended", "all". With `profile_prefix` the
-    session writes onnxruntime's JSON trace (`end_profiling()` returns its path); with
-    `optimized_path` it saves the graph it runs there (weights above 1 KB beside it in
-    `<name>.data`).
-    """
-    if threads < 1:
-        raise LrsdError(f"threads must be >= 1, got {threads}")
-    if optimization not in _OPT_LEVELS:
-        raise LrsdError(f"unknown optimization level '{optimization}' (choose from {', '.join(_OPT_LEVELS)})")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = _OPT_LEVELS[optimization]
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    if optimized_path is not None:
-        options.log_severity_level = 3  # not the warning that NCHWc graphs are machine-specific
-        options.optimized_model_filepath = optimized_path
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         Path(optimized_path).name + ".data")
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    runtime_options(options)
-    if isinstance(model, onnx.ModelProto):
-        source: Union[str, bytes] = serialize_for_runtime(model)
-    elif isinstance(model, (bytes, bytearray)):
-        source = bytes(model)
-    else:
-        source = str(model)
-    try:
-        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several unrelated exception types
-        raise LrsdError(f"onnxruntime cannot load the model: {runtime_message(exc)}") from None
-
-
-def run_outputs(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """All outputs of one run, in the session's output order."""
-    return list(session.run(None, dict(feeds)))
-
-
 def time_sessions(
     sessions: Sequence[ort.InferenceSession],
     feeds: Mapping[str, np.ndarray],
@@ -143,6 +83,12 @@ def time_sessions(
     stats = [LatencyStats.from_samples(s) for s in samples]
     log.debug("timed %d sessions x %d runs: medians %s ms", len(sessions), runs, [round(s.median_ms, 3) for s in stats])
     return stats
+
+
+def model_latency_ms(model: ModelLike, feeds: Mapping[str, np.ndarray], threads: int, runs: int = 30,
+                     warmup: int = 3) -> float:
+    """Median milliseconds of one run of `model` on `feeds`."""
+    return time_sessions([make_session(model, threads=threads)], feeds, runs=runs, warmup=warmup)[0].median_ms
 
 
 def compare_latency(

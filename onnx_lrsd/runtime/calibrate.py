@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Union
+from typing import TYPE_CHECKING, List, NamedTuple, Protocol, Union
 
 import numpy as np
 import onnx
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Calibration", "calibration_batches",
+    "Calibration", "calibration_batches", "CalibrationSplit", "split_holdout", "is_held_out", "has_held_out",
     "CalibrationReader", "NpzReader", "ListReader", "RandomReader", "CalibrationSpec",
     "open_reader", "iter_batches", "RANDOM", "RANDOM_SAMPLES_DEFAULT",
 ]
@@ -486,3 +486,33 @@ def calibration_batches(calibration: Calibration, model: onnx.ModelProto, config
     else:
         raise LrsdError("calibration must be a reader with get_next(), a list of feed dicts, .npz paths or 'random'")
     return list(iter_batches(reader, model, config.calib_samples, config.calib_batch))
+
+
+def is_held_out(index: int, n_batches: int, holdout_every: int) -> bool:
+    """Batch `index` of `n_batches` is held out from the fits (kept to judge them) when it is
+    a `holdout_every`-th batch and there are at least `holdout_every` batches."""
+    return 0 < holdout_every <= n_batches and index % holdout_every == holdout_every - 1
+
+
+def has_held_out(n_batches: int, holdout_every: int) -> bool:
+    """Whether any of `n_batches` batches is held out."""
+    return is_held_out(holdout_every - 1, n_batches, holdout_every)
+
+
+class CalibrationSplit(NamedTuple):
+    """The calibration batches the fits see and those held out to judge them (`is_held_out`);
+    with none held out, `fit` is every batch."""
+
+    fit: List[Feeds]
+    held_out: List[Feeds]
+
+    def judging(self, first: int) -> List[Feeds]:
+        """The batches a result is judged on: the held-out ones, else the first `first`
+        batches (seen by the fits)."""
+        return self.held_out or self.fit[:first]
+
+
+def split_holdout(batches: Sequence[Feeds], holdout_every: int) -> CalibrationSplit:
+    """`batches` split into fit and held-out batches."""
+    held = [is_held_out(i, len(batches), holdout_every) for i in range(len(batches))]
+    return CalibrationSplit([b for b, h in zip(batches, held) if not h], [b for b, h in zip(batches, held) if h])

@@ -23,13 +23,14 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from .bench import make_session, time_sessions
+from .bench import time_sessions
+from .session import make_session, rewritten_model
+from ..plan.candidates import LayerCandidate
 from ..plan.cost import full_ranks
 from ..decompose import LowRankFactors, LowRankSparse, SparseResidual, Tucker2Factors
 from ..plan.factorize import LayerFactorization
-from ..model.graph import export_model, import_graph, model_template
+from ..model.graph import import_graph, model_template
 from ..plan.rank_select import residual_group, sparse_applies
-from ..model.rewrite import rewrite_layers
 from ..model.layers import LayerTarget, classify
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def _random_factors(t: LayerTarget, kind: str, ranks: Tuple[int, ...], rng: np.r
 def candidate_model(target: LayerTarget, input_shape: Sequence[int], candidate: Candidate,
                     seed: int = 0) -> onnx.ModelProto:
     """The one-layer model with its layer rewritten as the compressor writes `candidate`
-    (random factors): import, `classify`, `rewrite_layers`, cleanup/toposort, export."""
+    (random factors): import, `classify`, then `rewritten_model`."""
     dense = layer_model(target, input_shape, seed)
     kind, ranks = candidate
     if kind == "dense":
@@ -148,8 +149,7 @@ def candidate_model(target: LayerTarget, input_shape: Sequence[int], candidate: 
     if not isinstance(layer, LayerTarget):
         raise ValueError(f"{target.name}: the one-layer model is not a target ({layer})")
     fact = LayerFactorization(LAYER, kind.replace(RESIDUAL, ""), _random_factors(layer, kind, tuple(ranks), np.random.default_rng(seed)))
-    sparse = rewrite_layers(graph, {LAYER: layer}, [fact])
-    return export_model(graph, model_template(dense), sparse)
+    return rewritten_model(graph, model_template(dense), {LAYER: layer}, [fact])
 
 
 def check_request(target: LayerTarget, input_shape: Sequence[int], candidates: Sequence[Candidate]) -> None:
@@ -315,3 +315,34 @@ def interpolate_latency(ranks: Sequence[int], times: Sequence[float], rank: int)
     i = int(np.clip(np.searchsorted(r, rank) - 1, 0, len(r) - 2))
     value = t[i] + (t[i + 1] - t[i]) * (rank - r[i]) / (r[i + 1] - r[i])
     return max(0.0, float(value))
+
+
+LATENCY_POINTS = 4
+"""Ranks per kind whose latency is measured by `candidate_latencies`; the others are interpolated."""
+
+
+def shape_key(target: LayerTarget, shape, candidates: Sequence[LayerCandidate]) -> tuple:
+    """Layers with equal keys time alike: one measurement serves them all."""
+    return (target.op, target.weight.shape, shape, target.weight_side, target.gemm, target.conv,
+            target.bias_tensor is not None, tuple((c.method, c.ranks) for c in candidates))
+
+
+def candidate_latencies(model: LatencyModel, target: LayerTarget, shape, candidates: Sequence[LayerCandidate]):
+    """Dense time and every candidate's time: `LATENCY_POINTS` ranks per kind measured (all of
+    them, interleaved, in one call), the rest interpolated in the first rank."""
+    by_kind: Dict[str, List[int]] = {}
+    for index, c in enumerate(candidates):
+        by_kind.setdefault(c.method, []).append(index)
+    measured = []
+    for indices in by_kind.values():
+        picks = np.unique(np.linspace(0, len(indices) - 1, num=min(LATENCY_POINTS, len(indices))).round().astype(int))
+        measured.extend(indices[i] for i in picks)
+    times = model.measure(target, shape, [("dense", ())] + [(candidates[i].method, candidates[i].ranks)
+                                                          for i in measured])
+    dense_ms, at = times[0], dict(zip(measured, times[1:]))
+    out = []
+    for index, c in enumerate(candidates):
+        points = [i for i in by_kind[c.method] if i in at]
+        out.append(at[index] if index in at else interpolate_latency(
+            [candidates[i].ranks[0] for i in points], [at[i] for i in points], c.ranks[0]))
+    return dense_ms, out

@@ -28,50 +28,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
 
 from ..errors import LrsdError
-from ..model.validate import unique_name
+from ..model.io import load_model, needs_external_data, save_model
+from ..model.naming import layer_of, name_nodes
+from .feeds import random_feeds
+from .session import make_session
 
 log = logging.getLogger(__name__)
 
-CHAIN_MARK = "/lrsd/"
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _NCHWC_NAME = re.compile(r"^(.*)_nchwc(?:_token_\d+)?$")
 _REORDER_OPS = ("ReorderInput", "ReorderOutput")
-
-
-def layer_of(node_name: str) -> str:
-    """The layer a node belongs to: `{layer}/lrsd/{role}` → `{layer}`, else the node itself."""
-    return node_name.split(CHAIN_MARK)[0]
-
-
-def name_nodes(model: onnx.ModelProto) -> int:
-    """Name unnamed nodes `{op}_{index}` and suffix duplicates (`_1`, `_2`…), in place,
-    recursing into If / Loop / Scan bodies with the owner's name as prefix — the names the
-    compressor gives (`NameNodesPass`). Returns how many nodes were renamed."""
-    return _name_graph(model.graph, set(), "")
-
-
-def _name_graph(graph: onnx.GraphProto, taken: set, prefix: str) -> int:
-    renamed = 0
-    for index, node in enumerate(graph.node):
-        name = unique_name(node.name or f"{prefix}{node.op_type}_{index}", taken)
-        if name != node.name:
-            node.name = name
-            renamed += 1
-        for attr in node.attribute:
-            for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
-                         attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
-                renamed += _name_graph(body, taken, prefix=f"{node.name}/")
-    return renamed
 
 
 @dataclass(frozen=True)
@@ -305,9 +282,6 @@ def profile_models(models: Sequence[onnx.ModelProto], feeds: Mapping[str, np.nda
     (`ORT_ENABLE_ALL`, as `make_session`), all alive at once and run interleaved (the order
     reversed every round) so that load on the machine hits them alike. Models are copied,
     never modified."""
-    from .bench import make_session
-    from ..model.io import needs_external_data, save_model
-
     if runs < 1:
         raise LrsdError(f"profile runs must be >= 1, got {runs}")
     labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
@@ -453,3 +427,19 @@ def comparison_text(baseline: LayerProfile, candidate: LayerProfile, top: int = 
                      f"{sum(r.candidate_ms or 0 for r in rest):.3f} ms")
     lines += [f"  by op, baseline: {baseline.op_text()}", f"  by op, candidate: {candidate.op_text()}"]
     return "\n".join(lines)
+
+
+def profile_pair(original: Union[str, os.PathLike], compressed, batch: int = 1, threads: int = 2,
+                 dims: Sequence[Tuple[str, int]] = (), seed: int = 0, runs: int = 10
+                 ) -> Tuple[Optional[Tuple[LayerProfile, LayerProfile]], str]:
+    """In-network per-layer profiles of the original model file and the compressed model on the
+    same seeded random inputs, or (None, why not) when the inputs cannot be built or a model
+    does not run."""
+    try:
+        source = load_model(original)
+        compressed = load_model(compressed)
+        feeds = random_feeds(source, batch=batch, dims=dict(dims), seed=seed)
+        return tuple(profile_models([source, compressed], feeds, threads, runs=runs,
+                                    labels=["original", "compressed"])), ""
+    except LrsdError as exc:
+        return None, str(exc)

@@ -1,7 +1,7 @@
 """int8 quantization with onnxruntime's quantizer, as a pipeline's last step or on its own.
 
-Three modes, because on CPU their speed and accuracy differ by model (DESIGN §2: measure,
-don't assume):
+Three modes, because on CPU their speed and accuracy differ by model (which one wins is
+measured per model, not assumed):
 
 - ``dynamic``: ``quantize_dynamic`` on every op type it supports (MatMul, Conv, Gather, ...);
   weights int8, activations quantized at run time. Its ConvInteger can run slower than fp32 Conv.

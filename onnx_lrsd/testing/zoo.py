@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..runtime.bench import make_session
+from ..runtime.session import make_session
 from ..errors import LrsdError
 from ..runtime.feeds import random_feeds
 

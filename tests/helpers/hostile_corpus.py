@@ -11,7 +11,7 @@ in `Case.model`) and its companion files (external data, calibration sets). Outc
   original's outputs in onnxruntime.
 
 In every case the input files are left byte-identical and nothing but the output is written.
-Rebuild the files with ``python tests/hostile_corpus.py`` (seeded: the same files each time
+Rebuild the files with ``python tests/helpers/hostile_corpus.py`` (seeded: the same files each time
 with the same onnx version).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-CORPUS = Path(__file__).resolve().parent / "corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 
 FLOAT = TensorProto.FLOAT
 
