@@ -3,6 +3,7 @@
     >>> import onnx_lrsd
     >>> result = onnx_lrsd.compress("model.onnx", keep=0.5)
     >>> result.report.params_ratio
+    >>> recovered = onnx_lrsd.recover(result.model, "model.onnx", "calib.npz", steps=200)
 
 The maths (`onnx_lrsd.decompose`, `onnx_lrsd.decompose.stats`) imports without onnx; the API below is
 loaded on first use.
@@ -15,6 +16,7 @@ _API = {
     "profile_layers": "runtime.profile",
     "CompressConfig": "config", "LayerOverride": "config", "load_config_file": "config",
     "LrsdError": "errors", "CompressionReport": "report.types", "InspectReport": "report.types",
+    "recover": "recover", "recover_file": "recover", "RecoverConfig": "recover", "RecoveryReport": "recover",
 }
 
 __all__ = sorted(_API)

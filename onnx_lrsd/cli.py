@@ -1,4 +1,4 @@
-"""The `onnx-lrsd` command line: inspect, compress, bench.
+"""The `onnx-lrsd` command line: inspect, compress, recover, bench, sweep.
 
 Exit codes: 0 success, 1 failure (bad model, bad data, runtime error), 2 usage error,
 130 interrupted. Every command takes `--json` for machine-readable output on stdout.
@@ -17,8 +17,9 @@ from typing import Callable, Optional
 import click
 
 from .config import (COMPRESS, FULL_RANK, SWEEP, SWEEP_POINTS, CliOption, CompressConfig, LayerOverride,
-                     load_config_file, parse_dim)
+                     load_config_file, parse_dim, parse_duration)
 from .errors import LrsdError
+from .recover.types import AUGMENT_CHOICES, DEFAULT_STEPS, LOSS_CHOICES, TRAINABLE_CHOICES, RecoverConfig
 
 log = logging.getLogger("onnx_lrsd")
 
@@ -166,6 +167,8 @@ def _config_option(field: dataclasses.Field, hint) -> Callable:
             kwargs["is_flag"] = True
     elif cli.parse is not None:
         kwargs.update(callback=_parsed_by(cli.parse, cli.multiple), multiple=cli.multiple)
+        if cli.flag_value is not None:
+            kwargs.update(is_flag=False, flag_value=cli.flag_value)
     elif cli.choices is not None:
         short = {value: name for name, value in cli.aliases}
         kwargs["type"] = click.Choice([short.get(c, c) for c in cli.choices])
@@ -404,6 +407,88 @@ def sweep(model: Path, output_dir: Path, calib, points, config_file, save_models
     else:
         click.echo(report.to_markdown())
         click.echo(f"wrote {output_dir / 'sweep.json'}, {output_dir / 'sweep.md'}, {output_dir / 'sweep.png'}")
+
+
+def _recover_progress_printer(quiet: bool):
+    """A click progress bar of recovery's steps (or seconds, with only a time budget) whose
+    label shows the best held-out loss so far."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    state = {"bar": None}
+
+    def on_step(p) -> None:
+        total, done = (p.total, p.step) if p.total else (int(p.time_budget), int(min(p.seconds, p.time_budget)))
+        if state["bar"] is None:
+            state["bar"] = click.progressbar(length=total, label="recover", file=sys.stderr, show_pos=True,
+                                             show_eta=True)
+        bar = state["bar"]
+        if p.best_heldout_loss is not None:
+            bar.label = f"recover (held-out loss {p.best_heldout_loss:.4g})"
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.render_finish()
+
+    return on_step
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--teacher", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The original model MODEL was compressed from.")
+@click.option("--calib", "calib", multiple=True, required=True, metavar="PATH",
+              help="Unlabeled inputs: .npz files or directories keyed by input name (repeatable).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the recovered model.")
+@click.option("--steps", type=click.IntRange(min=0), default=None, help=f"Adam steps. [{DEFAULT_STEPS} without --recover-time]")
+@click.option("--recover-time", "time_budget", default=None, metavar="DURATION",
+              callback=_parsed_by(parse_duration, False), help="Time budget, e.g. 10m, 600s, 1h.")
+@click.option("--lr", type=float, default=None, help=f"Adam's step size (cosine-decayed over the budget). [{RecoverConfig.lr:g}]")
+@click.option("--batch", type=click.IntRange(min=1), default=None, help=f"Samples per step. [{RecoverConfig.batch}]")
+@click.option("--samples", type=click.IntRange(min=2), default=None, help="Use at most N calibration samples.")
+@click.option("--loss", type=click.Choice(LOSS_CHOICES), default=None, help=f"Distillation loss. [{RecoverConfig.loss}]")
+@click.option("--augment", type=click.Choice(AUGMENT_CHOICES), default=None,
+              help="On-the-fly augmentation of the inputs. [auto: from the input's kind]")
+@click.option("--trainable", type=click.Choice(TRAINABLE_CHOICES), default=None,
+              help=f"Weights to train: the compressed layers' or all float weights. [{RecoverConfig.trainable}]")
+@click.option("--mask-input", default=None, metavar="NAME", help="Input whose zeros mark padding (token models).")
+@click.option("--seed", type=int, default=None, help=f"Seed of the split, sampling and augmentation. [{RecoverConfig.seed}]")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the recovery report as JSON to this file.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw the held-out loss curve to this PNG (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@guarded
+def recover(model: Path, teacher: Path, calib, output: Path, steps, time_budget, lr, batch, samples, loss, augment,
+            trainable, mask_input, seed, report_file, plot_file, as_json, quiet) -> None:
+    """Fine-tune the compressed MODEL to reproduce TEACHER (the original) on unlabeled data
+    (end-to-end distillation with onnxruntime gradients) and write it to OUTPUT."""
+    from .model.io import write_atomic
+    from .recover import recover_file
+
+    options = {k: v for k, v in dict(steps=steps, time_budget=time_budget, lr=lr, batch=batch, samples=samples,
+                                      loss=loss, augment=augment, trainable=trainable, mask_input=mask_input,
+                                      seed=seed).items() if v is not None}
+    config = RecoverConfig(**options)
+    if plot_file is not None:
+        from .report.plot import require_matplotlib
+        require_matplotlib()
+    if output.exists() and model.exists() and output.resolve() in (model.resolve(), teacher.resolve()):
+        raise LrsdError("output path is an input path; refusing to overwrite it")
+    with _unless_completed(output):
+        result = recover_file(model, teacher, output, list(calib), config,
+                              on_step=_recover_progress_printer(quiet or as_json))
+        if report_file is not None:
+            write_atomic(report_file, json.dumps(result.report.to_dict(), indent=2, default=str))
+        if plot_file is not None:
+            from .report.plot import plot_recovery
+            plot_recovery({model.name: result.report}, plot_file, title=f"onnx-lrsd recover {model.name}")
+        _raise_if_signalled()
+    if as_json:
+        _emit_json(result.report.to_dict())
+    else:
+        click.echo(result.report.to_text())
+        click.echo(f"wrote {output}")
 
 
 if __name__ == "__main__":  # pragma: no cover

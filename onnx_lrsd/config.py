@@ -72,6 +72,29 @@ def parse_sparse_share(text: str) -> Union[float, str]:
 
 METRIC_PLACEHOLDER = "{model}"
 """Where a metric command (`CompressConfig.metric_command`) takes the candidate model's path."""
+def parse_recover(text: str) -> Union[int, str]:
+    """'auto' or a number of steps (ValueError otherwise)."""
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise ValueError(f"expected 'auto' or a number of steps, got {text!r}")
+    return int(text)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "10m" or "1h" (ValueError otherwise)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    value = str(text).strip().lower()
+    scale = units.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (e.g. 90s, 10m, 1h)") from None
+    if not seconds > 0:
+        raise ValueError(f"a duration must be > 0, got {text!r}")
+    return seconds
+
 
 COMPRESS, SWEEP = "compress", "sweep"
 """The commands that take `CompressConfig` fields as options."""
@@ -85,8 +108,9 @@ class CliOption:
     flag: the option's name (``--field-name`` if None); choices: the allowed values, with
     `aliases` (short name, value) shown in their place; minimum: the smallest integer;
     parse: text -> value (ValueError with the message if malformed); multiple: repeatable, the
-    field holds the tuple of parsed values. A bool field whose default is on also gets a
-    ``--no-`` form; one whose default is off is a plain switch.
+    field holds the tuple of parsed values; flag_value: the value of the option given without
+    one. A bool field whose default is on also gets a ``--no-`` form; one whose default is off
+    is a plain switch.
     """
 
     help: str
@@ -98,6 +122,7 @@ class CliOption:
     minimum: Optional[int] = None
     parse: Optional[Callable[[str], Any]] = None
     multiple: bool = False
+    flag_value: Optional[str] = None
 
 
 def option(default, help: str, **cli) -> Any:
@@ -207,6 +232,10 @@ class CompressConfig:
         last output line the score; `onnx_lrsd.runtime.command_metric`).
     best_effort: a latency, error or metric target that no round reaches is an error (with the
         nearest model's numbers) unless this is set; then that nearest model is returned.
+    recover, recover_time: after compressing, fine-tune the compressed model against the
+        original on the calibration batches the fits use (`onnx_lrsd.recover`, end-to-end
+        distillation): "auto" or a number of Adam steps, and/or a time budget in seconds; with
+        `stages`, after every stage against the original, the budget split evenly.
     then_quantize: quantize the compressed model to int8 with onnxruntime's quantizer as the
         last step (one of `onnx_lrsd.runtime.quantize.QUANTIZE_MODES`; ``static`` calibrates on the
         same calibration batches). Targets apply to the low-rank model; the report gives the
@@ -291,6 +320,12 @@ class CompressConfig:
         flag="--max-drop", metavar="D")
     best_effort: bool = option(False, "When a latency, error or metric target is unreachable, write the model "
                                       "nearest to it (with a warning) instead of failing.")
+    recover: Optional[Union[int, str]] = option(
+        None, "Then fine-tune the compressed model to reproduce the original on the calibration data "
+              "(distillation with onnxruntime gradients): 'auto' or a number of steps; with --stages, after every "
+              "stage (MUSCO).", metavar="[auto|STEPS]", parse=parse_recover, flag_value="auto")
+    recover_time: Optional[float] = option(None, "Time budget of the recovery (all stages), e.g. 10m, 600s, 1h.",
+                                           metavar="DURATION", parse=parse_duration)
     then_quantize: Optional[str] = option(
         None, "Quantize the compressed model to int8 with onnxruntime's quantizer: dynamic (all ops), "
               "dynamic-matmul (MatMul only) or static (QDQ, calibrated on --calib).", choices=QUANTIZE_MODES)
@@ -299,6 +334,11 @@ class CompressConfig:
     workers: int = option(1, "Local executor: processes (1: this process).", commands=BOTH, minimum=1)
     ray_address: Optional[str] = option(None, "Ray executor: the cluster to join (host:port, auto, ray://...); "
                                               "default: a local Ray.", commands=BOTH, metavar="ADDR")
+
+    @property
+    def recovers(self) -> bool:
+        """Whether recovery follows compression (`recover` or `recover_time` given)."""
+        return self.recover is not None or self.recover_time is not None
 
     @property
     def target(self) -> Optional[Tuple[str, float]]:
@@ -379,6 +419,11 @@ class CompressConfig:
             raise LrsdError("joint decomposition works with keep, params, MACs and error targets, not latency")
         if self.joint == "both" and self.target is not None:
             raise LrsdError("joint 'both' works with keep; with a target use left, right or auto")
+        if self.recover is not None and self.recover != "auto" and (
+                isinstance(self.recover, bool) or not isinstance(self.recover, int) or self.recover < 0):
+            raise LrsdError(f"recover must be 'auto' or a number of steps >= 0, got {self.recover!r}")
+        if self.recover_time is not None and not (isinstance(self.recover_time, (int, float)) and self.recover_time > 0):
+            raise LrsdError(f"recover_time must be > 0 seconds, got {self.recover_time!r}")
         if self.then_quantize is not None and self.then_quantize not in QUANTIZE_MODES:
             raise LrsdError(f"unknown then_quantize {self.then_quantize!r} (choose from {', '.join(QUANTIZE_MODES)})")
         if self.metric_command is not None and (not isinstance(self.metric_command, str)

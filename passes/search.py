@@ -23,7 +23,7 @@ from ..parallel.executor import executor_for
 from ..plan.cost import count_params, model_macs
 from ..report.types import (CompressionReport, LayerReport, ModelStats, StageSummary, SweepPoint, SweepReport)
 from ..runtime.bench import compare_latency, output_errors_on
-from ..runtime.calibrate import Calibration, calibration_batches, split_holdout
+from ..runtime.calibrate import RANDOM, Calibration, calibration_batches, split_holdout
 from ..runtime.feeds import random_feeds
 from ..runtime.quantize import quantize_model, summarize
 from ..runtime.deployment import deployment_feed
@@ -82,6 +82,15 @@ def compress_model(model: ModelSource, config: CompressConfig, calibration: Cali
             ctx, compressed = to_error(prepared, ctx)
         else:
             ctx, compressed = run_round(prepared, ctx)
+        recovery = None
+        if config.recovers:
+            if mapped_dir is not None:
+                raise LrsdError("recovery needs the model's weights in memory: raise map_weights_above_mb")
+            fit = split_holdout(ctx.calibration, config.holdout_every).fit
+            compressed, recovery = recover_compressed(source, compressed, calibration, fit, config, progress)
+            if config.verify:
+                held, _ = verification_batches(ctx)
+                ctx.output_errors = output_errors_on(source, compressed, held, [o.name for o in source.graph.output])
         quantization = None
         if config.then_quantize is not None:
             fit = split_holdout(ctx.calibration, config.holdout_every).fit
@@ -94,8 +103,34 @@ def compress_model(model: ModelSource, config: CompressConfig, calibration: Cali
         skipped=tuple(ctx.skipped), output_errors=dict(ctx.output_errors),
         seconds=time.perf_counter() - start, timings=dict(ctx.timings), config=dataclasses.asdict(ctx.config),
         allocation=ctx.allocation, verified_on=ctx.verified_on, joint_groups=tuple(ctx.joint_reports),
-        quantization=quantization, residual_check=ctx.residual_check)
+        quantization=quantization, residual_check=ctx.residual_check, recovery=recovery)
     return CompressionResult(model=compressed, report=report)
+
+
+def recover_compressed(source: onnx.ModelProto, compressed: onnx.ModelProto, calibration: Calibration, batches,
+                       config: CompressConfig, progress, share: float = 1.0):
+    """(recovered model, `RecoveryReport`): `compressed` fine-tuned against `source` on
+    `batches` (the fit split of the calibration data) with `config.recover` steps ("auto": the
+    default) and `config.recover_time`, both scaled by `share` (a MUSCO stage's part)."""
+    from ..recover import RecoverConfig, recover_models
+    from ..recover.types import DEFAULT_STEPS
+
+    given = [calibration] if isinstance(calibration, str) else calibration
+    if not batches or (isinstance(given, Sequence) and RANDOM in given):
+        raise LrsdError("recovery needs real unlabeled inputs (--calib DATA), not random ones")
+    if isinstance(config.recover, int):
+        steps = max(1, round(config.recover * share)) if config.recover else 0
+    else:  # "auto": the time budget alone, else the default number of steps
+        steps = None if config.recover_time is not None else max(1, round(DEFAULT_STEPS * share))
+    options = RecoverConfig(steps=steps, time_budget=config.recover_time * share if config.recover_time else None,
+                            seed=config.seed, mask_input=config.mask_input, threads=config.latency_threads)
+
+    def on_step(p) -> None:
+        if progress is not None:
+            total = p.total or int(p.time_budget)
+            progress("recover", min(p.step if p.total else int(p.seconds), total), total)
+    result = recover_models(compressed, source, batches, options, on_step)
+    return result.model, result.report
 
 
 def then_quantize(source: onnx.ModelProto, compressed: onnx.ModelProto, mode: str, fit_batches, verify_batches,
@@ -237,7 +272,9 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
     """MUSCO's multi-stage compression: `config.stages` runs, each compressing the previous
     run's model further and refitting on its own feature maps (calibration through the
     current model). Stage k keeps keep^(1/N) of each layer (chains are re-factored, never
-    re-expanded), or reaches target^(k/N) of the original; errors are against the original."""
+    re-expanded), or reaches target^(k/N) of the original; errors are against the original.
+    With `config.recovers`, each stage's model is fine-tuned against the original before the
+    next stage fits on it (a 1/N share of the recovery budget each)."""
     kind = config.target[0] if config.target is not None else None
     if kind not in STAGE_TARGETS:
         raise LrsdError("stages work with keep, target_params and target_macs")
@@ -247,7 +284,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
     verify_batches = split_holdout(batches, config.holdout_every).judging(2)
     names = [o.name for o in source.graph.output]
     before = model_stats(source)
-    current, stages, result = source, [], None
+    current, stages, result, recoveries = source, [], None, []
     for stage in range(1, config.stages + 1):
         began = time.perf_counter()
         if kind is None:
@@ -258,8 +295,14 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
             now = count_params(current) if kind == "params" else model_macs(current)
             wanted = getattr(config, field) ** (stage / config.stages) * total / now
             stage_config = config.replace(stages=1, **{field: min(1.0, wanted)})
-        result = compress_model(current, stage_config.replace(then_quantize=None), batches or None, progress)
+        result = compress_model(current, stage_config.replace(then_quantize=None, recover=None, recover_time=None),
+                                batches or None, progress)
         current = result.model
+        if config.recovers:  # MUSCO: recover against the original before the next stage
+            fit = split_holdout(batches, config.holdout_every).fit
+            current, recovery = recover_compressed(source, current, calibration, fit, config, progress,
+                                                   share=1 / config.stages)
+            recoveries.append(recovery)
         errors = (output_errors_on(source, current, verify_batches, names) if verify_batches
                   else dict(result.report.output_errors))
         after = model_stats(current)
@@ -278,6 +321,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
                                  output_errors=dict(quantization.output_errors) if quantization
                                  else stages[-1].output_errors,
                                  stages=tuple(stages), seconds=time.perf_counter() - start,
+                                 recovery=recoveries[-1] if recoveries else None,
                                  config=dataclasses.asdict(config),
                                  verified_on="held-out calibration batches, against the original"
                                  if verify_batches else result.report.verified_on)

@@ -21,9 +21,10 @@ ALLOWED = {
     "runtime": {"errors", "config", "decompose", "model", "plan", "report"},
     "parallel": {"errors", "config", "decompose", "model", "plan", "report", "runtime"},
     "testing": {"errors", "config", "model", "runtime"},
-    "passes": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel"},
-    "api": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel", "passes"},
-    "cli": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel", "api"},
+    "recover": {"errors", "config", "decompose", "model", "plan", "report", "runtime"},
+    "passes": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel", "recover"},
+    "api": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel", "passes", "recover"},
+    "cli": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel", "api", "recover"},
     "__init__": set(),
 }
 """Folder (or top-level module) -> the folders it may import (ARCHITECTURE.md)."""

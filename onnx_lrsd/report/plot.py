@@ -1,4 +1,5 @@
-"""The sweep's PNG: speedup and size against output error (and the metric when measured)."""
+"""PNGs: the sweep's speedup and size against output error (and the metric when measured);
+recovery's held-out loss curves."""
 from __future__ import annotations
 
 import os
@@ -185,3 +186,26 @@ def tradeoff_png(report, sweep=None) -> bytes:
     ax.set_title("model-level trade-off")
     fig.tight_layout()
     return _figure_png(fig)
+
+
+def plot_recovery(curves, path: Union[str, os.PathLike], title: str = "") -> Path:
+    """Write held-out loss against step for each recovery in `curves` ({label: RecoveryReport
+    or its `curve`}) to `path` (PNG, written atomically); needs matplotlib."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for label, curve in curves.items():
+        points = getattr(curve, "curve", curve)
+        ax.plot([s for s, _ in points], [l for _, l in points], "o-", markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return write_atomic(path, _figure_png(fig))

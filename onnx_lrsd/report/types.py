@@ -216,6 +216,51 @@ class ResidualCheck:
 
 
 @dataclass(frozen=True)
+class LeftAsFitted:
+    """A part of the model recovery did not train, and why (e.g. the op with no gradient rule)."""
+
+    part: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """Held-out loss and output error (‖y − y_teacher‖ / ‖y_teacher‖) before and after."""
+
+    level: str
+    loss: str
+    augment: str
+    output: str
+    trainable_tensors: int
+    trainable_params: int
+    train_samples: int
+    heldout_samples: int
+    steps: int
+    best_step: int
+    stopped_by: str
+    seconds: float
+    loss_before: float
+    loss_after: float
+    error_before: float
+    error_after: float
+    curve: Tuple[Tuple[int, float], ...]
+    left_as_fitted: Tuple[LeftAsFitted, ...] = ()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_text(self) -> str:
+        text = (f"recovery ({self.level}, {self.loss}, augment {self.augment}): {self.steps} steps in "
+                f"{self.seconds:.0f} s "
+                f"(best {self.best_step}, stopped by {self.stopped_by}), {self.trainable_params:,} weights trained on "
+                f"{self.train_samples} samples; held-out loss {self.loss_before:.4g} -> {self.loss_after:.4g}, "
+                f"output error {self.error_before:.3e} -> {self.error_after:.3e}")
+        for left in self.left_as_fitted:
+            text += f"\n  left as fitted: {left.part} ({left.reason})"
+        return text
+
+
+@dataclass(frozen=True)
 class CompressionReport:
     before: ModelStats
     after: ModelStats
@@ -231,6 +276,7 @@ class CompressionReport:
     joint_groups: Tuple[JointGroupReport, ...] = ()
     quantization: Optional[QuantizationSummary] = None
     residual_check: Optional[ResidualCheck] = None
+    recovery: Optional[RecoveryReport] = None
 
     @property
     def params_ratio(self) -> float:
@@ -274,6 +320,8 @@ class CompressionReport:
             errors = ", ".join(f"{e:.3e}" for e in stage.output_errors.values())
             lines.append(f"stage {stage.stage}: params {stage.params_ratio:.3f}, MACs {stage.macs_ratio:.3f}, "
                          f"output error {errors} ({stage.seconds:.1f} s)")
+        if self.recovery is not None:
+            lines.append(self.recovery.to_text())
         if self.quantization is not None:
             lines.append(self.quantization.to_text())
         where = f" ({self.verified_on})" if self.verified_on else ""
