@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .decompose.channels import CRITERIA, ConsumerStats
+from .decompose.channels import CRITERIA, ConsumerStats, channel_order
 from .errors import LrsdError
 from .model.channel_groups import BlockedGroup, ChannelGroup, find_channel_groups, weight_target
 from .model.graph import export_model, import_graph, model_template
@@ -20,7 +20,7 @@ from .runtime.activations import collect_statistics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PruneOptions", "PruneResult", "channel_groups", "group_statistics", "prune_model"]
+__all__ = ["PruneOptions", "PruneResult", "channel_groups", "channel_orders", "group_statistics", "prune_model"]
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,18 @@ def group_statistics(model: onnx.ModelProto, groups: Sequence[ChannelGroup], bat
     return {t.name: consumer_stats(t, stats[t.name].fit) for t in targets}
 
 
+def channel_orders(groups: Sequence[ChannelGroup], stats: Mapping[str, ConsumerStats], criterion: str
+                   ) -> Dict[str, np.ndarray]:
+    """Every group's channels in the order `criterion` keeps them (the first k: width k)."""
+    return {g.name: channel_order([stats[c] for c in g.consumers], criterion) for g in groups}
+
+
 def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: PruneOptions = PruneOptions(),
-                stats: Optional[Dict[str, ConsumerStats]] = None, widths: Optional[Mapping[str, int]] = None
-                ) -> PruneResult:
+                stats: Optional[Dict[str, ConsumerStats]] = None, widths: Optional[Mapping[str, int]] = None,
+                orders: Optional[Mapping[str, np.ndarray]] = None) -> PruneResult:
     """Narrow every channel group of `model` to `options.keep` of its channels (or to
-    `widths[group]` where given); `stats` from `group_statistics` may be passed in to reuse them."""
+    `widths[group]` where given); `stats` from `group_statistics` and channel `orders` (per
+    group, `channel_orders`) may be passed in to reuse them across widths."""
     graph = import_graph(model)
     groups, blocked = find_channel_groups(graph)
     if not groups:
@@ -80,7 +87,7 @@ def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: Pru
     plans = []
     for group in groups:
         keep = (widths or {}).get(group.name, keep_count(group.channels, options.keep, options.multiple))
-        plans.append(plan_group(group, stats, keep, options.criterion, options.refit))
+        plans.append(plan_group(group, stats, keep, options.criterion, options.refit, (orders or {}).get(group.name)))
         log.info("%s: %d of %d channels", group.name, plans[-1].width, group.channels)
     narrow_graph(graph, plans)
     narrowed = export_model(graph, model_template(model))

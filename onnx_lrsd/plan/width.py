@@ -40,13 +40,14 @@ def keep_count(channels: int, fraction: float, multiple: int = 1) -> int:
 
 
 def plan_group(group: ChannelGroup, stats: Mapping[str, ConsumerStats], keep: int, criterion: str = "greedy",
-               refit: bool = True) -> GroupPlan:
-    """Keep `keep` channels chosen by `criterion` over all consumers; refit each consumer by
-    least squares with an intercept (`refit`), or cut it plainly."""
+               refit: bool = True, order: np.ndarray | None = None) -> GroupPlan:
+    """Keep `keep` channels chosen by `criterion` over all consumers (or the first `keep` of a
+    precomputed `order`); refit each consumer by least squares with an intercept (`refit`),
+    or cut it plainly."""
     consumers = [stats[name] for name in group.consumers]
     if keep >= group.channels:
         return GroupPlan(group, np.arange(group.channels))
-    kept = select_channels(consumers, keep, criterion)
+    kept = np.sort(order[:keep]) if order is not None else select_channels(consumers, keep, criterion)
     refits = ()
     if refit:
         refits = tuple(ConsumerRefit(name, *refit_consumer(stats[name], kept)) for name in group.consumers)
