@@ -15,10 +15,15 @@ from .errors import LrsdError
 from .model.channel_groups import BlockedGroup, ChannelGroup, find_channel_groups, weight_target
 from .model.graph import export_model, import_graph, model_template
 from .model.narrow import GroupPlan, narrow_graph
-from .plan.width import consumer_stats, keep_count, plan_group
+from .model.graph import resolve_constant
+from .plan.width import (GroupCost, allocate_widths, consumer_stats, group_cost, group_error_curve, keep_count,
+                         plan_group)
 from .runtime.activations import collect_statistics
 
 log = logging.getLogger(__name__)
+
+CORRECTION_ROUNDS = 4
+"""Allocations tried for a params / MACs target, each asking the shortfall of the last one more."""
 
 __all__ = ["PruneOptions", "PruneResult", "channel_groups", "channel_orders", "group_statistics", "prune_model"]
 
@@ -27,7 +32,10 @@ __all__ = ["PruneOptions", "PruneResult", "channel_groups", "channel_orders", "g
 class PruneOptions:
     """keep: fraction of each group's channels kept; criterion: energy | nystrom | greedy;
     refit: least-squares repair of the consumers (else plain cut); multiple: round widths of
-    wide groups to this multiple; max_positions: conv positions sampled per batch."""
+    wide groups to this multiple; max_positions: conv positions sampled per batch;
+    target_params / target_macs: instead of one keep, the widths whose predicted damage is
+    least for the model's params (MACs) at this fraction (`allocate_widths`), each group's
+    damage scaled by its sensitivity measured in onnxruntime at `probe_keep`."""
 
     keep: float = 0.5
     criterion: str = "greedy"
@@ -35,8 +43,17 @@ class PruneOptions:
     multiple: int = 1
     max_positions: int = 4096
     mask_input: Optional[str] = None
+    target_params: Optional[float] = None
+    target_macs: Optional[float] = None
+    probe_keep: float = 0.5
 
     def __post_init__(self) -> None:
+        for name in ("target_params", "target_macs"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise LrsdError(f"{name} must be in (0, 1), got {value}")
+        if self.target_params is not None and self.target_macs is not None:
+            raise LrsdError("give one of target_params and target_macs")
         if not 0 < self.keep <= 1:
             raise LrsdError(f"--keep must be in (0, 1], got {self.keep}")
         if self.criterion not in CRITERIA:
@@ -84,6 +101,10 @@ def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: Pru
                         + (f" (e.g. {blocked[0].name}: {blocked[0].reason})" if blocked else ""))
     if stats is None:
         stats = group_statistics(model, groups, batches, options.mask_input, options.max_positions)
+    if widths is None and (options.target_params or options.target_macs):
+        if orders is None:
+            orders = channel_orders(groups, stats, options.criterion)
+        widths = target_widths(model, graph, groups, stats, orders, batches, options)
     plans = []
     for group in groups:
         keep = (widths or {}).get(group.name, keep_count(group.channels, options.keep, options.multiple))
@@ -93,3 +114,84 @@ def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: Pru
     narrowed = export_model(graph, model_template(model))
     del narrowed.graph.value_info[:]
     return PruneResult(narrowed, tuple(plans), tuple(blocked))
+
+
+def group_costs(graph, groups: Sequence[ChannelGroup]) -> Dict[str, GroupCost]:
+    """Params and MACs per channel of every group (`plan.width.GroupCost`)."""
+    nodes = {n.name: n for n in graph.nodes}
+    costs = {}
+    for group in groups:
+        targets = {name: weight_target(nodes[name], graph) for name in group.producers + group.consumers}
+        sizes = {}
+        for p in dict.fromkeys(group.params):
+            resolved = resolve_constant(nodes[p.node].inputs[p.index])
+            sizes[(p.node, p.index)] = int(resolved.values.size)
+        depthwise = 0.0
+        for name in group.depthwise:
+            node = nodes[name]
+            shape = node.outputs[0].shape
+            positions = np.prod([d for d in (shape or [])[2:] if isinstance(d, (int, np.integer))] or [1])
+            kernel = resolve_constant(node.inputs[1]).values.shape[2:]
+            depthwise += float(positions * np.prod(kernel) * group.channels)
+        costs[group.name] = group_cost(group, targets, sizes, depthwise)
+    return costs
+
+
+def _output_error(sessions_outputs, reference) -> float:
+    """Squared relative error of all outputs, summed over the batches."""
+    num = sum(float(np.sum((np.asarray(a, np.float64) - b) ** 2)) for out, ref in zip(sessions_outputs, reference)
+              for a, b in zip(out, ref))
+    den = sum(float(np.sum(b ** 2)) for ref in reference for b in ref)
+    return num / max(den, 1e-300)
+
+
+def _run(model: onnx.ModelProto, batches: Sequence[Mapping]) -> List[List[np.ndarray]]:
+    from .runtime.activations import ActivationRunner
+
+    names = [o.name for o in model.graph.output]
+    runner = ActivationRunner(model, names)
+    return [[np.asarray(v, np.float64) for v in runner.run(feeds).values()] for feeds in batches]
+
+
+def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup], stats: Mapping[str, ConsumerStats],
+                  orders: Mapping[str, np.ndarray], batches: Sequence[Mapping], options: PruneOptions
+                  ) -> Dict[str, int]:
+    """Per-group widths for `options.target_params` / `target_macs`: error curves from the
+    statistics, each group's sensitivity (measured squared relative output error of the
+    model with that group alone at `probe_keep`, over its predicted error), then
+    `allocate_widths`."""
+    from .plan.cost import count_params, model_macs
+
+    kind, target = ("params", options.target_params) if options.target_params else ("macs", options.target_macs)
+    total = count_params(model) if kind == "params" else model_macs(model)
+    curves = {g.name: group_error_curve(g, stats, options.criterion, orders[g.name]) for g in groups}
+    costs = group_costs(graph, groups)
+    probes = batches[:2]
+    reference = _run(model, probes)
+    sensitivity = {}
+    for group in groups:
+        k = keep_count(group.channels, options.probe_keep, options.multiple)
+        if k >= group.channels:
+            continue
+        alone = {g.name: g.channels for g in groups}
+        alone[group.name] = k
+        probe = prune_model(model, probes, PruneOptions(criterion=options.criterion, refit=options.refit,
+                                                        multiple=options.multiple), stats=stats, widths=alone,
+                            orders=orders).model
+        measured = _output_error(_run(probe, probes), reference)
+        sensitivity[group.name] = measured / max(float(curves[group.name].errors[k]), 1e-30)
+        log.info("%s: sensitivity %.3g", group.name, sensitivity[group.name])
+    measure = count_params if kind == "params" else model_macs
+    saving = (1 - target) * total
+    for _ in range(CORRECTION_ROUNDS):  # the linear costs overcount a weight narrowed on both sides
+        try:
+            widths = allocate_widths(curves, costs, saving, sensitivity, kind, options.multiple)
+        except ValueError as exc:
+            raise LrsdError(f"target_{kind} {target}: {exc}") from None
+        narrowed = prune_model(model, probes, PruneOptions(criterion=options.criterion, refit=False), stats=stats,
+                               widths=widths, orders=orders).model
+        shortfall = measure(narrowed) - target * total
+        if shortfall <= 0.002 * total:
+            break
+        saving += shortfall
+    return widths

@@ -202,3 +202,32 @@ def test_refit_lowers_the_output_error_and_more_width_lowers_it_further(builder,
     errors = [error(keep=k) for k in (0.25, 0.5, 0.75)]
     assert errors[0] > errors[1] > errors[2] > 0
     assert error(keep=1.0) == 0.0
+
+
+def test_allocate_widths_spares_the_sensitive_group():
+    from onnx_lrsd.plan.width import GroupCost, GroupCurve, allocate_widths
+
+    widths = np.arange(17)
+    curve = GroupCurve("g", np.arange(16), (1 - widths / 16) ** 2)
+    curves = {"a": curve, "b": GroupCurve("b", curve.order, curve.errors)}
+    costs = {n: GroupCost(n, 16, params_per_channel=10.0, macs_per_channel=1.0) for n in curves}
+    even = allocate_widths(curves, costs, saving=160.0, multiple=1)
+    assert sum(16 - k for k in even.values()) * 10 >= 160 and abs(even["a"] - even["b"]) <= 1
+    skewed = allocate_widths(curves, costs, saving=160.0, sensitivity={"a": 100.0, "b": 1.0}, multiple=1)
+    assert skewed["a"] > skewed["b"] and sum(16 - k for k in skewed.values()) * 10 >= 160
+    with pytest.raises(ValueError):
+        allocate_widths(curves, costs, saving=1e6, multiple=1)
+
+
+@pytest.mark.parametrize("kind", ["target_params", "target_macs"])
+def test_prune_to_a_params_or_macs_target(kind):
+    from onnx_lrsd.plan.cost import count_params, model_macs
+
+    model = mobile_model()
+    rng = np.random.default_rng(4)
+    calibration = [mobile_feeds(rng, 8) for _ in range(4)]
+    measure = count_params if kind == "target_params" else model_macs
+    result = prune_model(model, calibration, PruneOptions(multiple=1, **{kind: 0.7}))
+    ratio = measure(result.model) / measure(model)
+    assert 0.6 < ratio <= 0.702
+    assert any(p.width < p.group.channels for p in result.plans)

@@ -18,7 +18,18 @@ from ..model.channel_groups import ChannelGroup
 from ..model.layers import LayerTarget
 from ..model.narrow import ConsumerRefit, GroupPlan
 
-__all__ = ["consumer_stats", "keep_count", "plan_group", "group_error_curve", "GroupCurve"]
+__all__ = ["consumer_stats", "keep_count", "plan_group", "group_error_curve", "GroupCurve", "GroupCost",
+           "group_cost", "width_options", "allocate_widths"]
+
+
+def group_cost(group: ChannelGroup, targets: Mapping[str, LayerTarget], param_sizes: Mapping[Tuple[str, int], int],
+               depthwise_macs: float = 0.0) -> GroupCost:
+    """`GroupCost` from the producers' and consumers' targets, the sizes of the group's sliced
+    constants (`param_sizes[(node, input)]`) and the depthwise convs' MACs at full width."""
+    C = group.channels
+    params = sum(size for key, size in param_sizes.items()) + sum(targets[c].weight.size for c in group.consumers)
+    macs = sum(targets[p].macs for p in group.producers) + sum(targets[c].macs for c in group.consumers)
+    return GroupCost(group.name, C, params / C, (macs + depthwise_macs) / C)
 
 
 def consumer_stats(target: LayerTarget, acc: GramAccumulator) -> ConsumerStats:
@@ -64,11 +75,61 @@ class GroupCurve:
     errors: np.ndarray
 
 
-def group_error_curve(group: ChannelGroup, stats: Mapping[str, ConsumerStats], criterion: str = "greedy"
-                      ) -> GroupCurve:
-    """Closed-form error of every width of a group (nested selections of one criterion)."""
+def group_error_curve(group: ChannelGroup, stats: Mapping[str, ConsumerStats], criterion: str = "greedy",
+                      order: np.ndarray | None = None) -> GroupCurve:
+    """Closed-form error of every width of a group (nested selections of one criterion, or
+    of a precomputed `order`)."""
     consumers = [stats[name] for name in group.consumers]
-    order = channel_order(consumers, criterion)
+    order = channel_order(consumers, criterion) if order is None else order
     errors = sum(width_errors(c, order) for c in consumers)
     energy = sum(output_energy(c) for c in consumers)
     return GroupCurve(group.name, order, errors / max(energy, 1e-300))
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    """Params and MACs (batch 1; symbolic dims count 1) a group holds at full width, and the
+    share that scales with its width: cost(k) = fixed + k · per_channel."""
+
+    group: str
+    channels: int
+    params_per_channel: float
+    macs_per_channel: float
+
+    def params_saved(self, width: int) -> float:
+        return (self.channels - width) * self.params_per_channel
+
+    def macs_saved(self, width: int) -> float:
+        return (self.channels - width) * self.macs_per_channel
+
+
+def width_options(channels: int, multiple: int = 8) -> List[int]:
+    """Candidate widths of a group: multiples of `multiple` (all widths when it is narrow), and full."""
+    step = multiple if channels >= 2 * multiple else 1
+    return sorted(set(range(step, channels, step)) | {channels})
+
+
+def allocate_widths(curves: Mapping[str, GroupCurve], costs: Mapping[str, GroupCost], saving: float,
+                    sensitivity: Mapping[str, float] | None = None, kind: str = "params",
+                    multiple: int = 8) -> Dict[str, int]:
+    """Each group's width for the least predicted damage Σ_g s_g · e_g(k_g) (e_g: the group's
+    relative squared refit error, s_g: its measured sensitivity, 1 without) that saves at
+    least `saving` params (or MACs) in total (`allocate.allocate_budget`). The costs are linear
+    in each width, so a weight narrowed on both sides (a producer that also consumes) counts
+    its corner twice: callers correct the saving by measuring (`prune.target_widths`)."""
+    from .allocate import Option, allocate_budget
+
+    names = list(curves)
+    options, widths = [], []
+    for name in names:
+        cost, curve = costs[name], curves[name]
+        scale = (sensitivity or {}).get(name, 1.0)
+        ks = width_options(cost.channels, multiple)
+        per = cost.params_saved if kind == "params" else cost.macs_saved
+        options.append([Option(cost=-per(k), damage=scale * float(curve.errors[k])) for k in ks])
+        widths.append(ks)
+    total = sum(max(-o.cost for o in layer) for layer in options)
+    if saving > total:
+        raise ValueError(f"width reduction can save at most {total:.0f} {kind}, {saving:.0f} asked")
+    allocation = allocate_budget(options, -saving)
+    return {name: widths[i][c] for i, (name, c) in enumerate(zip(names, allocation.choice))}
