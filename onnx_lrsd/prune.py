@@ -12,7 +12,7 @@ import onnx
 
 from .decompose.channels import CRITERIA, ConsumerStats, channel_order
 from .errors import LrsdError
-from .model.channel_groups import BlockedGroup, ChannelGroup, find_channel_groups, weight_target
+from .model.channel_groups import BlockedGroup, ChannelGroup, find_channel_groups, find_head_groups, weight_target
 from .model.graph import export_model, import_graph, model_template
 from .model.narrow import GroupPlan, narrow_graph
 from .model.graph import resolve_constant
@@ -68,8 +68,18 @@ class PruneResult:
 
 
 def channel_groups(model: onnx.ModelProto) -> Tuple[List[ChannelGroup], List[BlockedGroup]]:
-    """The model's coupled channel groups and the blocked ones (with reasons)."""
-    return find_channel_groups(import_graph(model))
+    """The model's coupled channel groups and attention-head groups, and the blocked ones
+    (with reasons; a projection blocked as channels but narrowed as heads is not listed)."""
+    return _groups(import_graph(model), model)
+
+
+def _groups(graph, model: onnx.ModelProto):
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    groups, blocked = find_channel_groups(graph)
+    heads, heads_blocked = find_head_groups(graph, opset)
+    in_heads = {name for g in heads for name in g.producers + g.consumers}
+    blocked = [b for b in blocked if not in_heads.intersection(b.producers)] + heads_blocked
+    return groups + heads, blocked
 
 
 def group_statistics(model: onnx.ModelProto, groups: Sequence[ChannelGroup], batches: Sequence[Mapping],
@@ -77,9 +87,10 @@ def group_statistics(model: onnx.ModelProto, groups: Sequence[ChannelGroup], bat
     """Every consumer's input statistics, one onnxruntime pass over `batches`."""
     graph = import_graph(model)
     nodes = {n.name: n for n in graph.nodes}
-    targets = [weight_target(nodes[name], graph) for g in groups for name in g.consumers]
+    blocks = {name: g.block for g in groups for name in g.consumers}
+    targets = [weight_target(nodes[name], graph) for name in blocks]
     stats = collect_statistics(model, targets, batches, mask_input=mask_input, max_positions=max_positions)
-    return {t.name: consumer_stats(t, stats[t.name].fit) for t in targets}
+    return {t.name: consumer_stats(t, stats[t.name].fit, blocks[t.name]) for t in targets}
 
 
 def channel_orders(groups: Sequence[ChannelGroup], stats: Mapping[str, ConsumerStats], criterion: str
@@ -95,7 +106,7 @@ def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: Pru
     `widths[group]` where given); `stats` from `group_statistics` and channel `orders` (per
     group, `channel_orders`) may be passed in to reuse them across widths."""
     graph = import_graph(model)
-    groups, blocked = find_channel_groups(graph)
+    groups, blocked = _groups(graph, model)
     if not groups:
         raise LrsdError("no channel group can be narrowed in this model"
                         + (f" (e.g. {blocked[0].name}: {blocked[0].reason})" if blocked else ""))

@@ -231,3 +231,86 @@ def test_prune_to_a_params_or_macs_target(kind):
     ratio = measure(result.model) / measure(model)
     assert 0.6 < ratio <= 0.702
     assert any(p.width < p.group.channels for p in result.plans)
+
+
+def attention_model(opset=17, seed=0, heads=4, size=4):
+    """x [batch, seq, 16], additive mask [batch, 1, 1, seq] → Q/K/V (MatMul + Add) → Reshape
+    [0, 0, H, d] → attention → Reshape [0, 0, H·d] → output projection → y."""
+    b = Builder(seed=seed)
+    width = heads * size
+    x = b.input("x", ["batch", "seq", width])
+    mask = b.input("mask", ["batch", 1, 1, "seq"])
+    split = b.init("split_heads", np.asarray([0, 0, heads, size], np.int64))
+    for role, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        b.node("MatMul", [x, b.init(f"W{role}", b.randn(width, width, scale=0.4))], [f"{role}0"], name=role)
+        b.node("Add", [f"{role}0", b.init(f"b{role}", b.randn(width, scale=0.1))], [f"{role}1"], name=f"{role}_bias")
+        b.node("Reshape", [f"{role}1", split], [f"{role}2"], name=f"{role}_split")
+        b.node("Transpose", [f"{role}2"], [f"{role}3"], name=f"{role}_transpose", perm=perm)
+    b.node("MatMul", ["q3", "k3"], ["s0"], name="scores")
+    b.node("Mul", ["s0", b.init("scale", np.asarray([size ** -0.5], np.float32))], ["s1"], name="scale_scores")
+    b.node("Add", ["s1", mask], ["s2"], name="add_mask")
+    b.node("Softmax", ["s2"], ["p"], name="softmax", axis=-1)
+    b.node("MatMul", ["p", "v3"], ["c0"], name="context")
+    b.node("Transpose", ["c0"], ["c1"], name="context_transpose", perm=[0, 2, 1, 3])
+    b.node("Reshape", ["c1", b.init("merge_heads", np.asarray([0, 0, width], np.int64))], ["c2"], name="merge")
+    b.node("MatMul", ["c2", b.init("Wo", b.randn(width, width, scale=0.4))], ["o0"], name="out")
+    b.node("Add", ["o0", b.init("bo", b.randn(width, scale=0.1))], ["y"], name="out_bias")
+    b.output("y", ["batch", "seq", width])
+    return b.model(opset, IR[opset])
+
+
+def attention_feeds(rng, batch=2, seq=5):
+    mask = np.zeros((batch, 1, 1, seq), np.float32)
+    mask[0, ..., -2:] = -10000.0
+    return {"x": rng.standard_normal((batch, seq, 16)).astype(np.float32), "mask": mask}
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_attention_heads_group_cut_equals_zeroed_output_rows(opset):
+    model = attention_model(opset)
+    groups, blocked = channel_groups(model)
+    heads = [g for g in groups if g.block > 1]
+    assert len(heads) == 1 and not blocked
+    group = heads[0]
+    assert group.channels == 4 and group.block == 4 and set(group.producers) == {"q", "k", "v"}
+    assert group.consumers == ("out",) and {e.node for e in group.shapes} == {"q_split", "k_split", "v_split", "merge"}
+    kept = np.array([1, 3])
+    graph = import_graph(model)
+    narrow_graph(graph, [GroupPlan(group, kept)])
+    narrowed = export_model(graph, model_template(model))
+    onnx.checker.check_model(narrowed)
+    dropped_rows = np.concatenate([np.arange(h * 4, h * 4 + 4) for h in (0, 2)])
+    reference = zero_inputs(model, {"Wo": 0}, dropped_rows)
+    rng = np.random.default_rng(5)
+    for batch, seq in ((1, 3), (3, 6)):
+        feeds = attention_feeds(rng, batch, seq)
+        np.testing.assert_allclose(run(narrowed, feeds)[0], run(reference, feeds)[0], rtol=1e-5, atol=1e-5)
+    shapes = {t.name: numpy_helper.to_array(t) for t in narrowed.graph.initializer if t.name.endswith("lrsd/shape")}
+    assert sorted(tuple(v) for v in shapes.values()) == [(0, 0, 2, 4)] * 3 + [(0, 0, 8)]
+
+
+def test_attention_heads_refit_beats_cut_and_full_width_is_exact():
+    model = attention_model()
+    rng = np.random.default_rng(6)
+    calibration = [attention_feeds(rng, 8, 6) for _ in range(6)]
+    held_out = attention_feeds(np.random.default_rng(60), 8, 6)
+    want = run(model, held_out)[0]
+    groups, _ = channel_groups(model)
+    stats = group_statistics(model, groups, calibration)
+
+    def error(**options):
+        pruned = prune_model(model, calibration, PruneOptions(**options), stats=stats).model
+        return float(np.linalg.norm(run(pruned, held_out)[0] - want) / np.linalg.norm(want))
+
+    assert error(keep=0.5) < error(keep=0.5, refit=False)
+    assert error(keep=1.0) == 0.0
+
+
+def test_heads_blocked_when_softmax_mixes_heads():
+    model = attention_model()
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            node.attribute[0].i = 1
+    groups, blocked = channel_groups(model)
+    assert not [g for g in groups if g.block > 1]
+    assert any("Softmax" in b.reason for b in blocked)

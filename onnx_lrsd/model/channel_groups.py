@@ -31,7 +31,8 @@ import onnx_graphsurgeon as gs
 from .graph import resolve_constant
 from .layers import LayerTarget, NotATarget, conv_target, gemm_target, matmul_target
 
-__all__ = ["ChannelParam", "ChannelGroup", "BlockedGroup", "find_channel_groups", "weight_target"]
+__all__ = ["ChannelParam", "ShapeEdit", "ChannelGroup", "BlockedGroup", "find_channel_groups", "find_head_groups",
+           "weight_target"]
 
 UNARY = {"Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf",
          "Gelu", "Softplus", "Softsign", "Mish", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Identity",
@@ -42,17 +43,32 @@ POOLS = {"GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "LpPool
 
 @dataclass(frozen=True)
 class ChannelParam:
-    """Input `index` of node `node` is a constant to slice along `axis` (per-channel values)."""
+    """Input `index` of node `node` is a constant to slice along `axis` (per-channel values;
+    `block` consecutive entries per channel, e.g. one attention head's columns)."""
 
     node: str
     index: int
     axis: int
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class ShapeEdit:
+    """Entry `position` of the constant shape at input `index` of `node` becomes
+    width · `per_channel` (a Reshape's head count, or heads × head size)."""
+
+    node: str
+    index: int
+    position: int
+    per_channel: int
 
 
 @dataclass(frozen=True)
 class ChannelGroup:
     """C channels that producers write and consumers read; `params` are the per-channel
-    constants between them, `depthwise` the depthwise convs whose `group` is C."""
+    constants between them, `depthwise` the depthwise convs whose `group` is C. A channel is
+    `block` consecutive features of the consumers' input (attention heads: the head size);
+    `shapes` are Reshape constants that count channels."""
 
     name: str
     channels: int
@@ -62,6 +78,8 @@ class ChannelGroup:
     params: Tuple[ChannelParam, ...]
     depthwise: Tuple[str, ...]
     tensors: Tuple[str, ...]
+    block: int = 1
+    shapes: Tuple[ShapeEdit, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,7 @@ class _Finder:
         self.inputs = {t.name for t in graph.inputs}
         self.targets: Dict[str, Optional[LayerTarget]] = {}
         self.space: Optional[_Space] = None
+        self.opset = 17
 
     def target(self, node: gs.Node) -> Optional[LayerTarget]:
         if node.name not in self.targets:
@@ -285,4 +304,182 @@ def find_channel_groups(graph: gs.Graph) -> Tuple[List[ChannelGroup], List[Block
             name=node.name, channels=space.channels, channel_first=space.channel_first,
             producers=tuple(space.producers), consumers=tuple(space.consumers), params=tuple(params),
             depthwise=tuple(space.depthwise), tensors=tuple(space.tensors)))
+    return groups, blocked
+
+
+_HEAD_PASS = {"Transpose", "Softmax", "MatMul", "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Dropout"}
+
+
+class _Heads:
+    """Attention heads: Q / K / V producers whose outputs (after a constant bias Add) are
+    reshaped by a constant shape [..., H, d] into heads, and the output projection that reads
+    them back through a constant Reshape [..., H·d]. Between the two, the head axis is
+    tracked through Transpose, batched MatMul, Softmax (not over heads) and elementwise ops
+    whose other operand is constant and scalar or a tensor with one entry on the head axis."""
+
+    def __init__(self, finder: _Finder):
+        self.finder = finder
+        self.axis: Dict[str, int] = {}
+        self.tensors: Dict[str, gs.Tensor] = {}
+        self.splits: Dict[str, gs.Node] = {}
+        self.merges: Dict[str, gs.Node] = {}
+        self.heads = self.size = None
+        self.visited: set = set()
+
+    def shape_constant(self, node: gs.Node) -> Optional[np.ndarray]:
+        if node.op != "Reshape" or len(node.inputs) < 2:
+            return None
+        values = self.finder.constant(node.inputs[1])
+        return None if values is None else np.asarray(values).reshape(-1)
+
+    def add(self, tensor: gs.Tensor, axis: int, queue: deque) -> None:
+        known = self.axis.get(tensor.name)
+        if known is not None and known != axis:
+            raise _Blocked(f"'{tensor.name}' holds the heads on two axes")
+        if known is None:
+            if tensor.name in self.finder.outputs:
+                raise _Blocked(f"'{tensor.name}' is a graph output")
+            self.axis[tensor.name] = axis
+            self.tensors[tensor.name] = tensor
+            queue.append(tensor)
+
+    def split(self, node: gs.Node) -> None:
+        shape = self.shape_constant(node)
+        if shape is None or len(shape) < 3 or shape[-1] <= 0 or shape[-2] <= 0:
+            raise _Blocked(f"Reshape '{node.name}' into heads has no constant shape")
+        heads, size = int(shape[-2]), int(shape[-1])
+        if self.heads is None:
+            self.heads, self.size = heads, size
+        if (heads, size) != (self.heads, self.size):
+            raise _Blocked(f"Reshape '{node.name}' splits into other heads")
+        self.splits[node.name] = node
+
+    def grow(self, start: gs.Node) -> None:
+        self.split(start)
+        queue: deque = deque()
+        self.add(start.outputs[0], len(self.shape_constant(start)) - 2, queue)
+        while queue:
+            tensor = queue.popleft()
+            producer = tensor.inputs[0] if tensor.inputs else None
+            if producer is not None and producer.name not in self.splits and producer.name not in self.visited:
+                self.visited.add(producer.name)
+                self.visit(producer, queue, backward=True)
+            for node in tensor.outputs:
+                if node.name not in self.visited and node.name not in self.splits:
+                    self.visited.add(node.name)
+                    self.visit(node, queue, backward=False)
+
+    def visit(self, node: gs.Node, queue: deque, backward: bool) -> None:
+        if node.op == "Reshape" and backward:
+            self.split(node)
+            return
+        if node.op == "Reshape":
+            shape = self.shape_constant(node)
+            data = node.inputs[0]
+            if shape is None or self.axis[data.name] != len(shape) - 1 or shape[-1] != self.heads * self.size:
+                raise _Blocked(f"Reshape '{node.name}' does not merge the heads back")
+            self.merges[node.name] = node
+            return
+        if node.op not in _HEAD_PASS:
+            raise _Blocked(f"{node.op} '{node.name}' touches the heads")
+        inside = [t for t in node.inputs if t.name in self.axis]
+        if node.op == "Transpose":
+            perm = list(node.attrs.get("perm", []))
+            if not perm:
+                raise _Blocked(f"Transpose '{node.name}' without perm")
+            if node.inputs[0].name in self.axis:
+                self.add(node.outputs[0], perm.index(self.axis[node.inputs[0].name]), queue)
+            else:
+                self.add(node.inputs[0], perm[self.axis[node.outputs[0].name]], queue)
+            return
+        axis = self.axis[inside[0].name] if inside else self.axis[node.outputs[0].name]
+        if node.op == "Softmax":
+            rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+            softmax_axis = int(node.attrs.get("axis", -1 if self.finder.opset >= 13 else 1))
+            if rank is None or softmax_axis % rank == axis or (self.finder.opset < 13 and softmax_axis % rank <= axis):
+                raise _Blocked(f"Softmax '{node.name}' mixes the heads")
+        for tensor in node.inputs[:2] if node.op == "MatMul" else node.inputs:
+            if tensor.name in self.axis:
+                continue
+            if node.op == "MatMul":
+                self.add(tensor, axis, queue)
+                continue
+            values = self.finder.constant(tensor)
+            shape = tensor.shape if values is None else values.shape
+            rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+            if shape is None or rank is None:
+                raise _Blocked(f"{node.op} '{node.name}' mixes in '{tensor.name}' of unknown shape")
+            offset = axis - (rank - len(shape))
+            if offset >= 0 and shape[offset] != 1:
+                raise _Blocked(f"{node.op} '{node.name}' mixes in '{tensor.name}' per head")
+        self.add(node.outputs[0], axis, queue)
+
+
+def _head_producer(split: gs.Node, finder: _Finder, heads: int, size: int):
+    """(producer MatMul, bias ChannelParam or None) feeding a split Reshape."""
+    tensor = split.inputs[0]
+    bias = None
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and node.op == "Add" and len(tensor.outputs) == 1:
+        const = [i for i, t in enumerate(node.inputs) if finder.constant(t) is not None]
+        if len(const) != 1:
+            raise _Blocked(f"Add '{node.name}' before the heads is not a constant bias")
+        values = finder.constant(node.inputs[const[0]])
+        if values.size != heads * size:
+            raise _Blocked(f"bias of '{node.name}' is not per feature")
+        bias = ChannelParam(node.name, const[0], values.ndim - 1, size)
+        tensor = node.inputs[1 - const[0]]
+        node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or node.op != "MatMul" or len(tensor.outputs) != 1 or tensor.name in finder.outputs:
+        raise _Blocked(f"the input of Reshape '{split.name}' is not a projection's own output")
+    target = finder.target(node)
+    if target is None or target.out_features != heads * size:
+        raise _Blocked(f"'{node.name}' is not a projection into {heads} heads of {size}")
+    return node, bias
+
+
+def find_head_groups(graph: gs.Graph, opset: int = 17) -> Tuple[List[ChannelGroup], List[BlockedGroup]]:
+    """Attention-head groups (channels: heads, block: head size): the Q / K / V projections
+    whose columns of a head go together with that head's rows of the output projection, and
+    the Reshape constants that count heads."""
+    finder = _Finder(graph)
+    finder.opset = opset
+    groups, blocked, seen = [], [], set()
+    for node in graph.nodes:
+        if node.name in seen or node.op != "Reshape":
+            continue
+        heads = _Heads(finder)
+        try:
+            head_input = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+            if head_input is None or head_input.op not in ("Add", "MatMul"):
+                continue
+            heads.grow(node)
+            seen.update(heads.splits)
+            producers, params = [], []
+            for split in heads.splits.values():
+                producer, bias = _head_producer(split, finder, heads.heads, heads.size)
+                producers.append(producer.name)
+                params.append(ChannelParam(producer.name, 1, 1, heads.size))
+                if bias is not None:
+                    params.append(bias)
+            consumers = []
+            for merge in heads.merges.values():
+                out = merge.outputs[0]
+                readers = list(out.outputs)
+                if out.name in finder.outputs or len(readers) != 1 or readers[0].op != "MatMul" or \
+                        finder.target(readers[0]) is None or readers[0].inputs[0] is not out:
+                    raise _Blocked(f"the merged heads of '{merge.name}' are not read by one projection")
+                consumers.append(readers[0].name)
+            if not consumers or len(heads.splits) < 2:
+                raise _Blocked("no output projection reads the heads")
+        except _Blocked as reason:
+            seen.update(heads.splits)
+            blocked.append(BlockedGroup(node.name, heads.heads, tuple(heads.splits), f"heads: {reason}"))
+            continue
+        shapes = tuple(ShapeEdit(s.name, 1, len(heads.shape_constant(s)) - 2, 1) for s in heads.splits.values()) + \
+            tuple(ShapeEdit(m.name, 1, len(heads.shape_constant(m)) - 1, heads.size) for m in heads.merges.values())
+        groups.append(ChannelGroup(
+            name=f"{producers[0]}/heads", channels=heads.heads, channel_first=False, producers=tuple(producers),
+            consumers=tuple(consumers), params=tuple(params), depthwise=(), tensors=tuple(heads.tensors),
+            block=heads.size, shapes=shapes))
     return groups, blocked

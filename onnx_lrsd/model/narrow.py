@@ -7,8 +7,9 @@ instead get a refitted weight W' [k·block, out] and a bias shift (see
 `onnx_lrsd.decompose.channels.refit_consumer`): the shift is added to its bias (Conv / Gemm
 bias input, or the constant of the Add that follows a MatMul), or a bias is added. Every new
 constant is a new initializer named ``{node}/lrsd/{role}``, so shared constants stay intact.
-Shapes recorded for the narrowed tensors are dropped (they changed); graph inputs and outputs
-never belong to a group, so dynamic batch and sequence dims are untouched.
+Attention-head groups also rewrite the Reshape constants that count heads. Shapes recorded
+for the narrowed tensors are dropped (they changed); graph inputs and outputs never belong to
+a group, so dynamic batch and sequence dims are untouched.
 """
 from __future__ import annotations
 
@@ -93,6 +94,11 @@ def _bias_add(node: gs.Node, outputs: set):
     return add, other
 
 
+def _columns(kept: np.ndarray, block: int) -> np.ndarray:
+    """Indices of the `block` consecutive entries of every kept channel."""
+    return (np.asarray(kept)[:, None] * block + np.arange(block)).reshape(-1)
+
+
 def narrow_graph(graph: gs.Graph, plans: Sequence[GroupPlan]) -> int:
     """Apply `plans` in place; returns the number of groups narrowed (full-width plans are skipped)."""
     nodes = {n.name: n for n in graph.nodes}
@@ -105,8 +111,8 @@ def narrow_graph(graph: gs.Graph, plans: Sequence[GroupPlan]) -> int:
         for name in plan.group.consumers:
             node = nodes[name]
             target = weight_target(node, graph)
-            block = int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1
-            cols = (plan.kept[:, None] * block + np.arange(block)).reshape(-1)
+            block = plan.group.block * (int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1)
+            cols = _columns(plan.kept, block)
             dtype = target.weight.dtype
             refit = refits.get(name)
             W = refit.weight if refit is not None else target.matrix()[cols]
@@ -118,19 +124,26 @@ def narrow_graph(graph: gs.Graph, plans: Sequence[GroupPlan]) -> int:
         kept = plan.kept
         for param in dict.fromkeys(plan.group.params):
             current = values.get(param.node, param.index)
-            values.set(param.node, param.index, np.take(current, kept, axis=param.axis))
+            values.set(param.node, param.index, np.take(current, _columns(kept, param.block), axis=param.axis))
             if param.node in extra_bias and param.index == 1 and param.node in plan.group.producers:
-                extra_bias[param.node] = extra_bias[param.node][kept]
+                extra_bias[param.node] = extra_bias[param.node][_columns(kept, param.block)]
+        for edit in plan.group.shapes:
+            shape = np.array(values.get(edit.node, edit.index))
+            shape.reshape(-1)[edit.position] = len(kept) * edit.per_channel
+            values.set(edit.node, edit.index, shape)
         for name in plan.group.depthwise:
             nodes[name].attrs["group"] = len(kept)
+    if plans:  # recorded shapes of narrowed tensors are stale; inference redoes them
+        io = {t.name for t in graph.inputs} | outputs
         for tensor in graph.tensors().values():
-            if tensor.name in plan.group.tensors and isinstance(tensor, gs.Variable):
+            if isinstance(tensor, gs.Variable) and tensor.name not in io:
                 tensor.shape = None
     namer = TensorNamer(graph)
     roles = {1: "weight", 2: "bias"}
     for (name, index), value in values.values.items():
         dtype = values.dtypes[(name, index)]
-        nodes[name].inputs[index] = gs.Constant(namer(name, roles.get(index, f"param{index}")),
+        role = "shape" if nodes[name].op == "Reshape" else roles.get(index, f"param{index}")
+        nodes[name].inputs[index] = gs.Constant(namer(name, role),
                                                 np.ascontiguousarray(value.astype(dtype)))
     for name, bias in extra_bias.items():
         node = nodes[name]

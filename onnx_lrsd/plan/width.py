@@ -32,9 +32,10 @@ def group_cost(group: ChannelGroup, targets: Mapping[str, LayerTarget], param_si
     return GroupCost(group.name, C, params / C, (macs + depthwise_macs) / C)
 
 
-def consumer_stats(target: LayerTarget, acc: GramAccumulator) -> ConsumerStats:
-    """`ConsumerStats` of one consumer from its input Gram accumulator."""
-    block = int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1
+def consumer_stats(target: LayerTarget, acc: GramAccumulator, channel_block: int = 1) -> ConsumerStats:
+    """`ConsumerStats` of one consumer from its input Gram accumulator (`channel_block`
+    features per channel, e.g. the head size, times a conv's kernel positions)."""
+    block = channel_block * (int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1)
     return ConsumerStats(gram=np.asarray(acc.gram), total=acc.mean * acc.count, count=acc.count,
                          weight=target.matrix(), block=block)
 
