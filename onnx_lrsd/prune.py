@@ -206,3 +206,13 @@ def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup],
             break
         saving += shortfall
     return widths
+
+
+def group_infos(model: onnx.ModelProto) -> Tuple[tuple, tuple]:
+    """What `inspect` lists: (ChannelGroupInfo, …), (BlockedGroupInfo, …)."""
+    from .report.types import BlockedGroupInfo, ChannelGroupInfo
+
+    groups, blocked = channel_groups(model)
+    return (tuple(ChannelGroupInfo(g.name, "heads" if g.block > 1 else "channels", g.channels, g.block, g.producers,
+                                   g.consumers, g.depthwise) for g in groups),
+            tuple(BlockedGroupInfo(b.name, b.channels, b.reason) for b in blocked))
