@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m benchmarks.width                        # MiniLM, PP-OCRv4 rec, PP-OCRv4 det (~45 min on 2 shared cores)
+    python -m benchmarks.width                        # PP-OCRv4 rec, MiniLM, PP-OCRv4 det (~1 h on 2 shared cores)
     python -m benchmarks.width --tasks ppocr_rec      # one task
     python -m benchmarks.width --render-only          # rewrite the Markdown from the JSON
 
@@ -10,7 +10,7 @@ For every task (``benchmarks/tasks``; calibration data as in ``benchmarks/data_a
 from the evaluation data):
 
 - ``width <criterion> K``: ``onnx_lrsd.prune.prune_model`` keeps K of every coupled channel
-  group's channels (widths rounded to multiples of 8), chosen by ``energy``
+  group's channels (widths rounded to multiples of 8; attention heads untouched), chosen by ``energy``
   (E[h²]·‖w‖²), ``nystrom`` (greedy column subset of the consumers' input covariance) or
   ``greedy`` (greedy reconstruction of the consumers' outputs), consumers refitted by least
   squares with an intercept; ``cut`` rows drop the refit (plain slicing, greedy choice);
@@ -18,7 +18,13 @@ from the evaluation data):
   global low-rank allocation, with S the speedup measured here for ``width greedy K``;
 - ``width K' + low rank @ width K``: the width model of the next milder keep K', then the
   low-rank allocation on top with the remaining speedup S / S(K') (two steps, not one
-  allocation).
+  allocation);
+- MiniLM ``+ heads h/12``: FFN groups at K and h of the 12 attention heads of every layer kept
+  (Q/K/V columns and output-projection rows of a head; the output projection refitted);
+- PP-OCR rec ``width allocated``: per-group widths for the params of ``width greedy K``
+  (``PruneOptions(target_params=...)``: error curves, sensitivities probed in onnxruntime).
+
+Criteria and the plain cut are compared at ``COMPARE_KEEPS``; low rank at ``LOW_RANK_KEEPS``.
 
 All models of a task are timed together, interleaved with the original
 (``time_against_original``: 2 threads, spinning off, block medians) at batch 1 and 32; the
@@ -50,8 +56,12 @@ LOGGER = logging.getLogger("benchmarks.width")
 THREADS = 2
 MULTIPLE = 8
 KEEPS = {"minilm": (0.75, 0.5, 0.35), "ppocr_rec": (0.9, 0.75, 0.6), "ppocr_det": (0.75, 0.5)}
+COMPARE_KEEPS = {"minilm": (0.5, 0.35), "ppocr_rec": (0.9, 0.75, 0.6)}  # all criteria and the plain cut
+LOW_RANK_KEEPS = {"minilm": (0.5, 0.35), "ppocr_rec": (0.75, 0.6)}  # low rank (and width + low rank) matched
+HEADS = {"minilm": (0.5, 9)}  # one extra row: FFN groups at this keep and attention heads at this many
+ALLOCATED = {"ppocr_rec": 0.75}  # one extra row: widths allocated for the params of width greedy at this keep
 CRITERIA = ("energy", "nystrom", "greedy")
-TASK_NAMES = ("minilm", "ppocr_rec", "ppocr_det")
+TASK_NAMES = ("ppocr_rec", "minilm", "ppocr_det")
 DET_SIZE = 320
 
 
@@ -72,13 +82,15 @@ def _output_error(original: Path, candidate: Path, feeds: dict) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def _prune(model, feeds, stats, orders, keep, criterion, refit, path: Path, mask_input) -> dict[str, Any]:
+def _prune(model, feeds, stats, orders, keep, criterion, refit, path: Path, mask_input, widths=None,
+           **options) -> dict[str, Any]:
     from onnx_lrsd.model.io import save_model
     from onnx_lrsd.prune import PruneOptions, prune_model
 
     start = time.perf_counter()
     result = prune_model(model, feeds, PruneOptions(keep=keep, criterion=criterion, refit=refit, multiple=MULTIPLE,
-                                                    mask_input=mask_input), stats=stats, orders=orders)
+                                                    mask_input=mask_input, heads=widths is not None, **options),
+                         stats=stats, orders=orders, widths=widths)
     save_model(result.model, path)
     return {"path": path, "seconds": time.perf_counter() - start,
             "widths": {p.group.name: [p.width, p.group.channels] for p in result.plans}}
@@ -118,27 +130,54 @@ def run_task(name: str, workdir: Path, budget_s: float, blocks: int) -> dict[str
     out: dict[str, Any] = {"task": name, "calibration": {"samples": settings.samples, "batch": settings.batch},
                            "stats_s": time.perf_counter() - start, **_group_summary(groups, blocked), "rows": []}
     orders, out["order_s"] = {}, {}
+    LOGGER.info("statistics in %.0f s", out["stats_s"])
     for criterion in CRITERIA:
         t0 = time.perf_counter()
         orders[criterion] = channel_orders(groups, stats, criterion)
         out["order_s"][criterion] = time.perf_counter() - t0
+        LOGGER.info("%s order in %.0f s", criterion, out["order_s"][criterion])
     rows: list[dict[str, Any]] = [{"label": "original", "kind": "original", "path": original}]
     for keep in KEEPS[name]:
-        for criterion in CRITERIA:
+        for criterion in CRITERIA if keep in COMPARE_KEEPS[name] else ("greedy",):
             row = _prune(model, feeds, stats, orders[criterion], keep, criterion, True,
                          workdir / f"{name}_width_{criterion}_{keep}.onnx", task.mask_input)
             rows.append({"label": f"width {criterion} {keep}", "kind": "width", "criterion": criterion, "keep": keep,
                          **row})
-        row = _prune(model, feeds, stats, orders["greedy"], keep, "greedy", False,
-                     workdir / f"{name}_cut_{keep}.onnx", task.mask_input)
-        rows.append({"label": f"cut greedy {keep}", "kind": "cut", "criterion": "greedy", "keep": keep, **row})
+        if keep in COMPARE_KEEPS[name]:
+            row = _prune(model, feeds, stats, orders["greedy"], keep, "greedy", False,
+                         workdir / f"{name}_cut_{keep}.onnx", task.mask_input)
+            rows.append({"label": f"cut greedy {keep}", "kind": "cut", "criterion": "greedy", "keep": keep, **row})
+    if name in HEADS:
+        from onnx_lrsd.plan.width import keep_count
+
+        keep, heads = HEADS[name]
+        widths = {g.name: heads if g.block > 1 else keep_count(g.channels, keep, MULTIPLE) for g in groups}
+        row = _prune(model, feeds, stats, orders["greedy"], keep, "greedy", True, workdir / f"{name}_heads.onnx",
+                     task.mask_input, widths=widths)
+        rows.append({"label": f"width greedy {keep} + heads {heads}/{groups[-1].channels}", "kind": "width+heads",
+                     "criterion": "greedy", "keep": keep, **row})
+    if name in ALLOCATED:
+        import onnx
+
+        from onnx_lrsd.plan.cost import count_params
+
+        reference = next(r for r in rows if r.get("criterion") == "greedy" and r.get("keep") == ALLOCATED[name])
+        target = count_params(onnx.load(str(reference["path"]))) / count_params(model)
+        row = _prune(model, feeds, stats, orders["greedy"], 1.0, "greedy", True, workdir / f"{name}_allocated.onnx",
+                     task.mask_input, target_params=target)
+        rows.append({"label": f"width allocated, params of greedy {ALLOCATED[name]}", "kind": "width allocated",
+                     "criterion": "greedy", "keep": ALLOCATED[name], "target_params": target, **row})
     width_rows = {r["keep"]: r for r in rows if r.get("criterion") == "greedy" and r["kind"] == "width"}
+    LOGGER.info("%d width models written; measuring their speedups", len(rows) - 1)
     first = time_against_original(original, [width_rows[k]["path"] for k in KEEPS[name]], latency_feeds[1],
                                   threads=THREADS, budget_s=budget_s, blocks=blocks)
     speedups = {k: 1.0 / r for k, r in zip(KEEPS[name], first.ratios)}
     out["width_speedups_b1_first_pass"] = speedups
     previous = None
     for keep in KEEPS[name]:
+        if keep not in LOW_RANK_KEEPS[name]:
+            previous = keep
+            continue
         try:
             row = _low_rank(original, feeds, settings, task.mask_input, speedups[keep],
                             workdir / f"{name}_lowrank_{keep}.onnx")
@@ -156,6 +195,7 @@ def run_task(name: str, workdir: Path, budget_s: float, blocks: int) -> dict[str
                 LOGGER.warning("width + low rank failed: %s", exc)
         previous = keep
     timed = [r for r in rows[1:] if "path" in r and r["kind"] != "cut" and r.get("criterion") in (None, "greedy")]
+    LOGGER.info("timing %d models", len(timed))
     for batch in (1, 32):
         latency = time_against_original(original, [r["path"] for r in timed], latency_feeds[batch],
                                         threads=THREADS, budget_s=budget_s, blocks=blocks)

@@ -33,6 +33,7 @@ class PruneOptions:
     """keep: fraction of each group's channels kept; criterion: energy | nystrom | greedy;
     refit: least-squares repair of the consumers (else plain cut); multiple: round widths of
     wide groups to this multiple; max_positions: conv positions sampled per batch;
+    heads: narrow attention heads too (else only channel groups);
     target_params / target_macs: instead of one keep, the widths whose predicted damage is
     least for the model's params (MACs) at this fraction (`allocate_widths`), each group's
     damage scaled by its sensitivity measured in onnxruntime at `probe_keep`."""
@@ -43,6 +44,7 @@ class PruneOptions:
     multiple: int = 1
     max_positions: int = 4096
     mask_input: Optional[str] = None
+    heads: bool = True
     target_params: Optional[float] = None
     target_macs: Optional[float] = None
     probe_keep: float = 0.5
@@ -107,6 +109,8 @@ def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: Pru
     group, `channel_orders`) may be passed in to reuse them across widths."""
     graph = import_graph(model)
     groups, blocked = _groups(graph, model)
+    if not options.heads:
+        groups = [g for g in groups if g.block == 1]
     if not groups:
         raise LrsdError("no channel group can be narrowed in this model"
                         + (f" (e.g. {blocked[0].name}: {blocked[0].reason})" if blocked else ""))

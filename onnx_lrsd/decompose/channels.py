@@ -92,11 +92,12 @@ class _Schur:
     """The Schur complement R of Σ after conditioning on the channels taken so far, and R·T
     for a target map T (W for output error, identity for reconstructing h)."""
 
-    def __init__(self, consumer: ConsumerStats, target: np.ndarray):
+    def __init__(self, consumer: ConsumerStats, target: np.ndarray | None):
+        """`target` None means the identity (R·T is R itself: kept once)."""
         self.block = consumer.block
         self.R = consumer.covariance
-        self.RT = self.R @ target
-        self.target = target
+        self.RT = self.R if target is None else self.R @ target
+        self.target = np.eye(self.R.shape[0]) if target is None else target
         self.floor = _RIDGE * max(float(np.trace(self.R)) / self.R.shape[0], 1e-300)
 
     def error(self) -> float:
@@ -122,7 +123,8 @@ class _Schur:
         R_B = self.R[:, cols]
         inv = np.linalg.pinv(R_B[cols] + self.floor * np.eye(self.block))
         RB_inv = R_B @ inv
-        self.RT -= RB_inv @ self.RT[cols]
+        if self.RT is not self.R:
+            self.RT -= RB_inv @ self.RT[cols]
         self.R -= RB_inv @ R_B.T
 
 
@@ -144,8 +146,7 @@ def channel_order(consumers: Sequence[ConsumerStats], criterion: str = "greedy",
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if criterion == "energy":
         return np.argsort(-_energy_scores(consumers), kind="stable")
-    states = [_Schur(c, np.asarray(c.weight, np.float64) if criterion == "greedy" else np.eye(c.weight.shape[0]))
-              for c in consumers]
+    states = [_Schur(c, np.asarray(c.weight, np.float64) if criterion == "greedy" else None) for c in consumers]
     steps = C if limit is None else min(limit, C)
     taken = np.zeros(C, dtype=bool)
     order = []
