@@ -46,6 +46,16 @@ class BlockedGroupInfo:
 
 
 @dataclass(frozen=True)
+class GroupWidth:
+    """A channel group as `prune` left it: `kept` of `channels` (heads for kind "heads")."""
+
+    name: str
+    kind: str
+    channels: int
+    kept: int
+
+
+@dataclass(frozen=True)
 class InspectReport:
     params: int
     macs: int
@@ -266,6 +276,7 @@ class CompressionReport:
     joint_groups: Tuple[JointGroupReport, ...] = ()
     quantization: Optional[QuantizationSummary] = None
     residual_check: Optional[ResidualCheck] = None
+    widths: Tuple[GroupWidth, ...] = ()
 
     @property
     def params_ratio(self) -> float:
@@ -297,6 +308,11 @@ class CompressionReport:
             f"layers factorized {len(factorized)} of {len(self.layers)} targets; {len(self.skipped)} weight layers skipped",
         ]
         lines.extend(self._residual_lines())
+        narrowed = [w for w in self.widths if w.kept < w.channels]
+        if self.widths:
+            lines.append(f"channel groups narrowed {len(narrowed)} of {len(self.widths)}: "
+                         + ", ".join(f"{w.name} {w.kept}/{w.channels}{' heads' if w.kind == 'heads' else ''}"
+                                     for w in narrowed[:12]) + (", …" if len(narrowed) > 12 else ""))
         if self.residual_check is not None:
             lines.append(self.residual_check.to_text())
         if self.allocation is not None:
