@@ -220,3 +220,47 @@ def group_infos(model: onnx.ModelProto) -> Tuple[tuple, tuple]:
     return (tuple(ChannelGroupInfo(g.name, "heads" if g.block > 1 else "channels", g.channels, g.block, g.producers,
                                    g.consumers, g.depthwise) for g in groups),
             tuple(BlockedGroupInfo(b.name, b.channels, b.reason) for b in blocked))
+
+
+def compress_widths(model, config, calibration) -> Tuple[onnx.ModelProto, "CompressionReport"]:
+    """A compression run with ``method="prune"`` (`CompressConfig`): every coupled channel
+    group and attention-head group keeps `config.keep` of its channels, or per-group widths
+    meet `target_params` / `target_macs`; the readers are refitted on the calibration batches
+    (held-out batches verify). Returns the model and its report."""
+    import dataclasses
+    import time
+
+    from .model.io import PROTOBUF_LIMIT, initializer_bytes, load_model
+    from .plan.cost import count_params, model_macs
+    from .report.types import CompressionReport, GroupWidth, ModelStats
+    from .runtime.activations import split_holdout
+    from .runtime.bench import output_errors_on
+    from .runtime.calibrate import calibration_batches
+
+    def stats(m: onnx.ModelProto) -> ModelStats:
+        size = initializer_bytes(m)
+        return ModelStats(count_params(m), model_macs(m), m.ByteSize() if size < PROTOBUF_LIMIT // 2 else size)
+
+    start = time.perf_counter()
+    if config.target is not None and config.target[0] not in ("params", "macs"):
+        raise LrsdError(f"method prune takes keep, target_params or target_macs, not target_{config.target[0]}")
+    source = load_model(model)
+    batches = calibration_batches(calibration, source, config)
+    if not batches:
+        raise LrsdError("method prune needs calibration data: the layers reading the kept channels are refitted on it")
+    fit, held = split_holdout(batches, config.holdout_every)
+    options = PruneOptions(keep=config.keep, criterion=config.width_criterion, mask_input=config.mask_input,
+                           max_positions=config.conv_positions, target_params=config.target_params,
+                           target_macs=config.target_macs)
+    result = prune_model(source, fit or batches, options)
+    errors, verified_on = {}, ""
+    if config.verify:
+        check, verified_on = (held, "held-out calibration batches") if held else \
+            (batches[:2], "calibration batches (none held out)")
+        errors = output_errors_on(source, result.model, check, [o.name for o in source.graph.output])
+    widths = tuple(GroupWidth(p.group.name, "heads" if p.group.block > 1 else "channels", p.group.channels, p.width)
+                   for p in result.plans)
+    report = CompressionReport(before=stats(source), after=stats(result.model), layers=(), skipped=(),
+                               output_errors=errors, seconds=time.perf_counter() - start,
+                               config=dataclasses.asdict(config), verified_on=verified_on, widths=widths)
+    return result.model, report

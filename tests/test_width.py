@@ -314,3 +314,42 @@ def test_heads_blocked_when_softmax_mixes_heads():
     groups, blocked = channel_groups(model)
     assert not [g for g in groups if g.block > 1]
     assert any("Softmax" in b.reason for b in blocked)
+
+
+def test_compress_method_prune_through_the_api_and_the_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from onnx_lrsd import compress, inspect_model
+    from onnx_lrsd.cli import main
+    from onnx_lrsd.errors import LrsdError
+
+    model = mobile_model()
+    rng = np.random.default_rng(7)
+    calibration = [mobile_feeds(rng, 16) for _ in range(6)]  # batches of 16: the fifth is held out
+    result = compress(model, calibration=calibration, method="prune", keep=0.5)
+    report = result.report
+    assert report.params_ratio < 0.6 and {w.name: w.kept for w in report.widths} == {"stem": 4, "se_reduce": 2,
+                                                                                    "mid": 3}
+    assert report.verified_on == "held-out calibration batches" and 0 < report.output_errors["y"] < 1
+    feeds = mobile_feeds(rng, 2)
+    assert run(result.model, feeds)[0].shape == (2, 5, 10, 12)
+    listed = inspect_model(model)
+    assert {g.name for g in listed.channel_groups} == {"stem", "se_reduce", "mid"}
+    assert [b.name for b in listed.blocked_groups] == ["head"] and "graph output" in listed.blocked_groups[0].reason
+    with pytest.raises(LrsdError, match="calibration"):
+        compress(model, method="prune")
+    with pytest.raises(LrsdError, match="target_latency"):
+        compress(model, calibration=calibration, method="prune", target_latency=1.5)
+
+    path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([c["x"] for c in calibration]))
+    runner = CliRunner()
+    done = runner.invoke(main, ["compress", str(path), "-o", str(out), "--method", "prune", "--target-params", "0.6",
+                                "--calib", str(tmp_path / "calib.npz"), "--width-criterion", "nystrom"])
+    assert done.exit_code == 0, done.output
+    assert "channel groups narrowed" in done.output and out.is_file()
+    failed = runner.invoke(main, ["compress", str(path), "-o", str(tmp_path / "no.onnx"), "--method", "prune"])
+    assert failed.exit_code == 1 and "calibration" in failed.output and not (tmp_path / "no.onnx").exists()
+    listed = runner.invoke(main, ["inspect", str(path)])
+    assert listed.exit_code == 0 and "blocked groups 1" in listed.output
