@@ -304,6 +304,10 @@ def test_attention_heads_refit_beats_cut_and_full_width_is_exact():
 
     assert error(keep=0.5) < error(keep=0.5, refit=False)
     assert error(keep=1.0) == 0.0
+    from onnx_lrsd.errors import LrsdError
+
+    with pytest.raises(LrsdError, match="no channel group"):
+        prune_model(model, calibration, PruneOptions(keep=0.5, heads=False), stats=stats)
 
 
 def test_heads_blocked_when_softmax_mixes_heads():
