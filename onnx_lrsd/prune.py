@@ -34,6 +34,8 @@ class PruneOptions:
     refit: least-squares repair of the consumers (else plain cut); multiple: round widths of
     wide groups to this multiple; max_positions: conv positions sampled per batch;
     heads: narrow attention heads too (else only channel groups);
+    sequential: narrow the groups one after another in graph order, each chosen and refitted
+    on the inputs the partly narrowed model gives its readers, to reproduce the original's;
     target_params / target_macs: instead of one keep, the widths whose predicted damage is
     least for the model's params (MACs) at this fraction (`allocate_widths`), each group's
     damage scaled by its sensitivity measured in onnxruntime at `probe_keep`."""
@@ -45,6 +47,7 @@ class PruneOptions:
     max_positions: int = 4096
     mask_input: Optional[str] = None
     heads: bool = True
+    sequential: bool = False
     target_params: Optional[float] = None
     target_macs: Optional[float] = None
     probe_keep: float = 0.5
@@ -120,15 +123,49 @@ def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: Pru
         if orders is None:
             orders = channel_orders(groups, stats, options.criterion)
         widths = target_widths(model, graph, groups, stats, orders, batches, options)
+    keeps = {g.name: (widths or {}).get(g.name, keep_count(g.channels, options.keep, options.multiple))
+             for g in groups}
+    if options.sequential:
+        return _prune_sequentially(model, groups, blocked, keeps, batches, options)
     plans = []
     for group in groups:
-        keep = (widths or {}).get(group.name, keep_count(group.channels, options.keep, options.multiple))
-        plans.append(plan_group(group, stats, keep, options.criterion, options.refit, (orders or {}).get(group.name)))
+        plans.append(plan_group(group, stats, keeps[group.name], options.criterion, options.refit,
+                                (orders or {}).get(group.name)))
         log.info("%s: %d of %d channels", group.name, plans[-1].width, group.channels)
+    return PruneResult(_narrowed(model, graph, plans), tuple(plans), tuple(blocked))
+
+
+def _narrowed(model: onnx.ModelProto, graph, plans: Sequence[GroupPlan]) -> onnx.ModelProto:
     narrow_graph(graph, plans)
     narrowed = export_model(graph, model_template(model))
     del narrowed.graph.value_info[:]
-    return PruneResult(narrowed, tuple(plans), tuple(blocked))
+    return narrowed
+
+
+def _prune_sequentially(model: onnx.ModelProto, groups: Sequence[ChannelGroup], blocked, keeps: Mapping[str, int],
+                        batches: Sequence[Mapping], options: PruneOptions) -> PruneResult:
+    """Groups narrowed one at a time in graph order; each group's readers are chosen and
+    refitted on paired statistics (their input in the current model, X̂, against the
+    original's, X: `collect_paired_statistics`), so later groups repair earlier damage."""
+    from .runtime.activations import collect_paired_statistics
+
+    current, plans = model, []
+    for group in groups:
+        if keeps[group.name] >= group.channels:
+            plans.append(GroupPlan(group, np.arange(group.channels)))
+            continue
+        graph = import_graph(current)
+        group = {g.name: g for g in _groups(graph, current)[0]}[group.name]  # earlier refits may add biases
+        nodes = {n.name: n for n in graph.nodes}
+        targets = [weight_target(nodes[name], graph) for name in group.consumers]
+        paired = collect_paired_statistics(model, current, targets, batches, mask_input=options.mask_input,
+                                           max_positions=options.max_positions)
+        stats = {t.name: consumer_stats(t, paired[t.name].fit, group.block) for t in targets}
+        plan = plan_group(group, stats, keeps[group.name], options.criterion, options.refit)
+        plans.append(plan)
+        current = _narrowed(current, graph, [plan])
+        log.info("%s: %d of %d channels (sequential)", group.name, plan.width, group.channels)
+    return PruneResult(current, tuple(plans), tuple(blocked))
 
 
 def group_costs(graph, groups: Sequence[ChannelGroup]) -> Dict[str, GroupCost]:
@@ -226,7 +263,8 @@ def compress_widths(model, config, calibration) -> Tuple[onnx.ModelProto, "Compr
     """A compression run with ``method="prune"`` (`CompressConfig`): every coupled channel
     group and attention-head group keeps `config.keep` of its channels, or per-group widths
     meet `target_params` / `target_macs`; the readers are refitted on the calibration batches
-    (held-out batches verify). Returns the model and its report."""
+    (held-out batches verify), group after group with `mode="sequential"`. Returns the model
+    and its report."""
     import dataclasses
     import time
 
@@ -251,7 +289,7 @@ def compress_widths(model, config, calibration) -> Tuple[onnx.ModelProto, "Compr
     fit, held = split_holdout(batches, config.holdout_every)
     options = PruneOptions(keep=config.keep, criterion=config.width_criterion, mask_input=config.mask_input,
                            max_positions=config.conv_positions, target_params=config.target_params,
-                           target_macs=config.target_macs)
+                           target_macs=config.target_macs, sequential=config.mode == "sequential")
     result = prune_model(source, fit or batches, options)
     errors, verified_on = {}, ""
     if config.verify:

@@ -95,3 +95,19 @@ def test_several_consumers_share_one_selection():
         select_channels([first, _stats(h[:, :5], W[:5])], 3)
     with pytest.raises(ValueError):
         select_channels([first], 0)
+
+
+def test_sequential_refit_reproduces_the_original_from_the_perturbed_input():
+    """With cross statistics the refit regresses the original output h W on the input ĥ the
+    layer now sees (least squares with an intercept)."""
+    h, W, b = _data(seed=4, channels=12)
+    rng = np.random.default_rng(8)
+    h_hat = h @ (np.eye(12) + 0.2 * rng.standard_normal((12, 12))) + 0.1 * rng.standard_normal(h.shape)
+    stats = ConsumerStats(gram=h_hat.T @ h_hat, total=h_hat.sum(axis=0), count=h.shape[0], weight=W,
+                          cross=h_hat.T @ h, target_total=h.sum(axis=0))
+    kept = np.array([0, 1, 4, 5, 8, 11])
+    W_new, shift = refit_consumer(stats, kept)
+    X = np.hstack([h_hat[:, kept], np.ones((h.shape[0], 1))])
+    coef = np.linalg.lstsq(X, h @ W, rcond=None)[0]
+    np.testing.assert_allclose(W_new, coef[:-1], rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(shift, coef[-1], rtol=1e-6, atol=1e-8)

@@ -357,3 +357,18 @@ def test_compress_method_prune_through_the_api_and_the_cli(tmp_path):
     assert failed.exit_code == 1 and "calibration" in failed.output and not (tmp_path / "no.onnx").exists()
     listed = runner.invoke(main, ["inspect", str(path)])
     assert listed.exit_code == 0 and "blocked groups 1" in listed.output
+
+
+def test_sequential_narrowing_repairs_earlier_groups():
+    model = mobile_model(seed=3)
+    rng = np.random.default_rng(9)
+    calibration = [mobile_feeds(rng, 8) for _ in range(6)]
+    held_out = mobile_feeds(np.random.default_rng(90), 16)
+    want = run(model, held_out)[0]
+
+    def error(**options):
+        pruned = prune_model(model, calibration, PruneOptions(keep=0.5, **options)).model
+        return float(np.linalg.norm(run(pruned, held_out)[0] - want) / np.linalg.norm(want))
+
+    assert error(sequential=True) < error()
+    assert prune_model(model, calibration, PruneOptions(keep=1.0, sequential=True)).plans[0].width == 8

@@ -45,6 +45,8 @@ class ConsumerStats:
     count: int
     weight: np.ndarray
     block: int = 1
+    cross: np.ndarray | None = None
+    target_total: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         d = self.weight.shape[0]
@@ -72,6 +74,19 @@ class ConsumerStats:
         """Σ = E[h hᵀ] − μ μᵀ."""
         mu = self.mean
         return self.second_moment - np.outer(mu, mu)
+
+    @property
+    def target_mean(self) -> np.ndarray:
+        """E[h] of the original model's input (sequential fits), else `mean`."""
+        return self.mean if self.target_total is None else np.asarray(self.target_total, np.float64) / self.count
+
+    @property
+    def cross_covariance(self) -> np.ndarray:
+        """E[ĥ hᵀ] − μ̂ μᵀ between the input ĥ the layer sees and the original model's h
+        (sequential fits, `cross` = Σ ĥᵀh), else Σ."""
+        if self.cross is None:
+            return self.covariance
+        return np.asarray(self.cross, np.float64) / self.count - np.outer(self.mean, self.target_mean)
 
     def columns(self, channels: np.ndarray) -> np.ndarray:
         """The weight rows (im2col columns) of `channels`, in order."""
@@ -173,19 +188,19 @@ def select_channels(consumers: Sequence[ConsumerStats], keep: int, criterion: st
 
 def refit_consumer(consumer: ConsumerStats, kept: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(W_S' [len(kept)·block, out], bias shift [out]) of the least-squares refit with intercept:
-    W_S' = Σ_SS⁻¹ Σ_S: W and shift = μ W − μ_S W_S'."""
+    W_S' = Σ_SS⁻¹ Σ_S: W and shift = μ W − μ_S W_S'. With cross statistics (sequential: the
+    layer sees ĥ, the original saw h) it reproduces h W from ĥ_S:
+    W_S' = Σ̂_SS⁻¹ Cov(ĥ, h)_S: W and shift = μ W − μ̂_S W_S'."""
     W = np.asarray(consumer.weight, np.float64)
     cols = consumer.columns(kept)
-    sigma = consumer.covariance
-    S = sigma[np.ix_(cols, cols)]
+    S = consumer.covariance[np.ix_(cols, cols)]
     floor = _RIDGE * max(float(np.trace(S)) / max(len(cols), 1), 1e-300)
-    rhs = sigma[cols] @ W
+    rhs = consumer.cross_covariance[cols] @ W
     try:
         W_new = scipy.linalg.solve(S + floor * np.eye(len(cols)), rhs, assume_a="pos")
     except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
         W_new = np.linalg.lstsq(S, rhs, rcond=None)[0]
-    mu = consumer.mean
-    return W_new, mu @ W - mu[cols] @ W_new
+    return W_new, consumer.target_mean @ W - consumer.mean[cols] @ W_new
 
 
 def refit_error(consumer: ConsumerStats, kept: np.ndarray) -> float:

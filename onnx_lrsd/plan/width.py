@@ -36,8 +36,9 @@ def consumer_stats(target: LayerTarget, acc: GramAccumulator, channel_block: int
     """`ConsumerStats` of one consumer from its input Gram accumulator (`channel_block`
     features per channel, e.g. the head size, times a conv's kernel positions)."""
     block = channel_block * (int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1)
+    cross = (np.asarray(acc.cross), acc.target_mean * acc.count) if acc.track_cross else (None, None)
     return ConsumerStats(gram=np.asarray(acc.gram), total=acc.mean * acc.count, count=acc.count,
-                         weight=target.matrix(), block=block)
+                         weight=target.matrix(), block=block, cross=cross[0], target_total=cross[1])
 
 
 def keep_count(channels: int, fraction: float, multiple: int = 1) -> int:
