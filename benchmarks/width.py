@@ -23,6 +23,8 @@ from the evaluation data):
   allocation);
 - MiniLM ``+ heads h/12``: FFN groups at K and h of the 12 attention heads of every layer kept
   (Q/K/V columns and output-projection rows of a head; the output projection refitted);
+- PP-OCR rec ``width greedy sequential K``: groups narrowed one after another, each chosen
+  and refitted on the inputs the partly narrowed model gives it (``PruneOptions(sequential=True)``);
 - PP-OCR rec ``width allocated``: per-group widths for the params of ``width greedy K``
   (``PruneOptions(target_params=...)``: error curves, sensitivities probed in onnxruntime).
 
@@ -63,6 +65,7 @@ COMPARE_KEEPS = {"minilm": (0.5, 0.35), "ppocr_rec": (0.9, 0.75, 0.6)}  # all cr
 LOW_RANK_KEEPS = {"minilm": (0.5, 0.35), "ppocr_rec": (0.75, 0.6)}  # low rank (and width + low rank) matched
 HEADS = {"minilm": (0.5, 9)}  # one extra row: FFN groups at this keep and attention heads at this many
 ALLOCATED = {"ppocr_rec": 0.75}  # one extra row: widths allocated for the params of width greedy at this keep
+SEQUENTIAL = {"ppocr_rec": (0.75,)}  # extra rows: width greedy at these keeps, groups narrowed in sequence
 CRITERIA = ("energy", "nystrom", "greedy")
 TASK_NAMES = ("ppocr_rec", "minilm", "ppocr_det")
 DET_SIZE = 320
@@ -175,6 +178,11 @@ def run_task(name: str, workdir: Path, budget_s: float, blocks: int) -> dict[str
                      task.mask_input, widths=widths)
         rows.append({"label": f"width greedy {keep} + heads {heads}/{groups[-1].channels}", "kind": "width+heads",
                      "criterion": "greedy", "keep": keep, **row})
+    for keep in SEQUENTIAL.get(name, ()):
+        row = _prune(model, feeds, None, None, keep, "greedy", True, workdir / f"{name}_sequential_{keep}.onnx",
+                     task.mask_input, sequential=True)
+        rows.append({"label": f"width greedy sequential {keep}", "kind": "width sequential", "criterion": "greedy",
+                     "keep": keep, **row})
     if name in ALLOCATED:
         import onnx
 
