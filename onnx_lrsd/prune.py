@@ -117,9 +117,10 @@ def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: Pru
     if not groups:
         raise LrsdError("no channel group can be narrowed in this model"
                         + (f" (e.g. {blocked[0].name}: {blocked[0].reason})" if blocked else ""))
-    if stats is None:
+    targeted = widths is None and (options.target_params or options.target_macs)
+    if stats is None and (targeted or not options.sequential):
         stats = group_statistics(model, groups, batches, options.mask_input, options.max_positions)
-    if widths is None and (options.target_params or options.target_macs):
+    if targeted:
         if orders is None:
             orders = channel_orders(groups, stats, options.criterion)
         widths = target_widths(model, graph, groups, stats, orders, batches, options)
