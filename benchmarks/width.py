@@ -10,7 +10,7 @@ For every task (``benchmarks/tasks``; calibration data as in ``benchmarks/data_a
 from the evaluation data):
 
 - ``width <criterion> K``: ``onnx_lrsd.prune.prune_model`` keeps K of every coupled channel
-  group's channels (widths rounded to multiples of 8; attention heads untouched), chosen by ``energy``
+  group's channels (widths of wide groups rounded to `MULTIPLE`; attention heads untouched), chosen by ``energy``
   (E[h²]·‖w‖²), ``nystrom`` (greedy column subset of the consumers' input covariance) or
   ``greedy`` (greedy reconstruction of the consumers' outputs), consumers refitted by least
   squares with an intercept; ``cut`` rows drop the refit (plain slicing, greedy choice);
@@ -59,7 +59,7 @@ from benchmarks.common import benchmark_main, fmt, markdown_table, time_against_
 LOGGER = logging.getLogger("benchmarks.width")
 
 THREADS = 2
-MULTIPLE = 8
+MULTIPLE = {"minilm": 8, "ppocr_rec": 16, "ppocr_det": 8}  # widths of wide groups rounded to these multiples
 KEEPS = {"minilm": (0.75, 0.5, 0.35), "ppocr_rec": (0.9, 0.75, 0.6), "ppocr_det": (0.75, 0.5)}
 COMPARE_KEEPS = {"minilm": (0.5, 0.35), "ppocr_rec": (0.9, 0.75, 0.6)}  # all criteria and the plain cut
 LOW_RANK_KEEPS = {"minilm": (0.5, 0.35), "ppocr_rec": (0.75, 0.6)}  # low rank (and width + low rank) matched
@@ -89,12 +89,12 @@ def _output_error(original: Path, candidate: Path, feeds: dict) -> float:
 
 
 def _prune(model, feeds, stats, orders, keep, criterion, refit, path: Path, mask_input, widths=None,
-           **options) -> dict[str, Any]:
+           multiple: int = 8, **options) -> dict[str, Any]:
     from onnx_lrsd.model.io import save_model
     from onnx_lrsd.prune import PruneOptions, prune_model
 
     start = time.perf_counter()
-    result = prune_model(model, feeds, PruneOptions(keep=keep, criterion=criterion, refit=refit, multiple=MULTIPLE,
+    result = prune_model(model, feeds, PruneOptions(keep=keep, criterion=criterion, refit=refit, multiple=multiple,
                                                     mask_input=mask_input, heads=widths is not None, **options),
                          stats=stats, orders=orders, widths=widths)
     save_model(result.model, path)
@@ -162,25 +162,25 @@ def run_task(name: str, workdir: Path, budget_s: float, blocks: int) -> dict[str
     for keep in KEEPS[name]:
         for criterion in CRITERIA if keep in COMPARE_KEEPS[name] else ("greedy",):
             row = _prune(model, feeds, stats, orders[criterion], keep, criterion, True,
-                         workdir / f"{name}_width_{criterion}_{keep}.onnx", task.mask_input)
+                         workdir / f"{name}_width_{criterion}_{keep}.onnx", task.mask_input, multiple=MULTIPLE[name])
             rows.append({"label": f"width {criterion} {keep}", "kind": "width", "criterion": criterion, "keep": keep,
                          **row})
         if keep in COMPARE_KEEPS[name]:
             row = _prune(model, feeds, stats, orders["greedy"], keep, "greedy", False,
-                         workdir / f"{name}_cut_{keep}.onnx", task.mask_input)
+                         workdir / f"{name}_cut_{keep}.onnx", task.mask_input, multiple=MULTIPLE[name])
             rows.append({"label": f"cut greedy {keep}", "kind": "cut", "criterion": "greedy", "keep": keep, **row})
     if name in HEADS:
         from onnx_lrsd.plan.width import keep_count
 
         keep, heads = HEADS[name]
-        widths = {g.name: heads if g.block > 1 else keep_count(g.channels, keep, MULTIPLE) for g in groups}
+        widths = {g.name: heads if g.block > 1 else keep_count(g.channels, keep, MULTIPLE[name]) for g in groups}
         row = _prune(model, feeds, stats, orders["greedy"], keep, "greedy", True, workdir / f"{name}_heads.onnx",
-                     task.mask_input, widths=widths)
+                     task.mask_input, widths=widths, multiple=MULTIPLE[name])
         rows.append({"label": f"width greedy {keep} + heads {heads}/{groups[-1].channels}", "kind": "width+heads",
                      "criterion": "greedy", "keep": keep, **row})
     for keep in SEQUENTIAL.get(name, ()):
         row = _prune(model, feeds, None, None, keep, "greedy", True, workdir / f"{name}_sequential_{keep}.onnx",
-                     task.mask_input, sequential=True)
+                     task.mask_input, multiple=MULTIPLE[name], sequential=True)
         rows.append({"label": f"width greedy sequential {keep}", "kind": "width sequential", "criterion": "greedy",
                      "keep": keep, **row})
     if name in ALLOCATED:
@@ -191,7 +191,7 @@ def run_task(name: str, workdir: Path, budget_s: float, blocks: int) -> dict[str
         reference = next(r for r in rows if r.get("criterion") == "greedy" and r.get("keep") == ALLOCATED[name])
         target = count_params(onnx.load(str(reference["path"]))) / count_params(model)
         row = _prune(model, feeds, stats, orders["greedy"], 1.0, "greedy", True, workdir / f"{name}_allocated.onnx",
-                     task.mask_input, target_params=target)
+                     task.mask_input, multiple=MULTIPLE[name], target_params=target)
         rows.append({"label": f"width allocated, params of greedy {ALLOCATED[name]}", "kind": "width allocated",
                      "criterion": "greedy", "keep": ALLOCATED[name], "target_params": target, **row})
     width_rows = {r["keep"]: r for r in rows if r.get("criterion") == "greedy" and r["kind"] == "width"}
@@ -290,7 +290,8 @@ def run_det(workdir: Path, budget_s: float, blocks: int) -> dict[str, Any]:
     rows = [{"label": "original", "kind": "original", "path": original}]
     for keep in KEEPS["ppocr_det"]:
         rows.append({"label": f"width greedy {keep}", "kind": "width", "criterion": "greedy", "keep": keep,
-                     **_prune(model, feeds, stats, orders, keep, "greedy", True, workdir / f"det_{keep}.onnx", None)})
+                     **_prune(model, feeds, stats, orders, keep, "greedy", True, workdir / f"det_{keep}.onnx", None,
+                              multiple=MULTIPLE["ppocr_det"])})
     latency = time_against_original(original, [r["path"] for r in rows[1:]], {"x": evaluation[:1]}, threads=THREADS,
                                     budget_s=budget_s, blocks=blocks)
     out["latency_b1"] = latency.to_dict()
