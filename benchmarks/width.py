@@ -25,8 +25,9 @@ from the evaluation data):
   (Q/K/V columns and output-projection rows of a head; the output projection refitted);
 - PP-OCR rec ``width greedy sequential K``: groups narrowed one after another, each chosen
   and refitted on the inputs the partly narrowed model gives it (``PruneOptions(sequential=True)``);
-- PP-OCR rec ``width allocated``: per-group widths for the params of ``width greedy K``
-  (``PruneOptions(target_params=...)``: error curves, sensitivities probed in onnxruntime).
+- PP-OCR rec ``width allocated``: per-group widths for the params (or MACs) of ``width greedy K``
+  (``PruneOptions(target_params=...)`` / ``target_macs``: error curves, sensitivities probed in
+  onnxruntime).
 
 Criteria and the plain cut are compared at ``COMPARE_KEEPS``; low rank at ``LOW_RANK_KEEPS``.
 
@@ -188,12 +189,17 @@ def run_task(name: str, workdir: Path, budget_s: float, blocks: int) -> dict[str
 
         from onnx_lrsd.plan.cost import count_params
 
+        from onnx_lrsd.plan.cost import model_macs
+
         reference = next(r for r in rows if r.get("criterion") == "greedy" and r.get("keep") == ALLOCATED[name])
-        target = count_params(onnx.load(str(reference["path"]))) / count_params(model)
-        row = _prune(model, feeds, stats, orders["greedy"], 1.0, "greedy", True, workdir / f"{name}_allocated.onnx",
-                     task.mask_input, multiple=MULTIPLE[name], target_params=target)
-        rows.append({"label": f"width allocated, params of greedy {ALLOCATED[name]}", "kind": "width allocated",
-                     "criterion": "greedy", "keep": ALLOCATED[name], "target_params": target, **row})
+        written = onnx.load(str(reference["path"]))
+        for kind, measure in (("params", count_params), ("macs", model_macs)):
+            target = measure(written) / measure(model)
+            row = _prune(model, feeds, stats, orders["greedy"], 1.0, "greedy", True,
+                         workdir / f"{name}_allocated_{kind}.onnx", task.mask_input, multiple=MULTIPLE[name],
+                         **{f"target_{kind}": target})
+            rows.append({"label": f"width allocated, {kind} of greedy {ALLOCATED[name]}", "kind": "width allocated",
+                         "criterion": "greedy", "keep": ALLOCATED[name], f"target_{kind}": target, **row})
     width_rows = {r["keep"]: r for r in rows if r.get("criterion") == "greedy" and r["kind"] == "width"}
     LOGGER.info("%d width models written; measuring their speedups", len(rows) - 1)
     first = time_against_original(original, [width_rows[k]["path"] for k in KEEPS[name]], latency_feeds[1],
