@@ -40,6 +40,8 @@ ZOO = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50"
 QUICK_ZOO = ("squeezenet", "resnet50")
 LAYER_SHAPES = ((576, 64), (2304, 256), (4608, 512), (1024, 4096), (4096, 4096), (9216, 4096), (25088, 4096))
 QUICK_LAYER_SHAPES = ((576, 64), (2304, 256), (4608, 512))
+LAYER_REPEATS = 3
+REPEAT_BELOW_S = 20.0
 TARGETS_S = {"resnet50": 20.0, "minilm_256": 30.0}
 ZOO_TARGET_S = 60.0
 
@@ -223,7 +225,8 @@ def render(data: dict) -> str:
         "",
         "## One truncated SVD against layer size",
         "",
-        "Seeded Gaussian [n, m] (flat spectrum), keep-0.5 rank r = nm / (2(n+m)), one BLAS thread, own process. "
+        "Seeded Gaussian [n, m] (flat spectrum), keep-0.5 rank r = nm / (2(n+m)), one BLAS thread, own process; "
+        f"the fastest of {LAYER_REPEATS} runs where a run took under {REPEAT_BELOW_S:.0f} s. "
         "`before`: the older checkout's `low_rank` (exact gesdd; randomized above 2048 at r ≤ min/4); `exact`: "
         "this checkout's exact solver; `auto`: the Gram solver (eigh of the small side's Gram). Plot: "
         f"`{data['plot']}`.",
@@ -293,8 +296,14 @@ def main() -> None:
             rank = n * m // (2 * (n + m))
             runs = {}
             for solver, python in (("before", before_python), ("exact", after_python), ("auto", after_python)):
-                runs[solver] = _run_child(python, {"kind": "svd", "n": n, "m": m, "rank": rank, "solver": solver},
-                                          args.cap, workdir)
+                spec = {"kind": "svd", "n": n, "m": m, "rank": rank, "solver": solver}
+                runs[solver] = _run_child(python, spec, args.cap, workdir)
+                for _ in range(LAYER_REPEATS - 1):  # the fastest of a few: the load comes and goes
+                    if runs[solver].get("seconds", args.cap) > REPEAT_BELOW_S:
+                        break
+                    again = _run_child(python, spec, args.cap, workdir)
+                    if again.get("seconds", args.cap) < runs[solver]["seconds"]:
+                        runs[solver] = again
                 print(f"svd {n}x{m} r={rank} {solver}: {_cell(runs[solver])}", flush=True)
             data["layers"].append({"n": n, "m": m, "rank": rank, "runs": runs})
             write_json(out_json, data)
