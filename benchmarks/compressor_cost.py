@@ -227,7 +227,7 @@ def render(data: dict) -> str:
         "",
         "Seeded Gaussian [n, m] (flat spectrum), keep-0.5 rank r = nm / (2(n+m)), one BLAS thread, own process; "
         f"the fastest of {LAYER_REPEATS} runs where a run took under {REPEAT_BELOW_S:.0f} s. "
-        "`before`: the older checkout's `low_rank` (exact gesdd; randomized above 2048 at r ≤ min/4); `exact`: "
+        f"Stopped after {data['layer_cap']:.0f} s. `before`: the older checkout's `low_rank` (exact gesdd; randomized above 2048 at r ≤ min/4); `exact`: "
         "this checkout's exact solver; `auto`: the Gram solver (eigh of the small side's Gram). Plot: "
         f"`{data['plot']}`.",
         "",
@@ -254,7 +254,7 @@ def plot(data: dict, path: Path) -> None:
         ax.loglog(xs, ys, style, label=solver)
         capped = [l["n"] * l["m"] for l in data["layers"] if "capped" in l["runs"][solver]]
         if capped:
-            ax.loglog(capped, [data["cap"]] * len(capped), "x", color=ax.lines[-1].get_color())
+            ax.loglog(capped, [data["layer_cap"]] * len(capped), "x", color=ax.lines[-1].get_color())
     ax.set_xlabel("layer size n·m (weights)")
     ax.set_ylabel("one truncated SVD at keep 0.5 (s)")
     ax.set_title("Compressor cost against layer size (x: stopped at the cap)")
@@ -270,6 +270,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--before", type=Path, help="checkout of the older commit (with .venv)")
     parser.add_argument("--cap", type=float, default=420.0, help="seconds before a run is stopped")
+    parser.add_argument("--layer-cap", type=float, default=240.0, help="the cap of one layer's SVD")
     parser.add_argument("--quick", action="store_true", help="two zoo graphs and three layer sizes")
     args = parser.parse_args()
     if args.child:
@@ -286,27 +287,11 @@ def main() -> None:
     suffix = ".quick" if args.quick else ""
     out_json = RESULTS_DIR / f"compressor_cost{suffix}.json"
     plot_path = RESULTS_DIR / f"compressor_cost{suffix}_layers.png"
-    data = {"machine": machine_info(), "before": str(args.before), "before_commit": before_commit, "cap": args.cap,
+    data = {"machine": machine_info(), "before": str(args.before), "before_commit": before_commit, "cap": args.cap, "layer_cap": args.layer_cap,
             "command": "python benchmarks/compressor_cost.py " + " ".join(sys.argv[1:]), "plot": plot_path.name,
             "models": [], "layers": []}
     with tempfile.TemporaryDirectory(prefix="compressor_cost_") as tmp:
         workdir = Path(tmp)
-        shapes = QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES
-        for n, m in shapes:
-            rank = n * m // (2 * (n + m))
-            runs = {}
-            for solver, python in (("before", before_python), ("exact", after_python), ("auto", after_python)):
-                spec = {"kind": "svd", "n": n, "m": m, "rank": rank, "solver": solver}
-                runs[solver] = _run_child(python, spec, args.cap, workdir)
-                for _ in range(LAYER_REPEATS - 1):  # the fastest of a few: the load comes and goes
-                    if runs[solver].get("seconds", args.cap) > REPEAT_BELOW_S:
-                        break
-                    again = _run_child(python, spec, args.cap, workdir)
-                    if again.get("seconds", args.cap) < runs[solver]["seconds"]:
-                        runs[solver] = again
-                print(f"svd {n}x{m} r={rank} {solver}: {_cell(runs[solver])}", flush=True)
-            data["layers"].append({"n": n, "m": m, "rank": rank, "runs": runs})
-            write_json(out_json, data)
         for model in _models(workdir, QUICK_ZOO if args.quick else ZOO, not args.quick):
             import onnx
 
@@ -322,6 +307,22 @@ def main() -> None:
                 for leftover in workdir.glob(f"{label}.onnx*"):
                     leftover.unlink()
             data["models"].append(entry)
+            write_json(out_json, data)
+        shapes = QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES
+        for n, m in shapes:
+            rank = n * m // (2 * (n + m))
+            runs = {}
+            for solver, python in (("before", before_python), ("exact", after_python), ("auto", after_python)):
+                spec = {"kind": "svd", "n": n, "m": m, "rank": rank, "solver": solver}
+                runs[solver] = _run_child(python, spec, args.layer_cap, workdir)
+                for _ in range(LAYER_REPEATS - 1):  # the fastest of a few: the load comes and goes
+                    if runs[solver].get("seconds", args.layer_cap) > REPEAT_BELOW_S:
+                        break
+                    again = _run_child(python, spec, args.layer_cap, workdir)
+                    if again.get("seconds", args.layer_cap) < runs[solver]["seconds"]:
+                        runs[solver] = again
+                print(f"svd {n}x{m} r={rank} {solver}: {_cell(runs[solver])}", flush=True)
+            data["layers"].append({"n": n, "m": m, "rank": rank, "runs": runs})
             write_json(out_json, data)
     plot(data, plot_path)
     write_json(out_json, data)
