@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .config import SWEEP_POINTS, CompressConfig
-from .errors import LrsdError
+from .errors import LrsdError, NothingToCompress, OutputErrorTooLarge
 from .model.io import ModelSource, check_output_directory, load_model, save_model
 from .passes.context import new_context
 from .passes.pipeline import inspect
@@ -97,6 +97,7 @@ def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, o
         raise LrsdError(f"output path is a directory: {output_path}")
     check_output_directory(output_path)
     result = compress(input_path, config, calibration, progress, **options)
+    check_worth_writing(result.report)
     config = result.report.config
     save_model(result.model, output_path, external_data=bool(config.get("external_data")),
                source_dir=input_path.parent.resolve())
@@ -105,6 +106,25 @@ def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, o
                                  file_bytes=input_path.stat().st_size + _data_file_size(input_path))
     after = dataclasses.replace(result.report.after, file_bytes=written)
     return CompressionResult(result.model, dataclasses.replace(result.report, before=before, after=after))
+
+
+def check_worth_writing(report) -> None:
+    """Raise `NothingToCompress` when no layer was factorized, `OutputErrorTooLarge` when the
+    verified output error exceeds the config's `max_output_error` (unless `accept_error`)."""
+    config = report.config
+    if not any(layer.method != "dense" for layer in report.layers):
+        why = "; ".join(sorted({s.reason for s in report.skipped}))[:160] if report.skipped else ""
+        raise NothingToCompress("nothing to compress: no layer was factorized"
+                                + (f" (skipped: {why})" if why else "") + "; no output written")
+    limit = config.get("max_output_error")
+    if limit is None or config.get("accept_error") or not report.output_errors:
+        return
+    name, error = max(report.output_errors.items(), key=lambda item: item[1])
+    if not error <= limit:
+        hint = ("fit the layers to real inputs with --calib, or keep more (--keep, --max-error)"
+                if "random" in report.verified_on else "keep more (--keep, --max-error) or add calibration data")
+        raise OutputErrorTooLarge(f"output {name}: relative error {error:.3g} on {report.verified_on} is above "
+                                  f"{limit:g}; not written ({hint}; --accept-error writes it anyway)")
 
 
 def _data_file_size(path: Path) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
+from .decompose.svd import SVD_SOLVERS
 from .errors import LrsdError
 
 METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
@@ -243,6 +244,12 @@ class CompressConfig:
     blas_threads: BLAS threads of the numpy/scipy fits (None: the library's default). One is
         the default because OpenBLAS threads that wait by spinning slow a busy 2-core machine
         by an order of magnitude (PP-OCR data-free: 58 s with 2 threads under load, 3.4 s with 1).
+    svd_solver: how truncated SVDs are computed (`onnx_lrsd.decompose.svd`): "auto" (the
+        leading eigenvectors of the small side's Gram for large matrices, LAPACK's SVD for
+        small or badly conditioned ones), "exact" (LAPACK's full SVD, the older path) or "gram".
+    max_output_error: a compressed model whose verified relative output error exceeds this is
+        not written (`LrsdError`, exit 1) unless `accept_error`; None never refuses.
+    accept_error: write the model even when its verified output error exceeds `max_output_error`.
     executor: where calibration shards, per-layer fits, error curves, sensitivity probes and
         latency microbenchmarks run (`onnx_lrsd.parallel.executor`): "local" (this process, or a process
         pool of `workers` > 1) or "ray" (the cluster at `ray_address`, else a local Ray).
@@ -265,6 +272,11 @@ class CompressConfig:
     external_data: bool = option(False, "Save weights to OUTPUT.data.")
     map_weights_above_mb: float = 1024.0
     blas_threads: Optional[int] = 1
+    svd_solver: str = option("auto", "Truncated SVD: auto (Gram eigenvectors of the small side for large layers), "
+                                     "exact (LAPACK's full SVD) or gram.", choices=SVD_SOLVERS)
+    max_output_error: Optional[float] = option(
+        0.5, "Refuse to write a model whose verified relative output error exceeds E.", metavar="E")
+    accept_error: bool = option(False, "Write the model even when its output error exceeds --max-output-error.")
     mode: str = option("independent", "Fit each layer on original inputs, or on the compressed network's inputs "
                                       "in dependency order.", choices=MODES)
     sequential_stages: int = 12
@@ -364,6 +376,11 @@ class CompressConfig:
             override.validate()
         if self.blas_threads is not None and (not isinstance(self.blas_threads, int) or self.blas_threads < 1):
             raise LrsdError(f"blas_threads must be a positive integer, got {self.blas_threads!r}")
+        if self.svd_solver not in SVD_SOLVERS:
+            raise LrsdError(f"unknown svd_solver {self.svd_solver!r} (choose from {', '.join(SVD_SOLVERS)})")
+        if self.max_output_error is not None and (isinstance(self.max_output_error, bool) or not isinstance(
+                self.max_output_error, (int, float)) or not self.max_output_error > 0):
+            raise LrsdError(f"max_output_error must be > 0, got {self.max_output_error!r}")
         if self.mode not in MODES:
             raise LrsdError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
         if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):

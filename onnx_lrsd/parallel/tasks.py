@@ -137,7 +137,8 @@ FitRequest = Tuple[LayerTarget, Sequence[LayerPlan], LayerStatistics]
 def fit_layers(executor: Executor, requests: Sequence[FitRequest], config: CompressConfig):
     """(factorization, chosen plan) of every request, one task per layer, yielded in order."""
     tasks = [Task((target, list(options), stats.fit, stats.holdout, config.ridge, config.bias_correction,
-                   config.residual_min_gain), memory=fit_memory(target)) for target, options, stats in requests]
+                   config.residual_min_gain, config.svd_solver), memory=fit_memory(target))
+             for target, options, stats in requests]
     return executor.imap(best_fit, tasks)
 
 
