@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 from .config import SWEEP_POINTS, CompressConfig
 from .errors import LrsdError, NothingToCompress, OutputErrorTooLarge
@@ -18,24 +18,32 @@ from .passes.context import new_context
 from .passes.pipeline import inspect
 from .passes.search import CompressionResult, Metric, compress_in_stages, compress_model
 from .passes.search import sweep as sweep_rounds
-from .plan.cost import count_params, model_macs
+from .plan.cost import count_params, node_macs, unresolved_dims
 from .report.types import InspectReport, TargetInfo
 from .runtime.calibrate import Calibration, calibration_batches
 from .runtime.command_metric import CommandMetric
+from .runtime.feeds import check_dim_names
 
 __all__ = ["inspect_model", "compress", "compress_file", "sweep", "CompressionResult", "Calibration", "Metric",
            "calibration_batches", "SWEEP_POINTS"]
 
 
-def inspect_model(model: ModelSource) -> InspectReport:
-    """List the layers `compress` would factorize and the weight layers it would skip."""
+def inspect_model(model: ModelSource, dims: Sequence[Tuple[str, int]] = ()) -> InspectReport:
+    """List the layers `compress` would factorize and the weight layers it would skip, with
+    MACs at batch 1 and the symbolic input dims `dims` (None where dims are still unknown)."""
     source = load_model(model)
-    ctx = new_context(source, CompressConfig(verify=False))
+    config = CompressConfig(verify=False, dims=tuple(dims))
+    check_dim_names(source, dict(dims))
+    ctx = new_context(source, config)
     inspect(source, ctx)
     params = count_params(source)
-    targets = tuple(TargetInfo(t.name, t.op, tuple(int(d) for d in t.weight.shape), t.params, t.macs,
+    unresolved = unresolved_dims(source, dims)
+    per_node = node_macs(source, dict(dims)) if not unresolved else {}
+    targets = tuple(TargetInfo(t.name, t.op, tuple(int(d) for d in t.weight.shape), t.params,
+                               per_node.get(t.name, t.macs) if not unresolved else None,
                                t.params / params if params else 0.0) for t in ctx.targets.values())
-    return InspectReport(params=params, macs=model_macs(source), targets=targets, skipped=tuple(ctx.skipped))
+    return InspectReport(params=params, macs=sum(per_node.values()) if not unresolved else None, targets=targets,
+                         skipped=tuple(ctx.skipped), unresolved=unresolved)
 
 
 def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibration: Calibration = None,

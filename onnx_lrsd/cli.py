@@ -332,13 +332,15 @@ def _quiet_graphsurgeon(verbose: int) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", callback=_parsed_by(parse_dim, True),
+              help="Value of a symbolic input dim (MACs are unknown without every dim past the batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @guarded
-def inspect(model: Path, as_json: bool) -> None:
+def inspect(model: Path, dims, as_json: bool) -> None:
     """List the layers that can be factorized, and the weight layers that cannot (with why)."""
     from .api import inspect_model
 
-    report = inspect_model(model)
+    report = inspect_model(model, tuple(dims or ()))
     if as_json:
         _emit_json(report.to_dict())
     else:
