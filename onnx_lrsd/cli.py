@@ -424,9 +424,10 @@ def _write_report(path: Path, report, model: Path, compressed, config) -> None:
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Layers shown in the table.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @guarded
 def bench(baseline: Path, candidate: Optional[Path], threads, batch, dims, runs, warmup, profile_runs, cold_repeats,
-          top, seed, as_json) -> None:
+          top, seed, as_json, quiet) -> None:
     """Latency of BASELINE (and CANDIDATE, interleaved in one process) in onnxruntime: warm and
     cold, peak memory, per-layer times mapped to the model's layers, params, file size, MACs
     and output error side by side."""
@@ -434,7 +435,7 @@ def bench(baseline: Path, candidate: Optional[Path], threads, batch, dims, runs,
 
     comparison = compare_models(baseline, candidate, threads=threads, batch=batch, dims=dict(dims or ()),
                                 runs=runs, warmup=warmup, seed=seed, profile_runs=profile_runs,
-                                cold_repeats=cold_repeats)
+                                cold_repeats=cold_repeats, progress=_progress_printer(quiet or as_json))
     if as_json:
         _emit_json(comparison.to_dict())
     else:
