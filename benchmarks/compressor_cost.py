@@ -5,7 +5,7 @@ machine; plus the time of one truncated SVD against layer size, by solver.
 Models: every zoo graph of the onnx wheel data-free at keep 0.5, PP-OCRv4 rec data-free at keep
 0.5 (its symbolic dims from a real line), MiniLM data-aware at keep 0.5 with 256 calibration
 sentences (mask ``attention_mask``). Every compress runs in its own subprocess (peak RSS is the
-child's ``ru_maxrss``), BEFORE and AFTER interleaved model by model, each stopped after
+child's VmHWM), BEFORE and AFTER interleaved model by model, each stopped after
 ``--cap`` seconds (reported as "> cap"). BEFORE runs another checkout (``--before``, a worktree
 of the older commit with its own venv); AFTER this one.
 
@@ -49,6 +49,15 @@ ZOO_TARGET_S = 60.0
 # --------------------------------------------------------------------------- children (stdlib + onnx_lrsd only)
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM: reset by exec, unlike ru_maxrss, which keeps
+    the forking parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child_compress(spec: dict) -> dict:
     """Compress spec['model'] as spec says; the wall time of `compress_file` and this process's peak RSS."""
     import numpy as np
@@ -72,7 +81,7 @@ def _child_compress(spec: dict) -> dict:
     result = compress_file(spec["model"], spec["output"], calibration=calibration, **options)
     seconds = time.perf_counter() - start
     report = result.report
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
             "params_ratio": report.params_ratio, "output_error": max(report.output_errors.values(), default=None)}
 
 
@@ -91,7 +100,7 @@ def _child_svd(spec: dict) -> dict:
     else:
         truncated_svd(w, r, spec["solver"])
     return {"seconds": time.perf_counter() - start,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": _peak_rss_mb()}
 
 
 def _child(path: str) -> None:
@@ -217,7 +226,7 @@ def render(data: dict) -> str:
         f"{machine['load_average_at_start']}; the last column gives the 1-min load before each AFTER run): "
         "absolute times are inflated and noisy, BEFORE and AFTER ran interleaved so they saw similar load.",
         "",
-        f"Each compress ran in its own process (peak RSS = the child's ru_maxrss), stopped after {data['cap']:.0f} s "
+        f"Each compress ran in its own process (peak RSS = the child's VmHWM), stopped after {data['cap']:.0f} s "
         "(\"> cap\"). Library defaults otherwise (`blas_threads` 1, one process). Keep 0.5 everywhere.",
         "",
         markdown_table(["model", "what", "weights M", "before s", "before MB", "after s", "after MB", "speedup",
