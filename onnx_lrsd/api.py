@@ -117,10 +117,12 @@ def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, o
 
 
 def check_worth_writing(report) -> None:
-    """Raise `NothingToCompress` when no layer was factorized, `OutputErrorTooLarge` when the
-    verified output error exceeds the config's `max_output_error` (unless `accept_error`)."""
+    """Raise `NothingToCompress` when nothing changed (no layer factorized in any stage, no
+    quantization), `OutputErrorTooLarge` when the verified output error exceeds the config's
+    `max_output_error` (unless `accept_error`)."""
     config = report.config
-    if not any(layer.method != "dense" for layer in report.layers):
+    factorized = any(layer.method != "dense" for layer in report.layers)
+    if not factorized and report.after.params >= report.before.params and report.quantization is None:
         why = "; ".join(sorted({s.reason for s in report.skipped}))[:160] if report.skipped else ""
         raise NothingToCompress("nothing to compress: no layer was factorized"
                                 + (f" (skipped: {why})" if why else "") + "; no output written")
@@ -128,7 +130,7 @@ def check_worth_writing(report) -> None:
     if limit is None or config.get("accept_error") or not report.output_errors:
         return
     name, error = max(report.output_errors.items(), key=lambda item: item[1])
-    if not error <= limit:
+    if error > limit:  # NaN (an original whose outputs are not finite) is not judged
         hint = ("fit the layers to real inputs with --calib, or keep more (--keep, --max-error)"
                 if "random" in report.verified_on else "keep more (--keep, --max-error) or add calibration data")
         raise OutputErrorTooLarge(f"output {name}: relative error {error:.3g} on {report.verified_on} is above "

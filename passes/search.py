@@ -24,7 +24,7 @@ from ..plan.cost import count_params, model_macs, unresolved_dims
 from ..report.types import (CompressionReport, LayerReport, ModelStats, StageSummary, SweepPoint, SweepReport)
 from ..runtime.bench import compare_latency, output_errors_on
 from ..runtime.calibrate import RANDOM, Calibration, calibration_batches, split_holdout
-from ..runtime.feeds import dims_from_feeds, random_feeds
+from ..runtime.feeds import dims_from_feeds, random_feeds, resolve_input_shapes
 from ..runtime.quantize import quantize_model, summarize
 from ..runtime.deployment import deployment_feed
 from .context import PassContext, new_context
@@ -69,6 +69,8 @@ def compress_model(model: ModelSource, config: CompressConfig, calibration: Cali
         config = config.replace(target_params=1.0)  # the search moves it
     ctx = new_context(source, config, progress)
     ctx.calibration = calibration_batches(calibration, source, config)
+    if config.verify and not ctx.calibration:  # random inputs will be needed: every unknown dim named now
+        resolve_input_shapes(source, batch=config.verify_batch, dims=dict(config.dims))
     with executor_for(config) as ctx.executor, threadpool_limits(limits=config.blas_threads, user_api="blas"), \
             weights_in(mapped_dir):
         if mapped_dir is not None and config.verify:  # while nothing else is in memory
