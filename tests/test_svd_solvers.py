@@ -84,3 +84,23 @@ def test_whitened_fit_with_the_gram_solver_matches_the_exact_one():
         assert np.linalg.norm(got - exact) <= 1e-6 * np.linalg.norm(exact)
     np.testing.assert_allclose(whitened_spectrum(w, gram, 1e-3, "auto"), whitened_spectrum(w, gram, 1e-3, "exact"),
                                rtol=0, atol=1e-8 * whitened_spectrum(w, gram, 1e-3, "exact")[0])
+
+
+@pytest.mark.parametrize("calibration", [None, "random"])
+def test_compressed_models_agree_across_solvers(calibration):
+    """The whole compressor, data-free and data-aware, gives the same model (outputs within
+    1e-4 relative in onnxruntime) with the Gram solver as with the exact SVD."""
+    from graphs import mlp_model
+
+    from onnx_lrsd import compress
+    from onnx_lrsd.runtime.bench import outputs_on
+    from onnx_lrsd.runtime.feeds import random_feeds
+
+    model = mlp_model(sizes=(320, 512, 288, 10), names=("fc1", "fc2", "head"))
+    options = dict(keep=0.5, calibration=calibration, calib_samples=64, verify=False)
+    results = {solver: compress(model, svd_solver=solver, **options) for solver in ("exact", "auto")}
+    assert [layer.ranks for layer in results["exact"].report.layers] == \
+        [layer.ranks for layer in results["auto"].report.layers]
+    feeds = [random_feeds(model, batch=16, seed=3)]
+    exact, auto = (outputs_on(results[s].model, feeds)[0] for s in ("exact", "auto"))
+    assert np.linalg.norm(auto - exact) <= 1e-4 * np.linalg.norm(exact)
