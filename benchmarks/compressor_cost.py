@@ -281,9 +281,19 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=420.0, help="seconds before a run is stopped")
     parser.add_argument("--layer-cap", type=float, default=240.0, help="the cap of one layer's SVD")
     parser.add_argument("--quick", action="store_true", help="two zoo graphs and three layer sizes")
+    parser.add_argument("--render", type=Path, help="only write the .md and plot of this results .json (a run "
+                                                    "stopped early: what it measured)")
     args = parser.parse_args()
     if args.child:
         _child(args.child)
+        return
+    if args.render:
+        sys.path.insert(0, str(HERE.parent))
+        from benchmarks.common import write_text
+
+        data = json.loads(args.render.read_text())
+        plot(data, args.render.with_name(data["plot"]))
+        write_text(args.render.with_suffix(".md"), render(data))
         return
     if args.before is None:
         parser.error("--before is required")
