@@ -227,7 +227,9 @@ def render(data: dict) -> str:
         "absolute times are inflated and noisy, BEFORE and AFTER ran interleaved so they saw similar load.",
         "",
         f"Each compress ran in its own process (peak RSS = the child's VmHWM), stopped after {data['cap']:.0f} s "
-        "(\"> cap\"). Library defaults otherwise (`blas_threads` 1, one process). Keep 0.5 everywhere.",
+        "(\"> cap\"). Library defaults otherwise (`blas_threads` 1, one process). Keep 0.5 everywhere."
+        + ("" if data.get("complete") else " **The run was stopped before the end: only the rows below were "
+                                           "measured.**"),
         "",
         markdown_table(["model", "what", "weights M", "before s", "before MB", "after s", "after MB", "speedup",
                         "target s", "met", "load"], rows, "lllrrrrrrll"),
@@ -343,6 +345,7 @@ def main() -> None:
                 print(f"svd {n}x{m} r={rank} {solver}: {_cell(runs[solver])}", flush=True)
             data["layers"].append({"n": n, "m": m, "rank": rank, "runs": runs})
             write_json(out_json, data)
+    data["complete"] = True
     plot(data, plot_path)
     write_json(out_json, data)
     write_text(out_json.with_suffix(".md"), render(data))
