@@ -238,7 +238,7 @@ def render(data: dict) -> str:
         "",
         "Seeded Gaussian [n, m] (flat spectrum), keep-0.5 rank r = nm / (2(n+m)), one BLAS thread, own process; "
         f"the fastest of {LAYER_REPEATS} runs where a run took under {REPEAT_BELOW_S:.0f} s. "
-        f"Stopped after {data['layer_cap']:.0f} s. `before`: the older checkout's `low_rank` (exact gesdd; randomized above 2048 at r ≤ min/4); `exact`: "
+        f"Stopped after {data.get('layer_cap', data['cap']):.0f} s. `before`: the older checkout's `low_rank` (exact gesdd; randomized above 2048 at r ≤ min/4); `exact`: "
         "this checkout's exact solver; `auto`: the Gram solver (eigh of the small side's Gram). Plot: "
         f"`{data['plot']}`.",
         "",
@@ -265,7 +265,7 @@ def plot(data: dict, path: Path) -> None:
         ax.loglog(xs, ys, style, label=solver)
         capped = [l["n"] * l["m"] for l in data["layers"] if "capped" in l["runs"][solver]]
         if capped:
-            ax.loglog(capped, [data["layer_cap"]] * len(capped), "x", color=ax.lines[-1].get_color())
+            ax.loglog(capped, [data.get("layer_cap", data["cap"])] * len(capped), "x", color=ax.lines[-1].get_color())
     ax.set_xlabel("layer size n·m (weights)")
     ax.set_ylabel("one truncated SVD at keep 0.5 (s)")
     ax.set_title("Compressor cost against layer size (x: stopped at the cap)")
