@@ -43,7 +43,7 @@ def resolve_input_shapes(
 
     resolved: InputSpec = {}
     used_batch = False
-    missing: list[str] = []
+    missing: list[tuple[str, int, str]] = []
     for inp in inputs:
         if not inp.type.HasField("tensor_type"):
             raise LrsdError(f"input '{inp.name}' is not a tensor; only tensor inputs are supported")
@@ -64,11 +64,11 @@ def resolve_input_shapes(
                 shape.append(1 if batch is None else batch)
                 used_batch = True
             else:
-                missing.append(param or f"{inp.name}[{index}]")
+                missing.append((inp.name, index, param))
                 shape.append(0)
         resolved[inp.name] = (tuple(shape), dtype)
     if missing:
-        raise UsageError(unknown_dims_message(list(dict.fromkeys(missing))))
+        raise UsageError(unknown_dims_message(missing))
     if batch is not None and not used_batch:
         log.info("batch=%d ignored: no input has a symbolic first dim", batch)
     return resolved
@@ -88,18 +88,22 @@ def check_dim_names(model: onnx.ModelProto, dims: dict[str, int]) -> None:
         raise LrsdError(f"--dim {unknown[0]}: the model has no input dim named '{unknown[0]}' (named dims: {valid})")
 
 
-def unknown_dims_message(missing: list[str]) -> str:
-    """One line naming every unknown input dim at once, with the options that would give them
-    (unnamed dims, written ``input[axis]``, cannot be given: the model must name or fix them)."""
-    named = [m for m in missing if not m.endswith("]")]
-    unnamed = [m for m in missing if m.endswith("]")]
+def unknown_dims_message(missing: list[tuple[str, int, str]]) -> str:
+    """One line naming every unknown input dim (input, axis, symbolic name or "") at once, with
+    the options that would give them (unnamed dims cannot be given: the model must name or fix
+    them)."""
+    named: dict[str, list[str]] = {}
+    for inp, index, param in missing:
+        if param:
+            named.setdefault(param, []).append(f"{inp} dim {index}")
+    unnamed = [(inp, index) for inp, index, param in missing if not param]
     parts = []
     if named:
-        parts.append(f"input dims {', '.join(repr(n) for n in named)} are unknown: pass "
-                     + " ".join(f"--dim {n}=VALUE" for n in named) + " (or give calibration data, --calib)")
-    if unnamed:
-        parts.append(f"dims {', '.join(unnamed)} are unknown and unnamed: give them a fixed size or a name in the "
-                     "model")
+        where = ", ".join(f"'{name}' ({'; '.join(places)})" for name, places in named.items())
+        parts.append(f"input dims {where} are unknown: pass " + " ".join(f"--dim {n}=VALUE" for n in named)
+                     + " (or give calibration data, --calib)")
+    parts += [f"input '{inp}' dim {index} is unknown and unnamed: give it a fixed size or a name in the model"
+              for inp, index in unnamed]
     return "; ".join(parts)
 
 

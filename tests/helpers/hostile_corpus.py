@@ -699,7 +699,7 @@ CASES: Tuple[Case, ...] = (
     Case("dynamic_dims_without_values", "error", r"unknown and unnamed", _writer(_unnamed_dims), code=2),
     # first contact: shapes, honesty, usage
     Case("dynamic_hw_conv", "compress", "", _writer(_dynamic_hw_conv), args=("--dim", "H=20", "--dim", "W=24")),
-    Case("several_unknown_dims", "error", r"'H', 'W' are unknown: pass --dim H=VALUE --dim W=VALUE",
+    Case("several_unknown_dims", "error", r"'H' \(img dim 2\), 'W' \(img dim 3\) are unknown: pass --dim H=VALUE --dim W=VALUE",
          _writer(_dynamic_hw_conv), code=2),
     Case("catastrophic_output_error", "error", r"relative error [\d.]+ on random inputs is above 0\.5; not "
          r"written \(fit the layers to real inputs with --calib", _writer(_flat_spectrum), args=("--keep", "0.1"),
