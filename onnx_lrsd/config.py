@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
-from .decompose.svd import SVD_SOLVERS
 from .errors import UsageError
 
 METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
@@ -23,6 +22,10 @@ factor (right), both (MatMul groups), or per group the best of left, right and s
 (auto)."""
 
 SPARSE_STRUCTURES = ("rows", "unstructured")
+
+SVD_SOLVERS = ("auto", "exact", "gram")
+"""Solvers of the truncated SVD (`onnx_lrsd.decompose.svd`, which may not import this module;
+tests/test_svd_solvers.py checks the two lists agree)."""
 
 EXECUTORS = ("local", "ray")
 """Where the independent work runs (`onnx_lrsd.parallel.executor`)."""
