@@ -166,9 +166,9 @@ def to_latency(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto
     """Rounds of allocation until the written model's measured speedup is within
     `LATENCY_TOLERANCE` of the target. The measured speedup grows with the speedup asked of
     the prediction, so the ask is searched in log space: scaled by target / measured until the
-    target is bracketed, then bisected. When the fastest allocation measures below the target,
-    or no round lands within the tolerance, the target is unreachable (`_unreachable`); the
-    round nearest the target is the result."""
+    target is bracketed, then bisected. The target is a floor: when no round lands within the
+    tolerance, the slowest round measured above the target is the result (with a warning); when
+    every round measures below it, the target is unreachable (`_unreachable`, nearest round)."""
     config = ctx.config
     wanted = config.target_latency
     feed = deployment_feed(ctx.source, ctx.calibration, ctx.config)
@@ -193,7 +193,12 @@ def to_latency(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto
         else:
             correction *= wanted / measured
     miss, result_ctx, compressed = min(rounds, key=lambda r: r[0])
-    if miss > LATENCY_TOLERANCE:
+    faster = [r for r in rounds if r[1].allocation.measured_speedup >= wanted]
+    if miss > LATENCY_TOLERANCE and faster:  # the target is a floor: the slowest round above it serves
+        miss, result_ctx, compressed = min(faster, key=lambda r: r[1].allocation.measured_speedup)
+        log.warning("no round measured within %d%% of %.3gx; the nearest above it measured %.3gx",
+                    round(100 * LATENCY_TOLERANCE), wanted, result_ctx.allocation.measured_speedup)
+    elif miss > LATENCY_TOLERANCE:
         _unreachable(result_ctx, f"speedup {wanted:g}x is unreachable: no round of {len(rounds)} measured within "
                                  f"{round(100 * LATENCY_TOLERANCE)}% of it (batch {config.latency_batch}, "
                                  f"{config.latency_threads} threads)",
