@@ -53,6 +53,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("suite", "benchmarks.suite", (), ("--quick",), 120, 5),
     Benchmark("foundation", "benchmarks.foundation", (), ("--quick",), 25, 3),
     Benchmark("profile_layers", "benchmarks.profile_layers", (), ("--quick",), 10, 3),
+    Benchmark("recovery", "benchmarks.recovery", (), ("--quick",), 58, 0.2),
     Benchmark("scale_out", "benchmarks.scale_out", (), ("--quick", "--models", "synthetic", "--blocks", "2"), 15, 3),
 )
 
