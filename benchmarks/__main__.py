@@ -57,7 +57,7 @@ def run(names: list[str], quick: bool, fresh: bool) -> int:
 
 
 _CACHED = {"benchmarks.global_allocation", "benchmarks.sparse_residual", "benchmarks.joint", "benchmarks.suite",
-           "benchmarks.recovery"}
+           "benchmarks.recovery", "benchmarks.width"}
 """Modules built on `benchmark_main`, which take ``--fresh``."""
 
 

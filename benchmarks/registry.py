@@ -54,6 +54,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("foundation", "benchmarks.foundation", (), ("--quick",), 25, 3),
     Benchmark("profile_layers", "benchmarks.profile_layers", (), ("--quick",), 10, 3),
     Benchmark("recovery", "benchmarks.recovery", (), ("--quick",), 58, 0.2),
+    Benchmark("width", "benchmarks.width", ("--tasks", "ppocr_rec"), ("--quick",), 36, 1),
+    Benchmark("width_minilm", "benchmarks.width",
+              ("--tasks", "minilm", "--output", "benchmarks/results/width_minilm"), None, 30),
+    Benchmark("width_det", "benchmarks.width",
+              ("--tasks", "ppocr_det", "--output", "benchmarks/results/width_det"), None, 1),
     Benchmark("scale_out", "benchmarks.scale_out", (), ("--quick", "--models", "synthetic", "--blocks", "2"), 15, 3),
 )
 

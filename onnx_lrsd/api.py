@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .config import SWEEP_POINTS, CompressConfig
+from .config import PRUNE, SWEEP_POINTS, CompressConfig
 from .errors import LrsdError
 from .model.io import ModelSource, check_output_directory, load_model, save_model
 from .passes.context import new_context
@@ -19,6 +19,7 @@ from .passes.pipeline import inspect
 from .passes.search import CompressionResult, Metric, compress_in_stages, compress_model
 from .passes.search import sweep as sweep_rounds
 from .plan.cost import count_params, model_macs
+from .prune import compress_widths, group_infos
 from .report.types import InspectReport, TargetInfo
 from .runtime.calibrate import Calibration, calibration_batches
 from .runtime.command_metric import CommandMetric
@@ -35,7 +36,9 @@ def inspect_model(model: ModelSource) -> InspectReport:
     params = count_params(source)
     targets = tuple(TargetInfo(t.name, t.op, tuple(int(d) for d in t.weight.shape), t.params, t.macs,
                                t.params / params if params else 0.0) for t in ctx.targets.values())
-    return InspectReport(params=params, macs=model_macs(source), targets=targets, skipped=tuple(ctx.skipped))
+    groups, blocked = group_infos(source)
+    return InspectReport(params=params, macs=model_macs(source), targets=targets, skipped=tuple(ctx.skipped),
+                         channel_groups=groups, blocked_groups=blocked)
 
 
 def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibration: Calibration = None,
@@ -61,6 +64,11 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
         raise LrsdError("a metric and max_metric_drop go together")
     if metric is not None and (config.target is not None or config.stages > 1):
         raise LrsdError("max_metric_drop is a target of its own: drop the other target and stages")
+    if config.method == PRUNE:
+        if metric is not None or config.stages > 1 or config.recover is not None or config.recover_time is not None:
+            raise LrsdError("method prune takes keep, target_params or target_macs "
+                            "(no metric search, stages or recovery yet)")
+        return CompressionResult(*compress_widths(model, config, calibration))
     if config.stages > 1:
         return compress_in_stages(model, config, calibration, progress)
     return compress_model(model, config, calibration, progress, metric, config.max_metric_drop)
@@ -78,6 +86,8 @@ def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Op
     values = sorted({float(v) for v in values}, reverse=True)
     if not values or any(not 0 < v <= 1 for v in values):
         raise LrsdError(f"sweep values are params ratios in (0, 1], got {values}")
+    if config.method == PRUNE:
+        raise LrsdError("a sweep allocates low-rank factors: method prune is not swept yet")
     if config.target is not None and config.target[0] != "params" or config.stages > 1:
         raise LrsdError("a sweep sets target_params itself: drop other targets and stages")
     return sweep_rounds(model, values, config, calibration, metric, progress, keep_models)

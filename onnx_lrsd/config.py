@@ -14,6 +14,14 @@ METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
 """Factorization kinds: `svd` for Gemm/MatMul (and 1×1 convs), the others for Conv; `auto`
 picks the kind with the fewest MACs at the layer's parameter budget."""
 
+PRUNE = "prune"
+RUN_METHODS = METHODS + (PRUNE,)
+"""`method` of a whole run: a factorization kind, or `prune`: structured width reduction
+(whole channels, FFN neurons and attention heads removed, readers refitted; `onnx_lrsd.prune`)."""
+
+WIDTH_CRITERIA = ("greedy", "nystrom", "energy")
+"""How `prune` chooses the channels kept (`onnx_lrsd.decompose.channels`)."""
+
 MODES = ("independent", "sequential")
 
 JOINT = ("off", "left", "right", "both", "auto")
@@ -172,7 +180,8 @@ class CompressConfig:
     keep: fraction of each layer's weight parameters kept, in (0, 1].
     energy: if set, each layer keeps the smallest rank holding this share of the squared
         singular values (still capped by the `keep` budget).
-    method: factorization kind, one of `METHODS`.
+    method: factorization kind, one of `METHODS`, or `prune` (structured width reduction, `RUN_METHODS`).
+    width_criterion: with `prune`, how the kept channels are chosen (`WIDTH_CRITERIA`).
     overrides: per-layer settings; the first matching override wins.
     conv_rank_multiple: conv ranks are rounded down to multiples of this (onnxruntime's NCHWc
         blocks) when that gives up at most a quarter of the rank.
@@ -252,7 +261,12 @@ class CompressConfig:
     keep: float = option(0.5, "Fraction of each layer's parameters kept, in (0, 1].")
     energy: Optional[float] = option(
         None, "Keep the smallest rank holding this share of the squared singular values (capped by --keep).")
-    method: str = option("auto", "Factorization kind (auto: fewest MACs at the layer's budget).", choices=METHODS)
+    method: str = option("auto", "Factorization kind (auto: fewest MACs at the layer's budget), or prune: remove "
+                                 "whole channels, FFN neurons and attention heads (needs --calib).",
+                         choices=RUN_METHODS)
+    width_criterion: str = option("greedy", "--method prune: channels kept by greedy reconstruction of the next "
+                                            "layer's output, a Nyström column subset, or activation energy.",
+                                  choices=WIDTH_CRITERIA)
     overrides: Tuple[LayerOverride, ...] = ()
     conv_rank_multiple: int = 16
     min_rank: int = 8
@@ -350,8 +364,10 @@ class CompressConfig:
         check_keep(self.keep, "keep")
         if self.energy is not None:
             check_energy(self.energy, "energy")
-        if self.method not in METHODS:
-            raise LrsdError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.method not in RUN_METHODS:
+            raise LrsdError(f"unknown method {self.method!r} (choose from {', '.join(RUN_METHODS)})")
+        if self.width_criterion not in WIDTH_CRITERIA:
+            raise LrsdError(f"unknown width criterion {self.width_criterion!r} (choose from {', '.join(WIDTH_CRITERIA)})")
         if not isinstance(self.min_rank, int) or self.min_rank < 1:
             raise LrsdError(f"min_rank must be a positive integer, got {self.min_rank!r}")
         if not isinstance(self.min_layer_share, (int, float)) or not 0 <= self.min_layer_share < 1:

@@ -24,6 +24,7 @@ import pkgutil
 import numpy as np
 import onnx_lrsd.decompose as d
 import onnx_lrsd.decompose.stats as s
+import onnx_lrsd.decompose.channels as ch
 
 for module in pkgutil.iter_modules(d.__path__):  # every module of the maths room, stats included
     importlib.import_module(f"onnx_lrsd.decompose.{{module.name}}")
@@ -35,6 +36,8 @@ acc = s.GramAccumulator(27)
 acc.update(s.im2col(x, (3, 3), pads=(1, 1, 1, 1)))
 f = d.whitened_svd(d.conv_to_matrix(w), acc.gram, 4)
 assert np.allclose(f.to_dense(), d.conv_to_matrix(w))
+consumer = ch.ConsumerStats(acc.gram, acc.mean * acc.count, acc.count, d.conv_to_matrix(w), block=9)
+assert ch.select_channels([consumer], 2, "greedy").shape == (2,)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r} and sys.modules[m])
 assert not loaded, loaded
 print("ok")

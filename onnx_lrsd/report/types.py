@@ -22,11 +22,47 @@ class TargetInfo:
 
 
 @dataclass(frozen=True)
+class ChannelGroupInfo:
+    """A coupled group `prune` can narrow: `channels` (heads for kind "heads", each `block`
+    features wide), the layers writing them, the layers reading them through a weight, and the
+    depthwise convs between."""
+
+    name: str
+    kind: str
+    channels: int
+    block: int
+    producers: Tuple[str, ...]
+    consumers: Tuple[str, ...]
+    depthwise: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BlockedGroupInfo:
+    """Channels that cannot be narrowed, and why."""
+
+    name: str
+    channels: Optional[int]
+    reason: str
+
+
+@dataclass(frozen=True)
+class GroupWidth:
+    """A channel group as `prune` left it: `kept` of `channels` (heads for kind "heads")."""
+
+    name: str
+    kind: str
+    channels: int
+    kept: int
+
+
+@dataclass(frozen=True)
 class InspectReport:
     params: int
     macs: int
     targets: Tuple[TargetInfo, ...]
     skipped: Tuple[SkippedLayer, ...]
+    channel_groups: Tuple[ChannelGroupInfo, ...] = ()
+    blocked_groups: Tuple[BlockedGroupInfo, ...] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -41,6 +77,15 @@ class InspectReport:
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}:")
             lines.extend(f"  {s.name}  {s.op}: {s.reason}" for s in self.skipped)
+        if self.channel_groups:
+            lines.append(f"channel groups {len(self.channel_groups)} (narrowed together by prune):")
+            for g in self.channel_groups:
+                unit = f"{g.channels} heads of {g.block}" if g.kind == "heads" else f"{g.channels} channels"
+                extra = f"  depthwise {', '.join(g.depthwise)}" if g.depthwise else ""
+                lines.append(f"  {g.name}  {unit}: {', '.join(g.producers)} -> {', '.join(g.consumers)}{extra}")
+        if self.blocked_groups:
+            lines.append(f"blocked groups {len(self.blocked_groups)}:")
+            lines.extend(f"  {b.name}  {b.channels}: {b.reason}" for b in self.blocked_groups)
         return "\n".join(lines)
 
 
@@ -277,6 +322,7 @@ class CompressionReport:
     quantization: Optional[QuantizationSummary] = None
     residual_check: Optional[ResidualCheck] = None
     recovery: Optional[RecoveryReport] = None
+    widths: Tuple[GroupWidth, ...] = ()
 
     @property
     def params_ratio(self) -> float:
@@ -308,6 +354,11 @@ class CompressionReport:
             f"layers factorized {len(factorized)} of {len(self.layers)} targets; {len(self.skipped)} weight layers skipped",
         ]
         lines.extend(self._residual_lines())
+        narrowed = [w for w in self.widths if w.kept < w.channels]
+        if self.widths:
+            lines.append(f"channel groups narrowed {len(narrowed)} of {len(self.widths)}: "
+                         + ", ".join(f"{w.name} {w.kept}/{w.channels}{' heads' if w.kind == 'heads' else ''}"
+                                     for w in narrowed[:12]) + (", …" if len(narrowed) > 12 else ""))
         if self.residual_check is not None:
             lines.append(self.residual_check.to_text())
         if self.allocation is not None:

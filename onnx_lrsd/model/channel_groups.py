@@ -1,0 +1,485 @@
+"""Coupled channel groups: the layers that must lose the same channels together, from the graph alone.
+
+A group is one *channel space*: tensors whose channel axis (1 after a Conv, the last axis after a
+MatMul / Gemm) indexes the same C channels. It starts at a producer (Conv with group 1, MatMul
+with a constant right operand, Gemm; constant weight) and grows through ops that act on each
+channel alone:
+
+- elementwise unary ops (Relu, Clip, Sigmoid, HardSigmoid, HardSwish, Erf, Tanh, …);
+- elementwise binary ops (Add, Sub, Mul, Div, …) with a constant that is scalar or per-channel
+  (then sliced), or with another tensor, which joins the space: its producer joins as well, so
+  Sigmoid·Mul / HardSwish / Erf-GELU patterns and squeeze-excitation gates (whose last conv
+  becomes a second producer) stay in one group;
+- BatchNormalization, depthwise Conv (group = C, one filter per channel), pooling over space
+  (channel-first spaces only).
+
+It ends at consumers: Conv / MatMul / Gemm that read the channels through a constant weight
+(input channels sliced, weight refitted). Anything else that touches the space blocks the
+group, with the reason: a graph input or output, Reshape / Transpose / Concat / LayerNorm /
+Softmax, a residual Add with a tensor produced by an op outside these rules, a constant that
+broadcasts against the channels in another way.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .graph import resolve_constant
+from .layers import LayerTarget, NotATarget, conv_target, gemm_target, matmul_target
+
+__all__ = ["ChannelParam", "ShapeEdit", "ChannelGroup", "BlockedGroup", "find_channel_groups", "find_head_groups",
+           "weight_target"]
+
+UNARY = {"Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf",
+         "Gelu", "Softplus", "Softsign", "Mish", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Identity",
+         "Clip", "Dropout", "Floor", "Ceil", "Round", "Sin", "Cos", "ThresholdedRelu", "Shrink"}
+BINARY = {"PRelu", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
+POOLS = {"GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "LpPool", "GlobalLpPool"}
+
+
+@dataclass(frozen=True)
+class ChannelParam:
+    """Input `index` of node `node` is a constant to slice along `axis` (per-channel values;
+    `block` consecutive entries per channel, e.g. one attention head's columns)."""
+
+    node: str
+    index: int
+    axis: int
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class ShapeEdit:
+    """Entry `position` of the constant shape at input `index` of `node` becomes
+    width · `per_channel` (a Reshape's head count, or heads × head size)."""
+
+    node: str
+    index: int
+    position: int
+    per_channel: int
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """C channels that producers write and consumers read; `params` are the per-channel
+    constants between them, `depthwise` the depthwise convs whose `group` is C. A channel is
+    `block` consecutive features of the consumers' input (attention heads: the head size);
+    `shapes` are Reshape constants that count channels."""
+
+    name: str
+    channels: int
+    channel_first: bool
+    producers: Tuple[str, ...]
+    consumers: Tuple[str, ...]
+    params: Tuple[ChannelParam, ...]
+    depthwise: Tuple[str, ...]
+    tensors: Tuple[str, ...]
+    block: int = 1
+    shapes: Tuple[ShapeEdit, ...] = ()
+
+
+@dataclass(frozen=True)
+class BlockedGroup:
+    """A channel space that cannot be narrowed, and why."""
+
+    name: str
+    channels: Optional[int]
+    producers: Tuple[str, ...]
+    reason: str
+
+
+def weight_target(node: gs.Node, graph: gs.Graph) -> Optional[LayerTarget]:
+    """The node as a dense layer y = x @ W with a constant weight, or None."""
+    try:
+        if node.op == "Conv" and int(node.attrs.get("group", 1)) == 1:
+            return conv_target(node, graph)
+        if node.op == "MatMul":
+            target = matmul_target(node, graph)
+            return target if target.weight_side == "right" else None
+        if node.op == "Gemm":
+            target = gemm_target(node, graph)
+            return None if target.gemm.trans_a else target
+    except NotATarget:
+        return None
+    return None
+
+
+class _Blocked(Exception):
+    """A channel space cannot be narrowed; the message says why."""
+
+
+@dataclass
+class _Space:
+    channels: int
+    channel_first: bool
+    rank: Optional[int]
+    tensors: Dict[str, gs.Tensor] = field(default_factory=dict)
+    producers: Dict[str, gs.Node] = field(default_factory=dict)
+    consumers: Dict[str, gs.Node] = field(default_factory=dict)
+    params: List[ChannelParam] = field(default_factory=list)
+    depthwise: Dict[str, gs.Node] = field(default_factory=dict)
+    visited: set = field(default_factory=set)
+
+
+def _out_channels(target: LayerTarget) -> int:
+    return target.out_channels if target.conv is not None else target.out_features
+
+
+def _in_channels(target: LayerTarget) -> int:
+    return target.in_channels if target.conv is not None else target.in_features
+
+
+class _Finder:
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.outputs = {t.name for t in graph.outputs}
+        self.inputs = {t.name for t in graph.inputs}
+        self.targets: Dict[str, Optional[LayerTarget]] = {}
+        self.space: Optional[_Space] = None
+        self.opset = 17
+
+    def target(self, node: gs.Node) -> Optional[LayerTarget]:
+        if node.name not in self.targets:
+            self.targets[node.name] = weight_target(node, self.graph)
+        return self.targets[node.name]
+
+    def constant(self, tensor: gs.Tensor) -> Optional[np.ndarray]:
+        if isinstance(tensor, gs.Constant) or tensor.inputs:
+            resolved = resolve_constant(tensor)
+            return None if resolved is None else resolved.values
+        return None
+
+    def grow(self, start: gs.Node) -> _Space:
+        target = self.target(start)
+        space = self.space = _Space(channels=_out_channels(target), channel_first=target.conv is not None,
+                                    rank=(2 + len(target.conv.kernel_shape)) if target.conv is not None else None)
+        space.producers[start.name] = start
+        space.visited.add(start.name)
+        queue = deque([start.outputs[0]])
+        while queue:
+            tensor = queue.popleft()
+            if tensor.name in space.tensors:
+                continue
+            space.tensors[tensor.name] = tensor
+            if tensor.name in self.outputs:
+                raise _Blocked(f"'{tensor.name}' is a graph output")
+            if tensor.name in self.inputs or not tensor.inputs:
+                raise _Blocked(f"graph input '{tensor.name}' enters the channels")
+            for node in [tensor.inputs[0]] + list(tensor.outputs):
+                if node.name not in space.visited:
+                    space.visited.add(node.name)
+                    queue.extend(self.visit(node, tensor, space))
+        if not space.consumers:
+            raise _Blocked("no layer reads the channels through a weight")
+        return space
+
+    def visit(self, node: gs.Node, via: gs.Tensor, space: _Space) -> List[gs.Tensor]:
+        """Record `node`, reached through `via`; return the tensors that join the space."""
+        produced = via in node.outputs
+        if node.op in ("Conv", "MatMul", "Gemm") and int(node.attrs.get("group", 1)) == 1:
+            target = self.target(node)
+            if target is None:
+                raise _Blocked(f"{node.op} '{node.name}' touches the channels without a constant weight")
+            if produced:
+                if (target.conv is not None) != space.channel_first or _out_channels(target) != space.channels:
+                    raise _Blocked(f"producer '{node.name}' does not match the channel layout")
+                space.producers[node.name] = node
+                return []
+            if node.inputs[0] is not via or _in_channels(target) != space.channels or \
+                    (target.conv is not None) != space.channel_first:
+                raise _Blocked(f"{node.op} '{node.name}' reads the channels in another layout")
+            space.consumers[node.name] = node
+            return []
+        if node.op == "Conv":
+            return self.depthwise(node, space)
+        if node.op == "BatchNormalization":
+            if len([t for t in node.outputs if t.name]) != 1:
+                raise _Blocked(f"BatchNormalization '{node.name}' in training mode")
+            space.params.extend(ChannelParam(node.name, i, 0) for i in range(1, 5))
+            return [node.inputs[0], node.outputs[0]]
+        if node.op in POOLS:
+            if not space.channel_first:
+                raise _Blocked(f"{node.op} '{node.name}' pools over the channel axis")
+            return [node.inputs[0], node.outputs[0]]
+        if node.op in UNARY:
+            for index, extra in enumerate(node.inputs[1:], 1):
+                if extra.name:
+                    self.per_channel(node, index, extra, space, scalar_only=True)
+            return [node.inputs[0], node.outputs[0]]
+        if node.op in BINARY:
+            joined = [node.outputs[0]]
+            for index, tensor in enumerate(node.inputs):
+                if self.constant(tensor) is not None:
+                    self.per_channel(node, index, tensor, space)
+                else:
+                    joined.append(tensor)
+            return joined
+        raise _Blocked(f"{node.op} '{node.name}' {'writes' if produced else 'reads'} the channels")
+
+    def per_channel(self, node: gs.Node, index: int, tensor: gs.Tensor, space: _Space,
+                    scalar_only: bool = False) -> bool:
+        """Record a constant operand: scalar-like (nothing to do) or per-channel (sliced)."""
+        values = self.constant(tensor)
+        if values is None:
+            raise _Blocked(f"{node.op} '{node.name}' mixes in '{tensor.name}', computed at run time")
+        if values.size == 1:
+            return False
+        if scalar_only:
+            raise _Blocked(f"{node.op} '{node.name}' has a non-scalar parameter")
+        rank = space.rank if space.channel_first else values.ndim
+        if space.channel_first and rank is None or values.ndim > (rank or values.ndim):
+            raise _Blocked(f"constant '{tensor.name}' of {node.op} '{node.name}' broadcasts beyond the tensor")
+        axis = values.ndim - (rank - 1) if space.channel_first else values.ndim - 1
+        if axis < 0 or values.shape[axis] == 1:
+            return False
+        if values.shape[axis] != space.channels:
+            raise _Blocked(f"constant '{tensor.name}' of {node.op} '{node.name}' has {values.shape[axis]} "
+                           f"entries on the channel axis, not {space.channels}")
+        space.params.append(ChannelParam(node.name, index, axis))
+        return True
+
+    def depthwise(self, node: gs.Node, space: _Space) -> List[gs.Tensor]:
+        group = int(node.attrs.get("group", 1))
+        weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        if weight is None or group != space.channels or weight.shape[0] != space.channels or weight.shape[1] != 1:
+            raise _Blocked(f"grouped Conv '{node.name}' (group {group}) is not depthwise over the channels")
+        if not space.channel_first:
+            raise _Blocked(f"depthwise Conv '{node.name}' on channel-last channels")
+        space.depthwise[node.name] = node
+        space.params.append(ChannelParam(node.name, 1, 0))
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            space.params.append(ChannelParam(node.name, 2, 0))
+        return [node.inputs[0], node.outputs[0]]
+
+
+def _producer_params(space: _Space, finder: _Finder) -> List[ChannelParam]:
+    """Output-channel slices of the producers' weights and biases (Conv [Cout, ...], MatMul
+    [in, out], Gemm B and C)."""
+    params = []
+    for name, node in space.producers.items():
+        target = finder.target(node)
+        if node.op == "Conv":
+            params.append(ChannelParam(name, 1, 0))
+            if len(node.inputs) > 2 and node.inputs[2].name:
+                params.append(ChannelParam(name, 2, 0))
+        elif node.op == "MatMul":
+            params.append(ChannelParam(name, 1, 1))
+        else:
+            params.append(ChannelParam(name, 1, 0 if target.gemm.trans_b else 1))
+            if len(node.inputs) > 2 and node.inputs[2].name:
+                c = finder.constant(node.inputs[2])
+                if c is None:
+                    raise _Blocked(f"Gemm '{name}' adds a bias computed at run time")
+                if c.size > 1:
+                    if c.shape[-1] != space.channels or c.size != space.channels:
+                        raise _Blocked(f"Gemm '{name}' has a bias of shape {c.shape}")
+                    params.append(ChannelParam(name, 2, c.ndim - 1))
+    return params
+
+
+def find_channel_groups(graph: gs.Graph) -> Tuple[List[ChannelGroup], List[BlockedGroup]]:
+    """Every channel space that starts at a producer with a constant weight: the ones that can
+    be narrowed, and the blocked ones with the reason."""
+    finder = _Finder(graph)
+    groups, blocked, seen = [], [], set()
+    for node in graph.nodes:
+        if node.name in seen or node.op not in ("Conv", "MatMul", "Gemm") or finder.target(node) is None:
+            continue
+        try:
+            space = finder.grow(node)
+            params = _producer_params(space, finder) + space.params
+            for name in set(space.producers) & set(space.consumers):
+                raise _Blocked(f"'{name}' both writes and reads the channels")
+        except _Blocked as reason:
+            producers = tuple(finder.space.producers)
+            seen.update(producers)
+            blocked.append(BlockedGroup(node.name, _out_channels(finder.target(node)), producers, str(reason)))
+            continue
+        seen.update(space.producers)
+        groups.append(ChannelGroup(
+            name=node.name, channels=space.channels, channel_first=space.channel_first,
+            producers=tuple(space.producers), consumers=tuple(space.consumers), params=tuple(params),
+            depthwise=tuple(space.depthwise), tensors=tuple(space.tensors)))
+    return groups, blocked
+
+
+_HEAD_PASS = {"Transpose", "Softmax", "MatMul", "Mul", "Div", "Add", "Sub", "Cast", "Identity", "Dropout"}
+
+
+class _Heads:
+    """Attention heads: Q / K / V producers whose outputs (after a constant bias Add) are
+    reshaped by a constant shape [..., H, d] into heads, and the output projection that reads
+    them back through a constant Reshape [..., H·d]. Between the two, the head axis is
+    tracked through Transpose, batched MatMul, Softmax (not over heads) and elementwise ops
+    whose other operand is constant and scalar or a tensor with one entry on the head axis."""
+
+    def __init__(self, finder: _Finder):
+        self.finder = finder
+        self.axis: Dict[str, int] = {}
+        self.tensors: Dict[str, gs.Tensor] = {}
+        self.splits: Dict[str, gs.Node] = {}
+        self.merges: Dict[str, gs.Node] = {}
+        self.heads = self.size = None
+        self.visited: set = set()
+
+    def shape_constant(self, node: gs.Node) -> Optional[np.ndarray]:
+        if node.op != "Reshape" or len(node.inputs) < 2:
+            return None
+        values = self.finder.constant(node.inputs[1])
+        return None if values is None else np.asarray(values).reshape(-1)
+
+    def add(self, tensor: gs.Tensor, axis: int, queue: deque) -> None:
+        known = self.axis.get(tensor.name)
+        if known is not None and known != axis:
+            raise _Blocked(f"'{tensor.name}' holds the heads on two axes")
+        if known is None:
+            if tensor.name in self.finder.outputs:
+                raise _Blocked(f"'{tensor.name}' is a graph output")
+            self.axis[tensor.name] = axis
+            self.tensors[tensor.name] = tensor
+            queue.append(tensor)
+
+    def split(self, node: gs.Node) -> None:
+        shape = self.shape_constant(node)
+        if shape is None or len(shape) < 3 or shape[-1] <= 0 or shape[-2] <= 0:
+            raise _Blocked(f"Reshape '{node.name}' into heads has no constant shape")
+        heads, size = int(shape[-2]), int(shape[-1])
+        if self.heads is None:
+            self.heads, self.size = heads, size
+        if (heads, size) != (self.heads, self.size):
+            raise _Blocked(f"Reshape '{node.name}' splits into other heads")
+        self.splits[node.name] = node
+
+    def grow(self, start: gs.Node) -> None:
+        self.split(start)
+        queue: deque = deque()
+        self.add(start.outputs[0], len(self.shape_constant(start)) - 2, queue)
+        while queue:
+            tensor = queue.popleft()
+            producer = tensor.inputs[0] if tensor.inputs else None
+            if producer is not None and producer.name not in self.splits and producer.name not in self.visited:
+                self.visited.add(producer.name)
+                self.visit(producer, queue, backward=True)
+            for node in tensor.outputs:
+                if node.name not in self.visited and node.name not in self.splits:
+                    self.visited.add(node.name)
+                    self.visit(node, queue, backward=False)
+
+    def visit(self, node: gs.Node, queue: deque, backward: bool) -> None:
+        if node.op == "Reshape" and backward:
+            self.split(node)
+            return
+        if node.op == "Reshape":
+            shape = self.shape_constant(node)
+            data = node.inputs[0]
+            if shape is None or self.axis[data.name] != len(shape) - 1 or shape[-1] != self.heads * self.size:
+                raise _Blocked(f"Reshape '{node.name}' does not merge the heads back")
+            self.merges[node.name] = node
+            return
+        if node.op not in _HEAD_PASS:
+            raise _Blocked(f"{node.op} '{node.name}' touches the heads")
+        inside = [t for t in node.inputs if t.name in self.axis]
+        if node.op == "Transpose":
+            perm = list(node.attrs.get("perm", []))
+            if not perm:
+                raise _Blocked(f"Transpose '{node.name}' without perm")
+            if node.inputs[0].name in self.axis:
+                self.add(node.outputs[0], perm.index(self.axis[node.inputs[0].name]), queue)
+            else:
+                self.add(node.inputs[0], perm[self.axis[node.outputs[0].name]], queue)
+            return
+        axis = self.axis[inside[0].name] if inside else self.axis[node.outputs[0].name]
+        if node.op == "Softmax":
+            rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+            softmax_axis = int(node.attrs.get("axis", -1 if self.finder.opset >= 13 else 1))
+            if rank is None or softmax_axis % rank == axis or (self.finder.opset < 13 and softmax_axis % rank <= axis):
+                raise _Blocked(f"Softmax '{node.name}' mixes the heads")
+        for tensor in node.inputs[:2] if node.op == "MatMul" else node.inputs:
+            if tensor.name in self.axis:
+                continue
+            if node.op == "MatMul":
+                self.add(tensor, axis, queue)
+                continue
+            values = self.finder.constant(tensor)
+            shape = tensor.shape if values is None else values.shape
+            rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+            if shape is None or rank is None:
+                raise _Blocked(f"{node.op} '{node.name}' mixes in '{tensor.name}' of unknown shape")
+            offset = axis - (rank - len(shape))
+            if offset >= 0 and shape[offset] != 1:
+                raise _Blocked(f"{node.op} '{node.name}' mixes in '{tensor.name}' per head")
+        self.add(node.outputs[0], axis, queue)
+
+
+def _head_producer(split: gs.Node, finder: _Finder, heads: int, size: int):
+    """(producer MatMul, bias ChannelParam or None) feeding a split Reshape."""
+    tensor = split.inputs[0]
+    bias = None
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and node.op == "Add" and len(tensor.outputs) == 1:
+        const = [i for i, t in enumerate(node.inputs) if finder.constant(t) is not None]
+        if len(const) != 1:
+            raise _Blocked(f"Add '{node.name}' before the heads is not a constant bias")
+        values = finder.constant(node.inputs[const[0]])
+        if values.size != heads * size:
+            raise _Blocked(f"bias of '{node.name}' is not per feature")
+        bias = ChannelParam(node.name, const[0], values.ndim - 1, size)
+        tensor = node.inputs[1 - const[0]]
+        node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or node.op != "MatMul" or len(tensor.outputs) != 1 or tensor.name in finder.outputs:
+        raise _Blocked(f"the input of Reshape '{split.name}' is not a projection's own output")
+    target = finder.target(node)
+    if target is None or target.out_features != heads * size:
+        raise _Blocked(f"'{node.name}' is not a projection into {heads} heads of {size}")
+    return node, bias
+
+
+def find_head_groups(graph: gs.Graph, opset: int = 17) -> Tuple[List[ChannelGroup], List[BlockedGroup]]:
+    """Attention-head groups (channels: heads, block: head size): the Q / K / V projections
+    whose columns of a head go together with that head's rows of the output projection, and
+    the Reshape constants that count heads."""
+    finder = _Finder(graph)
+    finder.opset = opset
+    groups, blocked, seen = [], [], set()
+    for node in graph.nodes:
+        if node.name in seen or node.op != "Reshape":
+            continue
+        heads = _Heads(finder)
+        try:
+            head_input = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+            if head_input is None or head_input.op not in ("Add", "MatMul"):
+                continue
+            heads.grow(node)
+            seen.update(heads.splits)
+            producers, params = [], []
+            for split in heads.splits.values():
+                producer, bias = _head_producer(split, finder, heads.heads, heads.size)
+                producers.append(producer.name)
+                params.append(ChannelParam(producer.name, 1, 1, heads.size))
+                if bias is not None:
+                    params.append(bias)
+            consumers = []
+            for merge in heads.merges.values():
+                out = merge.outputs[0]
+                readers = list(out.outputs)
+                if out.name in finder.outputs or len(readers) != 1 or readers[0].op != "MatMul" or \
+                        finder.target(readers[0]) is None or readers[0].inputs[0] is not out:
+                    raise _Blocked(f"the merged heads of '{merge.name}' are not read by one projection")
+                consumers.append(readers[0].name)
+            if not consumers or len(heads.splits) < 2:
+                raise _Blocked("no output projection reads the heads")
+        except _Blocked as reason:
+            seen.update(heads.splits)
+            blocked.append(BlockedGroup(node.name, heads.heads, tuple(heads.splits), f"heads: {reason}"))
+            continue
+        shapes = tuple(ShapeEdit(s.name, 1, len(heads.shape_constant(s)) - 2, 1) for s in heads.splits.values()) + \
+            tuple(ShapeEdit(m.name, 1, len(heads.shape_constant(m)) - 1, heads.size) for m in heads.merges.values())
+        groups.append(ChannelGroup(
+            name=f"{producers[0]}/heads", channels=heads.heads, channel_first=False, producers=tuple(producers),
+            consumers=tuple(consumers), params=tuple(params), depthwise=(), tensors=tuple(heads.tensors),
+            block=heads.size, shapes=shapes))
+    return groups, blocked
