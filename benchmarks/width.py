@@ -11,7 +11,7 @@ Run from the repository root::
 For every task (``benchmarks/tasks``; calibration data as in ``benchmarks/data_aware``, disjoint
 from the evaluation data):
 
-- ``width <criterion> K``: ``onnx_lrsd.prune.prune_model`` keeps K of every coupled channel
+- ``width <criterion> K``: ``onnx_lrsd.passes.prune.prune_model`` keeps K of every coupled channel
   group's channels (widths of wide groups rounded to `MULTIPLE`; attention heads untouched), chosen by ``energy``
   (E[h²]·‖w‖²), ``nystrom`` (greedy column subset of the consumers' input covariance) or
   ``greedy`` (greedy reconstruction of the consumers' outputs), consumers refitted by least
@@ -97,7 +97,7 @@ def _output_error(original: Path, candidate: Path, feeds: dict) -> float:
 def _prune(model, feeds, stats, orders, keep, criterion, refit, path: Path, mask_input, widths=None,
            multiple: int = 8, **options) -> dict[str, Any]:
     from onnx_lrsd.model.io import save_model
-    from onnx_lrsd.prune import PruneOptions, prune_model
+    from onnx_lrsd.passes.prune import PruneOptions, prune_model
 
     start = time.perf_counter()
     result = prune_model(model, feeds, PruneOptions(keep=keep, criterion=criterion, refit=refit, multiple=multiple,
@@ -133,7 +133,7 @@ def run_task(name: str, workdir: Path, budget_s: float, blocks: int) -> dict[str
     models' MACs; timed together, evaluated on the task."""
     from benchmarks.data_aware import task_inputs
     from onnx_lrsd.model.io import load_model
-    from onnx_lrsd.prune import channel_groups, channel_orders, group_statistics
+    from onnx_lrsd.passes.prune import channel_groups, channel_orders, group_statistics
 
     task, settings, feeds, latency_feeds, _ = task_inputs(name)
     original = Path(task.model_path)
@@ -266,7 +266,7 @@ def run_det(workdir: Path, budget_s: float, blocks: int) -> dict[str, Any]:
     from benchmarks.tasks.base import make_session
     from benchmarks.tasks.ocr import calibration_vocabulary, evaluation_vocabulary
     from onnx_lrsd.model.io import load_model
-    from onnx_lrsd.prune import channel_groups, channel_orders, group_statistics
+    from onnx_lrsd.passes.prune import channel_groups, channel_orders, group_statistics
 
     original = Path(importlib.util.find_spec("rapidocr_onnxruntime").origin).parent / "models" / \
         "ch_PP-OCRv4_det_infer.onnx"

@@ -19,7 +19,7 @@ from .passes.pipeline import inspect
 from .passes.search import CompressionResult, Metric, compress_in_stages, compress_model
 from .passes.search import sweep as sweep_rounds
 from .plan.cost import count_params, model_macs
-from .prune import compress_widths, group_infos
+from .passes.prune import compress_widths, group_infos
 from .report.types import InspectReport, TargetInfo
 from .runtime.calibrate import Calibration, calibration_batches
 from .runtime.command_metric import CommandMetric

@@ -17,7 +17,7 @@ picks the kind with the fewest MACs at the layer's parameter budget."""
 PRUNE = "prune"
 RUN_METHODS = METHODS + (PRUNE,)
 """`method` of a whole run: a factorization kind, or `prune`: structured width reduction
-(whole channels, FFN neurons and attention heads removed, readers refitted; `onnx_lrsd.prune`)."""
+(whole channels, FFN neurons and attention heads removed, readers refitted; `onnx_lrsd.passes.prune`)."""
 
 WIDTH_CRITERIA = ("greedy", "nystrom", "energy")
 """How `prune` chooses the channels kept (`onnx_lrsd.decompose.channels`)."""

@@ -6,11 +6,11 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from graphs import Builder
+from helpers.graphs import Builder
 from onnx_lrsd.model.channel_groups import find_channel_groups
 from onnx_lrsd.model.graph import export_model, import_graph, model_template
 from onnx_lrsd.model.narrow import GroupPlan, narrow_graph
-from onnx_lrsd.prune import PruneOptions, channel_groups, group_statistics, prune_model
+from onnx_lrsd.passes.prune import PruneOptions, channel_groups, group_statistics, prune_model
 
 IR = {7: 4, 11: 6, 13: 7, 17: 8, 21: 10}
 

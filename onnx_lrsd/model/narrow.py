@@ -20,7 +20,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .channel_groups import ChannelGroup, weight_target
-from .graph import TensorNamer, resolve_constant
+from .graph import resolve_constant
+from .naming import TensorNamer
 
 __all__ = ["ConsumerRefit", "GroupPlan", "narrow_graph"]
 

@@ -10,15 +10,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 
-from .decompose.channels import CRITERIA, ConsumerStats, channel_order
-from .errors import LrsdError
-from .model.channel_groups import BlockedGroup, ChannelGroup, find_channel_groups, find_head_groups, weight_target
-from .model.graph import export_model, import_graph, model_template
-from .model.narrow import GroupPlan, narrow_graph
-from .model.graph import resolve_constant
-from .plan.width import (GroupCost, allocate_widths, consumer_stats, group_cost, group_error_curve, keep_count,
+from ..decompose.channels import CRITERIA, ConsumerStats, channel_order
+from ..errors import LrsdError
+from ..model.channel_groups import BlockedGroup, ChannelGroup, find_channel_groups, find_head_groups, weight_target
+from ..model.graph import export_model, import_graph, model_template, resolve_constant
+from ..model.narrow import GroupPlan, narrow_graph
+from ..plan.width import (GroupCost, allocate_widths, consumer_stats, group_cost, group_error_curve, keep_count,
                          plan_group)
-from .runtime.activations import collect_statistics
+from ..runtime.activations import collect_statistics
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ def _prune_sequentially(model: onnx.ModelProto, groups: Sequence[ChannelGroup], 
     """Groups narrowed one at a time in graph order; each group's readers are chosen and
     refitted on paired statistics (their input in the current model, X̂, against the
     original's, X: `collect_paired_statistics`), so later groups repair earlier damage."""
-    from .runtime.activations import collect_paired_statistics
+    from ..runtime.activations import collect_paired_statistics
 
     current, plans = model, []
     for group in groups:
@@ -199,7 +198,7 @@ def _output_error(sessions_outputs, reference) -> float:
 
 
 def _run(model: onnx.ModelProto, batches: Sequence[Mapping]) -> List[List[np.ndarray]]:
-    from .runtime.activations import ActivationRunner
+    from ..runtime.activations import ActivationRunner
 
     names = [o.name for o in model.graph.output]
     runner = ActivationRunner(model, names)
@@ -213,7 +212,7 @@ def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup],
     statistics, each group's sensitivity (measured squared relative output error of the
     model with that group alone at `probe_keep`, over its predicted error), then
     `allocate_widths`."""
-    from .plan.cost import count_params, model_macs
+    from ..plan.cost import count_params, model_macs
 
     kind, target = ("params", options.target_params) if options.target_params else ("macs", options.target_macs)
     total = count_params(model) if kind == "params" else model_macs(model)
@@ -252,7 +251,7 @@ def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup],
 
 def group_infos(model: onnx.ModelProto) -> Tuple[tuple, tuple]:
     """What `inspect` lists: (ChannelGroupInfo, …), (BlockedGroupInfo, …)."""
-    from .report.types import BlockedGroupInfo, ChannelGroupInfo
+    from ..report.types import BlockedGroupInfo, ChannelGroupInfo
 
     groups, blocked = channel_groups(model)
     return (tuple(ChannelGroupInfo(g.name, "heads" if g.block > 1 else "channels", g.channels, g.block, g.producers,
@@ -269,12 +268,12 @@ def compress_widths(model, config, calibration) -> Tuple[onnx.ModelProto, "Compr
     import dataclasses
     import time
 
-    from .model.io import PROTOBUF_LIMIT, initializer_bytes, load_model
-    from .plan.cost import count_params, model_macs
-    from .report.types import CompressionReport, GroupWidth, ModelStats
-    from .runtime.activations import split_holdout
-    from .runtime.bench import output_errors_on
-    from .runtime.calibrate import calibration_batches
+    from ..model.io import PROTOBUF_LIMIT, initializer_bytes, load_model
+    from ..plan.cost import count_params, model_macs
+    from ..report.types import CompressionReport, GroupWidth, ModelStats
+    from ..runtime.calibrate import split_holdout
+    from ..runtime.bench import output_errors_on
+    from ..runtime.calibrate import calibration_batches
 
     def stats(m: onnx.ModelProto) -> ModelStats:
         size = initializer_bytes(m)
