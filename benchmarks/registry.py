@@ -54,7 +54,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("foundation", "benchmarks.foundation", (), ("--quick",), 25, 3),
     Benchmark("profile_layers", "benchmarks.profile_layers", (), ("--quick",), 10, 3),
     Benchmark("recovery", "benchmarks.recovery", (), ("--quick",), 58, 0.2),
-    Benchmark("width", "benchmarks.width", ("--tasks", "ppocr_rec"), ("--quick",), 36, 1),
+    Benchmark("width", "benchmarks.width", ("--tasks", "ppocr_rec"), ("--quick",), 36, 0.3),
     Benchmark("width_minilm", "benchmarks.width",
               ("--tasks", "minilm", "--output", "benchmarks/results/width_minilm"), None, 30),
     Benchmark("width_det", "benchmarks.width",
