@@ -9,35 +9,43 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 from .config import PRUNE, SWEEP_POINTS, CompressConfig
-from .errors import LrsdError
+from .errors import LrsdError, NothingToCompress, OutputErrorTooLarge
 from .model.io import ModelSource, check_output_directory, load_model, save_model
 from .passes.context import new_context
 from .passes.pipeline import inspect
 from .passes.search import CompressionResult, Metric, compress_in_stages, compress_model
 from .passes.search import sweep as sweep_rounds
-from .plan.cost import count_params, model_macs
+from .plan.cost import count_params, model_macs, node_macs, unresolved_dims
 from .passes.prune import compress_widths, group_infos
 from .report.types import InspectReport, TargetInfo
 from .runtime.calibrate import Calibration, calibration_batches
 from .runtime.command_metric import CommandMetric
+from .runtime.feeds import check_dim_names
 
 __all__ = ["inspect_model", "compress", "compress_file", "sweep", "CompressionResult", "Calibration", "Metric",
            "calibration_batches", "SWEEP_POINTS"]
 
 
-def inspect_model(model: ModelSource) -> InspectReport:
-    """List the layers `compress` would factorize and the weight layers it would skip."""
+def inspect_model(model: ModelSource, dims: Sequence[Tuple[str, int]] = ()) -> InspectReport:
+    """List the layers `compress` would factorize and the weight layers it would skip, with
+    MACs at batch 1 and the symbolic input dims `dims` (None where dims are still unknown)."""
     source = load_model(model)
-    ctx = new_context(source, CompressConfig(verify=False))
+    config = CompressConfig(verify=False, dims=tuple(dims))
+    check_dim_names(source, dict(dims))
+    ctx = new_context(source, config)
     inspect(source, ctx)
     params = count_params(source)
-    targets = tuple(TargetInfo(t.name, t.op, tuple(int(d) for d in t.weight.shape), t.params, t.macs,
+    unresolved = unresolved_dims(source, dims)
+    per_node = node_macs(source, dict(dims)) if not unresolved else {}
+    targets = tuple(TargetInfo(t.name, t.op, tuple(int(d) for d in t.weight.shape), t.params,
+                               per_node.get(t.name, t.macs) if not unresolved else None,
                                t.params / params if params else 0.0) for t in ctx.targets.values())
     groups, blocked = group_infos(source)
-    return InspectReport(params=params, macs=model_macs(source), targets=targets, skipped=tuple(ctx.skipped),
+    return InspectReport(params=params, macs=sum(per_node.values()) if not unresolved else None, targets=targets,
+                         skipped=tuple(ctx.skipped), unresolved=unresolved,
                          channel_groups=groups, blocked_groups=blocked)
 
 
@@ -107,6 +115,7 @@ def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, o
         raise LrsdError(f"output path is a directory: {output_path}")
     check_output_directory(output_path)
     result = compress(input_path, config, calibration, progress, **options)
+    check_worth_writing(result.report)
     config = result.report.config
     save_model(result.model, output_path, external_data=bool(config.get("external_data")),
                source_dir=input_path.parent.resolve())
@@ -115,6 +124,27 @@ def compress_file(input_path: Union[str, os.PathLike], output_path: Union[str, o
                                  file_bytes=input_path.stat().st_size + _data_file_size(input_path))
     after = dataclasses.replace(result.report.after, file_bytes=written)
     return CompressionResult(result.model, dataclasses.replace(result.report, before=before, after=after))
+
+
+def check_worth_writing(report) -> None:
+    """Raise `NothingToCompress` when nothing changed (no layer factorized in any stage, no
+    quantization), `OutputErrorTooLarge` when the verified output error exceeds the config's
+    `max_output_error` (unless `accept_error`)."""
+    config = report.config
+    factorized = any(layer.method != "dense" for layer in report.layers)
+    if not factorized and report.after.params >= report.before.params and report.quantization is None:
+        why = "; ".join(sorted({s.reason for s in report.skipped}))[:160] if report.skipped else ""
+        raise NothingToCompress("nothing to compress: no layer was factorized"
+                                + (f" (skipped: {why})" if why else "") + "; no output written")
+    limit = config.get("max_output_error")
+    if limit is None or config.get("accept_error") or not report.output_errors:
+        return
+    name, error = max(report.output_errors.items(), key=lambda item: item[1])
+    if error > limit:  # NaN (an original whose outputs are not finite) is not judged
+        hint = ("fit the layers to real inputs with --calib, or keep more (--keep, --max-error)"
+                if "random" in report.verified_on else "keep more (--keep, --max-error) or add calibration data")
+        raise OutputErrorTooLarge(f"output {name}: relative error {error:.3g} on {report.verified_on} is above "
+                                  f"{limit:g}; not written ({hint}; --accept-error writes it anyway)")
 
 
 def _data_file_size(path: Path) -> int:

@@ -1,7 +1,14 @@
 """The `onnx-lrsd` command line: inspect, compress, recover, bench, sweep.
 
-Exit codes: 0 success, 1 failure (bad model, bad data, runtime error), 2 usage error,
-130 interrupted. Every command takes `--json` for machine-readable output on stdout.
+Exit codes: 0 success, 1 failure (bad model, bad data, runtime error), 2 usage error (an
+option out of range), 3 nothing to compress (no layer factorized; nothing written), 4 output
+error above --max-output-error (nothing written; --accept-error writes it), 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM). Every command takes `--json` for machine-readable output
+on stdout.
+
+Commands run in a worker thread; the main thread only waits, so Ctrl-C or SIGTERM ends the
+process within `POLL_S` even inside a long BLAS call: pending temporary files and outputs
+this command created are removed first, then the process leaves (`os._exit`).
 """
 from __future__ import annotations
 
@@ -9,7 +16,9 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,10 +27,13 @@ import click
 
 from .config import (COMPRESS, FULL_RANK, SWEEP, SWEEP_POINTS, CliOption, CompressConfig, LayerOverride,
                      load_config_file, parse_dim, parse_duration)
-from .errors import LrsdError
+from .errors import LrsdError, UsageError
 from .recover.types import AUGMENT_CHOICES, DEFAULT_STEPS, LOSS_CHOICES, TRAINABLE_CHOICES, RecoverConfig
 
 log = logging.getLogger("onnx_lrsd")
+
+POLL_S = 0.2
+"""How often the main thread looks for a signal while the command runs."""
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -38,14 +50,62 @@ _SIGNALLED = {"SIGINT": False, "SIGTERM": False}
 a destructor, so the command also checks these before it keeps its output."""
 
 
-def _raise_terminated(signum, frame) -> None:
+_LEAVE = threading.Event()
+"""Set by the signal handlers while a command runs in its worker thread: the main thread
+cleans up and leaves."""
+
+_NEW_OUTPUTS: list = []
+"""(path, identity before the command) of the outputs the running command may create."""
+
+
+def _note_terminated(signum, frame) -> None:
     _SIGNALLED["SIGTERM"] = True
-    raise Terminated()
+    _LEAVE.set()
 
 
-def _raise_interrupted(signum, frame) -> None:
+def _note_interrupted(signum, frame) -> None:
     _SIGNALLED["SIGINT"] = True
-    raise KeyboardInterrupt
+    _LEAVE.set()
+
+
+def _leave_now() -> None:
+    """On a signal while the worker computes: remove pending temporary files and the outputs
+    this command created, say so, and end the process (the worker may be inside BLAS)."""
+    from .model.io import discard_pending
+
+    discard_pending()
+    for output, before in list(_NEW_OUTPUTS):
+        if _identity(output) != before:
+            for path in (output, output.with_name(output.name + ".data")):
+                path.unlink(missing_ok=True)
+    terminated = _SIGNALLED["SIGTERM"]
+    click.echo(f"error: {'terminated' if terminated else 'interrupted'}; no output written", err=True)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(143 if terminated else 130)
+
+
+def _in_worker(command, args, kwargs):
+    """Run `command` in a worker thread while the main thread waits for it or a signal;
+    returns its value or raises what it raised."""
+    outcome = {}
+
+    def body():
+        try:
+            outcome["value"] = command(*args, **kwargs)
+        except BaseException as exc:  # handed to the main thread
+            outcome["error"] = exc
+
+    _LEAVE.clear()
+    worker = threading.Thread(target=body, name="onnx-lrsd-command", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(POLL_S)
+        if _LEAVE.is_set() and worker.is_alive():
+            _leave_now()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def _raise_if_signalled() -> None:
@@ -62,11 +122,14 @@ def guarded(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         _SIGNALLED.update(SIGINT=False, SIGTERM=False)
-        previous = _on_signals(_raise_terminated, _raise_interrupted)
+        _NEW_OUTPUTS.clear()
+        previous = _on_signals(_note_terminated, _note_interrupted)
         try:
-            return command(*args, **kwargs)
+            if previous is None:  # not the main thread: no handlers, run here
+                return command(*args, **kwargs)
+            return _in_worker(command, args, kwargs)
         except LrsdError as exc:
-            _fail(str(exc).splitlines()[0] if str(exc) else "failed")
+            _fail(str(exc).splitlines()[0] if str(exc) else "failed", exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted; no output written", 130)
         except Terminated:
@@ -106,6 +169,7 @@ def _unless_completed(output: Path):
     import contextlib
 
     before = _identity(output)
+    _NEW_OUTPUTS.append((output, before))
 
     @contextlib.contextmanager
     def block():
@@ -118,6 +182,16 @@ def _unless_completed(output: Path):
             raise
 
     return block()
+
+
+def _usage(build):
+    """`build()`, its `LrsdError` (an option or config value out of range) as a usage error."""
+    try:
+        return build()
+    except UsageError:
+        raise
+    except LrsdError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _parse_ranks(values) -> tuple:
@@ -237,6 +311,15 @@ def main(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     _quiet_graphsurgeon(verbose)
+    _quiet_onnxruntime(verbose)
+
+
+def _quiet_onnxruntime(verbose: int) -> None:
+    """onnxruntime's own log (coloured warnings such as CleanUnusedInitializersAndNodeArgs or
+    VerifyOutputSizes) stays off the terminal below errors; -vv shows its warnings."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(2 if verbose >= 2 else 3)
 
 
 def _quiet_graphsurgeon(verbose: int) -> None:
@@ -249,13 +332,15 @@ def _quiet_graphsurgeon(verbose: int) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE", callback=_parsed_by(parse_dim, True),
+              help="Value of a symbolic input dim (MACs are unknown without every dim past the batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @guarded
-def inspect(model: Path, as_json: bool) -> None:
+def inspect(model: Path, dims, as_json: bool) -> None:
     """List the layers that can be factorized, and the weight layers that cannot (with why)."""
     from .api import inspect_model
 
-    report = inspect_model(model)
+    report = inspect_model(model, tuple(dims or ()))
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -287,9 +372,13 @@ def compress(model: Path, output: Path, ranks, skips, config_file, report_file, 
     """Factorize MODEL's Gemm / MatMul / Conv weights and write the smaller model to OUTPUT."""
     from .api import compress_file
 
-    config = load_config_file(config_file) if config_file else CompressConfig()
     cli_overrides = _parse_ranks(ranks) + tuple(LayerOverride(s, skip=True) for s in skips)
-    config = config.replace(overrides=cli_overrides + config.overrides, **options)
+
+    def build() -> CompressConfig:
+        base = load_config_file(config_file) if config_file else CompressConfig()
+        return base.replace(overrides=cli_overrides + base.overrides, **options)
+
+    config = _usage(build)
     if report_file is not None:
         from .report.render import check_report_path
         check_report_path(report_file)
@@ -335,9 +424,10 @@ def _write_report(path: Path, report, model: Path, compressed, config) -> None:
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Layers shown in the table.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @guarded
 def bench(baseline: Path, candidate: Optional[Path], threads, batch, dims, runs, warmup, profile_runs, cold_repeats,
-          top, seed, as_json) -> None:
+          top, seed, as_json, quiet) -> None:
     """Latency of BASELINE (and CANDIDATE, interleaved in one process) in onnxruntime: warm and
     cold, peak memory, per-layer times mapped to the model's layers, params, file size, MACs
     and output error side by side."""
@@ -345,7 +435,7 @@ def bench(baseline: Path, candidate: Optional[Path], threads, batch, dims, runs,
 
     comparison = compare_models(baseline, candidate, threads=threads, batch=batch, dims=dict(dims or ()),
                                 runs=runs, warmup=warmup, seed=seed, profile_runs=profile_runs,
-                                cold_repeats=cold_repeats)
+                                cold_repeats=cold_repeats, progress=_progress_printer(quiet or as_json))
     if as_json:
         _emit_json(comparison.to_dict())
     else:
@@ -388,8 +478,7 @@ def sweep(model: Path, output_dir: Path, calib, points, config_file, save_models
     require_matplotlib()
     if output_dir.exists() and not output_dir.is_dir():
         raise LrsdError(f"output directory is a file: {output_dir}")
-    config = load_config_file(config_file) if config_file else CompressConfig()
-    config = config.replace(**options)
+    config = _usage(lambda: (load_config_file(config_file) if config_file else CompressConfig()).replace(**options))
     outcome = run_sweep(model, values, config, list(calib) if calib else None, keep_models=save_models,
                         progress=_progress_printer(quiet or as_json))
     report, models = outcome if save_models else (outcome, [])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Tuple, Union
 
-from .errors import LrsdError
+from .errors import UsageError
 
 METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
 """Factorization kinds: `svd` for Gemm/MatMul (and 1×1 convs), the others for Conv; `auto`
@@ -30,6 +30,10 @@ factor (right), both (MatMul groups), or per group the best of left, right and s
 (auto)."""
 
 SPARSE_STRUCTURES = ("rows", "unstructured")
+
+SVD_SOLVERS = ("auto", "exact", "gram")
+"""Solvers of the truncated SVD (`onnx_lrsd.decompose.svd`, which may not import this module;
+tests/test_svd_solvers.py checks the two lists agree)."""
 
 EXECUTORS = ("local", "ray")
 """Where the independent work runs (`onnx_lrsd.parallel.executor`)."""
@@ -168,9 +172,9 @@ class LayerOverride:
             check_energy(self.energy, where)
         if self.rank is not None and self.rank != FULL_RANK:
             if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
-                raise LrsdError(f"{where}: rank must be a non-negative integer or 'full', got {self.rank!r}")
+                raise UsageError(f"{where}: rank must be a non-negative integer or 'full', got {self.rank!r}")
         if self.method is not None and self.method not in METHODS:
-            raise LrsdError(f"{where}: unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+            raise UsageError(f"{where}: unknown method {self.method!r} (choose from {', '.join(METHODS)})")
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,12 @@ class CompressConfig:
     blas_threads: BLAS threads of the numpy/scipy fits (None: the library's default). One is
         the default because OpenBLAS threads that wait by spinning slow a busy 2-core machine
         by an order of magnitude (PP-OCR data-free: 58 s with 2 threads under load, 3.4 s with 1).
+    svd_solver: how truncated SVDs are computed (`onnx_lrsd.decompose.svd`): "auto" (the
+        leading eigenvectors of the small side's Gram for large matrices, LAPACK's SVD for
+        small or badly conditioned ones), "exact" (LAPACK's full SVD, the older path) or "gram".
+    max_output_error: a compressed model whose verified relative output error exceeds this is
+        not written (`OutputErrorTooLarge`, exit 4) unless `accept_error`; None never refuses.
+    accept_error: write the model even when its verified output error exceeds `max_output_error`.
     executor: where calibration shards, per-layer fits, error curves, sensitivity probes and
         latency microbenchmarks run (`onnx_lrsd.parallel.executor`): "local" (this process, or a process
         pool of `workers` > 1) or "ray" (the cluster at `ray_address`, else a local Ray).
@@ -279,6 +289,11 @@ class CompressConfig:
     external_data: bool = option(False, "Save weights to OUTPUT.data.")
     map_weights_above_mb: float = 1024.0
     blas_threads: Optional[int] = 1
+    svd_solver: str = option("auto", "Truncated SVD: auto (Gram eigenvectors of the small side for large layers), "
+                                     "exact (LAPACK's full SVD) or gram.", choices=SVD_SOLVERS)
+    max_output_error: Optional[float] = option(
+        0.5, "Refuse to write a model whose verified relative output error exceeds E.", metavar="E")
+    accept_error: bool = option(False, "Write the model even when its output error exceeds --max-output-error.")
     mode: str = option("independent", "Fit each layer on original inputs, or on the compressed network's inputs "
                                       "in dependency order.", choices=MODES)
     sequential_stages: int = 12
@@ -365,95 +380,100 @@ class CompressConfig:
         if self.energy is not None:
             check_energy(self.energy, "energy")
         if self.method not in RUN_METHODS:
-            raise LrsdError(f"unknown method {self.method!r} (choose from {', '.join(RUN_METHODS)})")
+            raise UsageError(f"unknown method {self.method!r} (choose from {', '.join(RUN_METHODS)})")
         if self.width_criterion not in WIDTH_CRITERIA:
-            raise LrsdError(f"unknown width criterion {self.width_criterion!r} (choose from {', '.join(WIDTH_CRITERIA)})")
+            raise UsageError(f"unknown width criterion {self.width_criterion!r} (choose from {', '.join(WIDTH_CRITERIA)})")
         if not isinstance(self.min_rank, int) or self.min_rank < 1:
-            raise LrsdError(f"min_rank must be a positive integer, got {self.min_rank!r}")
+            raise UsageError(f"min_rank must be a positive integer, got {self.min_rank!r}")
         if not isinstance(self.min_layer_share, (int, float)) or not 0 <= self.min_layer_share < 1:
-            raise LrsdError(f"min_layer_share must be in [0, 1), got {self.min_layer_share!r}")
+            raise UsageError(f"min_layer_share must be in [0, 1), got {self.min_layer_share!r}")
         if self.conv_rank_multiple < 1:
-            raise LrsdError(f"conv_rank_multiple must be >= 1, got {self.conv_rank_multiple}")
+            raise UsageError(f"conv_rank_multiple must be >= 1, got {self.conv_rank_multiple}")
         if self.verify_batch < 1:
-            raise LrsdError(f"verify_batch must be >= 1, got {self.verify_batch}")
+            raise UsageError(f"verify_batch must be >= 1, got {self.verify_batch}")
         for override in self.overrides:
             override.validate()
         if self.blas_threads is not None and (not isinstance(self.blas_threads, int) or self.blas_threads < 1):
-            raise LrsdError(f"blas_threads must be a positive integer, got {self.blas_threads!r}")
+            raise UsageError(f"blas_threads must be a positive integer, got {self.blas_threads!r}")
+        if self.svd_solver not in SVD_SOLVERS:
+            raise UsageError(f"unknown svd_solver {self.svd_solver!r} (choose from {', '.join(SVD_SOLVERS)})")
+        if self.max_output_error is not None and (isinstance(self.max_output_error, bool) or not isinstance(
+                self.max_output_error, (int, float)) or not self.max_output_error > 0):
+            raise UsageError(f"max_output_error must be > 0, got {self.max_output_error!r}")
         if self.mode not in MODES:
-            raise LrsdError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
+            raise UsageError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
         if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
-            raise LrsdError(f"ridge must be >= 0, got {self.ridge!r}")
+            raise UsageError(f"ridge must be >= 0, got {self.ridge!r}")
         for name in ("calib_batch", "conv_positions", "stats_memory_mb", "sequential_stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise LrsdError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.calib_samples is not None and (not isinstance(self.calib_samples, int) or self.calib_samples < 1):
-            raise LrsdError(f"calib_samples must be a positive integer, got {self.calib_samples!r}")
+            raise UsageError(f"calib_samples must be a positive integer, got {self.calib_samples!r}")
         if not isinstance(self.holdout_every, int) or self.holdout_every < 0 or self.holdout_every == 1:
-            raise LrsdError(f"holdout_every must be 0 (none) or >= 2, got {self.holdout_every!r}")
+            raise UsageError(f"holdout_every must be 0 (none) or >= 2, got {self.holdout_every!r}")
         check_sparse_share(self.sparse_share)
         check_executor(self.executor, self.workers, self.ray_address)
         if self.sparse_structure not in SPARSE_STRUCTURES:
-            raise LrsdError(f"unknown sparse_structure {self.sparse_structure!r} "
+            raise UsageError(f"unknown sparse_structure {self.sparse_structure!r} "
                             f"(choose from {', '.join(SPARSE_STRUCTURES)})")
         self._check_targets()
         for name, size in self.dims:
             if not isinstance(size, int) or size < 1:
-                raise LrsdError(f"dim {name} must be a positive integer, got {size!r}")
+                raise UsageError(f"dim {name} must be a positive integer, got {size!r}")
 
     def _check_targets(self) -> None:
         chosen = [field for field in TARGETS.values() if getattr(self, field) is not None]
         if len(chosen) > 1:
-            raise LrsdError(f"choose one target, got {' and '.join(chosen)}")
+            raise UsageError(f"choose one target, got {' and '.join(chosen)}")
         for field in ("target_params", "target_macs"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0 < value <= 1):
-                raise LrsdError(f"{field} must be in (0, 1], got {value!r}")
+                raise UsageError(f"{field} must be in (0, 1], got {value!r}")
         if self.target_latency is not None and (isinstance(self.target_latency, bool) or
                                                 not isinstance(self.target_latency, (int, float))
                                                 or not self.target_latency > 1):
-            raise LrsdError(f"target_latency is a speedup and must be > 1, got {self.target_latency!r}")
+            raise UsageError(f"target_latency is a speedup and must be > 1, got {self.target_latency!r}")
         if self.max_error is not None and (isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float))
                                            or not self.max_error > 0):
-            raise LrsdError(f"max_error must be > 0, got {self.max_error!r}")
+            raise UsageError(f"max_error must be > 0, got {self.max_error!r}")
         for name in ("latency_batch", "latency_threads", "stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise LrsdError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not (isinstance(self.residual_latency_limit, (int, float)) and self.residual_latency_limit >= 0):
-            raise LrsdError(f"residual_latency_limit must be >= 0, got {self.residual_latency_limit!r}")
+            raise UsageError(f"residual_latency_limit must be >= 0, got {self.residual_latency_limit!r}")
         for name in ("residual_min_chain_ms", "residual_model_tolerance", "residual_min_gain"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < (
                     1 if name == "residual_min_gain" else float("inf")):
-                raise LrsdError(f"{name} must be >= 0{' and < 1' if name == 'residual_min_gain' else ''}, got {value!r}")
+                raise UsageError(f"{name} must be >= 0{' and < 1' if name == 'residual_min_gain' else ''}, got {value!r}")
         if self.joint not in JOINT:
-            raise LrsdError(f"unknown joint {self.joint!r} (choose from {', '.join(JOINT)})")
+            raise UsageError(f"unknown joint {self.joint!r} (choose from {', '.join(JOINT)})")
         if self.joint != "off" and self.mode != "independent":
-            raise LrsdError("joint decomposition works with mode independent")
+            raise UsageError("joint decomposition works with mode independent")
         if self.joint != "off" and self.target_latency is not None:
-            raise LrsdError("joint decomposition works with keep, params, MACs and error targets, not latency")
+            raise UsageError("joint decomposition works with keep, params, MACs and error targets, not latency")
         if self.joint == "both" and self.target is not None:
-            raise LrsdError("joint 'both' works with keep; with a target use left, right or auto")
+            raise UsageError("joint 'both' works with keep; with a target use left, right or auto")
         if self.recover is not None and self.recover != "auto" and (
                 isinstance(self.recover, bool) or not isinstance(self.recover, int) or self.recover < 0):
-            raise LrsdError(f"recover must be 'auto' or a number of steps >= 0, got {self.recover!r}")
+            raise UsageError(f"recover must be 'auto' or a number of steps >= 0, got {self.recover!r}")
         if self.recover_time is not None and not (isinstance(self.recover_time, (int, float)) and self.recover_time > 0):
-            raise LrsdError(f"recover_time must be > 0 seconds, got {self.recover_time!r}")
+            raise UsageError(f"recover_time must be > 0 seconds, got {self.recover_time!r}")
         if self.then_quantize is not None and self.then_quantize not in QUANTIZE_MODES:
-            raise LrsdError(f"unknown then_quantize {self.then_quantize!r} (choose from {', '.join(QUANTIZE_MODES)})")
+            raise UsageError(f"unknown then_quantize {self.then_quantize!r} (choose from {', '.join(QUANTIZE_MODES)})")
         if self.metric_command is not None and (not isinstance(self.metric_command, str)
                                                 or METRIC_PLACEHOLDER not in self.metric_command):
-            raise LrsdError(f"the metric command must contain {METRIC_PLACEHOLDER} (where the candidate model's "
+            raise UsageError(f"the metric command must contain {METRIC_PLACEHOLDER} (where the candidate model's "
                             f"path goes), got {self.metric_command!r}")
         if self.max_metric_drop is not None and (isinstance(self.max_metric_drop, bool) or not isinstance(
                 self.max_metric_drop, (int, float)) or not self.max_metric_drop >= 0):
-            raise LrsdError(f"max_metric_drop must be >= 0, got {self.max_metric_drop!r}")
+            raise UsageError(f"max_metric_drop must be >= 0, got {self.max_metric_drop!r}")
         if self.metric_command is not None and self.max_metric_drop is None:
-            raise LrsdError("a metric command needs max_metric_drop (--max-drop)")
+            raise UsageError("a metric command needs max_metric_drop (--max-drop)")
         if self.evbmf is not None and (isinstance(self.evbmf, bool) or not isinstance(self.evbmf, (int, float))
                                        or not 0 <= self.evbmf <= 1):
-            raise LrsdError(f"evbmf (the weakening factor) must be in [0, 1], got {self.evbmf!r}")
+            raise UsageError(f"evbmf (the weakening factor) must be in [0, 1], got {self.evbmf!r}")
 
     def override_for(self, name: str) -> Optional[LayerOverride]:
         return next((o for o in self.overrides if o.matches(name)), None)
@@ -469,28 +489,28 @@ class CompressConfig:
 
 def check_keep(keep, where: str) -> None:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-        raise LrsdError(f"{where} must be in (0, 1], got {keep!r}")
+        raise UsageError(f"{where} must be in (0, 1], got {keep!r}")
 
 
 def check_sparse_share(share) -> None:
     if share == AUTO_SHARE:
         return
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share < 1:
-        raise LrsdError(f"sparse_share must be in [0, 1) or 'auto', got {share!r}")
+        raise UsageError(f"sparse_share must be in [0, 1) or 'auto', got {share!r}")
 
 
 def check_executor(executor, workers, ray_address) -> None:
     if executor not in EXECUTORS:
-        raise LrsdError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
+        raise UsageError(f"unknown executor {executor!r} (choose from {', '.join(EXECUTORS)})")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise LrsdError(f"workers must be a positive integer, got {workers!r}")
+        raise UsageError(f"workers must be a positive integer, got {workers!r}")
     if ray_address is not None and (executor != "ray" or not isinstance(ray_address, str) or not ray_address):
-        raise LrsdError("ray_address needs executor 'ray' and a non-empty address")
+        raise UsageError("ray_address needs executor 'ray' and a non-empty address")
 
 
 def check_energy(energy, where: str) -> None:
     if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
-        raise LrsdError(f"{where}: energy must be in (0, 1], got {energy!r}")
+        raise UsageError(f"{where}: energy must be in (0, 1], got {energy!r}")
 
 
 _FILE_KEYS = {f.name for f in dataclasses.fields(CompressConfig)} - {"overrides"} | {"layers"}
@@ -504,7 +524,7 @@ def load_config_file(path: Union[str, Path], base: Optional[CompressConfig] = No
     try:
         text = path.read_text()
     except OSError as exc:
-        raise LrsdError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -514,32 +534,32 @@ def load_config_file(path: Union[str, Path], base: Optional[CompressConfig] = No
             data = json.loads(text)
     except Exception as exc:  # parse errors of either format
         first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LrsdError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {first_line}") from None
+        raise UsageError(f"config file {path} is not valid {path.suffix.lstrip('.') or 'JSON'}: {first_line}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise LrsdError(f"config file {path}: top level must be a mapping")
+        raise UsageError(f"config file {path}: top level must be a mapping")
     unknown = set(data) - _FILE_KEYS
     if unknown:
-        raise LrsdError(f"config file {path}: unknown keys {sorted(unknown)} (allowed: {sorted(_FILE_KEYS)})")
+        raise UsageError(f"config file {path}: unknown keys {sorted(unknown)} (allowed: {sorted(_FILE_KEYS)})")
     layers = data.pop("layers", {}) or {}
     if not isinstance(layers, dict):
-        raise LrsdError(f"config file {path}: 'layers' must map layer names or globs to settings")
+        raise UsageError(f"config file {path}: 'layers' must map layer names or globs to settings")
     overrides = []
     for pattern, settings in layers.items():
         if not isinstance(settings, dict):
-            raise LrsdError(f"config file {path}: settings of layer '{pattern}' must be a mapping")
+            raise UsageError(f"config file {path}: settings of layer '{pattern}' must be a mapping")
         bad = set(settings) - _OVERRIDE_KEYS
         if bad:
-            raise LrsdError(f"config file {path}: layer '{pattern}' has unknown keys {sorted(bad)} (allowed: {sorted(_OVERRIDE_KEYS)})")
+            raise UsageError(f"config file {path}: layer '{pattern}' has unknown keys {sorted(bad)} (allowed: {sorted(_OVERRIDE_KEYS)})")
         overrides.append(LayerOverride(pattern=str(pattern), **settings))
     if "dims" in data:
         dims = data["dims"]
         if not isinstance(dims, dict):
-            raise LrsdError(f"config file {path}: 'dims' must map dimension names to sizes")
+            raise UsageError(f"config file {path}: 'dims' must map dimension names to sizes")
         data["dims"] = tuple(sorted((str(k), v) for k, v in dims.items()))
     base = base or CompressConfig()
     try:
         return dataclasses.replace(base, overrides=tuple(overrides) + base.overrides, **data)
     except TypeError as exc:
-        raise LrsdError(f"config file {path}: {exc}") from None
+        raise UsageError(f"config file {path}: {exc}") from None

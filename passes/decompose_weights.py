@@ -19,7 +19,8 @@ class DecomposeWeightsPass(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         todo = [p for p in ctx.plans.values() if p.factorized and p.name not in ctx.factorizations]
         requests = [(ctx.targets[plan.name], plan) for plan in todo]
-        for done, fact in enumerate(decompose_layers(ctx.executor, requests, ctx.config.seed), 1):
+        decomposed = decompose_layers(ctx.executor, requests, ctx.config.seed, ctx.config.svd_solver)
+        for done, fact in enumerate(decomposed, 1):
             ctx.add_factorization(fact)
             ctx.report_progress("decompose", done, len(todo))
         return PassResult(graph, modified=False, stats={"decomposed": len(todo)})

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -20,11 +20,11 @@ from ..errors import LrsdError
 from ..model.io import PROTOBUF_LIMIT, ModelSource, initializer_bytes, load_model, load_source
 from ..model.mapped import weights_in
 from ..parallel.executor import executor_for
-from ..plan.cost import count_params, model_macs
+from ..plan.cost import count_params, model_macs, unresolved_dims
 from ..report.types import (CompressionReport, LayerReport, ModelStats, StageSummary, SweepPoint, SweepReport)
 from ..runtime.bench import compare_latency, output_errors_on
 from ..runtime.calibrate import RANDOM, Calibration, calibration_batches, split_holdout
-from ..runtime.feeds import random_feeds
+from ..runtime.feeds import dims_from_feeds, random_feeds, resolve_input_shapes
 from ..runtime.quantize import quantize_model, summarize
 from ..runtime.deployment import deployment_feed
 from .context import PassContext, new_context
@@ -69,6 +69,8 @@ def compress_model(model: ModelSource, config: CompressConfig, calibration: Cali
         config = config.replace(target_params=1.0)  # the search moves it
     ctx = new_context(source, config, progress)
     ctx.calibration = calibration_batches(calibration, source, config)
+    if config.verify and not ctx.calibration:  # random inputs will be needed: every unknown dim named now
+        resolve_input_shapes(source, batch=config.verify_batch, dims=dict(config.dims))
     with executor_for(config) as ctx.executor, threadpool_limits(limits=config.blas_threads, user_api="blas"), \
             weights_in(mapped_dir):
         if mapped_dir is not None and config.verify:  # while nothing else is in memory
@@ -98,8 +100,10 @@ def compress_model(model: ModelSource, config: CompressConfig, calibration: Cali
             compressed, quantization = then_quantize(source, compressed, config.then_quantize, fit, verify,
                                                      ctx.output_errors)
             ctx.output_errors = dict(quantization.output_errors) if config.verify else ctx.output_errors
+    dims = macs_dims(source, config, ctx.calibration)
     report = CompressionReport(
-        before=model_stats(source), after=model_stats(compressed), layers=tuple(layer_reports(ctx)),
+        before=model_stats(source, dims), after=model_stats(compressed, dims), layers=tuple(layer_reports(ctx)),
+        macs_unresolved=unresolved_dims(source, dims),
         skipped=tuple(ctx.skipped), output_errors=dict(ctx.output_errors),
         seconds=time.perf_counter() - start, timings=dict(ctx.timings), config=dataclasses.asdict(ctx.config),
         allocation=ctx.allocation, verified_on=ctx.verified_on, joint_groups=tuple(ctx.joint_reports),
@@ -283,7 +287,8 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
     batches = calibration_batches(calibration, source, config)
     verify_batches = split_holdout(batches, config.holdout_every).judging(2)
     names = [o.name for o in source.graph.output]
-    before = model_stats(source)
+    dims = macs_dims(source, config, batches)
+    before = model_stats(source, dims)
     current, stages, result, recoveries = source, [], None, []
     for stage in range(1, config.stages + 1):
         began = time.perf_counter()
@@ -292,7 +297,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
         else:
             field = "target_params" if kind == "params" else "target_macs"
             total = before.params if kind == "params" else before.macs
-            now = count_params(current) if kind == "params" else model_macs(current)
+            now = count_params(current) if kind == "params" else model_macs(current, dims)
             wanted = getattr(config, field) ** (stage / config.stages) * total / now
             stage_config = config.replace(stages=1, **{field: min(1.0, wanted)})
         result = compress_model(current, stage_config.replace(then_quantize=None, recover=None, recover_time=None),
@@ -305,7 +310,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
             recoveries.append(recovery)
         errors = (output_errors_on(source, current, verify_batches, names) if verify_batches
                   else dict(result.report.output_errors))
-        after = model_stats(current)
+        after = model_stats(current, dims)
         stages.append(StageSummary(stage, after.params / before.params, after.macs / max(before.macs, 1), errors,
                                    time.perf_counter() - began))
         log.info("stage %d: params %.3f, output errors %s", stage, stages[-1].params_ratio, errors)
@@ -316,7 +321,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
                                                   seed=config.seed)]
         current, quantization = then_quantize(source, current, config.then_quantize, fit, checked,
                                               stages[-1].output_errors)
-        result = CompressionResult(current, dataclasses.replace(result.report, after=model_stats(current)))
+        result = CompressionResult(current, dataclasses.replace(result.report, after=model_stats(current, dims)))
     report = dataclasses.replace(result.report, before=before, quantization=quantization,
                                  output_errors=dict(quantization.output_errors) if quantization
                                  else stages[-1].output_errors,
@@ -345,14 +350,15 @@ def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Op
     with executor_for(config) as ctx.executor, threadpool_limits(limits=config.blas_threads, user_api="blas"):
         prepared = prepare(ctx)
         feed = deployment_feed(ctx.source, ctx.calibration, ctx.config)
-        before = model_stats(source)
+        dims = macs_dims(source, config, ctx.calibration)
+        before = model_stats(source, dims)
         for index, value in enumerate(values, 1):
             try:
                 round_ctx, compressed = run_round(prepared, ctx, target_params=value)
             except LrsdError as exc:
                 log.warning("sweep point %g skipped: %s", value, exc)
                 continue
-            after = model_stats(compressed)
+            after = model_stats(compressed, dims)
             speedup = compare_latency(source, compressed, feed, threads=config.latency_threads, runs=30).speedup
             points.append(SweepPoint(
                 target_params=value, params_ratio=after.params / before.params,
@@ -379,13 +385,20 @@ def _mark_pareto(points):
     return [dataclasses.replace(p, pareto=not beaten(p)) for p in points]
 
 
-def model_stats(model: onnx.ModelProto) -> ModelStats:
-    """Params, MACs and the serialized size (the initializers' bytes above half the
-    protobuf limit, where serializing would fail or cost a copy of the weights)."""
+def model_stats(model: onnx.ModelProto, dims: Optional[Dict[str, int]] = None) -> ModelStats:
+    """Params, MACs (shapes inferred with `dims`, see `model_macs`) and the serialized size
+    (the initializers' bytes above half the protobuf limit, where serializing would fail or
+    cost a copy of the weights)."""
     size = initializer_bytes(model)
     if size < PROTOBUF_LIMIT // 2:
         size = model.ByteSize()
-    return ModelStats(params=count_params(model), macs=model_macs(model), file_bytes=size)
+    return ModelStats(params=count_params(model), macs=model_macs(model, dims), file_bytes=size)
+
+
+def macs_dims(source: onnx.ModelProto, config: CompressConfig, calibration) -> Dict[str, int]:
+    """The symbolic input dims MACs are counted at: the first calibration batch's, overridden
+    by `config.dims` (batch 1 always)."""
+    return {**dims_from_feeds(source, calibration[0] if calibration else None), **dict(config.dims)}
 
 
 def layer_reports(ctx: PassContext):

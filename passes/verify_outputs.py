@@ -23,7 +23,8 @@ def verification_batches(ctx: PassContext):
     if held_out:
         return held_out, "held-out calibration batches"
     if ctx.calibration:
-        return ctx.calibration[:UNHELD_BATCHES], "calibration batches (none held out)"
+        return ctx.calibration[:UNHELD_BATCHES], ("the calibration data the layers were fitted on (none held out: "
+                                                  "give more than one batch of samples)")
     return [random_feeds(ctx.source, batch=config.verify_batch, dims=dict(config.dims), seed=config.seed)], "random inputs"
 
 

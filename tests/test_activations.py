@@ -432,16 +432,19 @@ def test_collect_statistics_gram_is_xtx_of_fit_batches_and_holdout_is_separate()
 
 
 def test_collect_statistics_without_holdout():
-    """holdout_every = 0, or more than the number of batches: everything is fitted on."""
+    """holdout_every = 0 (or a single batch): everything is fitted on; more than the number of
+    batches: the last batch is held out all the same."""
     rng = np.random.default_rng(16)
     model = _mlp_gemm_conv_model(rng)
     targets = list(find_targets(model).values())
     batches = [{"x": randn(rng, 2, 2, 6, 6)} for _ in range(3)]
-    for every in (0, 4):
-        stats = collect_statistics(model, targets, batches, holdout_every=every)
+    for every, chosen in ((0, batches), (5, batches[:1])):
+        stats = collect_statistics(model, targets, chosen, holdout_every=every)
         assert all(s.holdout is None for s in stats.values())
-        assert stats["gemm"].fit.count == 6 and stats["conv"].fit.count == 6 * 36
+        assert stats["gemm"].fit.count == 2 * len(chosen) and stats["conv"].fit.count == 2 * len(chosen) * 36
         assert stats["gemm"].nbytes == gram_bytes(108)
+    few = collect_statistics(model, targets, batches, holdout_every=4)
+    assert few["gemm"].fit.count == 4 and few["gemm"].holdout.count == 2
     with_three = collect_statistics(model, targets, batches, holdout_every=3)
     assert with_three["gemm"].fit.count == 4 and with_three["gemm"].holdout.count == 2
 
@@ -452,7 +455,8 @@ def test_split_holdout_matches_is_held_out():
     assert [b["i"] for b in held] == [4, 9]
     assert [b["i"] for b in fit] == [0, 1, 2, 3, 5, 6, 7, 8, 10, 11]
     assert split_holdout(batches, 0) == (batches, [])
-    assert split_holdout(batches[:4], 5) == (batches[:4], [])
+    assert split_holdout(batches[:4], 5) == (batches[:3], [batches[3]])  # fewer: the last is held out
+    assert split_holdout(batches[:1], 5) == (batches[:1], [])  # one batch cannot be split
     assert split_holdout(batches[:5], 5)[1] == [batches[4]]
 
 

@@ -252,7 +252,7 @@ def _files(directory: Path):
 
 def test_compress_file_writes_the_model_and_reports_file_sizes(tmp_path):
     source = _write(tmp_path / "in.onnx", mlp_model(sizes=(64, 128, 64, 10)))
-    result = compress_file(source, tmp_path / "out.onnx", keep=0.25)
+    result = compress_file(source, tmp_path / "out.onnx", keep=0.25, accept_error=True)
     assert _files(tmp_path) == ["in.onnx", "out.onnx"]  # no temporary files left behind
     written = onnx.load(str(tmp_path / "out.onnx"))
     assert written.SerializeToString() == result.model.SerializeToString()

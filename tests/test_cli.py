@@ -77,7 +77,8 @@ def test_compress_with_calibration_writes_report_file(runner, tmp_path):
 def test_bench_compares_two_models(runner, tmp_path):
     source = _mlp(tmp_path / "m.onnx")
     out = tmp_path / "out.onnx"
-    assert runner.invoke(main, ["compress", str(source), "-o", str(out), "--keep", "0.5", "-q"]).exit_code == 0
+    assert runner.invoke(main, ["compress", str(source), "-o", str(out), "--keep", "0.5", "-q",
+                                "--accept-error"]).exit_code == 0
     result = runner.invoke(main, ["bench", str(source), str(out), "--runs", "5", "--batch", "4", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -105,21 +106,23 @@ def test_bad_model_one_line_error_no_output(runner, tmp_path, content, message):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".onnx_lrsd")] == []
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--keep", "0"], "keep must be in (0, 1]"),
-    (["--keep", "1.5"], "keep must be in (0, 1]"),
-    (["--rank", "nolayer=4"], "config names no layer"),
-    (["--calib", "/nonexistent.npz"], "does not exist"),
-    (["--target-params", "0.5", "--max-error", "0.1"], "choose one target"),
-    (["--target-latency", "0.5"], "must be > 1"),
-    (["--target-params", "0.01", "--calib", "random"], "unreachable"),
-    (["--target-latency", "1000", "--calib", "random", "--calib-samples", "32"], "unreachable"),
-    (["--evbmf", "2"], "evbmf"),
+@pytest.mark.parametrize("args, message, code", [
+    (["--keep", "0"], "keep must be in (0, 1]", 2),
+    (["--keep", "1.5"], "keep must be in (0, 1]", 2),
+    (["--rank", "nolayer=4"], "config names no layer", 1),
+    (["--calib", "/nonexistent.npz"], "does not exist", 1),
+    (["--target-params", "0.5", "--max-error", "0.1"], "choose one target", 2),
+    (["--target-latency", "0.5"], "must be > 1", 2),
+    (["--target-params", "0.01", "--calib", "random"], "unreachable", 1),
+    (["--target-latency", "1000", "--calib", "random", "--calib-samples", "32"], "unreachable", 1),
+    (["--evbmf", "2"], "evbmf", 2),
+    (["--max-output-error", "0"], "max_output_error must be > 0", 2),
 ])
-def test_bad_options_exit_1(runner, tmp_path, args, message):
+def test_bad_options_exit_1_or_2(runner, tmp_path, args, message, code):
+    """Values out of their documented range are usage errors (2); the rest fail with 1."""
     out = tmp_path / "out.onnx"
     result = runner.invoke(main, ["compress", str(_mlp(tmp_path / "m.onnx")), "-o", str(out)] + args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     assert message in result.output
     assert not out.exists()
 
@@ -150,7 +153,7 @@ def test_config_file_yaml_overrides(runner, tmp_path):
     config.write_text("keep: 0.9\nlayers:\n  fc2: {skip: true}\n  fc1: {rank: 4}\n")
     out = tmp_path / "out.onnx"
     result = runner.invoke(main, ["compress", str(_mlp(tmp_path / "m.onnx")), "-o", str(out),
-                                  "--config", str(config), "--json"])
+                                  "--config", str(config), "--json", "--accept-error"])
     assert result.exit_code == 0, result.output
     layers = {layer["name"]: layer for layer in json.loads(result.output)["layers"]}
     assert layers["fc1"]["ranks"] == [4] and layers["fc2"]["method"] == "dense"
@@ -161,11 +164,11 @@ def test_config_file_errors(runner, tmp_path):
     bad_key = tmp_path / "bad.json"
     bad_key.write_text('{"kep": 0.5}')
     result = runner.invoke(main, ["compress", source, "-o", str(tmp_path / "o.onnx"), "--config", str(bad_key)])
-    assert result.exit_code == 1 and "unknown keys" in result.output
+    assert result.exit_code == 2 and "unknown keys" in result.output
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     result = runner.invoke(main, ["compress", source, "-o", str(tmp_path / "o.onnx"), "--config", str(broken)])
-    assert result.exit_code == 1 and "not valid" in result.output
+    assert result.exit_code == 2 and "not valid" in result.output
 
 
 def test_bench_refuses_a_batch_the_model_cannot_take(runner, tmp_path):

@@ -186,6 +186,6 @@ def test_executor_settings_are_checked():
 def test_cli_ray_address_without_ray_executor_is_a_one_line_error(tmp_path):
     out = tmp_path / "small.onnx"
     result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(out), "--ray-address", "127.0.0.1:1", "-q"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error
     assert result.output.strip().splitlines() == ["error: ray_address needs executor 'ray' and a non-empty address"]
     assert not out.exists()

@@ -52,8 +52,17 @@ def test_fixed_dims_are_kept():
 
 
 def test_unknown_inner_dim_names_the_input_and_suggests_dim():
-    with pytest.raises(LrsdError, match=r"input 'ids' dim 1 \('seq'\).*--dim seq=VALUE"):
+    with pytest.raises(LrsdError, match=r"'seq' \(ids dim 1; mask dim 1\) are unknown: pass --dim seq=VALUE"):
         resolve_input_shapes(_tokens_and_image())
+
+
+def test_every_unknown_dim_is_named_in_one_error():
+    model = _model([helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+                    helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "seq"])])
+    with pytest.raises(LrsdError, match=r"'H' \(img dim 2\), 'W' \(img dim 3\), 'seq' \(ids dim 1\) are unknown: "
+                                        r"pass --dim H=VALUE --dim W=VALUE --dim seq=VALUE") as info:
+        resolve_input_shapes(model, dims={})
+    assert info.value.exit_code == 2
 
 
 def test_unnamed_unknown_inner_dim_is_an_error():

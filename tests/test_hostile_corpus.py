@@ -68,7 +68,7 @@ def _node_ops(graph: onnx.GraphProto) -> dict:
 def test_corpus_on_disk_matches_the_case_list():
     assert sorted(p.name for p in CORPUS.iterdir() if p.is_dir()) == sorted(BY_NAME)
     assert len(CASES) >= 60
-    assert {case.expect for case in CASES} == {"error", "skip", "compress"}
+    assert {case.expect for case in CASES} == {"error", "skip", "compress", "nothing"}
 
 
 @pytest.mark.parametrize("name", sorted(BY_NAME))
@@ -83,9 +83,9 @@ def test_compress_hostile_input(name, tmp_path):
     after = _snapshot(directory)
     written = {k: v for k, v in after.items() if k not in before}
     assert {k: after[k] for k in before} == before, "an input file was modified"
-    if case.expect == "error":
+    if case.expect in ("error", "nothing"):
         lines = result.stderr.strip().splitlines()
-        assert result.exit_code == 1, result.output
+        assert result.exit_code == (3 if case.expect == "nothing" else case.code), result.output
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
         assert re.search(case.pattern, lines[0]), lines[0]
         assert result.stdout == ""
@@ -120,11 +120,33 @@ def test_inspect_and_api_on_hostile_input(name, tmp_path):
         assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     else:
         assert "targets" in json.loads(result.stdout)
-    if case.expect == "error":
-        with pytest.raises(onnx_lrsd.LrsdError, match=case.pattern):
+    if case.expect in ("error", "nothing"):
+        with pytest.raises(onnx_lrsd.LrsdError, match=case.pattern) as info:
             onnx_lrsd.compress_file(directory / case.model, directory / case.output,
-                                    calibration=str(directory / "calib.npz") if "--calib" in case.args else None)
+                                    calibration=str(directory / "calib.npz") if "--calib" in case.args else None,
+                                    **dict(case.api_options))
+        assert info.value.exit_code == (3 if case.expect == "nothing" else case.code)
         assert not (directory / case.output).exists()
+
+
+def test_inspect_counts_macs_of_dynamic_hw_only_with_the_dims(tmp_path):
+    """PP-OCR det-like H×W: without --dim the MACs are unknown (not params); with them, the
+    exact count at batch 1: H·W·Cout·Cin·k² per conv."""
+    case = BY_NAME["dynamic_hw_conv"]
+    directory = _staged(case, tmp_path)
+    result = CliRunner().invoke(main, ["inspect", str(directory / case.model), "--json"])
+    report = json.loads(result.stdout)
+    assert report["macs"] is None and report["unresolved"] == ["H", "W"]
+    assert all(t["macs"] is None for t in report["targets"])
+    text = CliRunner().invoke(main, ["inspect", str(directory / case.model)]).stdout
+    assert "MACs unknown" in text and "--dim H=VALUE --dim W=VALUE" in text
+    result = CliRunner().invoke(main, ["inspect", str(directory / case.model), "--dim", "H=20", "--dim", "W=24", "--json"])
+    report = json.loads(result.stdout)
+    want = {"stem": 20 * 24 * 32 * 3 * 9, "conv1": 20 * 24 * 32 * 32 * 9}
+    assert {t["name"]: t["macs"] for t in report["targets"]} == want and report["macs"] == sum(want.values())
+    compressed = CliRunner().invoke(main, ["compress", str(directory / case.model), "-o", str(tmp_path / "o.onnx"),
+                                           "--dim", "H=20", "--dim", "W=24", "--json", "--accept-error"])
+    assert json.loads(compressed.stdout)["before"]["macs"] == sum(want.values())
 
 
 @pytest.mark.parametrize("name", ["truncated", "cycle", "external_path_traversal"])

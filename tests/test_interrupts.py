@@ -121,3 +121,43 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     assert written.read_text() == "{}"
     assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt", "report.json"]
+
+
+BLOCKED_IN_BLAS = """
+import sys
+import numpy as np
+import onnx_lrsd.plan.factorize as factorize
+from onnx_lrsd.cli import main
+
+def endless_blas(*args, **kwargs):  # one BLAS call after another: the interpreter never gets a turn for minutes
+    sys.stderr.write("fitting\\n"); sys.stderr.flush()
+    a = np.ones((3000, 3000))
+    while True:
+        a = a @ a / 3000.0
+
+factorize.low_rank = endless_blas
+main(["compress", {model!r}, "-o", {output!r}, "--keep", "0.5", "-q"])
+"""
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_inside_a_long_blas_call_ends_the_run_promptly(tmp_path, signum, code):
+    """The command computes in a worker thread; the main thread answers the signal while the
+    worker is inside BLAS (which no signal interrupts), removes what the run created, leaves.
+    The bound is liveness, not speed: the BLAS loop alone would run until killed."""
+    output = tmp_path / "out" / "small.onnx"
+    output.parent.mkdir()
+    code_text = BLOCKED_IN_BLAS.format(model=str(DIGITS), output=str(output))
+    process = subprocess.Popen([sys.executable, "-c", code_text], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stderr.readline() == "fitting\n"
+    time.sleep(1.0)
+    process.send_signal(signum)
+    try:
+        rest = process.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("still computing 30 s after the signal")
+    assert process.returncode == code, rest
+    assert rest.strip().splitlines()[-1].endswith("no output written")
+    assert list(output.parent.iterdir()) == []

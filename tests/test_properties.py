@@ -171,8 +171,9 @@ def test_any_keep_gives_a_valid_model_whose_costs_are_the_reports(model, keep, s
     assert [a.shape for a in after] == [b.shape for b in before]
     assert all(np.isfinite(a).all() for a in after)
     assert report.after.params == _count_params(out)
-    assert report.after.macs == _count_macs(out)
-    assert report.before.params == _count_params(model) and report.before.macs == _count_macs(model)
+    assert report.before.params == _count_params(model)
+    if not calibrated:  # with calibration, MACs are counted at its symbolic dims, not at 1 as _count_macs does
+        assert report.after.macs == _count_macs(out) and report.before.macs == _count_macs(model)
     assert report.after.macs <= report.before.macs
     factorized = [layer for layer in report.layers if layer.method != "dense"]
     assert all(layer.params_after < layer.params_before and layer.macs_after < layer.macs_before

@@ -106,7 +106,8 @@ def test_cli_then_quantize(tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.concatenate([f["x"] for f in _calibration(model, n=6)]))
     result = CliRunner().invoke(main, ["compress", str(source), "-o", str(output), "--calib", str(calib),
-                                       "--keep", "0.5", "--then-quantize", "dynamic", "--report", str(report), "-q"])
+                                       "--keep", "0.5", "--then-quantize", "dynamic", "--report", str(report), "-q",
+                                       "--accept-error"])
     assert result.exit_code == 0, result.output
     assert "int8 (dynamic)" in result.output
     data = json.loads(report.read_text())

@@ -61,7 +61,7 @@ def test_recover_command_bad_input_is_one_line_without_output(small, tmp_path, a
 
 def test_compress_with_recover_reports_the_recovery(tmp_path):
     out = tmp_path / "small.onnx"
-    result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(out), "--calib", str(CALIB), "--rank", "fc1=3",
+    result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(out), "--calib", str(CALIB), "--rank", "fc1=3", "--accept-error",
                                        "--recover", "40", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -78,7 +78,7 @@ def test_compress_recover_needs_real_calibration(tmp_path):
 
 def test_bare_recover_flag_means_auto_with_a_time_budget(tmp_path):
     out = tmp_path / "small.onnx"
-    result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(out), "--calib", str(CALIB), "--rank", "fc1=3",
+    result = CliRunner().invoke(main, ["compress", str(DIGITS), "-o", str(out), "--calib", str(CALIB), "--rank", "fc1=3", "--accept-error",
                                        "--recover", "--recover-time", "3s", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)

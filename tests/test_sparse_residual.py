@@ -349,8 +349,8 @@ def test_config_refuses_bad_sparse_options_in_one_line(options):
     (["--sparse-share", "auto", "--sparse-structure", "unstructured"], "auto", "unstructured")])
 def test_cli_passes_sparse_options(tmp_path, args, share, structure):
     source, out, report = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
-    onnx.save(matmul_model((4, 24), 20), source)
-    result = CliRunner().invoke(main, ["compress", str(source), "-o", str(out), "--keep", "0.5",
+    onnx.save(matmul_model((4, 96), 80), source)
+    result = CliRunner().invoke(main, ["compress", str(source), "-o", str(out), "--keep", "0.5", "--accept-error",
                                        "--report", str(report), *args])
     assert result.exit_code == 0, result.output
     import json

@@ -24,7 +24,7 @@ from .lrsd import (
     lrsd_fit,
     split_budget,
 )
-from .svd import rank_for_energy, randomized_svd, singular_values, truncated_svd
+from .svd import SVD_SOLVERS, rank_for_energy, randomized_svd, singular_values, truncated_svd
 from .whitened import (
     SequentialTarget,
     Whitening,
@@ -40,6 +40,7 @@ from .whitened import (
 __all__ = [
     "LowRankFactors",
     "Tucker2Factors",
+    "SVD_SOLVERS",
     "truncated_svd",
     "randomized_svd",
     "singular_values",

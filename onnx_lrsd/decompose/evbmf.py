@@ -20,6 +20,7 @@ import numpy as np
 import scipy.optimize
 
 from .factors import as_matrix, check_rank
+from .svd import singular_values
 
 __all__ = ["EVBMFResult", "evbmf", "evbmf_rank", "weakened_rank"]
 
@@ -120,7 +121,7 @@ def evbmf(
 def evbmf_rank(matrix: np.ndarray) -> EVBMFResult:
     """``evbmf`` of a 2-D matrix's singular values, σ² estimated."""
     m = as_matrix(matrix, "matrix")
-    return evbmf(np.linalg.svd(m, compute_uv=False), m.shape)
+    return evbmf(singular_values(m), m.shape)
 
 
 def weakened_rank(full_rank: int, extreme_rank: int, weakening: float) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.linalg
 
 from .factors import LowRankFactors, as_matrix, as_square, check_rank
-from .svd import truncated_svd
+from .svd import singular_values, truncated_svd
 
 __all__ = [
     "Whitening",
@@ -88,25 +88,27 @@ def _balance(U: np.ndarray, V: np.ndarray) -> LowRankFactors:
 
 
 def whitened_svd(
-    W: np.ndarray, gram: np.ndarray, rank: int, ridge: float = 1e-6
+    W: np.ndarray, gram: np.ndarray, rank: int, ridge: float = 1e-6, solver: str = "auto"
 ) -> LowRankFactors:
     """argmin over rank-r U V of ‖X(W − UV)‖²_F + λ·(tr G/in)·‖W − UV‖²_F, G = XᵀX.
 
-    Exact (U V = W) at full rank; factor pairs are rescaled to equal norms.
+    Exact (U V = W) at full rank; factor pairs are rescaled to equal norms. `solver` is the
+    truncated SVD's of LᵀW (`truncated_svd`).
     """
     m = as_matrix(W)
     rank = check_rank(rank, min(m.shape))
     wh = whitening(as_square(gram, m.shape[0], "gram"), ridge)
-    f = truncated_svd(wh.Lt @ m, rank)
+    f = truncated_svd(wh.Lt @ m, rank, solver)
     return _balance(wh.unwhiten(f.U), f.V)
 
 
-def whitened_spectrum(W: np.ndarray, gram: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+def whitened_spectrum(W: np.ndarray, gram: np.ndarray, ridge: float = 1e-6, solver: str = "auto") -> np.ndarray:
     """Singular values s of LᵀW (LLᵀ = G + ridge), descending: the rank-r whitened SVD leaves
-    ‖X(W − W′)‖² = Σ_{i>r} s_i², so one spectrum gives a layer's error at every rank."""
+    ‖X(W − W′)‖² = Σ_{i>r} s_i², so one spectrum gives a layer's error at every rank
+    (`singular_values` with `solver`)."""
     m = as_matrix(W)
     wh = whitening(as_square(gram, m.shape[0], "gram"), ridge)
-    return np.linalg.svd(wh.Lt @ m, compute_uv=False)
+    return singular_values(wh.Lt @ m, solver)
 
 
 def relative_tail_errors(spectrum: np.ndarray) -> np.ndarray:

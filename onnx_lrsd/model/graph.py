@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional, Set, Tuple
+from typing import Iterable, Mapping, Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -90,10 +90,30 @@ def weightless(model: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def fix_input_dims(model: onnx.ModelProto, dims: Mapping[str, int]) -> None:
+    """Give the graph inputs' symbolic dims named in `dims` their values, and an unknown first
+    dim the value 1 (batch 1), in place; stale inferred shapes are dropped."""
+    for inp in model.graph.input:
+        for index, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                continue
+            if dim.dim_param in dims:
+                dim.dim_value = int(dims[dim.dim_param])
+            elif index == 0:
+                dim.dim_value = 1
+    del model.graph.value_info[:]
+    for out in model.graph.output:
+        if out.type.HasField("tensor_type"):
+            out.type.tensor_type.ClearField("shape")
+
+
+def infer_shapes(model: onnx.ModelProto, dims: Optional[Mapping[str, int]] = None) -> onnx.ModelProto:
     """The shapes shape inference finds (in `value_info` and the outputs) on a weightless
-    copy of `model`; the weightless copy unchanged where inference fails."""
+    copy of `model` (with `dims`: its inputs fixed by `fix_input_dims` first); the weightless
+    copy unchanged where inference fails."""
     skeleton = weightless(model)
+    if dims is not None:
+        fix_input_dims(skeleton, dims)
     try:
         return onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception as exc:  # inference is best effort: unknown ops

@@ -6,8 +6,10 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator, Optional, Tuple, Union
 
@@ -180,17 +182,56 @@ def check_output_directory(path: Path) -> Path:
     return directory
 
 
+_COMMIT = threading.RLock()
+"""Held while finished files are renamed into place (`signals_deferred`), and by
+`discard_pending` for good: a process leaving on a signal never stops between two renames."""
+
+_PENDING: set = set()
+"""Temporary files and directories being written right now (`pending`)."""
+
+
+@contextlib.contextmanager
+def pending(path: Path) -> Iterator[Path]:
+    """Record `path` (a temporary file or directory) as in progress for the block, so that
+    `discard_pending` can remove it if the process must leave before the block ends."""
+    _PENDING.add(Path(path))
+    try:
+        yield Path(path)
+    finally:
+        _PENDING.discard(Path(path))
+
+
+@contextlib.contextmanager
+def temporary_directory(prefix: str) -> Iterator[str]:
+    """`tempfile.TemporaryDirectory` recorded as `pending`."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, pending(Path(tmp)):
+        yield tmp
+
+
+def discard_pending() -> None:
+    """Remove every pending temporary file and directory, after any renames in progress
+    finish; keeps the commit lock, so none starts afterwards (call it only on the way out)."""
+    _COMMIT.acquire()
+    for path in list(_PENDING):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM are held back during the block and delivered after it."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    """SIGINT and SIGTERM are held back during the block and delivered after it (on the main
+    thread; the commit lock keeps a process leaving from another thread out of the block)."""
+    with _COMMIT:
+        if not hasattr(signal, "pthread_sigmask"):
+            yield
+            return
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _umask() -> int:
@@ -206,10 +247,12 @@ def write_atomic(path: Union[str, os.PathLike], data: Union[bytes, str]) -> Path
     path = Path(path)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600, not what an open() would give
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data.encode() if isinstance(data, str) else data)
-        os.replace(temp, path)
+        with pending(Path(temp)):
+            os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600, not what an open() would give
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data.encode() if isinstance(data, str) else data)
+            with _COMMIT:
+                os.replace(temp, path)
     except BaseException as exc:
         Path(temp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -238,6 +281,7 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external_d
     except OSError as exc:
         raise LrsdError(f"cannot write to {directory}: {exc.strerror or exc}") from None
     try:
+        _PENDING.add(staging)
         staged = staging / path.name
         if streamed:
             write_with_external_data(model, staged, data_name, source_dir)
@@ -259,5 +303,6 @@ def save_model(model: onnx.ModelProto, path: Union[str, os.PathLike], external_d
         for leftover in staging.iterdir():
             leftover.unlink()
         staging.rmdir()
+        _PENDING.discard(staging)
     log.info("wrote %s%s", path, " (+ external data)" if external_data else "")
     return path

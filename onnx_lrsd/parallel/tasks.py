@@ -123,11 +123,11 @@ def fit_memory(target: LayerTarget) -> int:
 
 def best_fit(target: LayerTarget, options: Sequence[LayerPlan], fit: GramAccumulator,
              holdout: Optional[GramAccumulator], ridge: float, bias_correction: bool,
-             residual_min_gain: float = 0.0) -> Tuple[LayerFactorization, LayerPlan]:
+             residual_min_gain: float = 0.0, solver: str = "auto") -> Tuple[LayerFactorization, LayerPlan]:
     """The data-aware fit of every candidate plan of the layer with the lowest (held-out)
     data error, ties to the fewest MACs, and its plan."""
-    fits = [(factorize_data_aware(target, plan, fit, ridge, bias_correction, holdout, residual_min_gain), plan)
-            for plan in options]
+    fits = [(factorize_data_aware(target, plan, fit, ridge, bias_correction, holdout, residual_min_gain, solver),
+             plan) for plan in options]
     return min(fits, key=lambda pair: (pair[0].data_error, pair[1].cost.macs))
 
 
@@ -137,13 +137,15 @@ FitRequest = Tuple[LayerTarget, Sequence[LayerPlan], LayerStatistics]
 def fit_layers(executor: Executor, requests: Sequence[FitRequest], config: CompressConfig):
     """(factorization, chosen plan) of every request, one task per layer, yielded in order."""
     tasks = [Task((target, list(options), stats.fit, stats.holdout, config.ridge, config.bias_correction,
-                   config.residual_min_gain), memory=fit_memory(target)) for target, options, stats in requests]
+                   config.residual_min_gain, config.svd_solver), memory=fit_memory(target))
+             for target, options, stats in requests]
     return executor.imap(best_fit, tasks)
 
 
-def decompose_layers(executor: Executor, requests: Sequence[Tuple[LayerTarget, LayerPlan]], seed: int):
+def decompose_layers(executor: Executor, requests: Sequence[Tuple[LayerTarget, LayerPlan]], seed: int,
+                     solver: str = "auto"):
     """Data-free factorizations, one task per layer, yielded in order."""
-    tasks = [Task((target, plan, seed), memory=fit_memory(target)) for target, plan in requests]
+    tasks = [Task((target, plan, seed, solver), memory=fit_memory(target)) for target, plan in requests]
     return executor.imap(factorize_data_free, tasks)
 
 

@@ -81,13 +81,13 @@ def layer_candidates(target: LayerTarget, gram: Optional[np.ndarray], config: Co
         ranks = rank_grid(_largest_saving_rank(target, kind), config.min_rank, multiple)
         if not ranks:
             continue
-        errors = relative_tail_errors(_spectrum(target, kind, gram, config.ridge))
+        errors = relative_tail_errors(_spectrum(target, kind, gram, config.ridge, config.svd_solver))
         candidates.extend(LayerCandidate(kind, (r,), factorized_cost(target, kind, (r,)), float(errors[r]))
                           for r in ranks)
     return candidates
 
 
-def _spectrum(target: LayerTarget, kind: str, gram: Optional[np.ndarray], ridge: float) -> np.ndarray:
+def _spectrum(target: LayerTarget, kind: str, gram: Optional[np.ndarray], ridge: float, solver: str) -> np.ndarray:
     if kind == "spatial":
         w = np.asarray(target.weight, dtype=np.float64)
         cout, cin, kh, kw = w.shape
@@ -96,7 +96,7 @@ def _spectrum(target: LayerTarget, kind: str, gram: Optional[np.ndarray], ridge:
     else:
         matrix = target.matrix()
         g = np.eye(matrix.shape[0]) if gram is None else gram
-    return whitened_spectrum(matrix, g, ridge)
+    return whitened_spectrum(matrix, g, ridge, solver)
 
 
 def _tucker2_candidates(target: LayerTarget, gram: Optional[np.ndarray], config: CompressConfig) -> List[LayerCandidate]:

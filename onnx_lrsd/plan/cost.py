@@ -1,4 +1,5 @@
-"""Parameters and MACs of a layer, dense or factorized (batch 1; symbolic dims count as 1).
+"""Parameters and MACs of a layer, dense or factorized (batch 1; symbolic dims count as 1 unless
+`model_macs` is given their values).
 
 Chains, for a layer with ``in`` = n, ``out`` = m and `rows` activation rows:
 - svd / channel: rank r, params r·(n + m), MACs rows·r·(n + m); for Conv, n = Cin·k and the
@@ -14,7 +15,7 @@ Chains, for a layer with ``in`` = n, ``out`` = m and `rows` activation rows:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -105,31 +106,60 @@ def _elements(dims) -> int:
     return int(np.prod(dims, dtype=np.int64))
 
 
-def model_macs(model) -> int:
-    """Multiply-accumulates of one inference (batch 1) over every Conv, Gemm and MatMul whose
-    shapes shape inference can tell (nodes of constants only are folded away: not counted)."""
+def unresolved_dims(model, dims=()) -> Tuple[str, ...]:
+    """The graph inputs' unknown dims past the batch axis that `dims` does not name: symbolic
+    names, or ``input[axis]`` for unnamed ones. MACs counted without them are wrong."""
+    given = dict(dims)
+    initializers = {t.name for t in model.graph.initializer}
+    missing = []
+    for inp in model.graph.input:
+        if inp.name in initializers or not inp.type.HasField("tensor_type"):
+            continue
+        for index, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if index == 0 or (dim.HasField("dim_value") and dim.dim_value > 0) or dim.dim_param in given:
+                continue
+            name = dim.dim_param or f"{inp.name}[{index}]"
+            if name not in missing:
+                missing.append(name)
+    return tuple(missing)
+
+
+def node_macs(model, dims=None) -> Dict[str, int]:
+    """Multiply-accumulates of one inference (batch 1) of every Conv, Gemm and MatMul (by node
+    name) whose shapes shape inference can tell (nodes of constants only are folded away: not
+    counted). With `dims` (name -> value pairs) shapes are inferred from inputs with those dims
+    and batch 1 (`fix_input_dims`), so chains and reshapes downstream get concrete shapes; any
+    dim left unknown (`unresolved_dims`) counts as 1."""
     from ..model.graph import infer_shapes
 
-    graph = infer_shapes(model).graph
+    graph = infer_shapes(model, None if dims is None else dict(dims)).graph
     shapes = {vi.name: _dims(vi) for vi in list(graph.input) + list(graph.value_info) + list(graph.output)}
     shapes.update({t.name: tuple(t.dims) for t in graph.initializer})
     constants = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
-    total = 0
-    for node in graph.node:
+    macs: Dict[str, int] = {}
+    for index, node in enumerate(graph.node):
         if all(name in constants for name in node.input):
             continue  # a constant subgraph (U·V of an unstructured residual): folded at session creation
         out = shapes.get(node.output[0]) if node.output else None
         if out is None or len(node.input) < 2:
             continue
         a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+        count = None
         if node.op_type == "Conv" and b:
-            total += _size(out[1:]) * _size(b[1:])
+            count = _size(out[1:]) * _size(b[1:])
         elif node.op_type == "MatMul" and a:
-            total += _size(out) * (a[-1] or 1)
+            count = _size(out) * (a[-1] or 1)
         elif node.op_type == "Gemm" and b and len(b) == 2:
             trans_b = any(attr.name == "transB" and attr.i for attr in node.attribute)
-            total += _size(out) * (b[1] if trans_b else b[0])
-    return total
+            count = _size(out) * (b[1] if trans_b else b[0])
+        if count is not None:
+            macs[node.name or f"#{index}"] = count
+    return macs
+
+
+def model_macs(model, dims=None) -> int:
+    """The sum of `node_macs`."""
+    return sum(node_macs(model, dims).values())
 
 
 def count_params(model) -> int:

@@ -36,8 +36,8 @@ from ..model.layers import LayerTarget
 Factors = Union[LowRankFactors, Tucker2Factors, LowRankSparse, TwoTerms]
 
 EXACT_SVD_LIMIT = 2048
-"""Above this smaller dimension, low ranks use the randomized SVD (exact SVD of VGG's
-25088×4096 layer takes minutes)."""
+"""With the exact solver, above this smaller dimension low ranks use the randomized SVD (exact
+SVD of VGG's 25088×4096 layer takes minutes)."""
 
 TUCKER_ITERATIONS = 3
 """HOOI sweeps after the HOSVD start: the error barely moves after a few, and each sweep on a
@@ -83,11 +83,12 @@ class LayerFactorization:
         return self.factors.sparse if isinstance(self.factors, LowRankSparse) else None
 
 
-def low_rank(matrix: np.ndarray, rank: int, seed: int = 0) -> LowRankFactors:
-    """Best rank-`rank` factors of `matrix` (randomized for large, thin-rank problems)."""
-    if min(matrix.shape) > EXACT_SVD_LIMIT and rank <= min(matrix.shape) // 4:
+def low_rank(matrix: np.ndarray, rank: int, seed: int = 0, solver: str = "auto") -> LowRankFactors:
+    """Best rank-`rank` factors of `matrix` by `solver` (`truncated_svd`); the exact solver
+    goes randomized for large, thin-rank problems."""
+    if solver == "exact" and min(matrix.shape) > EXACT_SVD_LIMIT and rank <= min(matrix.shape) // 4:
         return randomized_svd(matrix, rank, n_iter=6, seed=seed)
-    return truncated_svd(matrix, rank)
+    return truncated_svd(matrix, rank, solver)
 
 
 def fit_low_rank_sparse(w: np.ndarray, gram: Optional[np.ndarray], request: SparseRequest, budget: int,
@@ -115,16 +116,16 @@ def fit_low_rank_sparse(w: np.ndarray, gram: Optional[np.ndarray], request: Spar
     return (fit, plain) if fit.sparse.nnz else (fit.low_rank, fit.low_rank)
 
 
-def factorize_data_free(target: LayerTarget, plan: LayerPlan, seed: int = 0) -> LayerFactorization:
+def factorize_data_free(target: LayerTarget, plan: LayerPlan, seed: int = 0, solver: str = "auto") -> LayerFactorization:
     """Factors that minimise the weight error ‖W − W′‖_F (no calibration data; a sparse
-    residual is fitted with G = I)."""
+    residual is fitted with G = I); `solver` is the truncated SVD's."""
     if plan.sparse is not None:
         factors: Factors = fit_low_rank_sparse(target.matrix(), None, plan.sparse, plan.cost.params, 0.0, seed=seed,
                                                group=residual_group(target))[0]
     elif plan.method in ("svd", "channel"):
-        factors = low_rank(target.matrix(), plan.ranks[0], seed)
+        factors = low_rank(target.matrix(), plan.ranks[0], seed, solver)
     elif plan.method == "spatial":
-        factors = low_rank(spatial_matrix(np.asarray(target.weight, dtype=np.float64)), plan.ranks[0], seed)
+        factors = low_rank(spatial_matrix(np.asarray(target.weight, dtype=np.float64)), plan.ranks[0], seed, solver)
     elif plan.method == "tucker2":
         factors = tucker2(np.asarray(target.weight, dtype=np.float64), *plan.ranks, n_iter=TUCKER_ITERATIONS)
     else:
@@ -146,14 +147,15 @@ def channel_block_gram(gram: np.ndarray, cin: int, taps: int) -> np.ndarray:
 
 def factorize_data_aware(target: LayerTarget, plan: LayerPlan, stats: GramAccumulator, ridge: float,
                          correct_bias: bool, holdout: Optional[GramAccumulator] = None,
-                         residual_min_gain: float = 0.0) -> LayerFactorization:
+                         residual_min_gain: float = 0.0, solver: str = "auto") -> LayerFactorization:
     """Factors minimising the layer's output error on calibration data.
 
     Independent (plain statistics of X): min ‖X W − X W′‖ over the plan's structure.
     Sequential (`stats` tracks X̂ᵀX): min ‖X W − X̂ W′‖, reduced to the independent problem on
     W* = Σ̂⁻¹ X̂ᵀX W with X̂'s Gram. A requested sparse residual is fitted in the same metric
     (`fit_low_rank_sparse`, "auto" judged on the held-out Gram and taken only if it beats the
-    plain chain by `residual_min_gain`; the plain chain is kept as `fallback`). Conv kinds use the im2col
+    plain chain by `residual_min_gain`; the plain chain is kept as `fallback`). `solver` is the
+    truncated SVD's (`truncated_svd`). Conv kinds use the im2col
     Gram (channel), its vertical-patch blocks (spatial) or its per-channel blocks (Tucker-2). The bias shift restores the mean
     output: E[x] W − E[x̂] W′.
     """
@@ -169,12 +171,13 @@ def factorize_data_aware(target: LayerTarget, plan: LayerPlan, stats: GramAccumu
                                              group=residual_group(target), min_gain=residual_min_gain)
         approx = factors.to_dense()
     elif plan.method in ("svd", "channel"):
-        factors = whitened_svd(w_fit, gram, plan.ranks[0], ridge)
+        factors = whitened_svd(w_fit, gram, plan.ranks[0], ridge, solver)
         approx = factors.to_dense()
     elif plan.method == "spatial":
         cout, cin, kh, kw = target.weight.shape
         conv_fit = matrix_to_conv(w_fit, cin, (kh, kw))
-        factors = whitened_svd(spatial_matrix(conv_fit), vertical_gram(gram, cin, kh, kw), plan.ranks[0], ridge)
+        factors = whitened_svd(spatial_matrix(conv_fit), vertical_gram(gram, cin, kh, kw), plan.ranks[0], ridge,
+                               solver)
         approx = conv_to_matrix(spatial_matrix_to_conv(factors.to_dense(), cout, cin, kh, kw))
     elif plan.method == "tucker2":
         cin, kernel = target.in_channels, target.conv.kernel_shape

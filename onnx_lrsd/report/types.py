@@ -17,7 +17,7 @@ class TargetInfo:
     op: str
     weight_shape: Tuple[int, ...]
     params: int
-    macs: int
+    macs: Optional[int]
     share: float
 
 
@@ -57,23 +57,32 @@ class GroupWidth:
 
 @dataclass(frozen=True)
 class InspectReport:
+    """`macs` (model and targets) are None while input dims past the batch axis are unknown
+    (`unresolved`, given with ``--dim``): counting them as 1 would print a wrong number."""
+
     params: int
-    macs: int
+    macs: Optional[int]
     targets: Tuple[TargetInfo, ...]
     skipped: Tuple[SkippedLayer, ...]
     channel_groups: Tuple[ChannelGroupInfo, ...] = ()
     blocked_groups: Tuple[BlockedGroupInfo, ...] = ()
+    unresolved: Tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def to_text(self) -> str:
-        lines = [f"parameters {self.params:,}   MACs {self.macs:,}   "
+        macs = f"{self.macs:,}" if self.macs is not None else "unknown"
+        lines = [f"parameters {self.params:,}   MACs {macs}   "
                  f"targets {len(self.targets)} ({sum(t.share for t in self.targets):.1%} of parameters)"]
+        if self.unresolved:
+            lines.append(f"MACs need the input dims {', '.join(self.unresolved)}: "
+                         + " ".join(f"--dim {d}=VALUE" for d in self.unresolved if not d.endswith("]")))
         width = max([len(t.name) for t in self.targets] + [4])
         for t in self.targets:
+            target_macs = f"{t.macs:>14,}" if t.macs is not None else f"{'?':>14}"
             lines.append(f"  {t.name:<{width}}  {t.op:<6} {str(list(t.weight_shape)):<20} "
-                         f"params {t.params:>11,}  MACs {t.macs:>14,}  {t.share:6.1%}")
+                         f"params {t.params:>11,}  MACs {target_macs}  {t.share:6.1%}")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)}:")
             lines.extend(f"  {s.name}  {s.op}: {s.reason}" for s in self.skipped)
@@ -323,6 +332,7 @@ class CompressionReport:
     residual_check: Optional[ResidualCheck] = None
     recovery: Optional[RecoveryReport] = None
     widths: Tuple[GroupWidth, ...] = ()
+    macs_unresolved: Tuple[str, ...] = ()
 
     @property
     def params_ratio(self) -> float:
@@ -349,7 +359,9 @@ class CompressionReport:
         lines = [
             f"{'':12}{'before':>16}{'after':>16}{'ratio':>9}",
             f"{'parameters':12}{self.before.params:>16,}{self.after.params:>16,}{self.params_ratio:>9.3f}",
-            f"{'MACs':12}{self.before.macs:>16,}{self.after.macs:>16,}{self.macs_ratio:>9.3f}",
+            f"{'MACs':12}{self.before.macs:>16,}{self.after.macs:>16,}{self.macs_ratio:>9.3f}"
+            + (f"  (input dims {', '.join(self.macs_unresolved)} counted as 1: give --dim)"
+               if self.macs_unresolved else ""),
             f"{'file bytes':12}{self.before.file_bytes:>16,}{self.after.file_bytes:>16,}{self.size_ratio:>9.3f}",
             f"layers factorized {len(factorized)} of {len(self.layers)} targets; {len(self.skipped)} weight layers skipped",
         ]

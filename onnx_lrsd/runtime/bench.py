@@ -208,6 +208,7 @@ class ModelComparison:
     output_errors: dict
     threads: int
     batch: int
+    errors_on: str = ""
 
     @property
     def layers(self) -> List[LayerDelta]:
@@ -252,7 +253,8 @@ class ModelComparison:
                          f"{self.baseline.latency.runs} interleaved runs each")
         else:
             lines.append(f"batch {self.batch}, {self.threads} threads, {self.baseline.latency.runs} runs")
-        lines += [f"output {name}: relative error {err:.3e}" for name, err in self.output_errors.items()]
+        where = f" ({self.errors_on})" if self.errors_on else ""
+        lines += [f"output {name}: relative error {err:.3e}{where}" for name, err in self.output_errors.items()]
         first = next((s.cold for s in sides if s.cold is not None), None)
         if first is not None:
             lines.append(f"cold: fresh process per model, median of {first.repeats}; peak RSS: resident-set peak "
@@ -344,15 +346,22 @@ def cold_start(model: Union[str, Path], feeds: Mapping[str, np.ndarray], threads
 
 def compare_models(baseline: Path, candidate: Optional[Path] = None, threads: int = 2, batch: int = 1, dims=None,
                    runs: int = 50, warmup: int = 5, seed: int = 0, profile_runs: int = 0,
-                   cold_repeats: int = 0) -> ModelComparison:
+                   cold_repeats: int = 0, progress=None) -> ModelComparison:
     """Params, MACs, file size and warm latency of one model file, or of two that take the same
     inputs (then interleaved, with the candidate's output error): seeded random inputs of
-    `batch`, symbolic dims from `dims`. With `profile_runs`, each model's per-layer profile over
-    that many runs; with `cold_repeats`, its cold start in that many fresh processes."""
+    `batch`, symbolic dims from `dims` (MACs at batch 1 with those dims). With `profile_runs`,
+    each model's per-layer profile over that many runs; with `cold_repeats`, its cold start in
+    that many fresh processes. `progress(stage, done, total)` is called after each phase."""
     from ..plan.cost import count_params, model_macs
     from .feeds import random_feeds
     from ..model.io import load_model
     from .profile import profile_models
+
+    phases = ["load", "latency"] + (["profile"] if profile_runs else []) + (["cold start"] if cold_repeats else [])
+
+    def done(phase: str) -> None:
+        if progress is not None:
+            progress("bench", phases.index(phase) + 1, len(phases))
 
     paths = [Path(baseline)] + ([Path(candidate)] if candidate is not None else [])
     models = [load_model(path) for path in paths]
@@ -369,13 +378,22 @@ def compare_models(baseline: Path, candidate: Optional[Path] = None, threads: in
     if len(sessions) == 2:
         reference, outputs = (run_outputs(s, feeds) for s in sessions)
         errors = relative_output_errors(reference, outputs, [o.name for o in sessions[0].get_outputs()])
+    done("load")
     stats = time_sessions(sessions, feeds, runs=runs, warmup=warmup)
+    done("latency")
     del sessions  # idle sessions must not hold memory or threads while the others are measured
     profiles = (profile_models(models, feeds, threads, runs=profile_runs, labels=[path.name for path in paths])
                 if profile_runs else [None] * len(paths))
+    if profile_runs:
+        done("profile")
     colds = [cold_start(path, feeds, threads, repeats=cold_repeats) if cold_repeats else None for path in paths]
-    summaries = [ModelSummary(str(path), count_params(model), model_macs(model), _file_bytes(path), stat, cold, profile)
+    if cold_repeats:
+        done("cold start")
+    summaries = [ModelSummary(str(path), count_params(model), model_macs(model, dict(dims or {})), _file_bytes(path),
+                              stat, cold, profile)
                  for path, model, stat, cold, profile in zip(paths, models, stats, colds, profiles)]
+    errors_on = (f"seeded random inputs (seed {seed}, batch {batch}), not data: compress reports its error on "
+                 "held-out calibration data when given") if errors else ""
     return ModelComparison(summaries[0], summaries[1] if len(summaries) == 2 else None,
                            stats[0].median_ms / stats[1].median_ms if len(stats) == 2 else None, errors,
-                           threads, batch)
+                           threads, batch, errors_on)

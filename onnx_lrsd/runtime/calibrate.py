@@ -490,13 +490,19 @@ def calibration_batches(calibration: Calibration, model: onnx.ModelProto, config
 
 def is_held_out(index: int, n_batches: int, holdout_every: int) -> bool:
     """Batch `index` of `n_batches` is held out from the fits (kept to judge them) when it is
-    a `holdout_every`-th batch and there are at least `holdout_every` batches."""
-    return 0 < holdout_every <= n_batches and index % holdout_every == holdout_every - 1
+    a `holdout_every`-th batch; with fewer batches than that (but two or more) the last one
+    is, so results are never judged on the fitting data alone. `holdout_every` 0 holds none
+    out, and a single batch cannot be split."""
+    if holdout_every <= 0 or n_batches < 2:
+        return False
+    if n_batches < holdout_every:
+        return index == n_batches - 1
+    return index % holdout_every == holdout_every - 1
 
 
 def has_held_out(n_batches: int, holdout_every: int) -> bool:
     """Whether any of `n_batches` batches is held out."""
-    return is_held_out(holdout_every - 1, n_batches, holdout_every)
+    return holdout_every > 0 and n_batches >= 2
 
 
 class CalibrationSplit(NamedTuple):

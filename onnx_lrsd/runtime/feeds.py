@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import onnx
 
-from ..errors import LrsdError
+from ..errors import LrsdError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +39,11 @@ def resolve_input_shapes(
         if value < 1:
             raise LrsdError(f"--dim {name}={value}: dims must be >= 1")
     inputs = _real_inputs(model)
-    known_params = {
-        d.dim_param
-        for inp in inputs
-        for d in inp.type.tensor_type.shape.dim
-        if d.HasField("dim_param") and d.dim_param
-    }
-    unknown = sorted(set(dims) - known_params)
-    if unknown:
-        valid = ", ".join(sorted(known_params)) or "none"
-        raise LrsdError(f"--dim {unknown[0]}: the model has no input dim named '{unknown[0]}' (named dims: {valid})")
+    check_dim_names(model, dims)
 
     resolved: InputSpec = {}
     used_batch = False
+    missing: list[tuple[str, int, str]] = []
     for inp in inputs:
         if not inp.type.HasField("tensor_type"):
             raise LrsdError(f"input '{inp.name}' is not a tensor; only tensor inputs are supported")
@@ -71,14 +63,61 @@ def resolve_input_shapes(
             elif index == 0:
                 shape.append(1 if batch is None else batch)
                 used_batch = True
-            elif param:
-                raise LrsdError(f"input '{inp.name}' dim {index} ('{param}') is unknown; pass --dim {param}=VALUE")
             else:
-                raise LrsdError(f"input '{inp.name}' dim {index} is unknown and unnamed; give it a fixed size or a name in the model")
+                missing.append((inp.name, index, param))
+                shape.append(0)
         resolved[inp.name] = (tuple(shape), dtype)
+    if missing:
+        raise UsageError(unknown_dims_message(missing))
     if batch is not None and not used_batch:
         log.info("batch=%d ignored: no input has a symbolic first dim", batch)
     return resolved
+
+
+def check_dim_names(model: onnx.ModelProto, dims: dict[str, int]) -> None:
+    """LrsdError naming a dim of `dims` that no graph input has."""
+    known_params = {
+        d.dim_param
+        for inp in _real_inputs(model)
+        for d in inp.type.tensor_type.shape.dim
+        if d.HasField("dim_param") and d.dim_param
+    }
+    unknown = sorted(set(dims) - known_params)
+    if unknown:
+        valid = ", ".join(sorted(known_params)) or "none"
+        raise LrsdError(f"--dim {unknown[0]}: the model has no input dim named '{unknown[0]}' (named dims: {valid})")
+
+
+def unknown_dims_message(missing: list[tuple[str, int, str]]) -> str:
+    """One line naming every unknown input dim (input, axis, symbolic name or "") at once, with
+    the options that would give them (unnamed dims cannot be given: the model must name or fix
+    them)."""
+    named: dict[str, list[str]] = {}
+    for inp, index, param in missing:
+        if param:
+            named.setdefault(param, []).append(f"{inp} dim {index}")
+    unnamed = [(inp, index) for inp, index, param in missing if not param]
+    parts = []
+    if named:
+        where = ", ".join(f"'{name}' ({'; '.join(places)})" for name, places in named.items())
+        parts.append(f"input dims {where} are unknown: pass " + " ".join(f"--dim {n}=VALUE" for n in named)
+                     + " (or give calibration data, --calib)")
+    parts += [f"input '{inp}' dim {index} is unknown and unnamed: give it a fixed size or a name in the model"
+              for inp, index in unnamed]
+    return "; ".join(parts)
+
+
+def dims_from_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None) -> dict[str, int]:
+    """Values of the graph inputs' symbolic dims past the batch axis, read from `feeds`."""
+    found: dict[str, int] = {}
+    for inp in _real_inputs(model):
+        if not feeds or inp.name not in feeds or not inp.type.HasField("tensor_type"):
+            continue
+        shape = np.shape(feeds[inp.name])
+        for index, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if index > 0 and dim.dim_param and index < len(shape):
+                found.setdefault(dim.dim_param, int(shape[index]))
+    return found
 
 
 def random_feeds(

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -39,7 +38,7 @@ import numpy as np
 import onnx
 
 from ..errors import LrsdError
-from ..model.io import load_model, needs_external_data, save_model
+from ..model.io import load_model, needs_external_data, save_model, temporary_directory
 from ..model.naming import layer_of, name_nodes
 from .feeds import random_feeds
 from .session import make_session
@@ -286,7 +285,7 @@ def profile_models(models: Sequence[onnx.ModelProto], feeds: Mapping[str, np.nda
         raise LrsdError(f"profile runs must be >= 1, got {runs}")
     labels = list(labels) if labels is not None else [f"model {i}" for i in range(len(models))]
     feed_dict = dict(feeds)
-    with tempfile.TemporaryDirectory(prefix="onnx_lrsd-profile-") as tmp:
+    with temporary_directory("onnx_lrsd-profile-") as tmp:
         named, sessions = [], []
         for i, model in enumerate(models):
             copy = onnx.ModelProto()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -31,7 +30,7 @@ import onnx
 from .calibrate import ListReader
 from ..config import QUANTIZE_MODES
 from ..errors import LrsdError
-from ..model.io import load_model, save_model
+from ..model.io import load_model, save_model, temporary_directory
 from ..report.types import QuantizationSummary
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ def quantize_model(model: onnx.ModelProto, mode: str, calibration: Sequence[Mapp
     if mode == "static" and not calibration:
         raise LrsdError("static quantization needs calibration data (--calib)")
     prepared = _prepared(model, mode)
-    with tempfile.TemporaryDirectory(prefix="onnx_lrsd-quantize-") as tmp:
+    with temporary_directory("onnx_lrsd-quantize-") as tmp:
         source, target = Path(tmp) / "model.onnx", Path(tmp) / "model.int8.onnx"
         save_model(prepared, source)
         large = (Path(tmp) / "model.onnx.data").exists()

@@ -49,7 +49,8 @@ def probe_layer(source: Union[gs.Graph, onnx.ModelProto], template: onnx.ModelPr
     data-aware fit at each plan; `source` is the prepared graph or its model."""
     points = []
     for plan in plans:
-        fact = factorize_data_aware(target, plan, fit, config.ridge, config.bias_correction)
+        fact = factorize_data_aware(target, plan, fit, config.ridge, config.bias_correction,
+                                    solver=config.svd_solver)
         session = rewritten_session(source, template, {target.name: target}, [fact], config.latency_threads)
         points.append(squared_output_error(session, batches, reference))
     return points

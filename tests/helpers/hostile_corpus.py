@@ -4,7 +4,10 @@ may be handed, each with the outcome `onnx-lrsd compress` must give.
 Every case is a directory under ``tests/corpus/<name>/`` holding ``model.onnx`` (or the path
 in `Case.model`) and its companion files (external data, calibration sets). Outcomes:
 
-- "error": exit 1, one line on stderr matching `pattern`, no output file;
+- "error": exit `code` (1; 2 for usage errors, 4 for an output error above the limit), one line
+  on stderr matching `pattern`, no output file (the Python API, given `api_options`, raises
+  `LrsdError` matching it);
+- "nothing": exit 3, one line "nothing to compress" matching `pattern`, no output file;
 - "skip": exit 0, the weight layer(s) matching `pattern` left dense with that reason in the
   report, every other layer compressed, the written model equivalent in onnxruntime;
 - "compress": exit 0, at full rank (`--rank '*=full'`) the written model reproduces the
@@ -41,6 +44,8 @@ class Case:
     args: Tuple[str, ...] = ()
     model: str = "model.onnx"
     output: str = "out.onnx"
+    code: int = 1
+    api_options: Tuple[Tuple[str, object], ...] = ()
 
 
 def _rng(seed: int = 0) -> np.random.Generator:
@@ -468,6 +473,43 @@ def _unnamed_dims() -> onnx.ModelProto:
     return model
 
 
+def _dynamic_hw_conv() -> onnx.ModelProto:
+    """A detection-style conv stack on [N, 3, H, W] with H and W symbolic (PP-OCR det): its
+    MACs are unknown until H and W are given."""
+    return _model(
+        [helper.make_node("Conv", ["img", "k0"], ["c0"], name="stem", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c0"], ["r0"], name="relu"),
+         helper.make_node("Conv", ["r0", "k1"], ["y"], name="conv1", kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+        [_vi("img", ["N", 3, "H", "W"])], [_vi("y", ["N", 32, "H", "W"])],
+        [numpy_helper.from_array(_w(32, 3, 3, 3), "k0"), numpy_helper.from_array(_w(32, 32, 3, 3, seed=1), "k1")])
+
+
+def _flat_spectrum() -> onnx.ModelProto:
+    """Two 256×256 random layers: any rank-25 factorization destroys the output (error ~0.9)."""
+    return _model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="fc2")],
+        [_vi("x", ["batch", 256])], [_vi("y", ["batch", 256])],
+        [numpy_helper.from_array(_w(256, 256), "w1"), numpy_helper.from_array(_w(256, 256, seed=1), "w2")])
+
+
+def _only_quantized() -> onnx.ModelProto:
+    """Every weight layer int8 through DequantizeLinear (an int8 model): nothing to compress."""
+    model = _qdq()
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w2"))
+    scale = np.float32(np.abs(w).max() / 127)
+    model.graph.initializer.extend([numpy_helper.from_array(np.clip(np.round(w / scale), -127, 127).astype(np.int8),
+                                                            "w2_q"),
+                                    numpy_helper.from_array(np.array(scale, np.float32), "w2_scale"),
+                                    numpy_helper.from_array(np.array(0, np.int8), "w2_zero")])
+    kept = [t for t in model.graph.initializer if t.name != "w2"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["w2_q", "w2_scale", "w2_zero"], ["w2"],
+                                                name="dq_w2"))
+    return model
+
+
 def _opset7() -> onnx.ModelProto:
     """Opset 7: Gemm needs its C input; a Conv too."""
     model = _model(
@@ -625,8 +667,8 @@ CASES: Tuple[Case, ...] = (
     Case("absurd_weight_dims", "error", r"w1", _writer(_absurd_weight_dims)),
     Case("absurd_input_dims", "error", r"input 'x'|too large", _writer(_absurd_input_dims)),
     Case("negative_input_dim", "error", r"'x'", _writer(_negative_input_dim)),
-    Case("no_nodes", "skip", "", _writer(_no_nodes)),
-    Case("no_weight_layers", "skip", "", _writer(_no_weights)),
+    Case("no_nodes", "nothing", "", _writer(_no_nodes)),
+    Case("no_weight_layers", "nothing", "", _writer(_no_weights)),
     # external data
     Case("external_data_ok", "compress", "", _external_ok),
     Case("external_path_traversal", "error", r"outside the model's directory", _external_traversal,
@@ -648,13 +690,24 @@ CASES: Tuple[Case, ...] = (
     Case("integer_ops", "skip", r"integer (matmul|conv)", _writer(_integer_ops)),
     Case("qlinear_ops", "skip", r"quantized matmul", _writer(_qlinear)),
     Case("grouped_depthwise_3d_conv", "skip", r"grouped conv|3-D conv", _writer(_conv_stack)),
-    Case("shared_weight", "skip", r"shared", _writer(_shared_weight)),
+    Case("shared_weight", "nothing", r"shared", _writer(_shared_weight)),
     Case("weight_is_graph_output", "skip", r"graph output|shared", _writer(_weight_is_graph_output)),
     # control flow, dims, opsets, metadata
     Case("if_subgraph_weights", "skip", r"inside an If", _writer(_if_subgraph)),
     Case("loop_subgraph_weights", "skip", r"inside a Loop", _writer(_loop_subgraph)),
     Case("dynamic_batch_and_seq", "compress", "", _writer(_dynamic_dims), args=("--dim", "seq=7")),
-    Case("dynamic_dims_without_values", "error", r"unknown and unnamed", _writer(_unnamed_dims)),
+    Case("dynamic_dims_without_values", "error", r"unknown and unnamed", _writer(_unnamed_dims), code=2),
+    # first contact: shapes, honesty, usage
+    Case("dynamic_hw_conv", "compress", "", _writer(_dynamic_hw_conv), args=("--dim", "H=20", "--dim", "W=24")),
+    Case("several_unknown_dims", "error", r"'H' \(img dim 2\), 'W' \(img dim 3\) are unknown: pass --dim H=VALUE --dim W=VALUE",
+         _writer(_dynamic_hw_conv), code=2),
+    Case("catastrophic_output_error", "error", r"relative error [\d.]+ on random inputs is above 0\.5; not "
+         r"written \(fit the layers to real inputs with --calib", _writer(_flat_spectrum), args=("--keep", "0.1"),
+         code=4, api_options=(("keep", 0.1),)),
+    Case("nothing_to_compress", "nothing", r"nothing to compress: no layer was factorized \(skipped: weight is "
+         r"quantized", _writer(_only_quantized)),
+    Case("usage_keep_2", "error", r"keep must be in \(0, 1\], got 2", _writer(mlp), args=("--keep", "2"), code=2,
+         api_options=(("keep", 2.0),)),
     Case("opset7", "compress", "", _writer(_opset7)),
     Case("opset21", "compress", "", _writer(_runtime_opset)),
     Case("newest_opset", "compress", "", _writer(_newest_opset)) if _runtime_runs_newest_opset() else
