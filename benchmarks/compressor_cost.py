@@ -332,8 +332,9 @@ def readme_sections(data: dict) -> dict[str, str]:
     return {"compressor_cost": "\n\n".join([
         f"BEFORE: commit `{data['before_commit']}` (exact SVD); AFTER: the commit above, interleaved model by model "
         f"in the same run, each `compress` in its own process (peak RSS: the child's VmHWM), keep 0.5, library "
-        f"defaults (`blas_threads` 1), stopped after {data['cap']:.0f} s (\"> cap\"). Load average at start "
-        f"{data['machine']['load_average_at_start']}: absolute times are inflated by the other jobs." + stopped,
+        f"defaults (`blas_threads` 1), stopped after {data['cap']:.0f} s (\"> cap\"). The machine is shared with "
+        f"other jobs: load average at start {data['machine']['load_average_at_start']}, the last column the 1-min "
+        "load before each AFTER run; absolute times grow with it." + stopped,
         markdown_table(["model", "what", "before s / MB", "after s / MB", "speedup", "target s", "met",
                         "load before AFTER"], rows, "llrrrrlr"),
         "One truncated SVD of a seeded Gaussian [n, m] at the keep-0.5 rank, one BLAS thread, own process, "

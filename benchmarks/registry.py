@@ -60,7 +60,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("width_det", "benchmarks.width",
               ("--tasks", "ppocr_det", "--output", "benchmarks/results/width_det"), None, 1),
     Benchmark("compressor_cost", "benchmarks.compressor_cost", ("--before", "4145c4a", "--cap", "300", "--layer-cap", "180"),
-              ("--quick", "--before", "4145c4a", "--cap", "120"), 60, 2),
+              ("--quick", "--before", "4145c4a", "--cap", "120"), 60, 1.6),
     Benchmark("scale_out", "benchmarks.scale_out", (), ("--quick", "--models", "synthetic", "--blocks", "2"), 15, 3),
 )
 
