@@ -56,7 +56,8 @@ def run(names: list[str], quick: bool, fresh: bool) -> int:
     return len(failed)
 
 
-_CACHED = {"benchmarks.global_allocation", "benchmarks.sparse_residual", "benchmarks.joint", "benchmarks.suite"}
+_CACHED = {"benchmarks.global_allocation", "benchmarks.sparse_residual", "benchmarks.joint", "benchmarks.suite",
+           "benchmarks.recovery", "benchmarks.width"}
 """Modules built on `benchmark_main`, which take ``--fresh``."""
 
 

@@ -14,10 +14,14 @@ for a truncated solver) of the shapes of real zoo layers, at the keep-0.5 rank r
 by the exact solver (LAPACK gesdd, as before) and auto (the Gram solver), each in a subprocess
 with one BLAS thread (the library's default) and the same cap.
 
-    python benchmarks/compressor_cost.py --before /work/wt/contact-before [--cap 420] [--quick]
+    python -m benchmarks.compressor_cost --before 4145c4a [--cap 420] [--quick]
+    python -m benchmarks.compressor_cost --before /path/to/checkout-with-.venv
 
-Writes benchmarks/results/compressor_cost{,.quick}.json, .md and _layers.png. The machine is shared
-with other jobs: the load average is recorded before every measurement.
+``--before COMMIT`` exports that commit (``git archive``) into a temporary directory and installs it
+into a venv there over the system site-packages (no network); ``--before DIR`` uses a checkout
+with its own ``.venv``. Writes benchmarks/results/compressor_cost{,.quick}.json (with the run
+record, `benchmarks.common.run_record`), .md and _layers.png. The machine is shared with other
+jobs: the load average is recorded before every measurement.
 """
 from __future__ import annotations
 
@@ -150,6 +154,32 @@ def _save_feeds(feeds: list, path: Path) -> None:
     np.savez(path, count=np.array(len(feeds)), **arrays)
 
 
+def _before_checkout(before: str, workdir: Path) -> tuple[str, str]:
+    """The python of the BEFORE code and its short commit: ``before`` is a checkout with its own
+    ``.venv``, or a commit of this repository, exported into ``workdir`` and run by this python
+    with the export first on its path (``passes/`` linked as ``onnx_lrsd/passes``, as setup.cfg's
+    ``package_dir`` installs it; nothing installed, no network)."""
+    if Path(before).is_dir():
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=before, capture_output=True,
+                                text=True).stdout.strip()
+        return str(Path(before) / ".venv" / "bin" / "python"), commit
+    repo = HERE.parent
+    resolved = subprocess.run(["git", "rev-parse", "--short", f"{before}^{{commit}}"], cwd=repo, capture_output=True,
+                              text=True)
+    if resolved.returncode:
+        raise SystemExit(f"--before {before}: neither a directory nor a commit of {repo}")
+    commit, checkout = resolved.stdout.strip(), workdir / "before"
+    checkout.mkdir()
+    archive = subprocess.run(["git", "archive", commit], cwd=repo, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(checkout)], input=archive, check=True)
+    if (checkout / "passes").is_dir() and not (checkout / "onnx_lrsd" / "passes").exists():
+        (checkout / "onnx_lrsd" / "passes").symlink_to(checkout / "passes", target_is_directory=True)
+    python = workdir / "before_python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{checkout}" exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return str(python), commit
+
+
 def _models(workdir: Path, zoo: tuple[str, ...], with_tasks: bool) -> list[dict]:
     """(name, model path, options, calibration file) of every measured model."""
     import onnx
@@ -216,11 +246,12 @@ def render(data: dict) -> str:
         layer_rows.append([f"{l['n']}×{l['m']}", l["rank"], _cell(runs["before"]), _cell(runs["exact"]),
                            _cell(runs["auto"]), _mem(runs["before"]), _mem(runs["auto"])])
     machine = data["machine"]
+    command = data["run"]["command"] if data.get("run") else data["command"]
     return "\n".join([
         "# Compressor cost: time and peak memory of `compress` before and after",
         "",
         f"Commit {machine['git_commit']} (AFTER); BEFORE is commit {data['before_commit']} "
-        f"(`{data['before']}`). Command: `{data['command']}`. Date {machine['date']}; "
+        f"(`{data['before']}`). Command: `{command}`. Date {machine['date']}; "
         f"{machine['cores_logical']} cores, {machine['cpu']}, {machine['memory_gb']} GB. "
         f"**The machine was shared with other jobs** (load average at start "
         f"{machine['load_average_at_start']}; the last column gives the 1-min load before each AFTER run): "
@@ -276,16 +307,55 @@ def plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def readme_sections(data: dict) -> dict[str, str]:
+    """``compressor_cost``: per model the wall time and peak RSS of `compress` BEFORE and AFTER,
+    the speedup and the issue's target; then one truncated SVD against layer size by solver."""
+    from benchmarks.common import markdown_table
+
+    rows = []
+    for m in data["models"]:
+        b, a = m["before"], m["after"]
+        speedup = f"{b['seconds'] / a['seconds']:.1f}×" if "seconds" in b and "seconds" in a else (
+            f"> {b['capped'] / a['seconds']:.1f}×" if "capped" in b and "seconds" in a else "")
+        target = TARGETS_S.get(m["name"], ZOO_TARGET_S if m["name"] in ZOO else None)
+        met = "" if target is None or "seconds" not in a else ("yes" if a["seconds"] <= target else "no")
+        rows.append([m["name"], m["what"], f"{_cell(b)} / {_mem(b) or '–'}", f"{_cell(a)} / {_mem(a) or '–'}", speedup,
+                     f"{target:.0f}" if target else "", met, f"{a.get('load_before', 0):.1f}"])
+    layers = [[f"{l['n']}×{l['m']}", l["rank"], *(_cell(l["runs"][k]) for k in ("before", "exact", "auto")),
+               f"{_mem(l['runs']['before']) or '–'} / {_mem(l['runs']['auto']) or '–'}"] for l in data["layers"]]
+    quick = "--quick" in (data.get("argv") or data.get("command", "").split())
+    expected = [*(QUICK_ZOO if quick else ZOO), *(() if quick else ("ppocr_v4_rec", "minilm_256")),
+                *(f"{n}×{m}" for n, m in (QUICK_LAYER_SHAPES if quick else LAYER_SHAPES))]
+    measured = {m["name"] for m in data["models"]} | {f"{l['n']}×{l['m']}" for l in data["layers"]}
+    missing = [name for name in expected if name not in measured]
+    stopped = f" **Not measured in this run: {', '.join(missing)}.**" if missing else ""
+    return {"compressor_cost": "\n\n".join([
+        f"BEFORE: commit `{data['before_commit']}` (exact SVD); AFTER: the commit above, interleaved model by model "
+        f"in the same run, each `compress` in its own process (peak RSS: the child's VmHWM), keep 0.5, library "
+        f"defaults (`blas_threads` 1), stopped after {data['cap']:.0f} s (\"> cap\"). The machine is shared with "
+        f"other jobs: load average at start {data['machine']['load_average_at_start']}, the last column the 1-min "
+        "load before each AFTER run; absolute times grow with it." + stopped,
+        markdown_table(["model", "what", "before s / MB", "after s / MB", "speedup", "target s", "met",
+                        "load before AFTER"], rows, "llrrrrlr"),
+        "One truncated SVD of a seeded Gaussian [n, m] at the keep-0.5 rank, one BLAS thread, own process, "
+        f"stopped after {data.get('layer_cap', data['cap']):.0f} s: `before` the older checkout's `low_rank`, "
+        "`exact` this checkout's exact solver, `auto` the Gram solver (plot: `benchmarks/results/"
+        f"{data['plot']}`).",
+        markdown_table(["layer n×m", "rank", "before s", "exact s", "auto s", "peak MB before / auto"], layers,
+                       "lrrrrr")])}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--before", type=Path, help="checkout of the older commit (with .venv)")
+    parser.add_argument("--before", help="the older commit, or a checkout of it with its own .venv")
     parser.add_argument("--cap", type=float, default=420.0, help="seconds before a run is stopped")
     parser.add_argument("--layer-cap", type=float, default=240.0, help="the cap of one layer's SVD")
     parser.add_argument("--quick", action="store_true", help="two zoo graphs and three layer sizes")
     parser.add_argument("--render", type=Path, help="only write the .md and plot of this results .json (a run "
                                                     "stopped early: what it measured)")
-    args = parser.parse_args()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     if args.child:
         _child(args.child)
         return
@@ -300,19 +370,19 @@ def main() -> None:
     if args.before is None:
         parser.error("--before is required")
     sys.path.insert(0, str(HERE.parent))
-    from benchmarks.common import RESULTS_DIR, machine_info, write_json, write_text
+    from benchmarks.common import RESULTS_DIR, run_record, write_json, write_text
 
-    after_python, before_python = sys.executable, str(args.before / ".venv" / "bin" / "python")
-    before_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.before, capture_output=True,
-                                   text=True).stdout.strip()
     suffix = ".quick" if args.quick else ""
     out_json = RESULTS_DIR / f"compressor_cost{suffix}.json"
     plot_path = RESULTS_DIR / f"compressor_cost{suffix}_layers.png"
-    data = {"machine": machine_info(), "before": str(args.before), "before_commit": before_commit, "cap": args.cap, "layer_cap": args.layer_cap,
-            "command": "python benchmarks/compressor_cost.py " + " ".join(sys.argv[1:]), "plot": plot_path.name,
-            "models": [], "layers": []}
+    run = run_record("benchmarks.compressor_cost", argv)
     with tempfile.TemporaryDirectory(prefix="compressor_cost_") as tmp:
         workdir = Path(tmp)
+        after_python = sys.executable
+        before_python, before_commit = _before_checkout(args.before, workdir)
+        data = {"argv": argv, "run": run, "machine": run["machine"], "before": args.before,
+                "before_commit": before_commit, "cap": args.cap, "layer_cap": args.layer_cap, "plot": plot_path.name,
+                "models": [], "layers": []}
         for model in _models(workdir, QUICK_ZOO if args.quick else ZOO, not args.quick):
             import onnx
 

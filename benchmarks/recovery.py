@@ -9,9 +9,13 @@ closed form and recovered sessions alive and interleaved in one process, 2 threa
 spinning; the recovered model has the closed form's graph with other weight values), the
 compressor's and the recovery's wall time and the recovery's held-out loss curve.
 
-Run: ``python -m benchmarks.recovery [--tasks digits_cnn ppocr_rec] [--quick]``. Each
-PP-OCR recovery is bounded by ``--ppocr-minutes`` (default 8). The machine is shared with other
-jobs: times are wall-clock under that load; latency is only reported as interleaved ratios.
+Run: ``python -m benchmarks.recovery [--tasks digits_cnn ppocr_rec]`` (all three tasks: about an
+hour on 2 cores) or ``--quick`` (the digit CNN at keep 0.02 with 100 steps, no sample study, into
+``results/recovery.quick.*``). Each PP-OCR / MiniLM recovery is bounded by ``--ppocr-minutes``
+(default 8) / ``--minilm-minutes`` (default 6). Results: ``benchmarks/results/recovery.{json,md}``
+with the run record (`benchmarks.common.benchmark_main`) and ``recovery[.quick]_<task>.png``.
+The machine is shared with other jobs: times are wall-clock under that load; latency is only
+reported as interleaved ratios.
 """
 from __future__ import annotations
 
@@ -179,16 +183,33 @@ def _bar_check(task: dict[str, Any], row: dict[str, Any], which: str) -> str:
     return ""
 
 
+def _quick(data: dict[str, Any]) -> bool:
+    return "--quick" in data.get("argv", [])
+
+
 def plot(data: dict[str, Any], results_dir: Path) -> list[Path]:
-    """One PNG per task: the held-out loss curve of every budget's recovery."""
+    """One PNG per task: the held-out loss curve of every budget's recovery
+    (``recovery_<task>.png``; a quick run's ``recovery.quick_<task>.png``)."""
     from onnx_lrsd.report.plot import plot_recovery
 
+    prefix = "recovery.quick" if _quick(data) else "recovery"
     paths = []
     for task in data["tasks"]:
         curves = {_budget_label(row["budget"]): [tuple(p) for p in row["recovery"]["curve"]] for row in task["rows"]}
-        paths.append(plot_recovery(curves, results_dir / f"recovery_{task['task']}.png",
+        paths.append(plot_recovery(curves, results_dir / f"{prefix}_{task['task']}.png",
                                    title=f"recovery of {task['task']}: held-out loss"))
     return paths
+
+
+def _provenance(data: dict[str, Any]) -> str:
+    """The code and command a results file measured: its run record, or (a file from before run
+    records) the commit its machine record names."""
+    run, machine = data.get("run"), data["machine"]
+    if run:
+        state = f" with uncommitted changes (diff {run.get('diff_sha1', '')[:10]})" if run.get("dirty") else ""
+        return f"Commit {run.get('commit')}{state}, started {run['started']}. Command: `{run['command']}`."
+    return (f"Commit {machine.get('git_commit')} (a results file from before run records: no dirty-tree flag), "
+            f"{machine.get('date')}. Command: `python -m benchmarks.recovery {' '.join(data.get('argv', []))}`.")
 
 
 def render(data: dict[str, Any]) -> str:
@@ -197,16 +218,15 @@ def render(data: dict[str, Any]) -> str:
     plot(data, RESULTS_DIR)
     machine = data["machine"]
     lines = ["# Recovery: closed form vs closed form + end-to-end distillation", "",
-             f"Commit {machine.get('git_commit')}, {machine.get('date')}, {machine.get('cpu')}, "
+             f"{_provenance(data)} {machine.get('cpu')}, "
              f"{machine.get('cores_logical')} cores, load at start {machine.get('load_average_at_start')}. "
-             f"Command: `python -m benchmarks.recovery {' '.join(data.get('argv', []))}`. "
              f"Total {data.get('total_s', 0) / 60:.1f} min. The machine was shared with other jobs: wall times "
              "include that load; latency is the interleaved median ratio to the original (2 threads, no spinning).",
-             "", "Recovery = `onnx_lrsd.recover` end-to-end distillation (KL on probability/logit outputs), Adam, "
+             "", "Recovery = `onnx_lrsd.recover` end-to-end distillation (KL on probability/logit outputs, else MSE), Adam, "
              "augmented inputs, best held-out step kept; block-wise reconstruction is not implemented yet. "
              "Trainable: the compressed layers' factors and biases. Calibration/recovery data come from the task's "
              "calibration source, disjoint from the evaluation data. Held-out loss curves: "
-             "`recovery_<task>.png`.", ""]
+             f"`{'recovery.quick' if _quick(data) else 'recovery'}_<task>.png`.", ""]
     for task in data["tasks"]:
         metric_names = list(task["original"])
         headers = ["budget", "method", *metric_names, "params", "lat b1", "lat b32", "compress s", "recover s",
@@ -250,6 +270,56 @@ def render(data: dict[str, Any]) -> str:
                             f"{r['loss_before']:.4f} → {r['loss_after']:.4f}", fmt(r["seconds"], 1)]
                            for r in study["rows"]], "r" * (len(names) + 4)), ""]
     return "\n".join(lines)
+
+
+def _recovery_setup(task: dict[str, Any]) -> str:
+    """How a task's recoveries ran, from what they recorded: samples, loss, trainable, budget, stop."""
+    rows = task["rows"]
+    rec, config = rows[0]["recovery"], rows[0]["recover_config"]
+    limit = (f"up to {config['steps']} steps" if config.get("steps")
+             else f"{config['time_budget'] / 60:g} min each")
+    stops = ", ".join(r["recovery"]["stopped_by"] for r in rows)
+    return (f"{task['calib_samples']} calibration / {task['recover_samples']} recovery samples, {rec['loss']} loss on "
+            f"`{rec['output']}`, trainable {config['trainable']}, {limit} (stopped by {stops})")
+
+
+README_LABELS = {"digits_cnn": "digit CNN", "ppocr_rec": "PP-OCRv4 rec", "minilm": "all-MiniLM-L6-v2"}
+
+
+def readme_sections(data: dict[str, Any]) -> dict[str, str]:
+    """``recovery``: per task and budget every metric of the task for the closed form and after
+    recovery, params, latency at batch 1 and 32 (closed / recovered) and the compressor's and the
+    recovery's seconds; below it the bar of each task, met or missed after recovery."""
+    headers = ["task (metrics): original", "budget", "params", "closed form", "+ recovery",
+               "latency b1 closed / recovered", "latency b32 closed / recovered", "compress + recover s"]
+    rows, verdicts = [], []
+    for task in data["tasks"]:
+        names = list(task["original"])
+        first = (f"{README_LABELS.get(task['task'], task['task'])} ({', '.join(names)}): "
+                 + " / ".join(fmt(task["original"][m]) for m in names))
+        for row in task["rows"]:
+            lat = {int(k): v for k, v in row["latency"].items()}
+            rows.append([first, _budget_label(row["budget"]), fmt(row["params_ratio"]),
+                         " / ".join(fmt(row["closed"][m]) for m in names),
+                         " / ".join(fmt(row["recovered"][m]) for m in names),
+                         *(f"{fmt(lat[b]['closed_ratio'], 2)} / {fmt(lat[b]['recovered_ratio'], 2)}" for b in (1, 32)),
+                         f"{fmt(row['compress_s'], 1)} + {fmt(row['recovery']['seconds'], 0)}"])
+            first = ""
+        checks = "; ".join(f"{_budget_label(r['budget'])} {_bar_check(task, {**r, 'latency': {int(k): v for k, v in r['latency'].items()}}, 'recovered')}"
+                           for r in task["rows"])
+        verdicts.append(f"{README_LABELS.get(task['task'], task['task'])}: {_recovery_setup(task)}. Bar: {task['bar']}; "
+                        f"after recovery {checks}.")
+    text = (markdown_table(headers, rows, "llrllrrr")
+            + "\n\nClosed form: `compress` with data-aware independent fits on the calibration samples; + recovery: "
+              "the same graph after `onnx_lrsd.recover` (end-to-end distillation against the original, Adam, "
+              "augmented inputs), which keeps its best step by the loss on a held-out fifth of its unlabeled "
+              "samples, never by a reported metric. Calibration and recovery samples come from the task's "
+              "calibration source, disjoint from the evaluation data. Latency: median over the original's, "
+              "2 threads, original, closed form and recovered sessions interleaved (below 1 is faster). Seconds: "
+              "wall time on the shared machine. Held-out loss curves, output errors and the digit CNN's "
+              "samples study: `benchmarks/results/recovery.md`.\n\n"
+            + "\n".join(f"- {v}" for v in verdicts))
+    return {"recovery": text}
 
 
 def _extra_args(parser) -> None:

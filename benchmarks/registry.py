@@ -53,6 +53,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("suite", "benchmarks.suite", (), ("--quick",), 120, 5),
     Benchmark("foundation", "benchmarks.foundation", (), ("--quick",), 25, 3),
     Benchmark("profile_layers", "benchmarks.profile_layers", (), ("--quick",), 10, 3),
+    Benchmark("recovery", "benchmarks.recovery", (), ("--quick",), 58, 0.2),
+    Benchmark("width", "benchmarks.width", ("--tasks", "ppocr_rec"), ("--quick",), 36, 0.3),
+    Benchmark("width_minilm", "benchmarks.width",
+              ("--tasks", "minilm", "--output", "benchmarks/results/width_minilm"), None, 30),
+    Benchmark("width_det", "benchmarks.width",
+              ("--tasks", "ppocr_det", "--output", "benchmarks/results/width_det"), None, 1),
+    Benchmark("compressor_cost", "benchmarks.compressor_cost", ("--before", "4145c4a", "--cap", "300", "--layer-cap", "180"),
+              ("--quick", "--before", "4145c4a", "--cap", "120"), 60, 1.6),
     Benchmark("scale_out", "benchmarks.scale_out", (), ("--quick", "--models", "synthetic", "--blocks", "2"), 15, 3),
 )
 

@@ -42,12 +42,26 @@ def provenance(data: dict[str, Any], module: str) -> str:
     if run:
         return f"*Measured at {_measured(run)}{later}, on a 2-core machine shared with other jobs.*"
     machine = data.get("machine") or data.get("environment") or {}
-    commit = (machine.get("git_commit") or "unknown").split()[0][:10]
+    recorded = machine.get("git_commit") or "unknown"
+    commit = recorded.split()[0][:10]
+    dirty = ("with uncommitted changes (a results file from before run records: no hash of the diff)"
+             if "uncommitted changes" in recorded else "(a results file from before run records: no dirty-tree flag)")
+    return (f"*Measured at commit `{commit}` on {(machine.get('date') or '')[:10]} by `{_old_command(data, module)}` "
+            f"{dirty}{later}, on a 2-core machine shared with other jobs.*")
+
+
+def _old_command(data: dict[str, Any], module: str) -> str:
+    """The command a results file from before run records names: its ``argv`` after
+    ``python -m module``, or its ``command`` (``python benchmarks/x.py ARGS`` written as the
+    equivalent ``python -m benchmarks.x ARGS``)."""
+    script = "python " + module.replace(".", "/") + ".py"
+    command = data.get("command")
+    if isinstance(command, str) and (command == script or command.startswith(script + " ")):
+        return f"python -m {module}" + command[len(script):]
+    if isinstance(command, str) and command.startswith(f"python -m {module}"):
+        return command
     args = " ".join(data.get("argv") or [])
-    command = f"python -m {module}" + (f" {args}" if args else "")
-    return (f"*Measured at commit `{commit}` on {(machine.get('date') or '')[:10]} by `{command}` "
-            f"(a results file from before run records: no dirty-tree flag){later}, on a 2-core machine shared "
-            "with other jobs.*")
+    return f"python -m {module}" + (f" {args}" if args else "")
 
 
 def rendered_sections() -> dict[str, str]:

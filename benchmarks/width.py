@@ -3,7 +3,9 @@
 Run from the repository root::
 
     python -m benchmarks.width                        # PP-OCRv4 rec, MiniLM, PP-OCRv4 det (~1 h on 2 shared cores)
-    python -m benchmarks.width --tasks ppocr_rec      # one task
+    python -m benchmarks.width --tasks ppocr_rec      # one task (the registry runs each task into its own file:
+                                                      # width.json, width_minilm.json, width_det.json)
+    python -m benchmarks.width --quick                # PP-OCRv4 det only (~1 min), into width.quick.json
     python -m benchmarks.width --render-only          # rewrite the Markdown from the JSON
 
 For every task (``benchmarks/tasks``; calibration data as in ``benchmarks/data_aware``, disjoint
@@ -344,6 +346,57 @@ def render(data: dict[str, Any]) -> str:
         lines += [markdown_table(["blocked by", "count", "producers (first 4)"],
                                  [[k, len(v), ", ".join(v[:4])] for k, v in sorted(reasons.items())]), ""]
     return "\n".join(lines)
+
+
+def _requested(data: dict[str, Any]) -> list[str]:
+    """The tasks a run was asked for (``--tasks``, else all of `TASK_NAMES`)."""
+    argv = list(data.get("argv") or [])
+    if "--tasks" not in argv:
+        return list(TASK_NAMES)
+    rest = argv[argv.index("--tasks") + 1:]
+    return [a for a in rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]]
+
+
+def readme_sections(data: dict[str, Any]) -> dict[str, str]:
+    """``width`` (``width_minilm`` / ``width_det`` for a run of that task alone): per task every configuration's
+    metrics (all of the task's), output error, params, MACs and latency at batch 1 / 32, and the
+    coupled and blocked channel groups."""
+    requested = _requested(data)
+    parts = []
+    for t in data["tasks"]:
+        metrics = METRICS[t["task"]]
+        rows = []
+        for r in t["rows"]:
+            if "error" in r:
+                rows.append([r["label"], f"failed: {r['error'][:100]}", "", "", "", ""])
+                continue
+            m = r.get("metrics", {})
+            rows.append([r["label"], " / ".join(fmt(m.get(k)) for k in metrics), fmt(r.get("output_error"), 3),
+                         fmt(r.get("params_ratio")), fmt(r.get("macs_ratio")),
+                         " / ".join(fmt(r.get(f"latency_b{b}"), 2) or "–" for b in (1, 32))
+                         if any(f"latency_b{b}" in r for b in (1, 32)) else ""])
+        reasons: dict[str, int] = {}
+        for b in t["blocked"]:
+            kind = b["reason"].split("'")[0].strip() or b["reason"]
+            reasons[kind] = reasons.get(kind, 0) + 1
+        parts += [f"**{t['task']}** ({', '.join(metrics)}):",
+                  markdown_table(["configuration", " / ".join(metrics), "output error", "params", "MACs",
+                                  "latency b1 / b32"], rows, "llrrrr"),
+                  f"{len(t['groups'])} coupled channel groups; {len(t['blocked'])} blocked by "
+                  + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items())) + "."]
+    missing = [n for n in requested if n not in {t["task"] for t in data["tasks"]}]
+    if missing:
+        parts.append(f"Not measured in this run: {', '.join(missing)}.")
+    parts.append("Width rows keep that share of every coupled group's channels (criterion named, readers refitted by "
+                 "least squares; `cut`: no refit); low rank rows are `compress(target_macs=...)` at the MACs of the "
+                 "width model named; what each row is: `benchmarks/width.py`. Output error: relative L2 of the first "
+                 "output on evaluation data. Latency: median over the original's, 2 threads, all models of a task "
+                 "interleaved in one session (below 1 is faster; empty: not timed; –: not at that batch)."
+                 + (" PP-OCRv4 det: `text_iou` is the overlap of the text-pixel maps (> 0.3) with the original's on "
+                    "8 evaluation pages (320×320, rendered lines; calibration pages use another seed and vocabulary)."
+                    if any(t["task"] == "ppocr_det" for t in data["tasks"]) else ""))
+    name = {("minilm",): "width_minilm", ("ppocr_det",): "width_det"}.get(tuple(requested), "width")
+    return {name: "\n\n".join(parts)}
 
 
 def main(argv=None) -> None:

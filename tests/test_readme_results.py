@@ -50,3 +50,16 @@ def test_results_files_record_their_run():
         assert {"command", "commit", "dirty", "started", "finished", "machine"} <= set(run), path
         assert {"cpu", "cores_logical", "onnxruntime", "onnx", "numpy"} <= set(run["machine"]), path
         assert run["command"].startswith("python -m benchmarks."), path
+
+
+def test_a_results_file_from_before_run_records_keeps_what_it_recorded():
+    """A dirty tree recorded in the old machine record is said; a script command is named as the module."""
+    dirty = {"machine": {"git_commit": "2f4c45a5f81bf09070a97369c9a3fdcd32023d79 (with uncommitted changes)",
+                         "date": "2026-12-05T06:04:55+00:00"}, "argv": ["--tasks", "ppocr_det"]}
+    line = render_readme.provenance(dirty, "benchmarks.width")
+    assert "`2f4c45a5f8` on 2026-12-05 by `python -m benchmarks.width --tasks ppocr_det` with uncommitted" in line
+    assert "no dirty-tree flag" not in line
+    script = {"machine": {"git_commit": "3fa5561c58ee069cadf82356cccf1192a9cfb1fb", "date": "2026-12-05T05:10:33"},
+              "command": "python benchmarks/compressor_cost.py --before x --cap 300"}
+    line = render_readme.provenance(script, "benchmarks.compressor_cost")
+    assert "by `python -m benchmarks.compressor_cost --before x --cap 300` (a results file from before run" in line
