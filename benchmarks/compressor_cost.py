@@ -227,16 +227,22 @@ def _mem(run: dict) -> str:
     return f"{run['peak_rss_mb']:.0f}" if "peak_rss_mb" in run else ""
 
 
+def _verdict(m: dict):
+    """(before, after, speedup text, the issue's target in s or None, "yes"/"no"/"") of one model."""
+    b, a = m["before"], m["after"]
+    speedup = f"{b['seconds'] / a['seconds']:.1f}×" if "seconds" in b and "seconds" in a else (
+        f"> {b['capped'] / a['seconds']:.1f}×" if "capped" in b and "seconds" in a else "")
+    target = TARGETS_S.get(m["name"], ZOO_TARGET_S if m["name"] in ZOO else None)
+    met = "" if target is None or "seconds" not in a else ("yes" if a["seconds"] <= target else "no")
+    return b, a, speedup, target, met
+
+
 def render(data: dict) -> str:
     from benchmarks.common import markdown_table
 
     rows = []
     for m in data["models"]:
-        b, a = m["before"], m["after"]
-        speedup = f"{b['seconds'] / a['seconds']:.1f}×" if "seconds" in b and "seconds" in a else (
-            f"> {b['capped'] / a['seconds']:.1f}×" if "capped" in b and "seconds" in a else "")
-        target = TARGETS_S.get(m["name"], ZOO_TARGET_S if m["name"] in ZOO else None)
-        met = "" if target is None or "seconds" not in a else ("yes" if a["seconds"] <= target else "no")
+        b, a, speedup, target, met = _verdict(m)
         rows.append([m["name"], m["what"], f"{m['weight_params'] / 1e6:.1f}" if m.get("weight_params") else "",
                      _cell(b), _mem(b), _cell(a), _mem(a), speedup,
                      f"{target:.0f}" if target else "", met, f"{m['after'].get('load_before', 0):.1f}"])
@@ -314,11 +320,7 @@ def readme_sections(data: dict) -> dict[str, str]:
 
     rows = []
     for m in data["models"]:
-        b, a = m["before"], m["after"]
-        speedup = f"{b['seconds'] / a['seconds']:.1f}×" if "seconds" in b and "seconds" in a else (
-            f"> {b['capped'] / a['seconds']:.1f}×" if "capped" in b and "seconds" in a else "")
-        target = TARGETS_S.get(m["name"], ZOO_TARGET_S if m["name"] in ZOO else None)
-        met = "" if target is None or "seconds" not in a else ("yes" if a["seconds"] <= target else "no")
+        b, a, speedup, target, met = _verdict(m)
         rows.append([m["name"], m["what"], f"{_cell(b)} / {_mem(b) or '–'}", f"{_cell(a)} / {_mem(a) or '–'}", speedup,
                      f"{target:.0f}" if target else "", met, f"{a.get('load_before', 0):.1f}"])
     layers = [[f"{l['n']}×{l['m']}", l["rank"], *(_cell(l["runs"][k]) for k in ("before", "exact", "auto")),
