@@ -18,7 +18,7 @@ from .passes.context import new_context
 from .passes.pipeline import inspect
 from .passes.search import CompressionResult, Metric, compress_in_stages, compress_model
 from .passes.search import sweep as sweep_rounds
-from .plan.cost import count_params, model_macs, node_macs, unresolved_dims
+from .plan.cost import count_params, node_macs, unresolved_dims
 from .passes.prune import compress_widths, group_infos
 from .report.types import InspectReport, TargetInfo
 from .runtime.calibrate import Calibration, calibration_batches

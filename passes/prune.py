@@ -268,16 +268,12 @@ def compress_widths(model, config, calibration) -> Tuple[onnx.ModelProto, "Compr
     import dataclasses
     import time
 
-    from ..model.io import PROTOBUF_LIMIT, initializer_bytes, load_model
-    from ..plan.cost import count_params, model_macs
-    from ..report.types import CompressionReport, GroupWidth, ModelStats
-    from ..runtime.calibrate import split_holdout
+    from ..model.io import load_model
+    from ..plan.cost import unresolved_dims
+    from ..report.types import CompressionReport, GroupWidth
     from ..runtime.bench import output_errors_on
-    from ..runtime.calibrate import calibration_batches
-
-    def stats(m: onnx.ModelProto) -> ModelStats:
-        size = initializer_bytes(m)
-        return ModelStats(count_params(m), model_macs(m), m.ByteSize() if size < PROTOBUF_LIMIT // 2 else size)
+    from ..runtime.calibrate import calibration_batches, split_holdout
+    from .search import macs_dims, model_stats
 
     start = time.perf_counter()
     if config.target is not None and config.target[0] not in ("params", "macs"):
@@ -298,7 +294,9 @@ def compress_widths(model, config, calibration) -> Tuple[onnx.ModelProto, "Compr
         errors = output_errors_on(source, result.model, check, [o.name for o in source.graph.output])
     widths = tuple(GroupWidth(p.group.name, "heads" if p.group.block > 1 else "channels", p.group.channels, p.width)
                    for p in result.plans)
-    report = CompressionReport(before=stats(source), after=stats(result.model), layers=(), skipped=(),
+    dims = macs_dims(source, config, batches)
+    report = CompressionReport(before=model_stats(source, dims), after=model_stats(result.model, dims), layers=(),
+                               skipped=(), macs_unresolved=unresolved_dims(source, dims),
                                output_errors=errors, seconds=time.perf_counter() - start,
                                config=dataclasses.asdict(config), verified_on=verified_on, widths=widths)
     return result.model, report
