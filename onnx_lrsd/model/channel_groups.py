@@ -254,7 +254,7 @@ class _Finder:
 
     def joined(self, node: gs.Node, via: gs.Tensor, space: _Space) -> List[gs.Tensor]:
         produced = via in node.outputs
-        first = via.name not in space.flat  # channel axis 1 (else last, after a flatten)
+        first = space.channel_first and via.name not in space.flat  # channel axis 1 (else the last axis)
         if node.op in ("Conv", "MatMul", "Gemm") and int(node.attrs.get("group", 1)) == 1:
             target = self.target(node)
             if target is None:
@@ -270,16 +270,14 @@ class _Finder:
             space.consumers[node.name] = node
             return []
         if node.op == "Conv":
-            if not first:
-                raise _Blocked(f"grouped Conv '{node.name}' on flattened channels")
-            return self.depthwise(node, space)
+            return self.depthwise(node, space, first)
         if node.op == "BatchNormalization":
             if len([t for t in node.outputs if t.name]) != 1:
                 raise _Blocked(f"BatchNormalization '{node.name}' in training mode")
             space.params.extend(ChannelParam(node.name, i, 0) for i in range(1, 5))
             return [node.inputs[0], node.outputs[0]]
         if node.op in POOLS:
-            if not space.channel_first or not first:
+            if not first:
                 raise _Blocked(f"{node.op} '{node.name}' pools over the channel axis")
             return [node.inputs[0], node.outputs[0]]
         if node.op == "Shape" and not produced:
@@ -310,7 +308,7 @@ class _Finder:
             return joined
         raise _Blocked(f"{node.op} '{node.name}' {'writes' if produced else 'reads'} the channels")
 
-    def per_channel(self, node: gs.Node, index: int, tensor: gs.Tensor, space: _Space, first: bool = True,
+    def per_channel(self, node: gs.Node, index: int, tensor: gs.Tensor, space: _Space, first: bool,
                     scalar_only: bool = False) -> bool:
         """Record a constant operand: scalar-like (nothing to do) or per-channel (sliced; a
         [C] vector seen through Reshape / Unsqueeze is sliced at its source)."""
@@ -321,10 +319,10 @@ class _Finder:
             return False
         if scalar_only:
             raise _Blocked(f"{node.op} '{node.name}' has a non-scalar parameter")
-        rank = space.rank if first and space.channel_first else values.ndim
-        if first and space.channel_first and rank is None or values.ndim > (rank or values.ndim):
+        rank = space.rank if first else values.ndim
+        if first and rank is None or values.ndim > (rank or values.ndim):
             raise _Blocked(f"constant '{tensor.name}' of {node.op} '{node.name}' broadcasts beyond the tensor")
-        axis = values.ndim - (rank - 1) if first and space.channel_first else values.ndim - 1
+        axis = values.ndim - (rank - 1) if first else values.ndim - 1
         if axis < 0 or values.shape[axis] == 1:
             return False
         if values.shape[axis] != space.channels:
@@ -346,12 +344,12 @@ class _Finder:
                 space.shapes.append(ShapeEdit(view.name, 1, axis, 1))
         return True
 
-    def depthwise(self, node: gs.Node, space: _Space) -> List[gs.Tensor]:
+    def depthwise(self, node: gs.Node, space: _Space, first: bool) -> List[gs.Tensor]:
         group = int(node.attrs.get("group", 1))
         weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
         if weight is None or group != space.channels or weight.shape[0] != space.channels or weight.shape[1] != 1:
             raise _Blocked(f"grouped Conv '{node.name}' (group {group}) is not depthwise over the channels")
-        if not space.channel_first:
+        if not first:
             raise _Blocked(f"depthwise Conv '{node.name}' on channel-last channels")
         space.depthwise[node.name] = node
         space.params.append(ChannelParam(node.name, 1, 0))

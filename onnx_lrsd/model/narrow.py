@@ -7,7 +7,8 @@ instead get a refitted weight W' [k·block, out] and a bias shift (see
 `onnx_lrsd.decompose.channels.refit_consumer`): the shift is added to its bias (Conv / Gemm
 bias input, or the constant of the Add that follows a MatMul), or a bias is added. Every new
 constant is a new initializer named ``{node}/lrsd/{role}``, so shared constants stay intact.
-Attention-head groups also rewrite the Reshape constants that count heads. Shapes recorded
+Attention-head groups also rewrite the Reshape constants that count heads, and channel groups
+the C in the shape of a flatten into a classifier or of a [C] vector reshaped to [1, C, 1, 1]. Shapes recorded
 for the narrowed tensors are dropped (they changed); graph inputs and outputs never belong to
 a group, so dynamic batch and sequence dims are untouched.
 """
@@ -143,7 +144,10 @@ def narrow_graph(graph: gs.Graph, plans: Sequence[GroupPlan]) -> int:
     roles = {1: "weight", 2: "bias"}
     for (name, index), value in values.values.items():
         dtype = values.dtypes[(name, index)]
-        role = "shape" if nodes[name].op == "Reshape" else roles.get(index, f"param{index}")
+        if nodes[name].op in ("Reshape", "Unsqueeze"):  # a per-channel vector (0) seen through a shape (1)
+            role = "shape" if index == 1 else "values"
+        else:
+            role = roles.get(index, f"param{index}")
         nodes[name].inputs[index] = gs.Constant(namer(name, role),
                                                 np.ascontiguousarray(value.astype(dtype)))
     for name, bias in extra_bias.items():
