@@ -244,5 +244,47 @@ def test_a_blocked_branch_blocks_the_whole_chain_and_names_the_residual_add():
     onnx.checker.check_model(model)
     groups, blocked = by_name(model)
     assert "stem" not in groups and "b1_c2" not in groups
+    assert set(blocked["stem"].producers) == {"stem", "b1_c2"} and "b1_c2" not in blocked  # one entry per chain
     reason = blocked["stem"].reason
     assert reason.startswith("residual Add 'b2_add' joins a branch where") and "Concat 'b2_concat'" in reason
+
+
+def fpn_model(opset=13, how="scales"):
+    """Two 3→6 convs at 8×8 and 4×4 (strided), the coarse one upsampled ×2 (Resize with scales or
+    sizes, or Upsample before opset 10) and added to the fine one, read by a 1×1 6→5 conv → y.
+    The two convs, joined through the upsample and the Add, are one group."""
+    b = Builder(seed=4)
+    x = b.input("x", [1 if how == "sizes" else "batch", 3, 8, 8])
+    fine = _conv(b, "fine", x, 3, 6, kernel=3)
+    b.node("Conv", [x, b.init("coarse_w", b.randn(6, 3, 3, 3, scale=0.4))], ["coarse_out"], name="coarse",
+           kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    scales = b.init("scales", np.asarray([1, 1, 2, 2], np.float32))
+    if opset < 9:
+        b.node("Upsample", ["coarse_out"], ["up"], name="up", scales=[1.0, 1.0, 2.0, 2.0])
+    elif opset < 10:
+        b.node("Upsample", ["coarse_out", scales], ["up"], name="up")
+    elif how == "sizes":
+        b.node("Resize", ["coarse_out", "", "", b.init("sizes", np.asarray([1, 6, 8, 8], np.int64))], ["up"], name="up")
+    else:
+        b.node("Resize", ["coarse_out", b.init("roi", np.zeros(0, np.float32)), scales], ["up"], name="up")
+    b.node("Add", [fine, "up"], ["merged"], name="merge")
+    b.node("Conv", ["merged", b.init("head_w", b.randn(5, 6, 1, 1, scale=0.5))], ["y"], name="head",
+           kernel_shape=[1, 1])
+    b.output("y", [1 if how == "sizes" else "batch", 5, 8, 8])
+    return b.model(opset, IR.get(opset, 3 if opset < 9 else 4))
+
+
+@pytest.mark.parametrize("opset,how", [(7, "scales"), (9, "scales"), (13, "scales"), (13, "sizes"),
+                                       (21, "scales")])
+def test_upsampled_branch_joins_the_group_and_cut_equals_zeroed_reader(opset, how):
+    model = fpn_model(opset, how)
+    groups, _ = by_name(model)
+    assert set(groups["fine"].producers) == {"fine", "coarse"} and groups["fine"].consumers == ("head",)
+    assert groups["fine"].residual_adds == ("merge",)
+    cut = narrowed(model, {"fine": [0, 2, 5]})
+    reference = zero_inputs(model, {"head_w": 1}, np.array([1, 3, 4]))
+    x = {"x": np.random.default_rng(3).standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(cut, x)[0], run(reference, x)[0], rtol=1e-5, atol=1e-5)
+    if how == "sizes":
+        sizes = next(numpy_helper.to_array(t) for t in cut.graph.initializer if t.name.startswith("up/lrsd"))
+        assert sizes.tolist() == [1, 3, 8, 8]

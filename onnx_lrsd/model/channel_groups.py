@@ -11,7 +11,7 @@ channel alone:
   Sigmoid·Mul / HardSwish / Erf-GELU patterns and squeeze-excitation gates (whose last conv
   becomes a second producer) stay in one group;
 - BatchNormalization, depthwise Conv (group = C, one filter per channel), pooling over space
-  (channel-first spaces only);
+  and Resize / Upsample of the spatial dims (channel-first spaces only);
 - a flatten of globally pooled channels ([N, C, 1, 1] → [N, C] by Flatten, or by Reshape to
   [N, C] / [N, -1] whose shape is constant or built from Shape → batch entry and constants):
   the space continues channel-last, the C in the shape constant is rewritten.
@@ -144,6 +144,7 @@ class _Space:
     shapes: List[ShapeEdit] = field(default_factory=list)
     residual: Dict[str, None] = field(default_factory=dict)
     branch: Dict[str, str] = field(default_factory=dict)  # tensor → the residual Add whose operand it feeds
+    reason: Optional[str] = None  # why the space cannot be narrowed (the first block met)
 
 
 def _out_channels(target: LayerTarget) -> int:
@@ -216,7 +217,7 @@ class _Finder:
         space.producers[start.name] = start
         space.visited.add(start.name)
         queue = deque([start.outputs[0]])
-        while queue:
+        while queue:  # past a block the search goes on, so that one blocked space lists all its producers
             tensor = queue.popleft()
             if tensor.name in space.tensors:
                 continue
@@ -229,15 +230,25 @@ class _Finder:
                 for node in [tensor.inputs[0]] + list(tensor.outputs):
                     if node.name not in space.visited:
                         space.visited.add(node.name)
-                        queue.extend(self.visit(node, tensor, space))
+                        try:
+                            queue.extend(self.visit(node, tensor, space))
+                        except _Blocked as reason:
+                            self.block(space, tensor, reason)
             except _Blocked as reason:
-                add = space.branch.get(tensor.name)
-                if add is None or str(reason).startswith("residual Add"):
-                    raise
-                raise _Blocked(f"residual Add '{add}' joins a branch where {reason}") from None
+                self.block(space, tensor, reason)
+        if space.reason is not None:
+            raise _Blocked(space.reason)
         if not space.consumers:
             raise _Blocked("no layer reads the channels through a weight")
         return space
+
+    @staticmethod
+    def block(space: _Space, tensor: gs.Tensor, reason: _Blocked) -> None:
+        """Keep the first reason the space cannot be narrowed (naming the residual Add whose
+        branch `tensor` is on)."""
+        if space.reason is None:
+            add = space.branch.get(tensor.name)
+            space.reason = str(reason) if add is None else f"residual Add '{add}' joins a branch where {reason}"
 
     def visit(self, node: gs.Node, via: gs.Tensor, space: _Space) -> List[gs.Tensor]:
         """Record `node`, reached through `via`; return the tensors that join the space (those
@@ -279,6 +290,11 @@ class _Finder:
         if node.op in POOLS:
             if not first:
                 raise _Blocked(f"{node.op} '{node.name}' pools over the channel axis")
+            return [node.inputs[0], node.outputs[0]]
+        if node.op in ("Resize", "Upsample"):
+            if not first:
+                raise _Blocked(f"{node.op} '{node.name}' on channel-last channels")
+            self.spatial_resize(node, space)
             return [node.inputs[0], node.outputs[0]]
         if node.op == "Shape" and not produced:
             if not self.batch_only(node.outputs[0]):
@@ -356,6 +372,30 @@ class _Finder:
         if len(node.inputs) > 2 and node.inputs[2].name:
             space.params.append(ChannelParam(node.name, 2, 0))
         return [node.inputs[0], node.outputs[0]]
+
+    def spatial_resize(self, node: gs.Node, space: _Space) -> None:
+        """Accept a Resize / Upsample that scales the spatial dims only (constant scales with 1
+        for batch and channels, or constant sizes whose channel entry is rewritten)."""
+        named = [t if t.name else None for t in node.inputs]
+        if node.op == "Upsample":
+            scales = np.asarray(node.attrs["scales"]) if "scales" in node.attrs else \
+                (self.constant(named[1]) if len(named) > 1 and named[1] is not None else None)
+            sizes = None
+        else:
+            scales_at = 1 if len(named) == 2 else 2
+            scales = self.constant(named[scales_at]) if len(named) > scales_at and named[scales_at] is not None \
+                else None
+            sizes = named[3] if len(named) > 3 else None
+            if scales is None and len(named) > scales_at and named[scales_at] is not None:
+                raise _Blocked(f"{node.op} '{node.name}' has scales computed at run time")
+        if scales is not None and scales.size:
+            if scales.size < 2 or np.any(np.asarray(scales).reshape(-1)[:2] != 1):
+                raise _Blocked(f"{node.op} '{node.name}' scales the channels")
+            return
+        values = self.constant(sizes) if sizes is not None else None
+        if values is None or values.size < 2 or int(values.reshape(-1)[1]) != space.channels:
+            raise _Blocked(f"{node.op} '{node.name}' has no constant scales or sizes")
+        space.shapes.append(ShapeEdit(node.name, 3, 1, 1))
 
     # ------------------------------------------------------------------ flatten after a global pool
     def flatten(self, node: gs.Node, via: gs.Tensor, space: _Space) -> List[gs.Tensor]:
