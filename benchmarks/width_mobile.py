@@ -257,6 +257,10 @@ def _rows_table(t: dict[str, Any]) -> str:
     return markdown_table(headers, rows, "l" + ("l" if metrics else "") + "rrrr")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _groups_text(t: dict[str, Any]) -> list[str]:
     groups = t["groups"]
     residual = [g for g in groups if g["residual_adds"]]
@@ -264,7 +268,7 @@ def _groups_text(t: dict[str, Any]) -> list[str]:
              f"convs, {sum(len(g['producers']) > 1 and not g['residual_adds'] for g in groups)} with a "
              f"squeeze-excitation or gating producer, {len(residual)} residual chains joined into one group each: "
              + "; ".join(f"{g['name']} {g['channels']} channels, {len(g['producers'])} producers, "
-                         f"{len(g['consumers'])} readers, {len(g['residual_adds'])} Adds" for g in residual[:6])
+                         f"{len(g['consumers'])} readers, {_count(len(g['residual_adds']), 'Add')}" for g in residual[:6])
              + ("; …" if len(residual) > 6 else "") + f"); {len(t['blocked'])} blocked:"]
     reasons: dict[str, list[dict]] = {}
     for b in t["blocked"]:
@@ -307,7 +311,7 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
                  "width model named; what each row is: `benchmarks/width_mobile.py`. `acc`: direction accuracy "
                  "(0° / 180°) on clean lines, `acc_hard` on small noisy print; `agree`: same answer as the original. "
                  "Output error: relative L2 of the output on evaluation data. Latency: median over the original's, "
-                 "2 threads, all models of a model interleaved in one session (below 1 is faster; empty: not timed; "
+                 "2 threads, all models of one net interleaved in one session (below 1 is faster; empty: not timed; "
                  "–: not at that batch).")
     return {"width_mobile": "\n\n".join(parts)}
 
