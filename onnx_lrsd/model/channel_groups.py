@@ -362,7 +362,8 @@ class _Finder:
 
     def depthwise(self, node: gs.Node, space: _Space, first: bool) -> List[gs.Tensor]:
         group = int(node.attrs.get("group", 1))
-        weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        resolved = resolve_constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        weight = None if resolved is None else resolved.values
         if weight is None or group != space.channels or weight.shape[0] != space.channels or weight.shape[1] != 1:
             raise _Blocked(f"grouped Conv '{node.name}' (group {group}) is not depthwise over the channels")
         if not first:
@@ -370,6 +371,8 @@ class _Finder:
         space.depthwise[node.name] = node
         space.params.append(ChannelParam(node.name, 1, 0))
         if len(node.inputs) > 2 and node.inputs[2].name:
+            if resolve_constant(node.inputs[2]) is None:
+                raise _Blocked(f"depthwise Conv '{node.name}' adds a bias computed at run time")
             space.params.append(ChannelParam(node.name, 2, 0))
         return [node.inputs[0], node.outputs[0]]
 
@@ -517,7 +520,8 @@ def _producer_params(space: _Space, finder: _Finder) -> List[ChannelParam]:
         else:
             params.append(ChannelParam(name, 1, 0 if target.gemm.trans_b else 1))
             if len(node.inputs) > 2 and node.inputs[2].name:
-                c = finder.constant(node.inputs[2])
+                resolved = resolve_constant(node.inputs[2])
+                c = None if resolved is None else resolved.values
                 if c is None:
                     raise _Blocked(f"Gemm '{name}' adds a bias computed at run time")
                 if c.size > 1:
