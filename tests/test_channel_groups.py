@@ -14,7 +14,7 @@ from onnx_lrsd.passes.prune import PruneOptions, channel_groups, group_statistic
 
 from test_width import IR, run, zero_inputs
 
-HEADS = ("flatten", "reshape", "shape")
+HEADS = ("flatten", "reshape", "minus_one", "shape")
 
 
 def _conv(b, name, x, cin, cout, kernel=1, bias=False, scale=0.4, group=1):
@@ -43,15 +43,16 @@ def _relu6(b, name, x, opset):
     return f"{name}_out"
 
 
-def _classifier(b, x, channels, classes, head, opset):
-    """Global average pool → [N, C] (Flatten, Reshape [0, C], or Reshape to Concat(Shape[:1], [C]))
+def _classifier(b, x, channels, classes, head, opset, pool=True):
+    """Global average pool → [N, C] (Flatten, Reshape [0, C] or [-1, C], or Reshape to Concat(Shape[:1], [C]))
     → MatMul + bias → y."""
-    b.node("GlobalAveragePool", [x], ["pooled"], name="pool")
+    b.node("GlobalAveragePool" if pool else "Identity", [x], ["pooled"], name="pool")
+    features = channels if pool else channels * 8 * 9
     if head == "flatten":
         b.node("Flatten", ["pooled"], ["flat"], name="flatten", axis=1)
-    elif head == "reshape":
-        b.node("Reshape", ["pooled", b.init("flat_shape", np.asarray([0, channels], np.int64))], ["flat"],
-               name="flatten")
+    elif head in ("reshape", "minus_one"):
+        shape = [0, channels] if head == "reshape" else [-1, channels]
+        b.node("Reshape", ["pooled", b.init("flat_shape", np.asarray(shape, np.int64))], ["flat"], name="flatten")
     else:
         b.node("Shape", ["pooled"], ["shape"], name="shape")
         if opset >= 10:
@@ -63,12 +64,12 @@ def _classifier(b, x, channels, classes, head, opset):
                to=onnx.TensorProto.INT64)
         b.node("Concat", ["batch", "width"], ["flat_shape"], name="flat_shape", axis=0)
         b.node("Reshape", ["pooled", "flat_shape"], ["flat"], name="flatten")
-    b.node("MatMul", ["flat", b.init("fc_w", b.randn(channels, classes, scale=0.5))], ["logits"], name="fc")
+    b.node("MatMul", ["flat", b.init("fc_w", b.randn(features, classes, scale=0.5))], ["logits"], name="fc")
     b.node("Add", ["logits", b.init("fc_b", b.randn(classes, scale=0.1))], ["y"], name="fc_bias")
     b.output("y", ["batch", classes])
 
 
-def resnet_model(opset=13, head="flatten", seed=0):
+def resnet_model(opset=13, head="flatten", seed=0, pool=True):
     """stem Conv 3→8 → BN → Relu, two bottleneck blocks (1×1 8→4, Relu, 3×3 4→8, BN, Add with the
     block input, Relu), pooled classifier 8→5. The 8-channel stream is one group: producers
     stem, b1_c2, b2_c2; readers b1_c1, b2_c1, fc."""
@@ -86,7 +87,7 @@ def resnet_model(opset=13, head="flatten", seed=0):
         b.node("Add", [stream, h], [f"{block}_sum"], name=f"{block}_add")
         b.node("Relu", [f"{block}_sum"], [f"{block}_out"], name=f"{block}_relu2")
         stream = f"{block}_out"
-    _classifier(b, stream, 8, 5, head, opset)
+    _classifier(b, stream, 8, 5, head, opset, pool)
     return b.model(opset, IR[opset])
 
 
@@ -153,12 +154,12 @@ def test_residual_chain_is_one_group_through_the_flatten(head):
     assert set(groups) == {"stem", "b1_c1", "b2_c1"} and set(blocked) == {"fc"}
     assert "graph output" in blocked["fc"].reason
     if head != "flatten":  # the C in the flatten's shape is rewritten
-        assert [(e.node, e.position) for e in stream.shapes] == [("flatten", 1) if head == "reshape" else
-                                                                 ("flat_shape", 0)]
+        assert [(e.node, e.position) for e in stream.shapes] == [("flat_shape", 0) if head == "shape" else
+                                                                 ("flatten", 1)]
 
 
 @pytest.mark.parametrize("opset,head", [(7, "shape"), (11, "reshape"), (13, "flatten"), (17, "shape"),
-                                        (21, "reshape")])
+                                        (21, "minus_one")])
 def test_residual_cut_equals_zeroed_readers_for_every_batch(opset, head):
     model = resnet_model(opset, head)
     kept = {"stem": [0, 3, 4, 6], "b1_c1": [1, 2], "b2_c1": [0, 3]}
@@ -288,3 +289,13 @@ def test_upsampled_branch_joins_the_group_and_cut_equals_zeroed_reader(opset, ho
     if how == "sizes":
         sizes = next(numpy_helper.to_array(t) for t in cut.graph.initializer if t.name.startswith("up/lrsd"))
         assert sizes.tolist() == [1, 3, 8, 8]
+
+
+def test_a_flatten_with_a_spatial_extent_blocks_the_chain():
+    model = resnet_model(pool=False)
+    x = feeds(np.random.default_rng(0))
+    assert run(model, x)[0].shape == (2, 5)
+    groups, blocked = by_name(model)
+    assert "stem" not in groups
+    assert blocked["stem"].reason == "Flatten 'flatten' flattens channels with a spatial extent"
+    assert set(blocked["stem"].producers) == {"stem", "b1_c2", "b2_c2"}

@@ -13,7 +13,7 @@ channel alone:
 - BatchNormalization, depthwise Conv (group = C, one filter per channel), pooling over space
   and Resize / Upsample of the spatial dims (channel-first spaces only);
 - a flatten of globally pooled channels ([N, C, 1, 1] → [N, C] by Flatten, or by Reshape to
-  [N, C] / [N, -1] whose shape is constant or built from Shape → batch entry and constants):
+  [N, C] / [N, -1] / [-1, C] whose shape is constant or built from Shape → batch entry and constants):
   the space continues channel-last, the C in the shape constant is rewritten.
 
 Per-channel constants may be reshaped or unsqueezed from a [C] vector (a SE bias stored as
@@ -402,8 +402,8 @@ class _Finder:
 
     # ------------------------------------------------------------------ flatten after a global pool
     def flatten(self, node: gs.Node, via: gs.Tensor, space: _Space) -> List[gs.Tensor]:
-        """[N, C, 1, 1] → [N, C]: Flatten(axis 1), or Reshape to [N, C] / [N, -1] with N a
-        constant, 0 or the batch entry of a Shape. The output continues the space channel-last."""
+        """[N, C, 1, 1] → [N, C]: Flatten(axis 1), or Reshape to [N, C] / [N, -1] / [-1, C] with
+        N a constant, 0 or the batch entry of a Shape. The output continues the space channel-last."""
         if via is not node.inputs[0] or via.name in space.flat or not space.channel_first:
             raise _Blocked(f"{node.op} '{node.name}' {'writes' if via is not node.inputs[0] else 'reads'} "
                            "the channels")
@@ -414,7 +414,7 @@ class _Finder:
                 raise _Blocked(f"Flatten '{node.name}' not at axis 1")
         else:
             entries = self.shape_entries(node, 1)
-            if entries is None or len(entries) != 2 or entries[0][0] == -1:
+            if entries is None or len(entries) != 2 or entries[0][0] == entries[1][0] == -1:
                 raise _Blocked(f"Reshape '{node.name}' is not a flatten to [N, C]")
             value, where = entries[1]
             if value == space.channels and where is not None:
