@@ -9,7 +9,7 @@ from onnx import numpy_helper
 from helpers.graphs import Builder
 from onnx_lrsd.model.channel_groups import find_channel_groups
 from onnx_lrsd.model.graph import export_model, import_graph, model_template
-from onnx_lrsd.model.narrow import GroupPlan, narrow_graph
+from onnx_lrsd.model.narrow import ConsumerRefit, GroupPlan, narrow_graph
 from onnx_lrsd.passes.prune import PruneOptions, channel_groups, group_statistics, prune_model
 
 from test_width import IR, run, zero_inputs
@@ -299,3 +299,33 @@ def test_a_flatten_with_a_spatial_extent_blocks_the_chain():
     assert "stem" not in groups
     assert blocked["stem"].reason == "Flatten 'flatten' flattens channels with a spatial extent"
     assert set(blocked["stem"].producers) == {"stem", "b1_c2", "b2_c2"}
+
+
+def test_a_refit_bias_shift_lands_in_the_reshaped_bias_that_follows_the_reader():
+    """b1_se1 (no bias of its own, followed by Add(Reshape(b, [1, 16, 1, 1]))) gets a refit:
+    its shift is added to the vector b (so onnxruntime can still fold the Add into the conv)."""
+    model = mobilenet_v2_model()
+    groups, _ = by_name(model)
+    group = groups["b1_se0"]
+    kept = np.array([0, 2, 3])
+    rng = np.random.default_rng(5)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    new_w, shift = rng.standard_normal((3, 16)), rng.standard_normal(16)
+    graph = import_graph(model)
+    narrow_graph(graph, [GroupPlan(group, kept, (ConsumerRefit("b1_se1", new_w, shift),))])
+    cut = export_model(graph, model_template(model))
+    onnx.checker.check_model(cut)
+    assert len(next(n for n in cut.graph.node if n.name == "b1_se1").input) == 2  # no bias input was added
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    for init in reference.graph.initializer:
+        if init.name in ("b1_se1_w", "b1_se1_b"):
+            w = weights[init.name].copy()
+            if init.name == "b1_se1_b":
+                w += shift.astype(np.float32)
+            else:
+                w[:] = 0
+                w[:, kept, 0, 0] = new_w.T
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    x = feeds(rng, 3)
+    np.testing.assert_allclose(run(cut, x)[0], run(reference, x)[0], rtol=1e-5, atol=1e-5)

@@ -45,7 +45,7 @@ from .graph import resolve_constant
 from .layers import LayerTarget, NotATarget, conv_target, gemm_target, matmul_target
 
 __all__ = ["ChannelParam", "ShapeEdit", "ChannelGroup", "BlockedGroup", "find_channel_groups", "find_head_groups",
-           "weight_target"]
+           "vector_view", "weight_target"]
 
 UNARY = {"Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf",
          "Gelu", "Softplus", "Softsign", "Mish", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Identity",
@@ -125,6 +125,38 @@ def weight_target(node: gs.Node, graph: gs.Graph) -> Optional[LayerTarget]:
     return None
 
 
+def vector_view(node: gs.Node) -> Optional[np.ndarray]:
+    """Output of `node` if it reshapes or unsqueezes a constant vector (1-D) by constants."""
+    if node.op not in _VECTOR_VIEWS or not node.inputs:
+        return None
+    source = resolve_constant(node.inputs[0])
+    if source is None or source.values.ndim != 1:
+        return None
+    vector = np.asarray(source.values)
+    if node.op == "Reshape":
+        shape = resolve_constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        if shape is None:
+            return None
+        dims = [int(d) for d in np.asarray(shape.values).reshape(-1)]
+        if 0 in dims:
+            return None
+        try:
+            return vector.reshape(dims)
+        except ValueError:
+            return None
+    axes = node.attrs.get("axes") if len(node.inputs) < 2 else None
+    if axes is None and len(node.inputs) > 1:
+        resolved = resolve_constant(node.inputs[1])
+        axes = None if resolved is None else [int(a) for a in np.asarray(resolved.values).reshape(-1)]
+    if axes is None:
+        return None
+    rank = 1 + len(axes)
+    out = vector
+    for axis in sorted(a % rank for a in axes):
+        out = np.expand_dims(out, axis)
+    return out
+
+
 class _Blocked(Exception):
     """A channel space cannot be narrowed; the message says why."""
 
@@ -176,39 +208,8 @@ class _Finder:
             resolved = resolve_constant(tensor)
             if resolved is not None:
                 return resolved.values
-            return self.vector_view(tensor.inputs[0]) if tensor.inputs else None
+            return vector_view(tensor.inputs[0]) if tensor.inputs else None
         return None
-
-    def vector_view(self, node: gs.Node) -> Optional[np.ndarray]:
-        """Output of `node` if it reshapes or unsqueezes a constant vector (1-D) by constants."""
-        if node.op not in _VECTOR_VIEWS or not node.inputs:
-            return None
-        source = resolve_constant(node.inputs[0])
-        if source is None or source.values.ndim != 1:
-            return None
-        vector = np.asarray(source.values)
-        if node.op == "Reshape":
-            shape = resolve_constant(node.inputs[1]) if len(node.inputs) > 1 else None
-            if shape is None:
-                return None
-            dims = [int(d) for d in np.asarray(shape.values).reshape(-1)]
-            if 0 in dims:
-                return None
-            try:
-                return vector.reshape(dims)
-            except ValueError:
-                return None
-        axes = node.attrs.get("axes") if len(node.inputs) < 2 else None
-        if axes is None and len(node.inputs) > 1:
-            resolved = resolve_constant(node.inputs[1])
-            axes = None if resolved is None else [int(a) for a in np.asarray(resolved.values).reshape(-1)]
-        if axes is None:
-            return None
-        rank = 1 + len(axes)
-        out = vector
-        for axis in sorted(a % rank for a in axes):
-            out = np.expand_dims(out, axis)
-        return out
 
     def grow(self, start: gs.Node) -> _Space:
         target = self.target(start)
