@@ -59,6 +59,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               ("--tasks", "minilm", "--output", "benchmarks/results/width_minilm"), None, 30),
     Benchmark("width_det", "benchmarks.width",
               ("--tasks", "ppocr_det", "--output", "benchmarks/results/width_det"), None, 1),
+    Benchmark("width_mobile", "benchmarks.width_mobile", (), ("--quick",), 9, 0.5),
     Benchmark("compressor_cost", "benchmarks.compressor_cost", ("--before", "4145c4a", "--cap", "300", "--layer-cap", "180"),
               ("--quick", "--before", "4145c4a", "--cap", "120"), 60, 1.6),
     Benchmark("scale_out", "benchmarks.scale_out", (), ("--quick", "--models", "synthetic", "--blocks", "2"), 15, 3),
