@@ -63,9 +63,11 @@ def _float_tensors(model: onnx.ModelProto) -> Dict[str, onnx.TensorProto]:
 
 
 def trainable_tensors(model: onnx.ModelProto, which: str) -> List[str]:
-    """Names of the weights to train. "compressed": tensors named `{node}/lrsd/...` (factors,
-    residual values, shifted biases) and the bias inputs of nodes named `{node}/lrsd/...`;
-    "all": every float weight with more than one element, except BatchNorm statistics."""
+    """Names of the weights to train. "compressed": tensors named `{node}/lrsd/...` (low rank:
+    factors, residual values, shifted biases; width reduction: the narrowed producers' and
+    consumers' weights and biases, and the per-channel constants between them such as BatchNorm
+    scale and shift or depthwise weights) and the bias inputs of nodes named `{node}/lrsd/...`;
+    "all": every float weight with more than one element. BatchNorm statistics never train."""
     floats = _float_tensors(model)
     consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
@@ -230,12 +232,14 @@ def _build_gradient(student, prepared, trainable, shapes, loss, output, probabil
 
 def _weights_of(model: onnx.ModelProto, exc: UnsupportedOp, trainable: Sequence[str]) -> List[str]:
     """Trainable weights read directly by the node (or, unnamed, by grouped ops of that type)
-    that has no gradient rule."""
+    that has no gradient rule, at the input positions it names (e.g. a grouped Conv's weight,
+    not its bias)."""
     def grouped(node):
         return any(a.name == "group" and a.i > 1 for a in node.attribute)
     nodes = [n for n in model.graph.node
              if (n.name == exc.node if exc.node else n.op_type == exc.op_type and grouped(n))]
-    return [t for t in trainable if any(t in n.input for n in nodes)]
+    read = {name for n in nodes for i, name in enumerate(n.input) if exc.inputs is None or i in exc.inputs}
+    return [t for t in trainable if t in read]
 
 
 def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibration: Sequence[Mapping[str, np.ndarray]],
@@ -274,8 +278,8 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
     prepared = prepared_copy(student)
     trainable = trainable_tensors(prepared, config.trainable)
     if not trainable:
-        raise LrsdError("nothing to train: the model has no compressed layers (tensors named '<node>/lrsd/...'); "
-                        "use trainable='all'")
+        raise LrsdError("nothing to train: the model has no compressed or narrowed layers (tensors named "
+                        "'<node>/lrsd/...'); use trainable='all'")
     shapes = {k: (config.batch,) + v.shape[1:] for k, v in samples.items()}
     lg, trainable, left = _build_gradient(student, prepared, trainable, shapes, loss, output, probabilities, scale,
                                           config.threads)
