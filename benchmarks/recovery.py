@@ -16,6 +16,13 @@ hour on 2 cores) or ``--quick`` (the digit CNN at keep 0.02 with 100 steps, no s
 with the run record (`benchmarks.common.benchmark_main`) and ``recovery[.quick]_<task>.png``.
 The machine is shared with other jobs: times are wall-clock under that load; latency is only
 reported as interleaved ratios.
+
+``--kind width`` replaces the low-rank closed form by structured width reduction (`WIDTH_PLANS`):
+``python -m benchmarks.recovery --kind width --tasks ppocr_rec --ppocr-minutes 12 --output
+benchmarks/results/recovery_width`` (and ``--tasks minilm --minilm-minutes 8 --output
+benchmarks/results/recovery_width_minilm``, which also stacks dynamic int8 on the recovered model and
+compares it with onnxruntime's int8 of the original). Each such file renders the README section
+named by its output prefix.
 """
 from __future__ import annotations
 
@@ -257,7 +264,7 @@ def plot(data: dict[str, Any], results_dir: Path) -> list[Path]:
     (``recovery_<task>.png``; a quick run's ``recovery.quick_<task>.png``)."""
     from onnx_lrsd.report.plot import plot_recovery
 
-    prefix = "recovery.quick" if _quick(data) else "recovery"
+    prefix = _section(data) + (".quick" if _quick(data) and "--output" not in data.get("argv", []) else "")
     paths = []
     for task in data["tasks"]:
         curves = {_budget_label(row["budget"]): [tuple(p) for p in row["recovery"]["curve"]] for row in task["rows"]}
@@ -282,16 +289,20 @@ def render(data: dict[str, Any]) -> str:
 
     plot(data, RESULTS_DIR)
     machine = data["machine"]
-    lines = ["# Recovery: closed form vs closed form + end-to-end distillation", "",
+    width = _section(data) != "recovery"
+    lines = [f"# Recovery: {'width reduction' if width else 'closed form'} vs "
+             f"{'width reduction' if width else 'closed form'} + end-to-end distillation", "",
              f"{_provenance(data)} {machine.get('cpu')}, "
              f"{machine.get('cores_logical')} cores, load at start {machine.get('load_average_at_start')}. "
              f"Total {data.get('total_s', 0) / 60:.1f} min. The machine was shared with other jobs: wall times "
              "include that load; latency is the interleaved median ratio to the original (2 threads, no spinning).",
              "", "Recovery = `onnx_lrsd.recover` end-to-end distillation (KL on probability/logit outputs, else MSE), Adam, "
              "augmented inputs, best held-out step kept; block-wise reconstruction is not implemented yet. "
-             "Trainable: the compressed layers' factors and biases. Calibration/recovery data come from the task's "
-             "calibration source, disjoint from the evaluation data. Held-out loss curves: "
-             f"`{'recovery.quick' if _quick(data) else 'recovery'}_<task>.png`.", ""]
+             + ("Closed form: width reduction (`prune_model`, see `WIDTH_PLANS`); trainable: the narrowed layers' "
+                "weights and biases. " if width else "Trainable: the compressed layers' factors and biases. ")
+             + "Calibration/recovery data come from the task's calibration source, disjoint from the evaluation "
+             "data. Held-out loss curves: "
+             f"`{_section(data) + ('.quick' if _quick(data) and not width else '')}_<task>.png`.", ""]
     for task in data["tasks"]:
         metric_names = list(task["original"])
         headers = ["budget", "method", *metric_names, "params", "lat b1", "lat b32", "compress s", "recover s",
@@ -315,6 +326,13 @@ def render(data: dict[str, Any]) -> str:
                   f"{fmt(task['rows'][0]['latency'][next(iter(task['rows'][0]['latency']))]['original_ms'], 1)} ms "
                   "at batch 1.", "",
                   markdown_table(headers, rows, "ll" + "r" * (len(headers) - 3) + "l"), ""]
+        for row in task["rows"]:
+            if "int8" in row:
+                lines.append(f"- {_budget_label(row['budget'])} + recovery + dynamic int8: "
+                             + ", ".join(f"{m} {fmt(row['int8']['metrics'][m])}" for m in metric_names)
+                             + " (onnxruntime int8 of the original: "
+                             + ", ".join(f"{m} {fmt(row['int8']['original_metrics'][m])}" for m in metric_names)
+                             + f"); {_int8_check(task, row)}.")
         for row in task["rows"]:
             rec = row["recovery"]
             curve = ", ".join(f"{s}: {l:.4g}" for s, l in rec["curve"])
@@ -354,7 +372,10 @@ README_LABELS = {"digits_cnn": "digit CNN", "ppocr_rec": "PP-OCRv4 rec", "minilm
 def readme_sections(data: dict[str, Any]) -> dict[str, str]:
     """``recovery``: per task and budget every metric of the task for the closed form and after
     recovery, params, latency at batch 1 and 32 (closed / recovered) and the compressor's and the
-    recovery's seconds; below it the bar of each task, met or missed after recovery."""
+    recovery's seconds; below it the bar of each task, met or missed after recovery. A `--kind
+    width` file renders its own section (`_width_sections`), named by its output prefix."""
+    if _section(data) != "recovery":
+        return {_section(data): _width_sections(data)}
     headers = ["task (metrics): original", "budget", "params", "closed form", "+ recovery",
                "latency b1 closed / recovered", "latency b32 closed / recovered", "compress + recover s"]
     rows, verdicts = [], []
@@ -385,6 +406,70 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
               "samples study: `benchmarks/results/recovery.md`.\n\n"
             + "\n".join(f"- {v}" for v in verdicts))
     return {"recovery": text}
+
+
+def _section(data: dict[str, Any]) -> str:
+    """The README section of a results file: its output prefix's name (`recovery` by default)."""
+    argv = data.get("argv", [])
+    return Path(argv[argv.index("--output") + 1]).name if "--output" in argv else "recovery"
+
+
+def _int8_check(task: dict[str, Any], row: dict[str, Any]) -> str:
+    """Recovered + int8 against onnxruntime's int8 of the original: smaller, faster (b1, b32), recall@1."""
+    int8, lat = row["int8"], {int(k): v for k, v in row["latency"].items()}
+    faster = {b: lat[b]["recovered_int8_ratio"] / lat[b]["original_int8_ratio"] for b in (1, 32)}
+    ours, theirs = int8["metrics"]["recall@1"], int8["original_metrics"]["recall@1"]
+    ok = int8["file_ratio"] < 1 and all(f < 1 for f in faster.values()) and ours >= theirs
+    return (f"{'met' if ok else 'missed'} against int8 alone (file {int8['file_ratio']:.2f}×, latency "
+            f"{faster[1]:.2f}× at b1 / {faster[32]:.2f}× at b32 of int8 alone's, recall@1 {fmt(ours)} vs {fmt(theirs)})")
+
+
+def _width_sections(data: dict[str, Any]) -> str:
+    """A `--kind width` results file: per budget every metric of the width-reduced closed form and
+    after recovery, params, latency, times; MiniLM also the int8 stacking; the bar's verdicts."""
+    headers = ["task (metrics): original", "width", "params", "closed form", "+ recovery",
+               "latency b1 closed / recovered", "latency b32 closed / recovered", "compress + recover s"]
+    rows, int8_rows, verdicts = [], [], []
+    for task in data["tasks"]:
+        names = list(task["original"])
+        first = (f"{README_LABELS.get(task['task'], task['task'])} ({', '.join(names)}): "
+                 + " / ".join(fmt(task["original"][m]) for m in names))
+        for row in task["rows"]:
+            lat = {int(k): v for k, v in row["latency"].items()}
+            rows.append([first, _budget_label(row["budget"]), fmt(row["params_ratio"]),
+                         " / ".join(fmt(row["closed"][m]) for m in names),
+                         " / ".join(fmt(row["recovered"][m]) for m in names),
+                         *(f"{fmt(lat[b]['closed_ratio'], 2)} / {fmt(lat[b]['recovered_ratio'], 2)}" for b in (1, 32)),
+                         f"{fmt(row['compress_s'], 1)} + {fmt(row['recovery']['seconds'], 0)}"])
+            first = ""
+            if "int8" in row:
+                int8 = row["int8"]
+                int8_rows.append([_budget_label(row["budget"]),
+                                  " / ".join(fmt(int8["original_metrics"][m]) for m in names),
+                                  " / ".join(fmt(int8["metrics"][m]) for m in names),
+                                  f"{fmt(int8['original_int8_file_ratio'], 3)} / {fmt(int8['file_ratio_to_original'], 3)}",
+                                  *(f"{fmt(lat[b]['original_int8_ratio'], 2)} / {fmt(lat[b]['recovered_int8_ratio'], 2)}"
+                                    for b in (1, 32))])
+        checks = "; ".join(
+            f"{_budget_label(r['budget'])} {_bar_check(task, {**r, 'latency': {int(k): v for k, v in r['latency'].items()}}, 'recovered')}"
+            + (f", stacked with int8 {_int8_check(task, r)}" if "int8" in r else "") for r in task["rows"])
+        verdicts.append(f"{README_LABELS.get(task['task'], task['task'])}: {_recovery_setup(task)}. Bar: {task['bar']}; "
+                        f"after recovery {checks}.")
+    text = markdown_table(headers, rows, "llrllrrr")
+    if int8_rows:
+        text += ("\n\nStacked with int8 (onnxruntime dynamic quantization; file size and latency relative to the "
+                 "float original):\n\n" + markdown_table(
+                     ["width", "int8 alone", "recovered + int8", "file int8 alone / ours",
+                      "latency b1 int8 alone / ours", "latency b32 int8 alone / ours"],
+                     int8_rows, "lllrrr"))
+    return (text + "\n\nClosed form: `onnx_lrsd.passes.prune.prune_model` (what `compress --method prune` runs) on the "
+            "calibration samples, widths rounded to the multiple shown; + recovery: `onnx_lrsd.recover` on the "
+            "narrowed graph (trainable: the narrowed layers' weights and biases; a depthwise conv's weight has no "
+            "gradient rule and stays as fitted), best step by the loss on a held-out fifth of the unlabeled recovery "
+            "samples, never by a reported metric. Calibration and recovery samples come from the task's calibration "
+            "source, disjoint from the evaluation data. Latency: interleaved median ratio to the original, 2 threads. "
+            "Full results with held-out curves: `benchmarks/results/" + _section(data) + ".md`.\n\n"
+            + "\n".join(f"- {v}" for v in verdicts))
 
 
 def _extra_args(parser) -> None:
