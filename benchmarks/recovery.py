@@ -89,7 +89,7 @@ WIDTH_PLANS: dict[str, TaskPlan] = {
         recover={"lr": 1e-4, "batch": 8, "eval_every": 10, "patience": 6},
         bar=PLANS["ppocr_rec"].bar),
     "minilm": TaskPlan(
-        budgets=({"width": 0.5, "criterion": "energy", "multiple": 8},
+        budgets=({"width": 0.75, "criterion": "energy", "multiple": 8}, {"width": 0.5, "criterion": "energy", "multiple": 8},
                  {"width": 0.35, "criterion": "energy", "multiple": 8}),
         calib_samples=256, calib_batch=32, recover_samples=1280,
         recover={"lr": 1e-4, "batch": 8, "eval_every": 10, "patience": 6},
