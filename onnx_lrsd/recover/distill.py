@@ -242,6 +242,100 @@ def _weights_of(model: onnx.ModelProto, exc: UnsupportedOp, trainable: Sequence[
     return [t for t in trainable if t in read]
 
 
+@dataclass(frozen=True)
+class LoopResult:
+    """What `adam_loop` returns: the best held-out step's parameters and the run's record."""
+
+    params: Dict[str, np.ndarray]
+    steps: int
+    best_step: int
+    stopped_by: str
+    loss_after: float
+    curve: Tuple[Tuple[int, float], ...]
+
+
+def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np.ndarray,
+              held: Mapping[str, np.ndarray], held_targets: Mapping[str, np.ndarray],
+              label: Callable[[np.ndarray, Dict[str, np.ndarray]], Dict[str, np.ndarray]], augment,
+              masks: Mapping[str, np.ndarray], config: RecoverConfig, rng: np.random.Generator, start: float,
+              on_step: Optional[Callable[[RecoverProgress], None]] = None) -> LoopResult:
+    """Adam on `lg`'s trainable weights over `config`'s step / time budget (time from `start`):
+    batches of the training samples `train_idx` (a seeded permutation per epoch), augmented,
+    labelled by `label(sample indices, feeds)`; the held-out loss every `eval_every` steps
+    keeps the best step and stops after `patience` evaluations without improvement."""
+    n_held = len(next(iter(held_targets.values())))
+    params = {k: v.astype(np.float64) for k, v in lg.initial.items()}
+    moment1 = {k: np.zeros_like(v) for k, v in params.items()}
+    moment2 = {k: np.zeros_like(v) for k, v in params.items()}
+
+    def heldout_loss() -> float:
+        total = 0.0
+        for part in _chunks(n_held, config.batch):
+            batch_targets = {k: v[part] for k, v in held_targets.items()}
+            total += lg.loss_only(_take(held, part), batch_targets, params) * len(part)
+        return total / n_held
+
+    loss_before = heldout_loss()
+    curve = [(0, loss_before)]
+    best = (loss_before, 0, {k: v.copy() for k, v in params.items()})
+    budget = config.step_budget
+    stale, step, stopped_by, train_loss = 0, 0, "steps", math.nan
+    epoch: List[int] = []
+    while True:
+        if budget is not None and step >= budget:
+            stopped_by = "steps"
+            break
+        if config.time_budget is not None and time.perf_counter() - start >= config.time_budget:
+            stopped_by = "time"
+            break
+        picks = []
+        while len(picks) < config.batch:  # a fresh seeded permutation of the training samples per epoch
+            if not epoch:
+                epoch = list(rng.permutation(train_idx))
+            picks.append(epoch.pop())
+        feeds = _take(samples, np.array(picks))
+        if augment is not None:
+            feeds = augment(feeds, rng)
+        batch_targets = label(np.array(picks), feeds)
+        train_loss, grads = lg(feeds, batch_targets, params)
+        if not math.isfinite(train_loss):
+            stopped_by = "diverged"
+            break
+        step += 1
+        b1, b2 = config.beta1, config.beta2
+        lr = config.lr * _decay(config, step - 1, time.perf_counter() - start)
+        for name, g in grads.items():
+            g = g.astype(np.float64)
+            if name in masks:
+                g = g * masks[name]
+            moment1[name] = b1 * moment1[name] + (1 - b1) * g
+            moment2[name] = b2 * moment2[name] + (1 - b2) * g * g
+            m_hat = moment1[name] / (1 - b1 ** step)
+            v_hat = moment2[name] / (1 - b2 ** step)
+            params[name] -= lr * m_hat / (np.sqrt(v_hat) + ADAM_EPS)
+        evaluated = None
+        last = budget is not None and step >= budget
+        if step % config.eval_every == 0 or last:
+            evaluated = heldout_loss()
+            curve.append((step, evaluated))
+            if evaluated < best[0]:
+                best, stale = (evaluated, step, {k: v.copy() for k, v in params.items()}), 0
+            else:
+                stale += 1
+        if on_step is not None:
+            on_step(RecoverProgress(step, budget, time.perf_counter() - start, config.time_budget, train_loss,
+                                    evaluated, best[0]))
+        if config.patience is not None and stale >= config.patience:
+            stopped_by = "early stop"
+            break
+    if curve[-1][0] != step and stopped_by != "diverged":
+        evaluated = heldout_loss()
+        curve.append((step, evaluated))
+        if evaluated < best[0]:
+            best = (evaluated, step, {k: v.copy() for k, v in params.items()})
+    return LoopResult(best[2], step, best[1], stopped_by, best[0], tuple(curve))
+
+
 def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibration: Sequence[Mapping[str, np.ndarray]],
             config: Optional[RecoverConfig] = None,
             on_step: Optional[Callable[[RecoverProgress], None]] = None) -> RecoveryResult:
@@ -293,84 +387,18 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
         return RecoveryResult(student, report)
 
     masks = support_masks(student, trainable)
-    params = {k: v.astype(np.float64) for k, v in lg.initial.items()}
-    moment1 = {k: np.zeros_like(v) for k, v in params.items()}
-    moment2 = {k: np.zeros_like(v) for k, v in params.items()}
-    held_targets = targets(held_out)
-
-    def heldout_loss() -> float:
-        total = 0.0
-        for part in _chunks(n_held, config.batch):
-            batch_targets = {k: v[part] for k, v in held_targets.items()}
-            total += lg.loss_only(_take(held, part), batch_targets, params) * len(part)
-        return total / n_held
-
-    loss_before = heldout_loss()
-    curve = [(0, loss_before)]
-    best = (loss_before, 0, {k: v.copy() for k, v in params.items()})
-    budget = config.step_budget
-    stale, step, stopped_by, train_loss = 0, 0, "steps", math.nan
-    epoch: List[int] = []
-    while True:
-        if budget is not None and step >= budget:
-            stopped_by = "steps"
-            break
-        if config.time_budget is not None and time.perf_counter() - start >= config.time_budget:
-            stopped_by = "time"
-            break
-        picks = []
-        while len(picks) < config.batch:  # a fresh seeded permutation of the training samples per epoch
-            if not epoch:
-                epoch = list(rng.permutation(train_idx))
-            picks.append(epoch.pop())
-        feeds = _take(samples, np.array(picks))
-        if augment is not None:
-            feeds = augment(feeds, rng)
-        batch_targets = targets(teacher_session.run([output], feeds)[0])
-        train_loss, grads = lg(feeds, batch_targets, params)
-        if not math.isfinite(train_loss):
-            stopped_by = "diverged"
-            break
-        step += 1
-        b1, b2 = config.beta1, config.beta2
-        lr = config.lr * _decay(config, step - 1, time.perf_counter() - start)
-        for name, g in grads.items():
-            g = g.astype(np.float64)
-            if name in masks:
-                g = g * masks[name]
-            moment1[name] = b1 * moment1[name] + (1 - b1) * g
-            moment2[name] = b2 * moment2[name] + (1 - b2) * g * g
-            m_hat = moment1[name] / (1 - b1 ** step)
-            v_hat = moment2[name] / (1 - b2 ** step)
-            params[name] -= lr * m_hat / (np.sqrt(v_hat) + ADAM_EPS)
-        evaluated = None
-        last = budget is not None and step >= budget
-        if step % config.eval_every == 0 or last:
-            evaluated = heldout_loss()
-            curve.append((step, evaluated))
-            if evaluated < best[0]:
-                best, stale = (evaluated, step, {k: v.copy() for k, v in params.items()}), 0
-            else:
-                stale += 1
-        if on_step is not None:
-            on_step(RecoverProgress(step, budget, time.perf_counter() - start, config.time_budget, train_loss,
-                                    evaluated, best[0]))
-        if config.patience is not None and stale >= config.patience:
-            stopped_by = "early stop"
-            break
-    if curve[-1][0] != step and stopped_by != "diverged":
-        evaluated = heldout_loss()
-        curve.append((step, evaluated))
-        if evaluated < best[0]:
-            best = (evaluated, step, {k: v.copy() for k, v in params.items()})
-    loss_after, best_step, best_params = best
+    teach = lambda picks, feeds: targets(teacher_session.run([output], feeds)[0])  # noqa: E731
+    fit = adam_loop(lg, samples, train_idx, held, targets(held_out), teach, augment, masks, config, rng, start,
+                    on_step)
+    step, stopped_by, curve, loss_before = fit.steps, fit.stopped_by, fit.curve, fit.curve[0][1]
+    loss_after, best_step, best_params = fit.loss_after, fit.best_step, fit.params
     model = with_values(student, best_params) if best_step > 0 else student
     error_after = _relative_error(make_session(model, config.threads), held, held_out, output, config.batch) \
         if best_step > 0 else error_before
     seconds = time.perf_counter() - start
     report = RecoveryReport(
         level="end-to-end", loss=loss, augment=kind, output=output, trainable_tensors=len(trainable),
-        trainable_params=int(sum(v.size for v in params.values())), train_samples=len(train_idx),
+        trainable_params=int(sum(v.size for v in best_params.values())), train_samples=len(train_idx),
         heldout_samples=n_held, steps=step, best_step=best_step, stopped_by=stopped_by, seconds=seconds,
         loss_before=loss_before, loss_after=loss_after, error_before=error_before, error_after=error_after,
         curve=tuple(curve), left_as_fitted=tuple(left))
