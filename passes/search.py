@@ -116,7 +116,7 @@ def recover_compressed(source: onnx.ModelProto, compressed: onnx.ModelProto, cal
     """(recovered model, `RecoveryReport`): `compressed` fine-tuned against `source` on
     `batches` (the fit split of the calibration data) with `config.recover` steps ("auto": the
     default) and `config.recover_time`, both scaled by `share` (a MUSCO stage's part)."""
-    from ..recover import RecoverConfig, recover_models
+    from ..recover import RecoverConfig, recover_at_level
     from ..recover.types import DEFAULT_STEPS
 
     given = [calibration] if isinstance(calibration, str) else calibration
@@ -133,7 +133,7 @@ def recover_compressed(source: onnx.ModelProto, compressed: onnx.ModelProto, cal
         if progress is not None:
             total = p.total or int(p.time_budget)
             progress("recover", min(p.step if p.total else int(p.seconds), total), total)
-    result = recover_models(compressed, source, batches, options, on_step)
+    result = recover_at_level(compressed, source, batches, options, on_step)
     return result.model, result.report
 
 

@@ -340,10 +340,13 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
             config: Optional[RecoverConfig] = None,
             on_step: Optional[Callable[[RecoverProgress], None]] = None) -> RecoveryResult:
     """Fine-tune `student` (compressed) to reproduce `teacher` (original) on `calibration`
-    (feed dicts, unlabeled); neither model is modified. Ctrl-C propagates and keeps nothing."""
+    (feed dicts, unlabeled) by end-to-end distillation; neither model is modified. Ctrl-C
+    propagates and keeps nothing. The other levels: `blockwise.recover_at_level`."""
     from ..runtime.bench import make_session
 
     config = config or RecoverConfig()
+    if config.level != "end-to-end":
+        raise LrsdError(f"level {config.level} is run by onnx_lrsd.recover.blockwise.recover_at_level")
     start = time.perf_counter()
     samples = stack_samples(calibration)
     n = len(next(iter(samples.values())))
@@ -405,3 +408,4 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
     log.info("recovery: %d steps in %.0f s, held-out loss %.4g -> %.4g (best step %d), output error %.4g -> %.4g",
              step, seconds, loss_before, loss_after, best_step, error_before, error_after)
     return RecoveryResult(model, report)
+
