@@ -305,15 +305,20 @@ def render(data: dict[str, Any]) -> str:
 
     plot(data, RESULTS_DIR)
     machine = data["machine"]
-    width = _section(data) != "recovery"
+    kinds = {t.get("kind", "lowrank") for t in data["tasks"]}
+    width, blocks = "width" in kinds, "blocks" in kinds
     lines = [f"# Recovery: {'width reduction' if width else 'closed form'} vs "
-             f"{'width reduction' if width else 'closed form'} + end-to-end distillation", "",
+             f"{'width reduction' if width else 'closed form'} + "
+             f"{'block-wise reconstruction and ' if blocks else ''}end-to-end distillation", "",
              f"{_provenance(data)} {machine.get('cpu')}, "
              f"{machine.get('cores_logical')} cores, load at start {machine.get('load_average_at_start')}. "
              f"Total {data.get('total_s', 0) / 60:.1f} min. The machine was shared with other jobs: wall times "
              "include that load; latency is the interleaved median ratio to the original (2 threads, no spinning).",
              "", "Recovery = `onnx_lrsd.recover` end-to-end distillation (KL on probability/logit outputs, else MSE), Adam, "
-             "augmented inputs, best held-out step kept; block-wise reconstruction is not implemented yet. "
+             "augmented inputs, best held-out step kept"
+             + ("; rows with `level blocks+end-to-end` first run block-wise reconstruction on half the time budget "
+                "(MSE per block, not augmented), then end-to-end on the other half: their held-out loss and curve are "
+                "the end-to-end part's (its step 0 is after the blocks). " if blocks else ". ")
              + ("Closed form: width reduction (`prune_model`, see `WIDTH_PLANS`); trainable: the narrowed layers' "
                 "weights and biases. " if width else "Trainable: the compressed layers' factors and biases. ")
              + "Calibration/recovery data come from the task's calibration source, disjoint from the evaluation "

@@ -63,7 +63,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                "benchmarks/results/recovery_width_minilm"), None, 56),
     Benchmark("recovery_blocks", "benchmarks.recovery",
               ("--kind", "blocks", "--tasks", "ppocr_rec", "--ppocr-minutes", "8", "--output",
-               "benchmarks/results/recovery_blocks"), None, 30),
+               "benchmarks/results/recovery_blocks"), None, 31),
     Benchmark("width", "benchmarks.width", ("--tasks", "ppocr_rec"), ("--quick",), 36, 0.3),
     Benchmark("width_minilm", "benchmarks.width",
               ("--tasks", "minilm", "--output", "benchmarks/results/width_minilm"), None, 30),
