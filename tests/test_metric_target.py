@@ -108,6 +108,10 @@ def test_an_unreachable_latency_fails_unless_best_effort(tmp_path):
     assert result.exit_code == 1 and "unreachable" in result.output and "nearest model: " in result.output
     assert "x, params " in result.output and not out.exists()
     result = CliRunner().invoke(main, args + ["--best-effort"])
-    # the nearest model of this tiny MLP factorizes nothing: said, with its own exit code, and not written
-    assert result.exit_code == 3 and "nothing to compress" in result.output, result.output
-    assert not out.exists()
+    # the nearest model is the measured fastest round: on this tiny MLP, timing noise decides
+    # whether it factorizes anything; either way the outcome is said and consistent
+    if result.exit_code == 3:
+        assert "nothing to compress" in result.output and not out.exists()
+    else:
+        assert result.exit_code == 0, result.output
+        assert "global allocation for speedup 1000x" in result.output and out.exists()
