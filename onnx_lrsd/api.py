@@ -73,12 +73,12 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
         raise LrsdError("a metric and max_metric_drop go together")
     if metric is not None and (config.target is not None or config.stages > 1):
         raise LrsdError("max_metric_drop is a target of its own: drop the other target and stages")
-    if config.method == PRUNE:
-        if metric is not None or config.stages > 1 or config.recover is not None or config.recover_time is not None:
-            raise LrsdError("method prune takes keep, target_params or target_macs "
-                            "(no metric search, stages or recovery yet)")
+    searched = metric is not None or (config.target is not None and config.target[0] in ("latency", "error"))
+    if config.method == PRUNE and not searched:
+        if config.stages > 1 or config.recover is not None or config.recover_time is not None:
+            raise LrsdError("method prune takes keep or a target (no stages or recovery yet)")
         return CompressionResult(*compress_widths(model, config, calibration))
-    if config.method == PRUNE_AND_LOW_RANK:
+    if config.method == PRUNE_AND_LOW_RANK or config.method == PRUNE:
         return compress_width_and_rank(model, config, calibration, progress, metric, config.max_metric_drop)
     if config.stages > 1:
         return compress_in_stages(model, config, calibration, progress)

@@ -137,7 +137,7 @@ def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: Pru
     for group in groups:
         plans.append(plan_group(group, stats, keeps[group.name], options.criterion, options.refit,
                                 (orders or {}).get(group.name)))
-        log.info("%s: %d of %d channels", group.name, plans[-1].width, group.channels)
+        log.debug("%s: %d of %d channels", group.name, plans[-1].width, group.channels)
     return PruneResult(_narrowed(model, graph, plans), tuple(plans), tuple(blocked))
 
 

@@ -1,5 +1,7 @@
 """A compression run with ``method="prune+lowrank"``: channel-group widths and low-rank
-factorizations chosen in one global allocation (`onnx_lrsd.plan.width_and_rank`), then
+factorizations chosen in one global allocation (`onnx_lrsd.plan.width_and_rank`; with
+``method="prune"`` and a latency, error or metric target, the same allocation over widths
+alone), then
 executed narrow-first: the groups narrowed to their widths and their readers refitted
 (`passes.prune.prune_model`, in sequence with ``mode="sequential"``), then every layer given a
 rank factorized at that rank on the narrowed model (a low-rank run with the ranks forced,
@@ -24,7 +26,7 @@ import numpy as np
 import onnx
 from threadpoolctl import threadpool_limits
 
-from ..config import CompressConfig, LayerOverride
+from ..config import PRUNE_AND_LOW_RANK, CompressConfig, LayerOverride
 from ..errors import LrsdError
 from ..model.graph import import_graph, resolve_constant
 from ..model.io import load_model
@@ -77,7 +79,7 @@ class _Run:
     their statistics, channel orders, error curves and sensitivities, the layers' candidates
     (`curves`, tucker2 left out) and sensitivities, and the problems built so far per cost."""
 
-    def __init__(self, ctx: PassContext, prepared, config: CompressConfig):
+    def __init__(self, ctx: PassContext, prepared, config: CompressConfig, low_rank: bool = True):
         self.ctx, self.prepared, self.config = ctx, prepared, config
         self.source = ctx.source
         self.batches = ctx.calibration
@@ -96,7 +98,7 @@ class _Run:
                              for g in self.groups}
         self.group_sensitivity = group_sensitivities(self.source, self.groups, self.stats, self.orders,
                                                      self.group_curves, self.fit, self.prune)
-        names = list(ctx.allocatable)
+        names = list(ctx.allocatable) if low_rank else []
         requests = [(ctx.targets[n], np.asarray(ctx.statistics[n].fit.gram) if n in ctx.statistics else None)
                     for n in names]
         self.curves: Dict[str, List[LayerCandidate]] = {}
@@ -105,7 +107,7 @@ class _Run:
             ctx.report_progress("error curves", done, len(names))
         ctx.curves.update(self.curves)
         self.probed = config.sensitivity and bool(self.batches)
-        if self.probed:
+        if self.probed and names:
             ctx.sensitivities.update(layer_sensitivities(prepared, ctx, self.curves))
         self.sensitivity = {n: ctx.sensitivities.get(n, UNIT) if self.probed else UNIT for n in names}
         self.problems: Dict[str, WidthRankProblem] = {}
@@ -252,29 +254,30 @@ class _Run:
 def compress_width_and_rank(model, config: CompressConfig, calibration=None, progress=None,
                             metric: Optional[Metric] = None,
                             max_metric_drop: Optional[float] = None) -> CompressionResult:
-    """A run with ``method="prune+lowrank"``: one allocation of group widths and layer ranks
-    for the config's target (params, MACs, latency, error) or the metric search, executed
-    narrow-first. The report lists the widths (`widths`) and the low-rank layers of the
-    narrowed model (`layers`); params / MACs / output errors are against the original."""
+    """A run with ``method="prune+lowrank"`` (or ``"prune"``: widths alone): one allocation of
+    group widths and layer ranks for the config's target (params, MACs, latency, error) or the
+    metric search, executed narrow-first. The report lists the widths (`widths`) and the
+    low-rank layers of the narrowed model (`layers`); params / MACs / output errors are against
+    the original."""
     start = time.perf_counter()
+    method = config.method
     if config.stages > 1 or config.recovers or config.then_quantize is not None:
-        raise LrsdError("method prune+lowrank takes a target or the metric search (no stages, recovery or "
+        raise LrsdError(f"method {method} takes a target or the metric search (no stages, recovery or "
                         "quantization yet)")
     if config.overrides:
-        raise LrsdError("method prune+lowrank allocates every layer itself: drop the layer overrides")
+        raise LrsdError(f"method {method} allocates every layer itself: drop the layer overrides")
     if metric is None and config.target is None:
-        raise LrsdError("method prune+lowrank needs a target: --target-params, --target-macs, --target-latency, "
+        raise LrsdError(f"method {method} needs a target: --target-params, --target-macs, --target-latency, "
                         "--max-error or a metric")
     source = load_model(model)
     run_config = config.replace(method="auto", **({"target_params": 1.0} if metric is not None else {}))
     ctx = new_context(source, run_config, progress)
     ctx.calibration = calibration_batches(calibration, source, config)
     if not ctx.calibration:
-        raise LrsdError("method prune+lowrank needs calibration data: the readers of narrowed groups are refitted "
-                        "on it")
+        raise LrsdError(f"method {method} needs calibration data: the readers of narrowed groups are refitted on it")
     with executor_for(config) as ctx.executor, threadpool_limits(limits=config.blas_threads, user_api="blas"):
         prepared = prepare(ctx)
-        run = _Run(ctx, prepared, run_config)
+        run = _Run(ctx, prepared, run_config, low_rank=method == PRUNE_AND_LOW_RANK)
         kind = run_config.target[0]
         if metric is not None:
             round_ctx, compressed = to_metric(prepared, ctx, metric, max_metric_drop, round_fn=run.round)

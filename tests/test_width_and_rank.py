@@ -181,6 +181,17 @@ def test_error_target_and_refusals(calibration):
         compress(model, calibration=calibration, method="prune+lowrank", target_params=0.01)
 
 
+def test_prune_alone_takes_an_error_target_through_the_same_allocation(calibration):
+    from onnx_lrsd import compress
+
+    model = ffn_stack()
+    result = compress(model, calibration=calibration, method="prune", max_error=0.05)
+    report = result.report
+    assert report.output_errors["y"] <= 0.05 and report.layers == ()
+    assert any(w.kept < w.channels for w in report.widths) and report.params_ratio < 1.0
+    assert report.allocation.factorized == 0 and report.allocation.target == "error"
+
+
 def test_cli_takes_the_method_from_the_config(tmp_path, calibration):
     from click.testing import CliRunner
 
