@@ -157,7 +157,7 @@ def _rows(t: dict[str, Any], metrics) -> list[list[str]]:
     for r in t["rows"]:
         target = "" if r["target"] is None else f"{r['target']:g}x"
         if "error" in r:
-            rows.append([target, r["label"], f"failed: {r['error'][:100]}"] + [""] * (len(metrics) + 6))
+            rows.append([target, r["label"], f"failed: {r['error'][:100]}"] + [""] * (len(metrics) + 5))
             continue
         m = r.get("metrics", {})
         searched = r.get("measured_speedup")
@@ -190,7 +190,7 @@ def render(data: dict[str, Any]) -> str:
                   f"Each run searched `target_latency` at batch {t['latency_batch']}, {t['threads']} threads "
                   "(search speedup: what its last round measured; missed: more than 10 % short). "
                   "Narrowed / factorized: channel groups narrowed of all, layers factorized.", "",
-                  markdown_table(_headers(metrics), _rows(t, metrics), "ll" + "r" * (len(metrics) + 6) + "l"), ""]
+                  markdown_table(_headers(metrics), _rows(t, metrics), "ll" + "r" * (len(metrics) + 5) + "l"), ""]
         for target, v in t.get("verdict", {}).items():
             if v.get("beats_low_rank") is None:
                 lines.append(f"- {target}x: not compared (a run failed).")
@@ -217,7 +217,7 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
     for t in data["tasks"]:
         metrics = METRICS[t["task"]]
         parts += [f"**{t['task']}** ({', '.join(metrics)}; searched at batch {t['latency_batch']}):",
-                  markdown_table(_headers(metrics), _rows(t, metrics), "ll" + "r" * (len(metrics) + 6) + "l")]
+                  markdown_table(_headers(metrics), _rows(t, metrics), "ll" + "r" * (len(metrics) + 5) + "l")]
     parts.append("Each configuration is one `compress(target_latency=...)` run (`method` auto / prune / "
                  "prune+lowrank; best effort), its own rounds measuring the speedup; then all models of a task are "
                  "timed together, interleaved with the original (2 threads, below 1 is faster). Output error: "

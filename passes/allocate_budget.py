@@ -127,8 +127,10 @@ def candidate_ms(ctx: PassContext, names: Sequence[str], curves) -> Tuple[float,
     (`LatencyModel`, cached on disk)."""
     config = ctx.config
     feed = deployment_feed(ctx.source, ctx.calibration, config)
-    shapes = input_shapes(ctx.source, [ctx.targets[n] for n in names], feed)
     original_ms = model_latency_ms(ctx.source, feed, config.latency_threads)
+    if not names:
+        return original_ms, {}
+    shapes = input_shapes(ctx.source, [ctx.targets[n] for n in names], feed)
     model = LatencyModel(threads=config.latency_threads)
     keys = {name: shape_key(ctx.targets[name], shapes[name], curves[name]) for name in names}
     first: Dict[tuple, str] = {}  # one measurement per distinct layer, in layer order
