@@ -157,7 +157,7 @@ def _rows(t: dict[str, Any], metrics) -> list[list[str]]:
     for r in t["rows"]:
         target = "" if r["target"] is None else f"{r['target']:g}x"
         if "error" in r:
-            rows.append([target, r["label"], f"failed: {r['error'][:100]}"] + [""] * (len(metrics) + 5))
+            rows.append([target, r["label"], f"failed: {r['error'][:100]}"] + [""] * (len(metrics) + 4))
             continue
         m = r.get("metrics", {})
         searched = r.get("measured_speedup")
