@@ -5,6 +5,7 @@ Run from the repository root::
     python -m benchmarks.width_and_rank                      # PP-OCRv4 rec and MiniLM (~1.5 h on 2 shared cores)
     python -m benchmarks.width_and_rank --tasks minilm       # one task (the registry runs each into its own file)
     python -m benchmarks.width_and_rank --quick              # the digit CNN, one target, into width_and_rank.quick.json
+    python -m benchmarks.width_and_rank --tasks ppocr_rec --targets 1.1 --output benchmarks/results/width_and_rank_mild
     python -m benchmarks.width_and_rank --render-only        # rewrite the Markdown from the JSON
 
 For every task (``benchmarks/tasks``; calibration data as in ``benchmarks/data_aware``, disjoint
@@ -149,7 +150,12 @@ def verdict(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_one(name: str, workdir: Path, budget_s: float, blocks: int, args, results_dir: Path) -> dict[str, Any]:
-    return run_task(name, workdir, budget_s, blocks, targets=TARGETS[name][:1] if args.quick else None)
+    targets = tuple(args.targets) if args.targets else TARGETS[name][:1] if args.quick else TARGETS[name]
+    return run_task(name, workdir, budget_s, blocks, targets=targets)
+
+
+def _extra_args(parser) -> None:
+    parser.add_argument("--targets", type=float, nargs="+", help="speedups to search (default: TARGETS of the task)")
 
 
 def _rows(t: dict[str, Any], metrics) -> list[list[str]]:
@@ -223,12 +229,15 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
                  "timed together, interleaved with the original (2 threads, below 1 is faster). Output error: "
                  "relative L2 of the first output on evaluation data. What each row is: "
                  "`benchmarks/width_and_rank.py`.")
-    name = {("minilm",): "width_and_rank_minilm"}.get(tuple(_requested(data)), "width_and_rank")
+    argv = list(data.get("argv") or [])
+    output = Path(argv[argv.index("--output") + 1]).name if "--output" in argv else None
+    name = output or {("minilm",): "width_and_rank_minilm"}.get(tuple(_requested(data)), "width_and_rank")
     return {name: "\n\n".join(parts)}
 
 
 def main(argv=None) -> None:
-    benchmark_main(argv, __doc__, TASK_NAMES, "width_and_rank", run_one, render, quick_tasks=("digits_cnn",))
+    benchmark_main(argv, __doc__, TASK_NAMES, "width_and_rank", run_one, render, extra_args=_extra_args,
+                   quick_tasks=("digits_cnn",))
 
 
 if __name__ == "__main__":
