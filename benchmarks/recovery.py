@@ -16,9 +16,17 @@ hour on 2 cores) or ``--quick`` (the digit CNN at keep 0.02 with 100 steps, no s
 with the run record (`benchmarks.common.benchmark_main`) and ``recovery[.quick]_<task>.png``.
 The machine is shared with other jobs: times are wall-clock under that load; latency is only
 reported as interleaved ratios.
+
+``--kind width`` replaces the low-rank closed form by structured width reduction (`WIDTH_PLANS`):
+``python -m benchmarks.recovery --kind width --tasks ppocr_rec --ppocr-minutes 12 --output
+benchmarks/results/recovery_width`` (and ``--tasks minilm --minilm-minutes 8 --output
+benchmarks/results/recovery_width_minilm``, which also stacks dynamic int8 on the recovered model and
+compares it with onnxruntime's int8 of the original). Each such file renders the README section
+named by its output prefix.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import tempfile
@@ -70,6 +78,47 @@ PLANS: dict[str, TaskPlan] = {
 }
 QUICK = {"digits_cnn": {"budgets": ({"keep": 0.02, "min_rank": 2},), "recover": {"steps": 100}}}
 
+WIDTH_PLANS: dict[str, TaskPlan] = {
+    "digits_cnn": TaskPlan(
+        budgets=({"width": 0.5}, {"width": 0.25}),
+        calib_samples=128, calib_batch=16, recover_samples=2048,
+        recover={"steps": 300, "lr": 1e-3, "batch": 32, "eval_every": 25, "patience": 8},
+        bar=PLANS["digits_cnn"].bar),
+    "ppocr_rec": TaskPlan(
+        budgets=({"width": 0.7, "sequential": True, "multiple": 16}, {"width": 0.6, "sequential": True, "multiple": 16}),
+        calib_samples=128, calib_batch=16, recover_samples=640,
+        recover={"lr": 1e-4, "batch": 8, "eval_every": 10, "patience": 6},
+        bar=PLANS["ppocr_rec"].bar),
+    "minilm": TaskPlan(
+        budgets=({"width": 0.75, "criterion": "energy", "multiple": 8}, {"width": 0.5, "criterion": "energy", "multiple": 8},
+                 {"width": 0.35, "criterion": "energy", "multiple": 8}),
+        calib_samples=256, calib_batch=32, recover_samples=1280,
+        recover={"lr": 1e-4, "batch": 8, "eval_every": 10, "patience": 6},
+        bar=PLANS["minilm"].bar + ", or stacked with int8 smaller and faster than onnxruntime's int8 alone at the "
+                                  "same recall@1",
+        extra={"int8": True}),
+}
+"""`--kind width`: structured width reduction (`onnx_lrsd.passes.prune.prune_model`: every coupled
+channel group keeps `width` of its channels, widths rounded to `multiple`, chosen by `criterion`
+(default greedy), `sequential` groups refitted one after another; attention heads untouched) as the
+closed form, then the same recovery (trainable: the narrowed layers). MiniLM also quantizes the
+recovered model (dynamic int8) and compares it with onnxruntime's dynamic int8 of the original."""
+QUICK_WIDTH = {"digits_cnn": {"budgets": ({"width": 0.5},), "recover": {"steps": 100}}}
+
+RECOVER_KEYS = ("level", "block_size")
+"""Budget keys that go to `RecoverConfig` (the rest to `compress`)."""
+BLOCK_PLANS: dict[str, TaskPlan] = {
+    "digits_cnn": dataclasses.replace(PLANS["digits_cnn"], budgets=(
+        {"keep": 0.02, "min_rank": 2}, {"keep": 0.02, "min_rank": 2, "level": "blocks+end-to-end", "block_size": 2}),
+        extra={}),
+    "ppocr_rec": dataclasses.replace(PLANS["ppocr_rec"], budgets=(
+        {"keep": 0.5}, {"keep": 0.5, "level": "blocks+end-to-end", "block_size": 16})),
+    "minilm": dataclasses.replace(PLANS["minilm"], budgets=(
+        {"keep": 0.75}, {"keep": 0.75, "level": "blocks+end-to-end", "block_size": 12})),
+}
+"""`--kind blocks`: the low-rank closed form recovered end-to-end, and by block-wise reconstruction
+on half the budget followed by end-to-end on the other half (same closed form, data and budget)."""
+
 
 def _budget_label(budget: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in budget.items())
@@ -78,14 +127,17 @@ def _budget_label(budget: dict[str, Any]) -> str:
 def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args, results_dir: Path) -> dict[str, Any]:
     from benchmarks.tasks import get_task
     from onnx_lrsd import compress
+    from onnx_lrsd.plan.cost import count_params
     from onnx_lrsd.recover import RecoverConfig, recover
+    from onnx_lrsd.runtime.quantize import quantize_model
 
-    plan = PLANS[name]
+    plan, quick = {"width": (WIDTH_PLANS, QUICK_WIDTH), "blocks": (BLOCK_PLANS, {})}.get(args.kind, (PLANS, QUICK))
+    plan = plan[name]
     budgets = plan.budgets
     recover_options = dict(plan.recover)
-    if args.quick and name in QUICK:
-        budgets = QUICK[name].get("budgets", budgets)
-        recover_options.update(QUICK[name].get("recover", {}))
+    if args.quick and name in quick:
+        budgets = quick[name].get("budgets", budgets)
+        recover_options.update(quick[name].get("recover", {}))
     if name in ("ppocr_rec", "minilm"):
         recover_options["time_budget"] = (args.ppocr_minutes if name == "ppocr_rec" else args.minilm_minutes) * 60.0
     task = get_task(name)
@@ -98,17 +150,31 @@ def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args
     original_metrics = task.evaluate(task.model_path)
     LOGGER.info("%s original: %s", name, original_metrics)
     rows = []
+    int8 = plan.extra.get("int8", False)
+    int8_original = None
+    if int8:
+        int8_original = workdir / f"{name}_original_int8.onnx"
+        onnx.save(quantize_model(teacher, "dynamic"), str(int8_original))
+        int8_metrics = task.evaluate(int8_original)
+        LOGGER.info("%s onnxruntime dynamic int8 of the original: %s", name, int8_metrics)
     for index, budget in enumerate(budgets):
         gc.collect()
         start = time.perf_counter()
-        result = compress(task.model_path, calibration=calib_feeds, calib_samples=plan.calib_samples,
-                          calib_batch=plan.calib_batch, mask_input=task.mask_input, **budget)
+        if "width" in budget:
+            closed_model = _narrowed(teacher, calib_feeds, budget, task.mask_input)
+            params_ratio = count_params(closed_model) / count_params(teacher)
+        else:
+            result = compress(task.model_path, calibration=calib_feeds, calib_samples=plan.calib_samples,
+                              calib_batch=plan.calib_batch, mask_input=task.mask_input,
+                              **{k: v for k, v in budget.items() if k not in RECOVER_KEYS})
+            closed_model, params_ratio = result.model, result.report.params_ratio
         compress_s = time.perf_counter() - start
         closed_path = workdir / f"{name}_{index}_closed.onnx"
-        onnx.save(result.model, str(closed_path))
+        onnx.save(closed_model, str(closed_path))
         closed_metrics = task.evaluate(closed_path)
         LOGGER.info("%s %s closed form: %s", name, _budget_label(budget), closed_metrics)
-        config = RecoverConfig(mask_input=task.mask_input, threads=THREADS, **recover_options)
+        config = RecoverConfig(mask_input=task.mask_input, threads=THREADS, **recover_options,
+                               **{k: v for k, v in budget.items() if k in RECOVER_KEYS})
 
         def show(p):
             if p.heldout_loss is not None:
@@ -116,27 +182,49 @@ def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args
                             p.train_loss, p.heldout_loss, p.best_heldout_loss)
         gc.collect()
         with PeakRSS(interval=0.2) as memory:
-            recovered = recover(result.model, teacher, recover_feeds, config, on_step=show)
+            recovered = recover(closed_model, teacher, recover_feeds, config, on_step=show)
         recovered_path = workdir / f"{name}_{index}_recovered.onnx"
         onnx.save(recovered.model, str(recovered_path))
         recovered_metrics = task.evaluate(recovered_path)
         LOGGER.info("%s %s recovered: %s", name, _budget_label(budget), recovered_metrics)
+        candidates = {"closed": closed_path, "recovered": recovered_path}
+        row_int8 = {}
+        if int8:
+            candidates["recovered_int8"] = workdir / f"{name}_{index}_recovered_int8.onnx"
+            onnx.save(quantize_model(recovered.model, "dynamic"), str(candidates["recovered_int8"]))
+            candidates["original_int8"] = int8_original
+            row_int8 = {"metrics": task.evaluate(candidates["recovered_int8"]), "original_metrics": int8_metrics,
+                        "file_ratio": candidates["recovered_int8"].stat().st_size / int8_original.stat().st_size,
+                        "file_ratio_to_original": candidates["recovered_int8"].stat().st_size
+                        / Path(task.model_path).stat().st_size,
+                        "original_int8_file_ratio": int8_original.stat().st_size / Path(task.model_path).stat().st_size}
+            LOGGER.info("%s %s recovered + int8: %s", name, _budget_label(budget), row_int8["metrics"])
         latency = {}
         for batch, feeds in latency_feeds.items():
-            timing = time_against_original(task.model_path, [closed_path, recovered_path], feeds, threads=THREADS,
+            timing = time_against_original(task.model_path, list(candidates.values()), feeds, threads=THREADS,
                                            budget_s=latency_budget_s, blocks=blocks)
-            latency[batch] = {"original_ms": timing.original_ms, "closed_ratio": timing.ratios[0],
-                              "recovered_ratio": timing.ratios[1]}
-        rows.append({"budget": budget, "params_ratio": result.report.params_ratio, "compress_s": compress_s,
+            latency[batch] = {"original_ms": timing.original_ms,
+                              **{f"{k}_ratio": r for k, r in zip(candidates, timing.ratios)}}
+        rows.append({"budget": budget, "params_ratio": params_ratio, "compress_s": compress_s,
                      "closed": closed_metrics, "recovered": recovered_metrics, "latency": latency,
                      "recovery": recovered.report.to_dict(), "recover_config": config.__dict__,
-                     "recover_memory": memory.to_dict()})
-    out = {"task": name, "original": original_metrics, "bar": plan.bar, "calib_samples": plan.calib_samples,
-           "recover_samples": plan.recover_samples, "rows": rows}
+                     "recover_memory": memory.to_dict(), **({"int8": row_int8} if int8 else {})})
+    out = {"task": name, "kind": args.kind, "original": original_metrics, "bar": plan.bar,
+           "calib_samples": plan.calib_samples, "recover_samples": plan.recover_samples, "rows": rows}
     study = plan.extra.get("sample_study")
     if study and not args.quick:
         out["sample_study"] = sample_study(task, teacher, calib_feeds, plan, study, recover_options)
     return out
+
+
+def _narrowed(model: onnx.ModelProto, feeds, budget: dict[str, Any], mask_input) -> onnx.ModelProto:
+    """The width-reduced closed form of a `--kind width` budget (see `WIDTH_PLANS`)."""
+    from onnx_lrsd.passes.prune import PruneOptions, prune_model
+
+    options = PruneOptions(keep=budget["width"], criterion=budget.get("criterion", "greedy"),
+                           multiple=budget.get("multiple", 1), sequential=budget.get("sequential", False),
+                           mask_input=mask_input, heads=False)
+    return prune_model(model, feeds, options).model
 
 
 def sample_study(task, teacher, calib_feeds, plan: TaskPlan, study: dict[str, Any], recover_options: dict[str, Any]):
@@ -192,7 +280,7 @@ def plot(data: dict[str, Any], results_dir: Path) -> list[Path]:
     (``recovery_<task>.png``; a quick run's ``recovery.quick_<task>.png``)."""
     from onnx_lrsd.report.plot import plot_recovery
 
-    prefix = "recovery.quick" if _quick(data) else "recovery"
+    prefix = _section(data) + (".quick" if _quick(data) and "--output" not in data.get("argv", []) else "")
     paths = []
     for task in data["tasks"]:
         curves = {_budget_label(row["budget"]): [tuple(p) for p in row["recovery"]["curve"]] for row in task["rows"]}
@@ -217,16 +305,25 @@ def render(data: dict[str, Any]) -> str:
 
     plot(data, RESULTS_DIR)
     machine = data["machine"]
-    lines = ["# Recovery: closed form vs closed form + end-to-end distillation", "",
+    kinds = {t.get("kind", "lowrank") for t in data["tasks"]}
+    width, blocks = "width" in kinds, "blocks" in kinds
+    lines = [f"# Recovery: {'width reduction' if width else 'closed form'} vs "
+             f"{'width reduction' if width else 'closed form'} + "
+             f"{'block-wise reconstruction and ' if blocks else ''}end-to-end distillation", "",
              f"{_provenance(data)} {machine.get('cpu')}, "
              f"{machine.get('cores_logical')} cores, load at start {machine.get('load_average_at_start')}. "
              f"Total {data.get('total_s', 0) / 60:.1f} min. The machine was shared with other jobs: wall times "
              "include that load; latency is the interleaved median ratio to the original (2 threads, no spinning).",
              "", "Recovery = `onnx_lrsd.recover` end-to-end distillation (KL on probability/logit outputs, else MSE), Adam, "
-             "augmented inputs, best held-out step kept; block-wise reconstruction is not implemented yet. "
-             "Trainable: the compressed layers' factors and biases. Calibration/recovery data come from the task's "
-             "calibration source, disjoint from the evaluation data. Held-out loss curves: "
-             f"`{'recovery.quick' if _quick(data) else 'recovery'}_<task>.png`.", ""]
+             "augmented inputs, best held-out step kept"
+             + ("; rows with `level blocks+end-to-end` first run block-wise reconstruction on half the time budget "
+                "(MSE per block, not augmented), then end-to-end on the other half: their held-out loss and curve are "
+                "the end-to-end part's (its step 0 is after the blocks). " if blocks else ". ")
+             + ("Closed form: width reduction (`prune_model`, see `WIDTH_PLANS`); trainable: the narrowed layers' "
+                "weights and biases. " if width else "Trainable: the compressed layers' factors and biases. ")
+             + "Calibration/recovery data come from the task's calibration source, disjoint from the evaluation "
+             "data. Held-out loss curves: "
+             f"`{_section(data) + ('.quick' if _quick(data) and not width else '')}_<task>.png`.", ""]
     for task in data["tasks"]:
         metric_names = list(task["original"])
         headers = ["budget", "method", *metric_names, "params", "lat b1", "lat b32", "compress s", "recover s",
@@ -250,6 +347,13 @@ def render(data: dict[str, Any]) -> str:
                   f"{fmt(task['rows'][0]['latency'][next(iter(task['rows'][0]['latency']))]['original_ms'], 1)} ms "
                   "at batch 1.", "",
                   markdown_table(headers, rows, "ll" + "r" * (len(headers) - 3) + "l"), ""]
+        for row in task["rows"]:
+            if "int8" in row:
+                lines.append(f"- {_budget_label(row['budget'])} + recovery + dynamic int8: "
+                             + ", ".join(f"{m} {fmt(row['int8']['metrics'][m])}" for m in metric_names)
+                             + " (onnxruntime int8 of the original: "
+                             + ", ".join(f"{m} {fmt(row['int8']['original_metrics'][m])}" for m in metric_names)
+                             + f"); {_int8_check(task, row)}.")
         for row in task["rows"]:
             rec = row["recovery"]
             curve = ", ".join(f"{s}: {l:.4g}" for s, l in rec["curve"])
@@ -289,7 +393,10 @@ README_LABELS = {"digits_cnn": "digit CNN", "ppocr_rec": "PP-OCRv4 rec", "minilm
 def readme_sections(data: dict[str, Any]) -> dict[str, str]:
     """``recovery``: per task and budget every metric of the task for the closed form and after
     recovery, params, latency at batch 1 and 32 (closed / recovered) and the compressor's and the
-    recovery's seconds; below it the bar of each task, met or missed after recovery."""
+    recovery's seconds; below it the bar of each task, met or missed after recovery. A `--kind
+    width` file renders its own section (`_width_sections`), named by its output prefix."""
+    if _section(data) != "recovery":
+        return {_section(data): _width_sections(data)}
     headers = ["task (metrics): original", "budget", "params", "closed form", "+ recovery",
                "latency b1 closed / recovered", "latency b32 closed / recovered", "compress + recover s"]
     rows, verdicts = [], []
@@ -322,9 +429,86 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
     return {"recovery": text}
 
 
+def _section(data: dict[str, Any]) -> str:
+    """The README section of a results file: its output prefix's name (`recovery` by default)."""
+    argv = data.get("argv", [])
+    return Path(argv[argv.index("--output") + 1]).name if "--output" in argv else "recovery"
+
+
+def _int8_check(task: dict[str, Any], row: dict[str, Any]) -> str:
+    """Recovered + int8 against onnxruntime's int8 of the original: smaller, faster (b1, b32), recall@1."""
+    int8, lat = row["int8"], {int(k): v for k, v in row["latency"].items()}
+    faster = {b: lat[b]["recovered_int8_ratio"] / lat[b]["original_int8_ratio"] for b in (1, 32)}
+    ours, theirs = int8["metrics"]["recall@1"], int8["original_metrics"]["recall@1"]
+    ok = int8["file_ratio"] < 1 and all(f < 1 for f in faster.values()) and ours >= theirs
+    return (f"{'met' if ok else 'missed'} against int8 alone (file {int8['file_ratio']:.2f}×, latency "
+            f"{faster[1]:.2f}× at b1 / {faster[32]:.2f}× at b32 of int8 alone's, recall@1 {fmt(ours)} vs {fmt(theirs)})")
+
+
+def _width_sections(data: dict[str, Any]) -> str:
+    """A `--kind width` results file: per budget every metric of the width-reduced closed form and
+    after recovery, params, latency, times; MiniLM also the int8 stacking; the bar's verdicts."""
+    headers = ["task (metrics): original", "budget", "params", "closed form", "+ recovery",
+               "latency b1 closed / recovered", "latency b32 closed / recovered", "compress + recover s"]
+    rows, int8_rows, verdicts = [], [], []
+    for task in data["tasks"]:
+        names = list(task["original"])
+        first = (f"{README_LABELS.get(task['task'], task['task'])} ({', '.join(names)}): "
+                 + " / ".join(fmt(task["original"][m]) for m in names))
+        for row in task["rows"]:
+            lat = {int(k): v for k, v in row["latency"].items()}
+            rows.append([first, _budget_label(row["budget"]), fmt(row["params_ratio"]),
+                         " / ".join(fmt(row["closed"][m]) for m in names),
+                         " / ".join(fmt(row["recovered"][m]) for m in names),
+                         *(f"{fmt(lat[b]['closed_ratio'], 2)} / {fmt(lat[b]['recovered_ratio'], 2)}" for b in (1, 32)),
+                         f"{fmt(row['compress_s'], 1)} + {fmt(row['recovery']['seconds'], 0)}"])
+            first = ""
+            if "int8" in row:
+                int8 = row["int8"]
+                int8_rows.append([_budget_label(row["budget"]),
+                                  " / ".join(fmt(int8["original_metrics"][m]) for m in names),
+                                  " / ".join(fmt(int8["metrics"][m]) for m in names),
+                                  f"{fmt(int8['original_int8_file_ratio'], 3)} / {fmt(int8['file_ratio_to_original'], 3)}",
+                                  *(f"{fmt(lat[b]['original_int8_ratio'], 2)} / {fmt(lat[b]['recovered_int8_ratio'], 2)}"
+                                    for b in (1, 32))])
+        checks = "; ".join(
+            f"{_budget_label(r['budget'])} {_bar_check(task, {**r, 'latency': {int(k): v for k, v in r['latency'].items()}}, 'recovered')}"
+            + (f", stacked with int8 {_int8_check(task, r)}" if "int8" in r else "") for r in task["rows"])
+        verdicts.append(f"{README_LABELS.get(task['task'], task['task'])}: {_recovery_setup(task)}. Bar: {task['bar']}; "
+                        f"after recovery {checks}.")
+    text = markdown_table(headers, rows, "llrllrrr")
+    if int8_rows:
+        text += ("\n\nStacked with int8 (onnxruntime dynamic quantization; file size and latency relative to the "
+                 "float original):\n\n" + markdown_table(
+                     ["width", "int8 alone", "recovered + int8", "file int8 alone / ours",
+                      "latency b1 int8 alone / ours", "latency b32 int8 alone / ours"],
+                     int8_rows, "lllrrr"))
+    if any(t.get("kind") == "blocks" for t in data["tasks"]):
+        return (text + "\n\nClosed form: `compress` (low rank, data-aware, independent fits) on the calibration "
+                "samples; + recovery: `onnx_lrsd.recover` end-to-end, or (`level blocks+end-to-end`) block-wise "
+                "reconstruction on half the budget — blocks of `block_size` nodes reading compressed weights, each "
+                "trained (MSE) to reproduce the original's tensor at its end from the compressed prefix's — then "
+                "end-to-end on the other half; the same closed form, samples and time budget. Best steps by the "
+                "held-out fifth of the recovery samples, never by a reported metric; samples from the task's "
+                "calibration source, disjoint from the evaluation data. Latency: interleaved median ratio to the "
+                "original, 2 threads. Full results: `benchmarks/results/" + _section(data) + ".md`.\n\n"
+                + "\n".join(f"- {v}" for v in verdicts))
+    return (text + "\n\nClosed form: `onnx_lrsd.passes.prune.prune_model` (what `compress --method prune` runs) on the "
+            "calibration samples, widths rounded to the multiple shown; + recovery: `onnx_lrsd.recover` on the "
+            "narrowed graph (trainable: the narrowed layers' weights and biases; a depthwise conv's weight has no "
+            "gradient rule and stays as fitted), best step by the loss on a held-out fifth of the unlabeled recovery "
+            "samples, never by a reported metric. Calibration and recovery samples come from the task's calibration "
+            "source, disjoint from the evaluation data. Latency: interleaved median ratio to the original, 2 threads. "
+            "Full results with held-out curves: `benchmarks/results/" + _section(data) + ".md`.\n\n"
+            + "\n".join(f"- {v}" for v in verdicts))
+
+
 def _extra_args(parser) -> None:
     parser.add_argument("--ppocr-minutes", type=float, default=8.0, help="time budget of each PP-OCR recovery")
     parser.add_argument("--minilm-minutes", type=float, default=6.0, help="time budget of each MiniLM recovery")
+    parser.add_argument("--kind", choices=("lowrank", "width", "blocks"), default="lowrank",
+                        help="closed form: low rank (`compress`) or width reduction (`WIDTH_PLANS`); blocks: "
+                             "low rank recovered end-to-end and block-wise + end-to-end (`BLOCK_PLANS`)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from .errors import LrsdError, NothingToCompress, OutputErrorTooLarge
 from .model.io import ModelSource, check_output_directory, load_model, save_model
 from .passes.context import new_context
 from .passes.pipeline import inspect
-from .passes.search import CompressionResult, Metric, compress_in_stages, compress_model
+from .passes.search import CompressionResult, Metric, compress_in_stages, compress_model, recover_result
 from .passes.search import sweep as sweep_rounds
 from .plan.cost import count_params, node_macs, unresolved_dims
 from .passes.prune import compress_widths, group_infos
@@ -74,12 +74,15 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
     if metric is not None and (config.target is not None or config.stages > 1):
         raise LrsdError("max_metric_drop is a target of its own: drop the other target and stages")
     searched = metric is not None or (config.target is not None and config.target[0] in ("latency", "error"))
-    if config.method == PRUNE and not searched:
-        if config.stages > 1 or config.recover is not None or config.recover_time is not None:
-            raise LrsdError("method prune takes keep or a target (no stages or recovery yet)")
-        return CompressionResult(*compress_widths(model, config, calibration))
-    if config.method == PRUNE_AND_LOW_RANK or config.method == PRUNE:
-        return compress_width_and_rank(model, config, calibration, progress, metric, config.max_metric_drop)
+    if config.method in (PRUNE, PRUNE_AND_LOW_RANK):
+        if config.stages > 1:
+            raise LrsdError(f"method {config.method} takes keep or a target (no stages yet)")
+        if config.method == PRUNE and not searched:
+            result = CompressionResult(*compress_widths(model, config, calibration))
+        else:
+            result = compress_width_and_rank(model, config.replace(recover=None, recover_time=None), calibration,
+                                             progress, metric, config.max_metric_drop)
+        return recover_result(model, result, config, calibration, progress) if config.recovers else result
     if config.stages > 1:
         return compress_in_stages(model, config, calibration, progress)
     return compress_model(model, config, calibration, progress, metric, config.max_metric_drop)

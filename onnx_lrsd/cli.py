@@ -28,7 +28,8 @@ import click
 from .config import (COMPRESS, FULL_RANK, SWEEP, SWEEP_POINTS, CliOption, CompressConfig, LayerOverride,
                      load_config_file, parse_dim, parse_duration)
 from .errors import LrsdError, UsageError
-from .recover.types import AUGMENT_CHOICES, DEFAULT_STEPS, LOSS_CHOICES, TRAINABLE_CHOICES, RecoverConfig
+from .recover.types import (AUGMENT_CHOICES, DEFAULT_STEPS, LEVEL_CHOICES, LOSS_CHOICES, TRAINABLE_CHOICES,
+                            RecoverConfig)
 
 log = logging.getLogger("onnx_lrsd")
 
@@ -539,6 +540,11 @@ def _recover_progress_printer(quiet: bool):
               help="On-the-fly augmentation of the inputs. [auto: from the input's kind]")
 @click.option("--trainable", type=click.Choice(TRAINABLE_CHOICES), default=None,
               help=f"Weights to train: the compressed layers' or all float weights. [{RecoverConfig.trainable}]")
+@click.option("--level", type=click.Choice(LEVEL_CHOICES), default=None,
+              help="End-to-end distillation, block-wise reconstruction, or blocks on half the budget then "
+                   f"end-to-end. [{RecoverConfig.level}]")
+@click.option("--block-size", type=click.IntRange(min=1), default=None,
+              help=f"Block-wise: nodes reading trained weights per block. [{RecoverConfig.block_size}]")
 @click.option("--mask-input", default=None, metavar="NAME", help="Input whose zeros mark padding (token models).")
 @click.option("--seed", type=int, default=None, help=f"Seed of the split, sampling and augmentation. [{RecoverConfig.seed}]")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -549,15 +555,16 @@ def _recover_progress_printer(quiet: bool):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @guarded
 def recover(model: Path, teacher: Path, calib, output: Path, steps, time_budget, lr, batch, samples, loss, augment,
-            trainable, mask_input, seed, report_file, plot_file, as_json, quiet) -> None:
+            trainable, level, block_size, mask_input, seed, report_file, plot_file, as_json, quiet) -> None:
     """Fine-tune the compressed MODEL to reproduce TEACHER (the original) on unlabeled data
-    (end-to-end distillation with onnxruntime gradients) and write it to OUTPUT."""
+    (distillation with onnxruntime gradients, end-to-end or block by block) and write it to OUTPUT."""
     from .model.io import write_atomic
     from .recover import recover_file
 
     options = {k: v for k, v in dict(steps=steps, time_budget=time_budget, lr=lr, batch=batch, samples=samples,
-                                      loss=loss, augment=augment, trainable=trainable, mask_input=mask_input,
-                                      seed=seed).items() if v is not None}
+                                      loss=loss, augment=augment, trainable=trainable, level=level,
+                                      block_size=block_size, mask_input=mask_input, seed=seed).items()
+               if v is not None}
     config = RecoverConfig(**options)
     if plot_file is not None:
         from .report.plot import require_matplotlib

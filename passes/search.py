@@ -116,7 +116,7 @@ def recover_compressed(source: onnx.ModelProto, compressed: onnx.ModelProto, cal
     """(recovered model, `RecoveryReport`): `compressed` fine-tuned against `source` on
     `batches` (the fit split of the calibration data) with `config.recover` steps ("auto": the
     default) and `config.recover_time`, both scaled by `share` (a MUSCO stage's part)."""
-    from ..recover import RecoverConfig, recover_models
+    from ..recover import RecoverConfig, recover_at_level
     from ..recover.types import DEFAULT_STEPS
 
     given = [calibration] if isinstance(calibration, str) else calibration
@@ -133,8 +133,28 @@ def recover_compressed(source: onnx.ModelProto, compressed: onnx.ModelProto, cal
         if progress is not None:
             total = p.total or int(p.time_budget)
             progress("recover", min(p.step if p.total else int(p.seconds), total), total)
-    result = recover_models(compressed, source, batches, options, on_step)
+    result = recover_at_level(compressed, source, batches, options, on_step)
     return result.model, result.report
+
+
+def recover_result(model: ModelSource, result: CompressionResult, config: CompressConfig, calibration: Calibration,
+                   progress) -> CompressionResult:
+    """`result` (a finished run, e.g. width reduction) fine-tuned against the original `model`
+    on the fit split of the calibration batches, its report updated: the model's stats, the
+    output errors on the batches the run verified on, the recovery, the time."""
+    start = time.perf_counter()
+    source = load_model(model)
+    batches = calibration_batches(calibration, source, config)
+    fit, held = split_holdout(batches, config.holdout_every)
+    recovered, recovery = recover_compressed(source, result.model, calibration, fit or batches, config, progress)
+    report = result.report
+    errors = dict(report.output_errors)
+    if config.verify and errors:
+        errors = output_errors_on(source, recovered, held or batches[:2], [o.name for o in source.graph.output])
+    dims = macs_dims(source, config, batches)
+    return CompressionResult(recovered, dataclasses.replace(
+        report, after=model_stats(recovered, dims), output_errors=errors, recovery=recovery,
+        seconds=report.seconds + time.perf_counter() - start))
 
 
 def then_quantize(source: onnx.ModelProto, compressed: onnx.ModelProto, mode: str, fit_batches, verify_batches,

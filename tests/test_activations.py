@@ -24,6 +24,7 @@ from onnx_lrsd.runtime.activations import (
     gram_bytes,
     layer_rows,
     memory_groups,
+    prefetched,
     pruned_to,
 )
 from onnx_lrsd.runtime.calibrate import is_held_out, split_holdout
@@ -601,3 +602,31 @@ def test_paired_statistics_cross_term():
     np.testing.assert_allclose(paired.cross, x_hat.T @ x, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(paired.mean, x_hat.mean(axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(paired.target_mean, x.mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_prefetched_keeps_order_and_runs_one_batch_ahead():
+    """Each batch comes back with its own result, in order; batch i + 1 is computing on the
+    second thread while the caller holds batch i (never two ahead)."""
+    import threading
+
+    started, release = [], threading.Event()
+
+    def run(feeds):
+        started.append(int(feeds["i"]))
+        if int(feeds["i"]) == 1:
+            release.wait(5)
+        return {"twice": 2 * feeds["i"]}
+
+    batches = [{"i": np.array(i)} for i in range(4)]
+    results = prefetched(run, batches)
+    feeds, result = next(results)
+    assert int(feeds["i"]) == 0 and int(result["twice"]) == 0
+    for _ in range(100):  # batch 1 starts without the caller asking for it
+        if started == [0, 1]:
+            break
+        threading.Event().wait(0.01)
+    assert started == [0, 1]
+    release.set()
+    assert [int(r["twice"]) for _, r in results] == [2, 4, 6]
+    assert started == [0, 1, 2, 3]
+    assert list(prefetched(run, [])) == []

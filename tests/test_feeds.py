@@ -126,3 +126,20 @@ def test_unsupported_input_dtype_is_an_error():
     model = _model([helper.make_tensor_value_info("s", TensorProto.STRING, [1])])
     with pytest.raises(LrsdError, match="input 's' has dtype"):
         random_feeds(model)
+
+
+def test_exporters_unknown_dims_are_named_on_load():
+    """−1, an empty dim and the '?' placeholder on inputs become dims named after input and
+    axis, which --dim or calibration data can then give; −1 on an output becomes unknown; the
+    caller's model is not modified."""
+    from onnx_lrsd.model.io import load_model
+
+    model = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, None, "?", "?", 3])])
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = -1
+    loaded = load_model(model)
+    dims = loaded.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["x_dim0", "x_dim1", "x_dim2", "x_dim3", 3]
+    assert not loaded.graph.output[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
+    shapes = resolve_input_shapes(loaded, dims={"x_dim1": 2, "x_dim2": 4, "x_dim3": 5})
+    assert shapes["x"][0] == (1, 2, 4, 5, 3)

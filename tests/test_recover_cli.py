@@ -84,3 +84,14 @@ def test_bare_recover_flag_means_auto_with_a_time_budget(tmp_path):
     report = json.loads(result.output)
     assert report["config"]["recover"] == "auto" and report["config"]["recover_time"] == 3.0
     assert report["recovery"]["stopped_by"] in ("time", "early stop") and report["recovery"]["steps"] >= 1
+
+
+def test_recover_command_block_wise_then_end_to_end(small, tmp_path):
+    out, report = tmp_path / "rec.onnx", tmp_path / "rec.json"
+    result = CliRunner().invoke(main, ["recover", str(small), "--teacher", str(DIGITS), "--calib", str(CALIB), "-o",
+                                       str(out), "--steps", "10", "--level", "blocks+end-to-end", "--block-size", "2",
+                                       "--report", str(report), "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["level"].startswith("block-wise (") and data["level"].endswith("+ end-to-end")
+    assert 0 < data["steps"] <= 10 and out.exists()  # the steps are shared by the blocks, then end-to-end

@@ -4,6 +4,7 @@ import pytest
 
 from onnx_lrsd.decompose import conv_to_matrix, data_error, truncated_svd, whitened_svd
 from onnx_lrsd.decompose.stats import GramAccumulator, channel_gram, im2col
+from onnx_lrsd.decompose import stats
 
 
 def _rng(seed=0):
@@ -136,6 +137,7 @@ def test_add_in_place_equals_merge_and_copies_shared_arrays_first():
     b.update_pair(X[20:], X[20:] * 2)
     expected = a.merge(b)
     shared = a._gram.copy()
+    untouched = shared.copy()
     for name in ("_gram", "_sum", "_cross", "_target_sum"):
         getattr(a, name).flags.writeable = False
     a._gram = shared.view()
@@ -145,7 +147,7 @@ def test_add_in_place_equals_merge_and_copies_shared_arrays_first():
     np.testing.assert_array_equal(a.gram, expected.gram)
     np.testing.assert_array_equal(a.cross, expected.cross)
     np.testing.assert_array_equal(a.target_mean, expected.target_mean)
-    np.testing.assert_array_equal(shared, X[:20].T @ X[:20])  # the shared buffer is untouched
+    np.testing.assert_array_equal(shared, untouched)  # the shared buffer is untouched
 
 
 def test_gram_accumulates_in_float64():
@@ -229,3 +231,16 @@ def test_im2col_gram_gives_the_true_conv_output_error():
         assert data_error(M, f.to_dense(), acc.gram) == pytest.approx(measured, rel=1e-10)
         errors.append(measured)
     assert errors[1] < 0.8 * errors[0]
+
+
+def test_gram_read_between_updates_is_symmetric_and_current(monkeypatch):
+    """G is accumulated as its upper triangle; every read mirrors it (by blocks smaller than
+    the matrix here) and stays exact after further updates."""
+    monkeypatch.setattr(stats, "MIRROR_BLOCK", 3)
+    X = _rng(7).standard_normal((60, 8))
+    acc = GramAccumulator(8)
+    for start, stop in ((0, 10), (10, 30), (30, 60)):
+        acc.update(X[start:stop])
+        gram = acc.gram
+        np.testing.assert_array_equal(gram, gram.T)
+        np.testing.assert_allclose(gram, X[:stop].T @ X[:stop], rtol=1e-12, atol=1e-12)

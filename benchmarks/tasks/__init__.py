@@ -16,6 +16,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "digits_cnn": ("benchmarks.tasks.digits", "DigitsTask"),
     "ppocr_rec": ("benchmarks.tasks.ocr", "OcrRecTask"),
     "minilm": ("benchmarks.tasks.minilm", "MiniLMTask"),
+    "ppocr_cls": ("benchmarks.tasks.ocr_cls", "OcrClsTask"),
 }
 TASK_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 

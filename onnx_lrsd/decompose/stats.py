@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from scipy.linalg.blas import dsyrk
 
 __all__ = ["GramAccumulator", "im2col", "channel_gram"]
 
@@ -28,6 +29,9 @@ class GramAccumulator:
 
     With ``track_cross`` it also keeps X̂ᵀX and ΣX for ``update_pair(X_hat, X)``; there a
     plain ``update(X)`` means X̂ = X. ``gram``, ``mean`` and ``count`` describe X̂.
+
+    G is accumulated as its upper triangle only (BLAS syrk: half the multiply-adds of a full
+    XᵀX), in place in a Fortran-ordered array; ``gram`` returns the full symmetric matrix.
     """
 
     dim: int
@@ -37,12 +41,13 @@ class GramAccumulator:
     _cross: np.ndarray | None = field(init=False, repr=False)
     _target_sum: np.ndarray | None = field(init=False, repr=False)
     _count: int = field(init=False, repr=False, default=0)
+    _lower_stale: bool = field(init=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
         dim = self.dim
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
-        self._gram = np.zeros((self.dim, self.dim))
+        self._gram = np.zeros((self.dim, self.dim), order="F")
         self._sum = np.zeros(self.dim)
         self._cross = np.zeros((self.dim, self.dim)) if self.track_cross else None
         self._target_sum = np.zeros(self.dim) if self.track_cross else None
@@ -63,12 +68,14 @@ class GramAccumulator:
 
     def _add(self, x_hat: np.ndarray, x: np.ndarray) -> None:
         """Accumulate rows of X̂ (gram, sum, count) and, when tracked, X̂ᵀX and ΣX."""
-        gram = x_hat.T @ x_hat
-        self._gram += gram
+        if x_hat.shape[0]:
+            # X̂ᵀ as an F-ordered [dim, n] view: syrk adds X̂ᵀX̂ into the upper triangle, no copies
+            self._gram = dsyrk(1.0, np.ascontiguousarray(x_hat).T, beta=1.0, c=self._gram, overwrite_c=True)
+            self._lower_stale = True
         self._sum += x_hat.sum(axis=0)
         self._count += x_hat.shape[0]
         if self.track_cross:
-            self._cross += gram if x is x_hat else x_hat.T @ x
+            self._cross += x_hat.T @ x
             self._target_sum += x.sum(axis=0)
 
     def update(self, X: np.ndarray, mask: np.ndarray | None = None) -> None:
@@ -91,7 +98,12 @@ class GramAccumulator:
 
     @property
     def gram(self) -> np.ndarray:
-        """X̂ᵀX̂ [dim, dim] (read-only view)."""
+        """X̂ᵀX̂ [dim, dim] (read-only view; its lower triangle is refreshed from the
+        accumulated upper one when rows were added since the last read)."""
+        if self._lower_stale:
+            self.own()
+            _mirror_upper(self._gram)
+            self._lower_stale = False
         return _readonly(self._gram)
 
     @property
@@ -136,6 +148,7 @@ class GramAccumulator:
             )
         self.own()
         self._gram += other._gram
+        self._lower_stale = True
         self._sum += other._sum
         self._count += other._count
         if self.track_cross:
@@ -148,7 +161,21 @@ class GramAccumulator:
         for name in ("_gram", "_sum", "_cross", "_target_sum"):
             a = getattr(self, name)
             if a is not None and not a.flags.writeable:
-                setattr(self, name, a.copy())
+                setattr(self, name, a.copy(order="K"))
+
+
+MIRROR_BLOCK = 512
+"""Rows of the lower triangle refreshed per step (bounds the temporary to MIRROR_BLOCK × dim)."""
+
+
+def _mirror_upper(g: np.ndarray) -> None:
+    """Copy the upper triangle of the square `g` onto its lower one, in place, by blocks."""
+    n = g.shape[0]
+    for start in range(0, n, MIRROR_BLOCK):
+        stop = min(start + MIRROR_BLOCK, n)
+        g[start:stop, :start] = g[:start, start:stop].T
+        block = g[start:stop, start:stop]
+        block[...] = np.triu(block) + np.triu(block, 1).T
 
 
 def _int_tuple(values, length: int, name: str, minimum: int) -> tuple[int, ...]:

@@ -11,13 +11,26 @@ channel alone:
   Sigmoid·Mul / HardSwish / Erf-GELU patterns and squeeze-excitation gates (whose last conv
   becomes a second producer) stay in one group;
 - BatchNormalization, depthwise Conv (group = C, one filter per channel), pooling over space
-  (channel-first spaces only).
+  and Resize / Upsample of the spatial dims (channel-first spaces only);
+- a flatten of globally pooled channels ([N, C, 1, 1] → [N, C] by Flatten, or by Reshape to
+  [N, C] / [N, -1] / [-1, C] whose shape is constant or built from Shape → batch entry and constants):
+  the space continues channel-last, the C in the shape constant is rewritten.
+
+Per-channel constants may be reshaped or unsqueezed from a [C] vector (a SE bias stored as
+Reshape(b, [1, C, 1, 1])): the vector is sliced and the C in the shape rewritten.
+
+Residual Adds: an Add (Sum, Sub, Max, …) of two computed tensors joins both operands' channels,
+so the producers of every branch of an Add chain, the readers of every tensor of the chain and
+the channel-wise ops between form ONE group, listed in `residual_adds`. If any branch cannot be
+narrowed, the whole chain is blocked and the reason names the residual Add whose branch
+blocked it.
 
 It ends at consumers: Conv / MatMul / Gemm that read the channels through a constant weight
 (input channels sliced, weight refitted). Anything else that touches the space blocks the
 group, with the reason: a graph input or output, Reshape / Transpose / Concat / LayerNorm /
 Softmax, a residual Add with a tensor produced by an op outside these rules, a constant that
-broadcasts against the channels in another way.
+broadcasts against the channels in another way. A Shape that reads the channels is allowed
+when only the batch entry of its result is used.
 """
 from __future__ import annotations
 
@@ -32,13 +45,16 @@ from .graph import resolve_constant
 from .layers import LayerTarget, NotATarget, conv_target, gemm_target, matmul_target
 
 __all__ = ["ChannelParam", "ShapeEdit", "ChannelGroup", "BlockedGroup", "find_channel_groups", "find_head_groups",
-           "weight_target"]
+           "vector_view", "weight_target"]
 
 UNARY = {"Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf",
          "Gelu", "Softplus", "Softsign", "Mish", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Identity",
          "Clip", "Dropout", "Floor", "Ceil", "Round", "Sin", "Cos", "ThresholdedRelu", "Shrink"}
 BINARY = {"PRelu", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean"}
 POOLS = {"GlobalAveragePool", "GlobalMaxPool", "AveragePool", "MaxPool", "LpPool", "GlobalLpPool"}
+GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+RESIDUAL = {"Add", "Sub", "Sum", "Mean", "Max", "Min"}
+_VECTOR_VIEWS = {"Reshape", "Unsqueeze"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,7 @@ class ChannelGroup:
     tensors: Tuple[str, ...]
     block: int = 1
     shapes: Tuple[ShapeEdit, ...] = ()
+    residual_adds: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,38 @@ def weight_target(node: gs.Node, graph: gs.Graph) -> Optional[LayerTarget]:
     return None
 
 
+def vector_view(node: gs.Node) -> Optional[np.ndarray]:
+    """Output of `node` if it reshapes or unsqueezes a constant vector (1-D) by constants."""
+    if node.op not in _VECTOR_VIEWS or not node.inputs:
+        return None
+    source = resolve_constant(node.inputs[0])
+    if source is None or source.values.ndim != 1:
+        return None
+    vector = np.asarray(source.values)
+    if node.op == "Reshape":
+        shape = resolve_constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        if shape is None:
+            return None
+        dims = [int(d) for d in np.asarray(shape.values).reshape(-1)]
+        if 0 in dims:
+            return None
+        try:
+            return vector.reshape(dims)
+        except ValueError:
+            return None
+    axes = node.attrs.get("axes") if len(node.inputs) < 2 else None
+    if axes is None and len(node.inputs) > 1:
+        resolved = resolve_constant(node.inputs[1])
+        axes = None if resolved is None else [int(a) for a in np.asarray(resolved.values).reshape(-1)]
+    if axes is None:
+        return None
+    rank = 1 + len(axes)
+    out = vector
+    for axis in sorted(a % rank for a in axes):
+        out = np.expand_dims(out, axis)
+    return out
+
+
 class _Blocked(Exception):
     """A channel space cannot be narrowed; the message says why."""
 
@@ -123,6 +172,11 @@ class _Space:
     params: List[ChannelParam] = field(default_factory=list)
     depthwise: Dict[str, gs.Node] = field(default_factory=dict)
     visited: set = field(default_factory=set)
+    flat: set = field(default_factory=set)  # tensors [N, C] after a flatten (channel-last)
+    shapes: List[ShapeEdit] = field(default_factory=list)
+    residual: Dict[str, None] = field(default_factory=dict)
+    branch: Dict[str, str] = field(default_factory=dict)  # tensor → the residual Add whose operand it feeds
+    reason: Optional[str] = None  # why the space cannot be narrowed (the first block met)
 
 
 def _out_channels(target: LayerTarget) -> int:
@@ -148,9 +202,13 @@ class _Finder:
         return self.targets[node.name]
 
     def constant(self, tensor: gs.Tensor) -> Optional[np.ndarray]:
+        """The value of a constant tensor (`resolve_constant`), or of a Reshape / Unsqueeze
+        of a constant vector by constant shape / axes; else None."""
         if isinstance(tensor, gs.Constant) or tensor.inputs:
             resolved = resolve_constant(tensor)
-            return None if resolved is None else resolved.values
+            if resolved is not None:
+                return resolved.values
+            return vector_view(tensor.inputs[0]) if tensor.inputs else None
         return None
 
     def grow(self, start: gs.Node) -> _Space:
@@ -160,69 +218,117 @@ class _Finder:
         space.producers[start.name] = start
         space.visited.add(start.name)
         queue = deque([start.outputs[0]])
-        while queue:
+        while queue:  # past a block the search goes on, so that one blocked space lists all its producers
             tensor = queue.popleft()
             if tensor.name in space.tensors:
                 continue
             space.tensors[tensor.name] = tensor
-            if tensor.name in self.outputs:
-                raise _Blocked(f"'{tensor.name}' is a graph output")
-            if tensor.name in self.inputs or not tensor.inputs:
-                raise _Blocked(f"graph input '{tensor.name}' enters the channels")
-            for node in [tensor.inputs[0]] + list(tensor.outputs):
-                if node.name not in space.visited:
-                    space.visited.add(node.name)
-                    queue.extend(self.visit(node, tensor, space))
+            try:
+                if tensor.name in self.outputs:
+                    raise _Blocked(f"'{tensor.name}' is a graph output")
+                if tensor.name in self.inputs or not tensor.inputs:
+                    raise _Blocked(f"graph input '{tensor.name}' enters the channels")
+                for node in [tensor.inputs[0]] + list(tensor.outputs):
+                    if node.name not in space.visited:
+                        space.visited.add(node.name)
+                        try:
+                            queue.extend(self.visit(node, tensor, space))
+                        except _Blocked as reason:
+                            self.block(space, tensor, reason)
+            except _Blocked as reason:
+                self.block(space, tensor, reason)
+        if space.reason is not None:
+            raise _Blocked(space.reason)
         if not space.consumers:
             raise _Blocked("no layer reads the channels through a weight")
         return space
 
+    @staticmethod
+    def block(space: _Space, tensor: gs.Tensor, reason: _Blocked) -> None:
+        """Keep the first reason the space cannot be narrowed (naming the residual Add whose
+        branch `tensor` is on)."""
+        if space.reason is None:
+            add = space.branch.get(tensor.name)
+            space.reason = str(reason) if add is None else f"residual Add '{add}' joins a branch where {reason}"
+
     def visit(self, node: gs.Node, via: gs.Tensor, space: _Space) -> List[gs.Tensor]:
-        """Record `node`, reached through `via`; return the tensors that join the space."""
+        """Record `node`, reached through `via`; return the tensors that join the space (those
+        on a branch of a residual Add are marked in `space.branch`, flattened ones in `space.flat`)."""
+        joined = self.joined(node, via, space)
+        flat = via.name in space.flat
+        backward = via in node.outputs
+        for tensor in joined:
+            if flat and node.op not in ("Reshape", "Flatten"):
+                space.flat.add(tensor.name)
+            if backward and via.name in space.branch and tensor in node.inputs:
+                space.branch.setdefault(tensor.name, space.branch[via.name])
+        return joined
+
+    def joined(self, node: gs.Node, via: gs.Tensor, space: _Space) -> List[gs.Tensor]:
         produced = via in node.outputs
+        first = space.channel_first and via.name not in space.flat  # channel axis 1 (else the last axis)
         if node.op in ("Conv", "MatMul", "Gemm") and int(node.attrs.get("group", 1)) == 1:
             target = self.target(node)
             if target is None:
                 raise _Blocked(f"{node.op} '{node.name}' touches the channels without a constant weight")
             if produced:
-                if (target.conv is not None) != space.channel_first or _out_channels(target) != space.channels:
+                if (target.conv is not None) != first or _out_channels(target) != space.channels:
                     raise _Blocked(f"producer '{node.name}' does not match the channel layout")
                 space.producers[node.name] = node
                 return []
             if node.inputs[0] is not via or _in_channels(target) != space.channels or \
-                    (target.conv is not None) != space.channel_first:
+                    (target.conv is not None) != first:
                 raise _Blocked(f"{node.op} '{node.name}' reads the channels in another layout")
             space.consumers[node.name] = node
             return []
         if node.op == "Conv":
-            return self.depthwise(node, space)
+            return self.depthwise(node, space, first)
         if node.op == "BatchNormalization":
             if len([t for t in node.outputs if t.name]) != 1:
                 raise _Blocked(f"BatchNormalization '{node.name}' in training mode")
             space.params.extend(ChannelParam(node.name, i, 0) for i in range(1, 5))
             return [node.inputs[0], node.outputs[0]]
         if node.op in POOLS:
-            if not space.channel_first:
+            if not first:
                 raise _Blocked(f"{node.op} '{node.name}' pools over the channel axis")
             return [node.inputs[0], node.outputs[0]]
+        if node.op in ("Resize", "Upsample"):
+            if not first:
+                raise _Blocked(f"{node.op} '{node.name}' on channel-last channels")
+            self.spatial_resize(node, space)
+            return [node.inputs[0], node.outputs[0]]
+        if node.op == "Shape" and not produced:
+            if not self.batch_only(node.outputs[0]):
+                raise _Blocked(f"Shape '{node.name}' reads the channels (not only the batch size)")
+            return []
+        if node.op in ("Reshape", "Flatten"):
+            return self.flatten(node, via, space)
         if node.op in UNARY:
             for index, extra in enumerate(node.inputs[1:], 1):
                 if extra.name:
-                    self.per_channel(node, index, extra, space, scalar_only=True)
+                    self.per_channel(node, index, extra, space, first, scalar_only=True)
             return [node.inputs[0], node.outputs[0]]
         if node.op in BINARY:
             joined = [node.outputs[0]]
             for index, tensor in enumerate(node.inputs):
-                if self.constant(tensor) is not None:
-                    self.per_channel(node, index, tensor, space)
+                if tensor is not via and self.constant(tensor) is not None:
+                    self.per_channel(node, index, tensor, space, first)
                 else:
                     joined.append(tensor)
+            computed = [t for t in node.inputs if t in joined]
+            if node.op in RESIDUAL and len(computed) > 1:
+                space.residual[node.name] = None
+                for tensor in computed:
+                    if tensor is not via:
+                        space.branch.setdefault(tensor.name, (space.branch.get(via.name) if produced else None)
+                                                or node.name)
             return joined
         raise _Blocked(f"{node.op} '{node.name}' {'writes' if produced else 'reads'} the channels")
 
-    def per_channel(self, node: gs.Node, index: int, tensor: gs.Tensor, space: _Space,
+    def per_channel(self, node: gs.Node, index: int, tensor: gs.Tensor, space: _Space, first: bool,
                     scalar_only: bool = False) -> bool:
-        """Record a constant operand: scalar-like (nothing to do) or per-channel (sliced)."""
+        """Record a constant operand: scalar-like (nothing to do) or per-channel (sliced; a
+        [C] vector seen through Reshape / Unsqueeze is sliced at its source)."""
         values = self.constant(tensor)
         if values is None:
             raise _Blocked(f"{node.op} '{node.name}' mixes in '{tensor.name}', computed at run time")
@@ -230,30 +336,174 @@ class _Finder:
             return False
         if scalar_only:
             raise _Blocked(f"{node.op} '{node.name}' has a non-scalar parameter")
-        rank = space.rank if space.channel_first else values.ndim
-        if space.channel_first and rank is None or values.ndim > (rank or values.ndim):
+        rank = space.rank if first else values.ndim
+        if first and rank is None or values.ndim > (rank or values.ndim):
             raise _Blocked(f"constant '{tensor.name}' of {node.op} '{node.name}' broadcasts beyond the tensor")
-        axis = values.ndim - (rank - 1) if space.channel_first else values.ndim - 1
+        axis = values.ndim - (rank - 1) if first else values.ndim - 1
         if axis < 0 or values.shape[axis] == 1:
             return False
         if values.shape[axis] != space.channels:
             raise _Blocked(f"constant '{tensor.name}' of {node.op} '{node.name}' has {values.shape[axis]} "
                            f"entries on the channel axis, not {space.channels}")
-        space.params.append(ChannelParam(node.name, index, axis))
+        view = tensor.inputs[0] if tensor.inputs and resolve_constant(tensor) is None else None
+        if view is None:
+            space.params.append(ChannelParam(node.name, index, axis))
+            return True
+        # a [C] vector reshaped / unsqueezed into place: slice the vector, rewrite a C in the shape
+        if values.size != space.channels:
+            raise _Blocked(f"constant '{tensor.name}' of {node.op} '{node.name}' is not one value per channel")
+        if len(tensor.outputs) != 1:
+            raise _Blocked(f"{view.op} '{view.name}' of a per-channel constant has other readers")
+        space.params.append(ChannelParam(view.name, 0, 0))
+        if view.op == "Reshape":
+            shape = np.asarray(self.constant(view.inputs[1])).reshape(-1)
+            if shape[axis] == space.channels:
+                space.shapes.append(ShapeEdit(view.name, 1, axis, 1))
         return True
 
-    def depthwise(self, node: gs.Node, space: _Space) -> List[gs.Tensor]:
+    def depthwise(self, node: gs.Node, space: _Space, first: bool) -> List[gs.Tensor]:
         group = int(node.attrs.get("group", 1))
-        weight = self.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        resolved = resolve_constant(node.inputs[1]) if len(node.inputs) > 1 else None
+        weight = None if resolved is None else resolved.values
         if weight is None or group != space.channels or weight.shape[0] != space.channels or weight.shape[1] != 1:
             raise _Blocked(f"grouped Conv '{node.name}' (group {group}) is not depthwise over the channels")
-        if not space.channel_first:
+        if not first:
             raise _Blocked(f"depthwise Conv '{node.name}' on channel-last channels")
         space.depthwise[node.name] = node
         space.params.append(ChannelParam(node.name, 1, 0))
         if len(node.inputs) > 2 and node.inputs[2].name:
+            if resolve_constant(node.inputs[2]) is None:
+                raise _Blocked(f"depthwise Conv '{node.name}' adds a bias computed at run time")
             space.params.append(ChannelParam(node.name, 2, 0))
         return [node.inputs[0], node.outputs[0]]
+
+    def spatial_resize(self, node: gs.Node, space: _Space) -> None:
+        """Accept a Resize / Upsample that scales the spatial dims only (constant scales with 1
+        for batch and channels, or constant sizes whose channel entry is rewritten)."""
+        named = [t if t.name else None for t in node.inputs]
+        if node.op == "Upsample":
+            scales = np.asarray(node.attrs["scales"]) if "scales" in node.attrs else \
+                (self.constant(named[1]) if len(named) > 1 and named[1] is not None else None)
+            sizes = None
+        else:
+            scales_at = 1 if len(named) == 2 else 2
+            scales = self.constant(named[scales_at]) if len(named) > scales_at and named[scales_at] is not None \
+                else None
+            sizes = named[3] if len(named) > 3 else None
+            if scales is None and len(named) > scales_at and named[scales_at] is not None:
+                raise _Blocked(f"{node.op} '{node.name}' has scales computed at run time")
+        if scales is not None and scales.size:
+            if scales.size < 2 or np.any(np.asarray(scales).reshape(-1)[:2] != 1):
+                raise _Blocked(f"{node.op} '{node.name}' scales the channels")
+            return
+        values = self.constant(sizes) if sizes is not None else None
+        if values is None or values.size < 2 or int(values.reshape(-1)[1]) != space.channels:
+            raise _Blocked(f"{node.op} '{node.name}' has no constant scales or sizes")
+        space.shapes.append(ShapeEdit(node.name, 3, 1, 1))
+
+    # ------------------------------------------------------------------ flatten after a global pool
+    def flatten(self, node: gs.Node, via: gs.Tensor, space: _Space) -> List[gs.Tensor]:
+        """[N, C, 1, 1] → [N, C]: Flatten(axis 1), or Reshape to [N, C] / [N, -1] / [-1, C] with
+        N a constant, 0 or the batch entry of a Shape. The output continues the space channel-last."""
+        if via is not node.inputs[0] or via.name in space.flat or not space.channel_first:
+            raise _Blocked(f"{node.op} '{node.name}' {'writes' if via is not node.inputs[0] else 'reads'} "
+                           "the channels")
+        if not self.pooled(via):
+            raise _Blocked(f"{node.op} '{node.name}' flattens channels with a spatial extent")
+        if node.op == "Flatten":
+            if int(node.attrs.get("axis", 1)) != 1:
+                raise _Blocked(f"Flatten '{node.name}' not at axis 1")
+        else:
+            entries = self.shape_entries(node, 1)
+            if entries is None or len(entries) != 2 or entries[0][0] == entries[1][0] == -1:
+                raise _Blocked(f"Reshape '{node.name}' is not a flatten to [N, C]")
+            value, where = entries[1]
+            if value == space.channels and where is not None:
+                space.shapes.append(ShapeEdit(where[0], where[1], where[2], 1))
+            elif value != -1:
+                raise _Blocked(f"Reshape '{node.name}' is not a flatten to [N, C]")
+        space.flat.add(node.outputs[0].name)
+        return [node.outputs[0]]
+
+    def pooled(self, tensor: gs.Tensor) -> bool:
+        """The tensor's spatial dims are 1: recorded so, or it comes from a global pool
+        through channel-wise unary ops."""
+        shape = tensor.shape
+        if shape is not None and len(shape) > 2 and all(isinstance(d, (int, np.integer)) and d == 1
+                                                         for d in shape[2:]):
+            return True
+        while tensor.inputs:
+            node = tensor.inputs[0]
+            if node.op in GLOBAL_POOLS:
+                return True
+            if node.op not in UNARY or not node.inputs:
+                return False
+            tensor = node.inputs[0]
+        return False
+
+    def shape_entries(self, node: gs.Node, index: int) -> Optional[List[Tuple[int, Optional[tuple]]]]:
+        """The entries of the shape at input `index` of `node`: (value, (node, input, position)
+        of the constant holding it), value -2 for the batch entry of a Shape; None if unknown."""
+        tensor = node.inputs[index]
+        values = self.constant(tensor)
+        if values is not None:
+            return [(int(v), (node.name, index, i)) for i, v in enumerate(np.asarray(values).reshape(-1))]
+        if self.batch_entry(tensor):
+            return [(-2, None)]
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is not None and producer.op == "Concat" and int(producer.attrs.get("axis", 0)) in (0, -1):
+            entries = []
+            for i in range(len(producer.inputs)):
+                part = self.shape_entries(producer, i)
+                if part is None:
+                    return None
+                entries += part
+            return entries
+        return None
+
+    def batch_entry(self, tensor: gs.Tensor) -> bool:
+        """`tensor` is [N] (or N): entry 0 of a Shape, through Cast / Unsqueeze / Identity."""
+        while tensor.inputs and tensor.inputs[0].op in ("Cast", "Unsqueeze", "Identity"):
+            tensor = tensor.inputs[0].inputs[0]
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or not self.takes_batch(node):
+            return False
+        source = node.inputs[0]
+        while source.inputs and source.inputs[0].op in ("Cast", "Identity"):
+            source = source.inputs[0].inputs[0]
+        return bool(source.inputs) and source.inputs[0].op == "Shape" and \
+            int(source.inputs[0].attrs.get("start", 0)) == 0
+
+    def takes_batch(self, node: gs.Node) -> bool:
+        """A Slice [0:1] on axis 0 or a Gather of index 0 (of a shape)."""
+        if node.op == "Gather" and len(node.inputs) == 2:
+            index = self.constant(node.inputs[1])
+            return index is not None and index.size == 1 and int(index.reshape(-1)[0]) == 0
+        if node.op == "Slice" and len(node.inputs) >= 3:
+            bounds = [self.constant(t) if t.name else None for t in node.inputs[1:]]
+            if any(b is None for b in bounds[:2]) or any(b is not None and b.size != 1 for b in bounds):
+                return False
+            starts, ends = int(bounds[0].reshape(-1)[0]), int(bounds[1].reshape(-1)[0])
+            axes = int(bounds[2].reshape(-1)[0]) if len(bounds) > 2 and bounds[2] is not None else 0
+            steps = int(bounds[3].reshape(-1)[0]) if len(bounds) > 3 and bounds[3] is not None else 1
+            return starts == 0 and ends == 1 and axes == 0 and steps == 1
+        if node.op == "Slice":  # opset < 10: starts / ends attributes
+            return list(node.attrs.get("starts", [])) == [0] and list(node.attrs.get("ends", [])) == [1] and \
+                list(node.attrs.get("axes", [0])) == [0]
+        return False
+
+    def batch_only(self, shape: gs.Tensor) -> bool:
+        """Every use of a Shape's result (through Cast / Identity) takes its batch entry only."""
+        readers = list(shape.outputs)
+        if shape.name in self.outputs or not readers:
+            return False
+        for reader in readers:
+            if reader.op in ("Cast", "Identity"):
+                if not self.batch_only(reader.outputs[0]):
+                    return False
+            elif not (self.takes_batch(reader) and reader.inputs[0] is shape):
+                return False
+        return True
 
 
 def _producer_params(space: _Space, finder: _Finder) -> List[ChannelParam]:
@@ -271,7 +521,8 @@ def _producer_params(space: _Space, finder: _Finder) -> List[ChannelParam]:
         else:
             params.append(ChannelParam(name, 1, 0 if target.gemm.trans_b else 1))
             if len(node.inputs) > 2 and node.inputs[2].name:
-                c = finder.constant(node.inputs[2])
+                resolved = resolve_constant(node.inputs[2])
+                c = None if resolved is None else resolved.values
                 if c is None:
                     raise _Blocked(f"Gemm '{name}' adds a bias computed at run time")
                 if c.size > 1:
@@ -303,7 +554,8 @@ def find_channel_groups(graph: gs.Graph) -> Tuple[List[ChannelGroup], List[Block
         groups.append(ChannelGroup(
             name=node.name, channels=space.channels, channel_first=space.channel_first,
             producers=tuple(space.producers), consumers=tuple(space.consumers), params=tuple(params),
-            depthwise=tuple(space.depthwise), tensors=tuple(space.tensors)))
+            depthwise=tuple(space.depthwise), tensors=tuple(space.tensors), shapes=tuple(space.shapes),
+            residual_adds=tuple(space.residual)))
     return groups, blocked
 
 

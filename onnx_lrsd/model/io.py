@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
+PLACEHOLDER_DIM_NAMES = ("?",)
+"""dim_param values some exporters write for "unknown" (Paddle2ONNX): taken as unnamed, not as
+one dim shared by every place that carries them (which is what a dim_param means in ONNX)."""
+
 PROTOBUF_LIMIT = 2**31 - 1
 """A serialized ModelProto cannot exceed 2 GB; larger models go to external data."""
 
@@ -44,6 +48,7 @@ def load_source(source: ModelSource, map_above: Optional[int] = None) -> Tuple[o
     if isinstance(source, (onnx.ModelProto, bytes, bytearray)):
         model = _copy(source) if isinstance(source, onnx.ModelProto) else _parse(bytes(source), "the given bytes")
         _refuse_unloaded_external_data(model)
+        name_unknown_dims(model)
         check_model(model)
         make_node_names_unique(model)
         return model, None
@@ -57,6 +62,7 @@ def load_source(source: ModelSource, map_above: Optional[int] = None) -> Tuple[o
     except OSError as exc:
         raise LrsdError(f"cannot read {path}: {exc.strerror or exc}") from None
     model = _parse(data, str(path))
+    name_unknown_dims(model)
     check_model(model, str(path))
     make_node_names_unique(model)
     _check_external_locations(model, path.parent, path)
@@ -67,6 +73,32 @@ def load_source(source: ModelSource, map_above: Optional[int] = None) -> Tuple[o
     except (OSError, ValueError) as exc:
         raise LrsdError(f"{path}: cannot load external data: {exc}") from None
     return model, None
+
+
+def name_unknown_dims(model: onnx.ModelProto) -> None:
+    """Name every graph-input dim that is dynamic but has no usable name — `dim_value` −1 (a
+    common exporters' convention, outside the ONNX spec), neither value nor name, or a
+    placeholder of `PLACEHOLDER_DIM_NAMES` — as ``{input}_dim{axis}``, so that calibration
+    data or ``--dim`` can give it a value; a −1 of a graph output or value_info becomes an
+    unknown dim. Other negative dims are left for `check_model` to refuse."""
+    taken = {d.dim_param for v in model.graph.input if v.type.HasField("tensor_type")
+             for d in v.type.tensor_type.shape.dim}
+    for value in model.graph.input:
+        if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            unnamed = not dim.HasField("dim_value") and dim.dim_param in ("", *PLACEHOLDER_DIM_NAMES)
+            if unnamed or (dim.HasField("dim_value") and dim.dim_value == -1):
+                name = f"{value.name}_dim{axis}"
+                while name in taken:
+                    name += "_"
+                dim.dim_param = name
+                taken.add(name)
+    for value in (*model.graph.output, *model.graph.value_info):
+        if value.type.HasField("tensor_type"):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.HasField("dim_value") and dim.dim_value == -1:
+                    dim.ClearField("dim_value")
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

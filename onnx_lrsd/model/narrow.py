@@ -7,7 +7,8 @@ instead get a refitted weight W' [k·block, out] and a bias shift (see
 `onnx_lrsd.decompose.channels.refit_consumer`): the shift is added to its bias (Conv / Gemm
 bias input, or the constant of the Add that follows a MatMul), or a bias is added. Every new
 constant is a new initializer named ``{node}/lrsd/{role}``, so shared constants stay intact.
-Attention-head groups also rewrite the Reshape constants that count heads. Shapes recorded
+Attention-head groups also rewrite the Reshape constants that count heads, and channel groups
+the C in the shape of a flatten into a classifier or of a [C] vector reshaped to [1, C, 1, 1]. Shapes recorded
 for the narrowed tensors are dropped (they changed); graph inputs and outputs never belong to
 a group, so dynamic batch and sequence dims are untouched.
 """
@@ -19,7 +20,7 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .channel_groups import ChannelGroup, weight_target
+from .channel_groups import ChannelGroup, vector_view, weight_target
 from .graph import resolve_constant
 from .naming import TensorNamer
 
@@ -83,16 +84,29 @@ def _to_layout(node: gs.Node, W: np.ndarray, graph: gs.Graph) -> np.ndarray:
     return W
 
 
-def _bias_add(node: gs.Node, outputs: set):
-    """(Add node, constant input index) of a constant bias Add right after a MatMul, or None."""
+def _bias_add(node: gs.Node, outputs: set, channels: int, graph: gs.Graph):
+    """Where the constant per-channel bias Add right after `node` keeps its values: (node, input
+    index) of the Add's constant, or of the [C] vector a Reshape / Unsqueeze turns into it
+    (a squeeze-excitation bias stored as Reshape(b, [1, C, 1, 1])); None if there is none.
+    Per-channel: C entries on the channel axis (1 for a conv, the last for a MatMul), 1 elsewhere."""
     out = node.outputs[0]
     if out.name in outputs or len(out.outputs) != 1 or out.outputs[0].op != "Add":
         return None
     add = out.outputs[0]
     other = 1 if add.inputs[0] is out else 0
-    if add.inputs[1 - other] is not out or resolve_constant(add.inputs[other]) is None:
+    if add.inputs[1 - other] is not out:
         return None
-    return add, other
+    operand = add.inputs[other]
+    resolved = resolve_constant(operand)
+    view = operand.inputs[0] if resolved is None and operand.inputs and len(operand.outputs) == 1 else None
+    values = resolved.values if resolved is not None else (vector_view(view) if view is not None else None)
+    if values is None or values.size != channels:
+        return None
+    target = weight_target(node, graph)
+    axis = values.ndim - 1 - (len(target.conv.kernel_shape) if target.conv is not None else 0)
+    if axis < 0 or values.shape[axis] != channels:
+        return None
+    return (add, other) if resolved is not None else (view, 0)
 
 
 def _columns(kept: np.ndarray, block: int) -> np.ndarray:
@@ -114,13 +128,12 @@ def narrow_graph(graph: gs.Graph, plans: Sequence[GroupPlan]) -> int:
             target = weight_target(node, graph)
             block = plan.group.block * (int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1)
             cols = _columns(plan.kept, block)
-            dtype = target.weight.dtype
             refit = refits.get(name)
             W = refit.weight if refit is not None else target.matrix()[cols]
             values.get(name, 1)
             values.set(name, 1, _to_layout(node, W, graph))
             if refit is not None:
-                _shift_bias(node, refit.bias_shift, values, extra_bias, outputs, dtype)
+                _shift_bias(node, refit.bias_shift, values, extra_bias, outputs, graph)
     for plan in plans:
         kept = plan.kept
         for param in dict.fromkeys(plan.group.params):
@@ -143,7 +156,10 @@ def narrow_graph(graph: gs.Graph, plans: Sequence[GroupPlan]) -> int:
     roles = {1: "weight", 2: "bias"}
     for (name, index), value in values.values.items():
         dtype = values.dtypes[(name, index)]
-        role = "shape" if nodes[name].op == "Reshape" else roles.get(index, f"param{index}")
+        if nodes[name].op in ("Reshape", "Unsqueeze"):  # a per-channel vector (0) seen through a shape (1)
+            role = "shape" if index == 1 else "values"
+        else:
+            role = roles.get(index, f"param{index}")
         nodes[name].inputs[index] = gs.Constant(namer(name, role),
                                                 np.ascontiguousarray(value.astype(dtype)))
     for name, bias in extra_bias.items():
@@ -162,9 +178,12 @@ def narrow_graph(graph: gs.Graph, plans: Sequence[GroupPlan]) -> int:
 
 
 def _shift_bias(node: gs.Node, shift: np.ndarray, values: _Values, extra_bias: Dict[str, np.ndarray],
-                outputs: set, dtype) -> None:
-    """Add the refit's bias shift [out] to the consumer's bias (or give it one)."""
+                outputs: set, graph: gs.Graph) -> None:
+    """Add the refit's bias shift [out] to the consumer's bias, else to the constant bias Add
+    that follows it (so onnxruntime still folds that Add into the layer), else give it a bias."""
     has_bias = len(node.inputs) > 2 and node.inputs[2].name
+    follows = _bias_add(node, outputs, shift.size, graph) if node.op in ("Conv", "MatMul") and not has_bias \
+        else None
     if node.op == "Conv" and has_bias:
         values.set(node.name, 2, values.get(node.name, 2) + shift)
     elif node.op == "Gemm" and has_bias:
@@ -172,8 +191,9 @@ def _shift_bias(node: gs.Node, shift: np.ndarray, values: _Values, extra_bias: D
         values.set(node.name, 2, values.get(node.name, 2) + shift / beta)
     elif node.op == "Gemm":
         extra_bias[node.name] = shift / float(node.attrs.get("beta", 1.0))
-    elif node.op == "MatMul" and _bias_add(node, outputs) is not None:
-        add, index = _bias_add(node, outputs)
-        values.set(add.name, index, values.get(add.name, index) + shift)
+    elif follows is not None:
+        owner, index = follows
+        current = values.get(owner.name, index)
+        values.set(owner.name, index, current + shift.reshape(current.shape))
     else:
         extra_bias[node.name] = shift

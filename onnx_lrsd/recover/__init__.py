@@ -12,7 +12,8 @@ Modules load on first use (the report types import `types` without the adjoint e
 import sys
 import types
 _API = {
-    "recover": "api", "recover_file": "api", "recover_models": "distill", "RecoveryResult": "distill",
+    "recover": "api", "recover_file": "api", "recover_models": "distill", "recover_at_level": "blockwise",
+    "RecoveryResult": "distill",
     "LossGradient": "gradients", "UnsupportedOp": "gradients", "LeftAsFitted": "types", "RecoverConfig": "types",
     "RecoverProgress": "types", "RecoveryReport": "types",
 }

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
 
 from ..errors import LrsdError
-from .distill import RecoveryResult, recover_models
+from .blockwise import recover_at_level
+from .distill import RecoveryResult
 from .types import RecoverConfig, RecoverProgress
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def recover(model, teacher, calibration, config: Optional[RecoverConfig] = None,
     else:
         batches = calibration_batches(calibration, original, CompressConfig(
             calib_samples=config.samples, calib_batch=config.batch, verify=False, seed=config.seed))
-    return recover_models(student, original, batches, config, on_step)
+    return recover_at_level(student, original, batches, config, on_step)
 
 
 def _first_samples(batches, n: int):

@@ -63,9 +63,11 @@ def _float_tensors(model: onnx.ModelProto) -> Dict[str, onnx.TensorProto]:
 
 
 def trainable_tensors(model: onnx.ModelProto, which: str) -> List[str]:
-    """Names of the weights to train. "compressed": tensors named `{node}/lrsd/...` (factors,
-    residual values, shifted biases) and the bias inputs of nodes named `{node}/lrsd/...`;
-    "all": every float weight with more than one element, except BatchNorm statistics."""
+    """Names of the weights to train. "compressed": tensors named `{node}/lrsd/...` (low rank:
+    factors, residual values, shifted biases; width reduction: the narrowed producers' and
+    consumers' weights and biases, and the per-channel constants between them such as BatchNorm
+    scale and shift or depthwise weights) and the bias inputs of nodes named `{node}/lrsd/...`;
+    "all": every float weight with more than one element. BatchNorm statistics never train."""
     floats = _float_tensors(model)
     consumers: Dict[str, List[Tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
@@ -230,69 +232,41 @@ def _build_gradient(student, prepared, trainable, shapes, loss, output, probabil
 
 def _weights_of(model: onnx.ModelProto, exc: UnsupportedOp, trainable: Sequence[str]) -> List[str]:
     """Trainable weights read directly by the node (or, unnamed, by grouped ops of that type)
-    that has no gradient rule."""
+    that has no gradient rule, at the input positions it names (e.g. a grouped Conv's weight,
+    not its bias)."""
     def grouped(node):
         return any(a.name == "group" and a.i > 1 for a in node.attribute)
     nodes = [n for n in model.graph.node
              if (n.name == exc.node if exc.node else n.op_type == exc.op_type and grouped(n))]
-    return [t for t in trainable if any(t in n.input for n in nodes)]
+    read = {name for n in nodes for i, name in enumerate(n.input) if exc.inputs is None or i in exc.inputs}
+    return [t for t in trainable if t in read]
 
 
-def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibration: Sequence[Mapping[str, np.ndarray]],
-            config: Optional[RecoverConfig] = None,
-            on_step: Optional[Callable[[RecoverProgress], None]] = None) -> RecoveryResult:
-    """Fine-tune `student` (compressed) to reproduce `teacher` (original) on `calibration`
-    (feed dicts, unlabeled); neither model is modified. Ctrl-C propagates and keeps nothing."""
-    from ..runtime.bench import make_session
+@dataclass(frozen=True)
+class LoopResult:
+    """What `adam_loop` returns: the best held-out step's parameters and the run's record."""
 
-    config = config or RecoverConfig()
-    start = time.perf_counter()
-    samples = stack_samples(calibration)
-    n = len(next(iter(samples.values())))
-    if n < 2:
-        raise LrsdError(f"recovery needs at least 2 calibration samples, got {n}")
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n)
-    n_held = min(n - 1, max(1, int(round(config.holdout * n))))
-    held = _take(samples, np.sort(order[:n_held]))
-    train_idx = np.sort(order[n_held:])
-    output = config.output or teacher.graph.output[0].name
-    if output not in [o.name for o in student.graph.output]:
-        raise LrsdError(f"output '{output}' is not an output of the compressed model")
-    teacher_session = make_session(teacher, config.threads)
-    held_out = np.concatenate([teacher_session.run([output], _take(held, p))[0] for p in _chunks(n_held, config.batch)])
+    params: Dict[str, np.ndarray]
+    steps: int
+    best_step: int
+    stopped_by: str
+    loss_after: float
+    curve: Tuple[Tuple[int, float], ...]
 
-    probabilities = _is_probability(held_out)
-    loss = config.loss
-    if loss == "auto":
-        loss = "kl" if probabilities or "logit" in output.lower() else "mse"
-    scale = float(np.mean(held_out.astype(np.float64) ** 2)) or 1.0
-    targets = _Targets(loss, probabilities)
-    kind = input_kind(samples) if config.augment == "auto" else config.augment
-    augment = make_augment(kind, samples, config.mask_input, config.unk_id)
 
-    prepared = prepared_copy(student)
-    trainable = trainable_tensors(prepared, config.trainable)
-    if not trainable:
-        raise LrsdError("nothing to train: the model has no compressed layers (tensors named '<node>/lrsd/...'); "
-                        "use trainable='all'")
-    shapes = {k: (config.batch,) + v.shape[1:] for k, v in samples.items()}
-    lg, trainable, left = _build_gradient(student, prepared, trainable, shapes, loss, output, probabilities, scale,
-                                          config.threads)
-    student_session = make_session(student, config.threads)
-    error_before = _relative_error(student_session, held, held_out, output, config.batch)
-    del student_session
-    if lg is None:
-        seconds = time.perf_counter() - start
-        report = RecoveryReport("end-to-end", loss, kind, output, 0, 0, len(train_idx), n_held, 0, 0, "no gradients",
-                                seconds, math.nan, math.nan, error_before, error_before, (), tuple(left))
-        return RecoveryResult(student, report)
-
-    masks = support_masks(student, trainable)
+def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np.ndarray,
+              held: Mapping[str, np.ndarray], held_targets: Mapping[str, np.ndarray],
+              label: Callable[[np.ndarray, Dict[str, np.ndarray]], Dict[str, np.ndarray]], augment,
+              masks: Mapping[str, np.ndarray], config: RecoverConfig, rng: np.random.Generator, start: float,
+              on_step: Optional[Callable[[RecoverProgress], None]] = None) -> LoopResult:
+    """Adam on `lg`'s trainable weights over `config`'s step / time budget (time from `start`):
+    batches of the training samples `train_idx` (a seeded permutation per epoch), augmented,
+    labelled by `label(sample indices, feeds)`; the held-out loss every `eval_every` steps
+    keeps the best step and stops after `patience` evaluations without improvement."""
+    n_held = len(next(iter(held_targets.values())))
     params = {k: v.astype(np.float64) for k, v in lg.initial.items()}
     moment1 = {k: np.zeros_like(v) for k, v in params.items()}
     moment2 = {k: np.zeros_like(v) for k, v in params.items()}
-    held_targets = targets(held_out)
 
     def heldout_loss() -> float:
         total = 0.0
@@ -322,7 +296,7 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
         feeds = _take(samples, np.array(picks))
         if augment is not None:
             feeds = augment(feeds, rng)
-        batch_targets = targets(teacher_session.run([output], feeds)[0])
+        batch_targets = label(np.array(picks), feeds)
         train_loss, grads = lg(feeds, batch_targets, params)
         if not math.isfinite(train_loss):
             stopped_by = "diverged"
@@ -359,17 +333,79 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
         curve.append((step, evaluated))
         if evaluated < best[0]:
             best = (evaluated, step, {k: v.copy() for k, v in params.items()})
-    loss_after, best_step, best_params = best
+    return LoopResult(best[2], step, best[1], stopped_by, best[0], tuple(curve))
+
+
+def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibration: Sequence[Mapping[str, np.ndarray]],
+            config: Optional[RecoverConfig] = None,
+            on_step: Optional[Callable[[RecoverProgress], None]] = None) -> RecoveryResult:
+    """Fine-tune `student` (compressed) to reproduce `teacher` (original) on `calibration`
+    (feed dicts, unlabeled) by end-to-end distillation; neither model is modified. Ctrl-C
+    propagates and keeps nothing. The other levels: `blockwise.recover_at_level`."""
+    from ..runtime.bench import make_session
+
+    config = config or RecoverConfig()
+    if config.level != "end-to-end":
+        raise LrsdError(f"level {config.level} is run by onnx_lrsd.recover.blockwise.recover_at_level")
+    start = time.perf_counter()
+    samples = stack_samples(calibration)
+    n = len(next(iter(samples.values())))
+    if n < 2:
+        raise LrsdError(f"recovery needs at least 2 calibration samples, got {n}")
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(n)
+    n_held = min(n - 1, max(1, int(round(config.holdout * n))))
+    held = _take(samples, np.sort(order[:n_held]))
+    train_idx = np.sort(order[n_held:])
+    output = config.output or teacher.graph.output[0].name
+    if output not in [o.name for o in student.graph.output]:
+        raise LrsdError(f"output '{output}' is not an output of the compressed model")
+    teacher_session = make_session(teacher, config.threads)
+    held_out = np.concatenate([teacher_session.run([output], _take(held, p))[0] for p in _chunks(n_held, config.batch)])
+
+    probabilities = _is_probability(held_out)
+    loss = config.loss
+    if loss == "auto":
+        loss = "kl" if probabilities or "logit" in output.lower() else "mse"
+    scale = float(np.mean(held_out.astype(np.float64) ** 2)) or 1.0
+    targets = _Targets(loss, probabilities)
+    kind = input_kind(samples) if config.augment == "auto" else config.augment
+    augment = make_augment(kind, samples, config.mask_input, config.unk_id)
+
+    prepared = prepared_copy(student)
+    trainable = trainable_tensors(prepared, config.trainable)
+    if not trainable:
+        raise LrsdError("nothing to train: the model has no compressed or narrowed layers (tensors named "
+                        "'<node>/lrsd/...'); use trainable='all'")
+    shapes = {k: (config.batch,) + v.shape[1:] for k, v in samples.items()}
+    lg, trainable, left = _build_gradient(student, prepared, trainable, shapes, loss, output, probabilities, scale,
+                                          config.threads)
+    student_session = make_session(student, config.threads)
+    error_before = _relative_error(student_session, held, held_out, output, config.batch)
+    del student_session
+    if lg is None:
+        seconds = time.perf_counter() - start
+        report = RecoveryReport("end-to-end", loss, kind, output, 0, 0, len(train_idx), n_held, 0, 0, "no gradients",
+                                seconds, math.nan, math.nan, error_before, error_before, (), tuple(left))
+        return RecoveryResult(student, report)
+
+    masks = support_masks(student, trainable)
+    teach = lambda picks, feeds: targets(teacher_session.run([output], feeds)[0])  # noqa: E731
+    fit = adam_loop(lg, samples, train_idx, held, targets(held_out), teach, augment, masks, config, rng, start,
+                    on_step)
+    step, stopped_by, curve, loss_before = fit.steps, fit.stopped_by, fit.curve, fit.curve[0][1]
+    loss_after, best_step, best_params = fit.loss_after, fit.best_step, fit.params
     model = with_values(student, best_params) if best_step > 0 else student
     error_after = _relative_error(make_session(model, config.threads), held, held_out, output, config.batch) \
         if best_step > 0 else error_before
     seconds = time.perf_counter() - start
     report = RecoveryReport(
         level="end-to-end", loss=loss, augment=kind, output=output, trainable_tensors=len(trainable),
-        trainable_params=int(sum(v.size for v in params.values())), train_samples=len(train_idx),
+        trainable_params=int(sum(v.size for v in best_params.values())), train_samples=len(train_idx),
         heldout_samples=n_held, steps=step, best_step=best_step, stopped_by=stopped_by, seconds=seconds,
         loss_before=loss_before, loss_after=loss_after, error_before=error_before, error_after=error_after,
         curve=tuple(curve), left_as_fitted=tuple(left))
     log.info("recovery: %d steps in %.0f s, held-out loss %.4g -> %.4g (best step %d), output error %.4g -> %.4g",
              step, seconds, loss_before, loss_after, best_step, error_before, error_after)
     return RecoveryResult(model, report)
+

@@ -38,10 +38,11 @@ PROB_FLOOR = 1e-12
 
 
 class UnsupportedOp(LrsdError):
-    """The adjoint cannot be built: an op reached by a trainable tensor has no rule."""
+    """The adjoint cannot be built: an op reached by a trainable tensor has no rule (for the
+    input positions `inputs`; None: for any of its inputs)."""
 
-    def __init__(self, op_type: str, node: str, detail: str = ""):
-        self.op_type, self.node = op_type, node
+    def __init__(self, op_type: str, node: str, detail: str = "", inputs: Optional[Tuple[int, ...]] = None):
+        self.op_type, self.node, self.inputs = op_type, node, inputs
         where = f" (node '{node}')" if node else ""
         super().__init__(f"no gradient rule for {op_type}{where}" + (f": {detail}" if detail else ""))
 
@@ -230,6 +231,8 @@ def _session(model: onnx.ModelProto, threads: int):
 
 
 _OP_IN_MESSAGE = re.compile(r"for (\w+) \(node '([^']*)'\)")
+_WEIGHT_ONLY = "with respect to its weight"
+"""onnx_ad's words for a rule that lacks only the weight's adjoint (a grouped Conv: input 1)."""
 
 
 def _unsupported(exc: Exception, model: onnx.ModelProto) -> UnsupportedOp:
@@ -247,7 +250,7 @@ def _unsupported(exc: Exception, model: onnx.ModelProto) -> UnsupportedOp:
                 return UnsupportedOp(node.op_type, node.name, "its output shape cannot be inferred")
     words = set(re.findall(r"\w+", text))
     op = next((n.op_type for n in model.graph.node if n.op_type in words), "?")
-    return UnsupportedOp(op, "", text)
+    return UnsupportedOp(op, "", text, inputs=(1,) if _WEIGHT_ONLY in text else None)
 
 
 class LossGradient:

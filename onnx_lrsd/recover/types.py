@@ -12,6 +12,7 @@ LOSS_CHOICES = ("auto", "kl", "mse")
 AUGMENT_CHOICES = ("auto", "none", "image", "tokens", "noise")
 TRAINABLE_CHOICES = ("compressed", "all")
 SCHEDULE_CHOICES = ("cosine", "constant")
+LEVEL_CHOICES = ("end-to-end", "blocks", "blocks+end-to-end")
 DEFAULT_STEPS = 200
 """Steps when neither `steps` nor `time_budget` is given ("auto")."""
 
@@ -35,6 +36,9 @@ class RecoverConfig:
     eval_every: steps between held-out evaluations; patience: evaluations without improvement
       before stopping (None: never stop early).
     samples: use at most this many calibration samples (None: all the source gives).
+    level: "end-to-end" distillation on the model output, "blocks" (block-wise reconstruction,
+      `recover.blockwise`), or "blocks+end-to-end" (blocks on half the budget, then end-to-end);
+      block_size: nodes reading trainable weights per block.
     """
 
     steps: Optional[int] = None
@@ -56,6 +60,8 @@ class RecoverConfig:
     samples: Optional[int] = None
     seed: int = 0
     threads: int = 2
+    level: str = "end-to-end"
+    block_size: int = 6
 
     def __post_init__(self):
         checks = [
@@ -79,6 +85,9 @@ class RecoverConfig:
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience!r}"),
             (self.samples is None or self.samples >= 2, f"samples must be >= 2, got {self.samples!r}"),
             (isinstance(self.threads, int) and self.threads >= 1, f"threads must be >= 1, got {self.threads!r}"),
+            (self.level in LEVEL_CHOICES, f"level must be one of {', '.join(LEVEL_CHOICES)}, got {self.level!r}"),
+            (isinstance(self.block_size, int) and self.block_size >= 1,
+             f"block_size must be >= 1, got {self.block_size!r}"),
         ]
         for ok, message in checks:
             if not ok:

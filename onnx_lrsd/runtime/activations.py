@@ -2,14 +2,16 @@
 
 The wanted tensors are appended to `graph.output` of a copy of the model, which runs with all
 graph optimisations off (fusions would hide them). Each batch's activations are turned into
-the rows the layer multiplies (`layer_rows`) and streamed into float64 Gram accumulators; no
-activation outlives its batch.
+the rows the layer multiplies (`layer_rows`) and streamed into float64 Gram accumulators.
+onnxruntime runs the next batch on a second thread while the current one is accumulated (both
+release the GIL), so at most two batches' activations are alive at once.
 """
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import onnx
@@ -128,6 +130,23 @@ class ActivationRunner:
         return dict(zip(self.names, values))
 
 
+Result = TypeVar("Result")
+
+
+def prefetched(run: Callable[[Feeds], Result], batches: Sequence[Feeds]) -> Iterator[Tuple[Feeds, Result]]:
+    """(feeds, run(feeds)) for each batch in order, run(batch i + 1) computing on a second
+    thread while the caller works on batch i."""
+    if not batches:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lrsd-calibration") as ahead:
+        pending = ahead.submit(run, batches[0])
+        for position, feeds in enumerate(batches):
+            result = pending.result()
+            if position + 1 < len(batches):
+                pending = ahead.submit(run, batches[position + 1])
+            yield feeds, result
+
+
 def _row_mask(feeds: Feeds, mask_input: Optional[str]) -> Optional[np.ndarray]:
     if mask_input is None:
         return None
@@ -172,8 +191,7 @@ def collect_statistics(model: onnx.ModelProto, targets: Sequence[LayerTarget], b
     has_holdout = has_held_out(total, holdout_every)
     stats = {t.name: LayerStatistics(GramAccumulator(t.in_features),
                                      GramAccumulator(t.in_features) if has_holdout else None) for t in targets}
-    for index, feeds in enumerate(batches, first_index):
-        activations = runner.run(feeds)
+    for index, (feeds, activations) in enumerate(prefetched(runner.run, batches), first_index):
         mask = _row_mask(feeds, mask_input)
         held_out = is_held_out(index, total, holdout_every)
         for target in targets:
@@ -219,8 +237,11 @@ def collect_paired_statistics(original: onnx.ModelProto, compressed: onnx.ModelP
     stats = {t.name: LayerStatistics(GramAccumulator(t.in_features, track_cross=True),
                                      GramAccumulator(t.in_features, track_cross=True) if has_holdout else None)
              for t in targets}
-    for index, feeds in enumerate(batches, first_index):
-        x, x_hat = reference.run(feeds), current.run(feeds)
+
+    def both(feeds: Feeds) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+        return reference.run(feeds), current.run(feeds)
+
+    for index, (feeds, (x, x_hat)) in enumerate(prefetched(both, batches), first_index):
         mask = _row_mask(feeds, mask_input)
         held_out = is_held_out(index, total, holdout_every)
         for target in targets:

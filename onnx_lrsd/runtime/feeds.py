@@ -90,8 +90,8 @@ def check_dim_names(model: onnx.ModelProto, dims: dict[str, int]) -> None:
 
 def unknown_dims_message(missing: list[tuple[str, int, str]]) -> str:
     """One line naming every unknown input dim (input, axis, symbolic name or "") at once, with
-    the options that would give them (unnamed dims cannot be given: the model must name or fix
-    them)."""
+    the options that would give them (unnamed dims cannot be given; a model read by
+    `onnx_lrsd.model.io.load_model` has none: `name_unknown_dims`)."""
     named: dict[str, list[str]] = {}
     for inp, index, param in missing:
         if param:

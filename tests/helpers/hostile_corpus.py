@@ -473,6 +473,17 @@ def _unnamed_dims() -> onnx.ModelProto:
     return model
 
 
+def _exporter_unknown_dims() -> onnx.ModelProto:
+    """The conv stack as some exporters write it (Paddle2ONNX): batch −1, H and W both named
+    '?' (which ONNX would read as one dim shared by both), −1 on the output too."""
+    model = _dynamic_hw_conv()
+    batch, _, height, width = model.graph.input[0].type.tensor_type.shape.dim
+    batch.dim_value = -1
+    height.dim_param = width.dim_param = "?"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = -1
+    return model
+
+
 def _dynamic_hw_conv() -> onnx.ModelProto:
     """A detection-style conv stack on [N, 3, H, W] with H and W symbolic (PP-OCR det): its
     MACs are unknown until H and W are given."""
@@ -696,7 +707,13 @@ CASES: Tuple[Case, ...] = (
     Case("if_subgraph_weights", "skip", r"inside an If", _writer(_if_subgraph)),
     Case("loop_subgraph_weights", "skip", r"inside a Loop", _writer(_loop_subgraph)),
     Case("dynamic_batch_and_seq", "compress", "", _writer(_dynamic_dims), args=("--dim", "seq=7")),
-    Case("dynamic_dims_without_values", "error", r"unknown and unnamed", _writer(_unnamed_dims), code=2),
+    Case("dynamic_dims_without_values", "error", r"'x_dim1' \(x dim 1\) are unknown: pass --dim x_dim1=VALUE",
+         _writer(_unnamed_dims), code=2),
+    Case("exporter_unknown_dims", "compress", "", _writer(_exporter_unknown_dims),
+         args=("--dim", "img_dim2=20", "--dim", "img_dim3=24")),
+    Case("exporter_unknown_dims_named", "error",
+         r"'img_dim2' \(img dim 2\), 'img_dim3' \(img dim 3\) are unknown: pass --dim img_dim2=VALUE --dim img_dim3=VALUE",
+         _writer(_exporter_unknown_dims), code=2),
     # first contact: shapes, honesty, usage
     Case("dynamic_hw_conv", "compress", "", _writer(_dynamic_hw_conv), args=("--dim", "H=20", "--dim", "W=24")),
     Case("several_unknown_dims", "error", r"'H' \(img dim 2\), 'W' \(img dim 3\) are unknown: pass --dim H=VALUE --dim W=VALUE",
