@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
-from .config import PRUNE, SWEEP_POINTS, CompressConfig
+from .config import PRUNE, PRUNE_AND_LOW_RANK, SWEEP_POINTS, CompressConfig
 from .errors import LrsdError, NothingToCompress, OutputErrorTooLarge
 from .model.io import ModelSource, check_output_directory, load_model, save_model
 from .passes.context import new_context
@@ -20,6 +20,7 @@ from .passes.search import CompressionResult, Metric, compress_in_stages, compre
 from .passes.search import sweep as sweep_rounds
 from .plan.cost import count_params, node_macs, unresolved_dims
 from .passes.prune import compress_widths, group_infos
+from .passes.width_and_rank import compress_width_and_rank
 from .report.types import InspectReport, TargetInfo
 from .runtime.calibrate import Calibration, calibration_batches
 from .runtime.command_metric import CommandMetric
@@ -72,11 +73,15 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
         raise LrsdError("a metric and max_metric_drop go together")
     if metric is not None and (config.target is not None or config.stages > 1):
         raise LrsdError("max_metric_drop is a target of its own: drop the other target and stages")
-    if config.method == PRUNE:
-        if metric is not None or config.stages > 1:
-            raise LrsdError("method prune takes keep, target_params or target_macs "
-                            "(no metric search or stages yet)")
-        result = CompressionResult(*compress_widths(model, config, calibration))
+    searched = metric is not None or (config.target is not None and config.target[0] in ("latency", "error"))
+    if config.method in (PRUNE, PRUNE_AND_LOW_RANK):
+        if config.stages > 1:
+            raise LrsdError(f"method {config.method} takes keep or a target (no stages yet)")
+        if config.method == PRUNE and not searched:
+            result = CompressionResult(*compress_widths(model, config, calibration))
+        else:
+            result = compress_width_and_rank(model, config.replace(recover=None, recover_time=None), calibration,
+                                             progress, metric, config.max_metric_drop)
         return recover_result(model, result, config, calibration, progress) if config.recovers else result
     if config.stages > 1:
         return compress_in_stages(model, config, calibration, progress)
@@ -95,8 +100,8 @@ def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Op
     values = sorted({float(v) for v in values}, reverse=True)
     if not values or any(not 0 < v <= 1 for v in values):
         raise LrsdError(f"sweep values are params ratios in (0, 1], got {values}")
-    if config.method == PRUNE:
-        raise LrsdError("a sweep allocates low-rank factors: method prune is not swept yet")
+    if config.method in (PRUNE, PRUNE_AND_LOW_RANK):
+        raise LrsdError(f"a sweep allocates low-rank factors: method {config.method} is not swept yet")
     if config.target is not None and config.target[0] != "params" or config.stages > 1:
         raise LrsdError("a sweep sets target_params itself: drop other targets and stages")
     return sweep_rounds(model, values, config, calibration, metric, progress, keep_models)

@@ -15,9 +15,12 @@ METHODS = ("auto", "svd", "channel", "spatial", "tucker2")
 picks the kind with the fewest MACs at the layer's parameter budget."""
 
 PRUNE = "prune"
-RUN_METHODS = METHODS + (PRUNE,)
-"""`method` of a whole run: a factorization kind, or `prune`: structured width reduction
-(whole channels, FFN neurons and attention heads removed, readers refitted; `onnx_lrsd.passes.prune`)."""
+PRUNE_AND_LOW_RANK = "prune+lowrank"
+RUN_METHODS = METHODS + (PRUNE, PRUNE_AND_LOW_RANK)
+"""`method` of a whole run: a factorization kind, `prune`: structured width reduction (whole
+channels, FFN neurons and attention heads removed, readers refitted; `onnx_lrsd.passes.prune`),
+or `prune+lowrank`: both in one global allocation, a group narrowed and/or its layers factorized
+(`onnx_lrsd.passes.width_and_rank`)."""
 
 WIDTH_CRITERIA = ("greedy", "nystrom", "energy")
 """How `prune` chooses the channels kept (`onnx_lrsd.decompose.channels`)."""
@@ -184,8 +187,9 @@ class CompressConfig:
     keep: fraction of each layer's weight parameters kept, in (0, 1].
     energy: if set, each layer keeps the smallest rank holding this share of the squared
         singular values (still capped by the `keep` budget).
-    method: factorization kind, one of `METHODS`, or `prune` (structured width reduction, `RUN_METHODS`).
-    width_criterion: with `prune`, how the kept channels are chosen (`WIDTH_CRITERIA`).
+    method: factorization kind, one of `METHODS`, `prune` (structured width reduction) or
+        `prune+lowrank` (widths and factorizations in one allocation; `RUN_METHODS`).
+    width_criterion: with `prune` / `prune+lowrank`, how the kept channels are chosen (`WIDTH_CRITERIA`).
     overrides: per-layer settings; the first matching override wins.
     conv_rank_multiple: conv ranks are rounded down to multiples of this (onnxruntime's NCHWc
         blocks) when that gives up at most a quarter of the rank.
@@ -271,10 +275,11 @@ class CompressConfig:
     keep: float = option(0.5, "Fraction of each layer's parameters kept, in (0, 1].")
     energy: Optional[float] = option(
         None, "Keep the smallest rank holding this share of the squared singular values (capped by --keep).")
-    method: str = option("auto", "Factorization kind (auto: fewest MACs at the layer's budget), or prune: remove "
-                                 "whole channels, FFN neurons and attention heads (needs --calib).",
+    method: str = option("auto", "Factorization kind (auto: fewest MACs at the layer's budget); prune: remove "
+                                 "whole channels, FFN neurons and attention heads (needs --calib); prune+lowrank: "
+                                 "widths and low-rank factors chosen in one allocation for the target (needs --calib).",
                          choices=RUN_METHODS)
-    width_criterion: str = option("greedy", "--method prune: channels kept by greedy reconstruction of the next "
+    width_criterion: str = option("greedy", "--method prune(+lowrank): channels kept by greedy reconstruction of the next "
                                             "layer's output, a Nyström column subset, or activation energy.",
                                   choices=WIDTH_CRITERIA)
     overrides: Tuple[LayerOverride, ...] = ()

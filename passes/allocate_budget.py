@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from ..plan.allocate import (UNIT, Allocation, Option, Sensitivity, allocate_budget, allocate_damage,
                                 compound_frontier)
 from ..runtime.bench import model_latency_ms
-from ..plan.cost import Cost, count_params, model_macs
+from ..plan.cost import Cost, count_params, model_macs, node_macs
 from ..decompose.joint import joint_error_curves
 from ..plan.candidates import LayerCandidate, rank_grid
 from ..errors import LrsdError
@@ -23,6 +23,7 @@ from ..plan.rank_select import LayerPlan, dense_plan, with_sparse_request
 from ..report.types import AllocationSummary
 from ..model.layers import LayerTarget
 from ..runtime.deployment import deployment_feed, input_shapes
+from ..runtime.feeds import dims_from_feeds
 
 from .base import Pass, PassResult
 from .context import PassContext
@@ -106,33 +107,48 @@ class AllocateBudgetPass(Pass):
         return PassResult(graph, modified=False, stats={"allocated": len(names), "factorized": factorized})
 
     def _latency(self, ctx: PassContext, names: List[str], curves, damages, speedup: float):
-        config = ctx.config
-        feed = deployment_feed(ctx.source, ctx.calibration, config)
-        shapes = input_shapes(ctx.source, [ctx.targets[n] for n in names], feed)
-        original_ms = model_latency_ms(ctx.source, feed, config.latency_threads)
-        model = LatencyModel(threads=config.latency_threads)
-        keys = {name: shape_key(ctx.targets[name], shapes[name], curves[name]) for name in names}
-        first: Dict[tuple, str] = {}  # one measurement per distinct layer, in layer order
-        for name in names:
-            first.setdefault(keys[name], name)
-        requests = [(ctx.targets[name], shapes[name], curves[name]) for name in first.values()]
-        memo: Dict[tuple, Tuple[float, List[float]]] = {}
-        for done, (key, times) in enumerate(zip(first, latency_tasks(ctx.executor, candidate_latencies, model, requests)), 1):
-            memo[key] = times
-            ctx.report_progress("latency", done, len(first))
+        original_ms, times = candidate_ms(ctx, names, curves)
         options, dense_total = [], 0.0
         for name in names:
-            dense_ms, candidate_ms = memo[keys[name]]
+            dense_ms, ms = times[name]
             dense_total += dense_ms
-            options.append([Option(dense_ms, 0.0)] + [
-                Option(ms, d)
-                for ms, d in zip(candidate_ms, damages[name])])
+            options.append([Option(dense_ms, 0.0)] + [Option(t, d) for t, d in zip(ms, damages[name])])
         rest = original_ms - dense_total
         budget = original_ms / (speedup * self.correction) - rest
         cheapest = sum(min(o.cost for o in layer) for layer in options)
         self.capped = budget < cheapest  # predicted out of reach: the fastest allocation, to be measured
         allocation = allocate_budget(options, max(budget, cheapest))
         return allocation, original_ms / max(rest + allocation.cost, TINY)
+
+
+def candidate_ms(ctx: PassContext, names: Sequence[str], curves) -> Tuple[float, Dict[str, Tuple[float, List[float]]]]:
+    """(the source model's latency, per layer (dense ms, each candidate's ms)) in onnxruntime
+    at the deployment feed, `latency_threads`: each distinct layer shape measured once
+    (`LatencyModel`, cached on disk)."""
+    config = ctx.config
+    feed = deployment_feed(ctx.source, ctx.calibration, config)
+    original_ms = model_latency_ms(ctx.source, feed, config.latency_threads)
+    if not names:
+        return original_ms, {}
+    shapes = input_shapes(ctx.source, [ctx.targets[n] for n in names], feed)
+    model = LatencyModel(threads=config.latency_threads)
+    keys = {name: shape_key(ctx.targets[name], shapes[name], curves[name]) for name in names}
+    first: Dict[tuple, str] = {}  # one measurement per distinct layer, in layer order
+    for name in names:
+        first.setdefault(keys[name], name)
+    requests = [(ctx.targets[name], shapes[name], curves[name]) for name in first.values()]
+    memo: Dict[tuple, Tuple[float, List[float]]] = {}
+    for done, (key, times) in enumerate(zip(first, latency_tasks(ctx.executor, candidate_latencies, model, requests)), 1):
+        memo[key] = times
+        ctx.report_progress("latency", done, len(first))
+    return original_ms, {name: memo[keys[name]] for name in names}
+
+
+def macs_scale(ctx: PassContext) -> Dict[str, float]:
+    """Per target, its MACs at the run's dims (the first calibration batch's, `config.dims`:
+    as the report counts them) over its MACs with symbolic dims 1 (`LayerTarget.macs`)."""
+    counted = node_macs(ctx.source, _dims(ctx))
+    return {name: counted[name] / t.macs for name, t in ctx.targets.items() if t.macs > 0 and counted.get(name)}
 
 
 @dataclass(frozen=True)
@@ -151,21 +167,22 @@ def _static(ctx: PassContext, kind: str, value: float, names: List[str], curves,
             correction: float):
     """Params / MACs budgets and the error target: costs from the cost model's counts."""
     field = "macs" if kind == "macs" else "params"
-    total = model_macs(ctx.source) if kind == "macs" else count_params(ctx.source)
-    layer_options = {n: [Option(getattr(ctx.plans[n].dense, field), 0.0)] +
-                     [Option(getattr(c.cost, field) + _shift_params(ctx, n, field), d)
+    scale = macs_scale(ctx) if kind == "macs" else {}
+    total = (model_macs(ctx.source, _dims(ctx)) if kind == "macs" else count_params(ctx.source))
+    layer_options = {n: [Option(getattr(ctx.plans[n].dense, field) * scale.get(n, 1.0), 0.0)] +
+                     [Option(getattr(c.cost, field) * scale.get(n, 1.0) + _shift_params(ctx, n, field), d)
                       for c, d in zip(curves[n], damages[n])] for n in names}
     grouped = {n for members in ctx.groups.values() for n in members}
     units = [_Unit((n,), None, tuple(("layer", (i,)) for i in range(len(layer_options[n]))))
              for n in names if n not in grouped]
     options = [layer_options[u.names[0]] for u in units]
     for group, members in ctx.groups.items():
-        unit, unit_options = _group_unit(ctx, group, members, layer_options, field, sensitivity)
+        unit, unit_options = _group_unit(ctx, group, members, layer_options, field, sensitivity, scale)
         units.append(unit)
         options.append(unit_options)
     others = [plan for name, plan in ctx.plans.items() if name not in names]
     fixed = total - sum(layer[0].cost for layer in options) - sum(
-        getattr(plan.dense, field) - getattr(plan.cost, field) for plan in others)
+        (getattr(plan.dense, field) - getattr(plan.cost, field)) * scale.get(plan.name, 1.0) for plan in others)
     if kind == "error":
         allocation = allocate_damage(options, (correction * value) ** 2)
         return allocation, float(np.sqrt(allocation.damage)), units
@@ -179,10 +196,12 @@ JOINT_SIDES = {"left": ("left",), "right": ("right",), "auto": ("left", "right")
 """The shared sides a group's joint options are offered with, per `config.joint`."""
 
 
-def _group_unit(ctx: PassContext, group: str, members: List[str], layer_options, field: str, sensitivity):
+def _group_unit(ctx: PassContext, group: str, members: List[str], layer_options, field: str, sensitivity,
+                scale: Dict[str, float]):
     """(unit, options) of a group: all dense, the separate frontier (`compound_frontier`), and
     for each side of `JOINT_SIDES` the joint fit at every grid rank that saves params and MACs
-    over the dense group — its damage Σᵢ Dᵢ(eᵢ(r)) from `joint_error_curves`."""
+    over the dense group — its damage Σᵢ Dᵢ(eᵢ(r)) from `joint_error_curves` (MACs scaled by
+    `scale`, `macs_scale`)."""
     config = ctx.config
     targets = [ctx.targets[n] for n in members]
     dense = [layer_options[n][0] for n in members]
@@ -207,20 +226,23 @@ def _group_unit(ctx: PassContext, group: str, members: List[str], layer_options,
             continue
         errors = joint_error_curves(weights, grams, side, max(ranks), config.ridge)
         for rank in ranks:
-            cost = getattr(_joint_cost(targets, side, rank), field) + shifts
+            cost = (getattr(_joint_cost(targets, side, rank, scale), field) if field == "macs"
+                    else _joint_cost(targets, side, rank).params + shifts)
             damage = sum(sensitivity[n].at(float(errors[i, rank])) for i, n in enumerate(members))
             decode.append(("joint", side, rank))
             options.append(Option(float(cost), float(damage)))
     return _Unit(tuple(members), group, tuple(decode)), options
 
 
-def _joint_cost(targets: Sequence[LayerTarget], side: str, rank: int) -> Cost:
-    """A group's params (the shared factor once) and MACs at a shared rank."""
+def _joint_cost(targets: Sequence[LayerTarget], side: str, rank: int, scale: Optional[Dict[str, float]] = None) -> Cost:
+    """A group's params (the shared factor once) and MACs at a shared rank (each member's
+    MACs times `scale[name]`, 1 by default)."""
     if side == "left":
         params = rank * (targets[0].in_features + sum(t.out_features for t in targets))
     else:
         params = rank * (sum(t.in_features for t in targets) + targets[0].out_features)
-    return Cost(params=params, macs=sum(t.rows * rank * (t.in_features + t.out_features) for t in targets))
+    return Cost(params=params, macs=round(sum(t.rows * rank * (t.in_features + t.out_features) * (scale or {}).get(t.name, 1.0)
+                                              for t in targets)))
 
 
 def _plan_joint(ctx: PassContext, unit: _Unit, side: str, rank: int) -> str:
@@ -255,6 +277,10 @@ def _solve_budget(options, budget: float, best_text, asked: str) -> Allocation:
     except ValueError:
         cheapest = Allocation((), sum(min(o.cost for o in layer) for layer in options), 0.0)
         raise LrsdError(f"{asked} is unreachable: {best_text(cheapest)}") from None
+
+
+def _dims(ctx: PassContext) -> Dict[str, int]:
+    return {**dims_from_feeds(ctx.source, ctx.calibration[0] if ctx.calibration else None), **dict(ctx.config.dims)}
 
 
 def _gram(ctx: PassContext, name: str) -> Optional[np.ndarray]:

@@ -15,8 +15,8 @@ from ..errors import LrsdError
 from ..model.channel_groups import BlockedGroup, ChannelGroup, find_channel_groups, find_head_groups, weight_target
 from ..model.graph import export_model, import_graph, model_template, resolve_constant
 from ..model.narrow import GroupPlan, narrow_graph
-from ..plan.width import (GroupCost, allocate_widths, consumer_stats, group_cost, group_error_curve, keep_count,
-                         plan_group)
+from ..plan.width import (GroupCost, GroupCurve, allocate_widths, consumer_stats, group_cost, group_error_curve,
+                         keep_count, plan_group)
 from ..runtime.activations import collect_statistics
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 CORRECTION_ROUNDS = 4
 """Allocations tried for a params / MACs target, each asking the shortfall of the last one more."""
 
-__all__ = ["PruneOptions", "PruneResult", "channel_groups", "channel_orders", "group_statistics", "prune_model"]
+TARGET_SLACK = 0.002
+"""A params / MACs target is met within this share of the model's total."""
+
+__all__ = ["PruneOptions", "PruneResult", "channel_groups", "channel_orders", "group_statistics", "prune_model",
+           "group_sensitivities", "group_costs"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,8 @@ class PruneOptions:
     on the inputs the partly narrowed model gives its readers, to reproduce the original's;
     target_params / target_macs: instead of one keep, the widths whose predicted damage is
     least for the model's params (MACs) at this fraction (`allocate_widths`), each group's
-    damage scaled by its sensitivity measured in onnxruntime at `probe_keep`."""
+    damage scaled by its sensitivity measured in onnxruntime at `probe_keep`; dims: the
+    symbolic input dims MACs are counted at (as the report counts them)."""
 
     keep: float = 0.5
     criterion: str = "greedy"
@@ -50,6 +55,7 @@ class PruneOptions:
     target_params: Optional[float] = None
     target_macs: Optional[float] = None
     probe_keep: float = 0.5
+    dims: Tuple[Tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("target_params", "target_macs"):
@@ -131,7 +137,7 @@ def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: Pru
     for group in groups:
         plans.append(plan_group(group, stats, keeps[group.name], options.criterion, options.refit,
                                 (orders or {}).get(group.name)))
-        log.info("%s: %d of %d channels", group.name, plans[-1].width, group.channels)
+        log.debug("%s: %d of %d channels", group.name, plans[-1].width, group.channels)
     return PruneResult(_narrowed(model, graph, plans), tuple(plans), tuple(blocked))
 
 
@@ -168,25 +174,46 @@ def _prune_sequentially(model: onnx.ModelProto, groups: Sequence[ChannelGroup], 
     return PruneResult(current, tuple(plans), tuple(blocked))
 
 
-def group_costs(graph, groups: Sequence[ChannelGroup]) -> Dict[str, GroupCost]:
-    """Params and MACs per channel of every group (`plan.width.GroupCost`)."""
+def group_costs(graph, groups: Sequence[ChannelGroup], macs: Optional[Mapping[str, int]] = None
+                ) -> Dict[str, GroupCost]:
+    """Params and MACs per channel of every group (`plan.width.GroupCost`); `macs`: MACs per
+    node at the run's dims (`plan.cost.node_macs`), else batch 1 with symbolic dims 1."""
     nodes = {n.name: n for n in graph.nodes}
     costs = {}
     for group in groups:
-        targets = {name: weight_target(nodes[name], graph) for name in group.producers + group.consumers}
+        targets = {name: _resolved(weight_target(nodes[name], graph), macs)
+                   for name in group.producers + group.consumers}
         sizes = {}
         for p in dict.fromkeys(group.params):
             resolved = resolve_constant(nodes[p.node].inputs[p.index])
             sizes[(p.node, p.index)] = int(resolved.values.size)
-        depthwise = 0.0
-        for name in group.depthwise:
-            node = nodes[name]
-            shape = node.outputs[0].shape
-            positions = np.prod([d for d in (shape or [])[2:] if isinstance(d, (int, np.integer))] or [1])
-            kernel = resolve_constant(node.inputs[1]).values.shape[2:]
-            depthwise += float(positions * np.prod(kernel) * group.channels)
-        costs[group.name] = group_cost(group, targets, sizes, depthwise)
+        costs[group.name] = group_cost(group, targets, sizes, depthwise_macs(graph, group, macs))
     return costs
+
+
+def depthwise_macs(graph, group: ChannelGroup, macs: Optional[Mapping[str, int]] = None) -> float:
+    """MACs of the group's depthwise convs at full width (`macs` per node where given)."""
+    nodes = {n.name: n for n in graph.nodes}
+    total = 0.0
+    for name in group.depthwise:
+        if macs is not None and name in macs:
+            total += float(macs[name])
+            continue
+        node = nodes[name]
+        shape = node.outputs[0].shape
+        positions = np.prod([d for d in (shape or [])[2:] if isinstance(d, (int, np.integer))] or [1])
+        kernel = resolve_constant(node.inputs[1]).values.shape[2:]
+        total += float(positions * np.prod(kernel) * group.channels)
+    return total
+
+
+def _resolved(target, macs: Optional[Mapping[str, int]]):
+    """`target` with its rows at the run's dims (from its node's MACs), where known."""
+    import dataclasses
+
+    if macs is None or target.name not in macs or target.width <= 0:
+        return target
+    return dataclasses.replace(target, rows=max(1, round(macs[target.name] / target.width)))
 
 
 def _output_error(sessions_outputs, reference) -> float:
@@ -205,19 +232,12 @@ def _run(model: onnx.ModelProto, batches: Sequence[Mapping]) -> List[List[np.nda
     return [[np.asarray(v, np.float64) for v in runner.run(feeds).values()] for feeds in batches]
 
 
-def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup], stats: Mapping[str, ConsumerStats],
-                  orders: Mapping[str, np.ndarray], batches: Sequence[Mapping], options: PruneOptions
-                  ) -> Dict[str, int]:
-    """Per-group widths for `options.target_params` / `target_macs`: error curves from the
-    statistics, each group's sensitivity (measured squared relative output error of the
-    model with that group alone at `probe_keep`, over its predicted error), then
-    `allocate_widths`."""
-    from ..plan.cost import count_params, model_macs
-
-    kind, target = ("params", options.target_params) if options.target_params else ("macs", options.target_macs)
-    total = count_params(model) if kind == "params" else model_macs(model)
-    curves = {g.name: group_error_curve(g, stats, options.criterion, orders[g.name]) for g in groups}
-    costs = group_costs(graph, groups)
+def group_sensitivities(model: onnx.ModelProto, groups: Sequence[ChannelGroup], stats: Mapping[str, ConsumerStats],
+                        orders: Mapping[str, np.ndarray], curves: Mapping[str, GroupCurve], batches: Sequence[Mapping],
+                        options: PruneOptions) -> Dict[str, float]:
+    """Each group's sensitivity: the measured squared relative output error of the model with
+    that group alone narrowed to `options.probe_keep` (on the first two batches), over its
+    predicted (curve) error there. A group too narrow to probe is left out (1 by default)."""
     probes = batches[:2]
     reference = _run(model, probes)
     sensitivity = {}
@@ -233,20 +253,40 @@ def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup],
         measured = _output_error(_run(probe, probes), reference)
         sensitivity[group.name] = measured / max(float(curves[group.name].errors[k]), 1e-30)
         log.info("%s: sensitivity %.3g", group.name, sensitivity[group.name])
-    measure = count_params if kind == "params" else model_macs
+    return sensitivity
+
+
+def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup], stats: Mapping[str, ConsumerStats],
+                  orders: Mapping[str, np.ndarray], batches: Sequence[Mapping], options: PruneOptions
+                  ) -> Dict[str, int]:
+    """Per-group widths for `options.target_params` / `target_macs` (MACs at `options.dims`):
+    error curves from the statistics, each group's sensitivity (`group_sensitivities`), then
+    `allocate_widths`, the saving raised by the shortfall measured on the narrowed model
+    (a weight narrowed on both sides is counted twice by the linear costs) for up to
+    `CORRECTION_ROUNDS` allocations. A target still missed after them is an LrsdError."""
+    from ..plan.cost import count_params, model_macs, node_macs
+
+    kind, target = ("params", options.target_params) if options.target_params else ("macs", options.target_macs)
+    dims = dict(options.dims)
+    total = count_params(model) if kind == "params" else model_macs(model, dims)
+    curves = {g.name: group_error_curve(g, stats, options.criterion, orders[g.name]) for g in groups}
+    costs = group_costs(graph, groups, node_macs(model, dims) if kind == "macs" else None)
+    sensitivity = group_sensitivities(model, groups, stats, orders, curves, batches, options)
+    measure = count_params if kind == "params" else (lambda m: model_macs(m, dims))
     saving = (1 - target) * total
-    for _ in range(CORRECTION_ROUNDS):  # the linear costs overcount a weight narrowed on both sides
+    for _ in range(CORRECTION_ROUNDS):
         try:
             widths = allocate_widths(curves, costs, saving, sensitivity, kind, options.multiple)
         except ValueError as exc:
             raise LrsdError(f"target_{kind} {target}: {exc}") from None
-        narrowed = prune_model(model, probes, PruneOptions(criterion=options.criterion, refit=False), stats=stats,
-                               widths=widths, orders=orders).model
+        narrowed = prune_model(model, batches[:2], PruneOptions(criterion=options.criterion, refit=False),
+                               stats=stats, widths=widths, orders=orders).model
         shortfall = measure(narrowed) - target * total
-        if shortfall <= 0.002 * total:
-            break
+        if shortfall <= TARGET_SLACK * total:
+            return widths
         saving += shortfall
-    return widths
+    raise LrsdError(f"target_{kind} {target} missed: the nearest width allocation keeps "
+                    f"{measure(narrowed) / total:.3f} after {CORRECTION_ROUNDS} corrections")
 
 
 def group_infos(model: onnx.ModelProto) -> Tuple[tuple, tuple]:
@@ -283,9 +323,11 @@ def compress_widths(model, config, calibration) -> Tuple[onnx.ModelProto, "Compr
     if not batches:
         raise LrsdError("method prune needs calibration data: the layers reading the kept channels are refitted on it")
     fit, held = split_holdout(batches, config.holdout_every)
+    dims = macs_dims(source, config, batches)
     options = PruneOptions(keep=config.keep, criterion=config.width_criterion, mask_input=config.mask_input,
                            max_positions=config.conv_positions, target_params=config.target_params,
-                           target_macs=config.target_macs, sequential=config.mode == "sequential")
+                           target_macs=config.target_macs, sequential=config.mode == "sequential",
+                           dims=tuple(sorted(dims.items())))
     result = prune_model(source, fit or batches, options)
     errors, verified_on = {}, ""
     if config.verify:
@@ -294,7 +336,6 @@ def compress_widths(model, config, calibration) -> Tuple[onnx.ModelProto, "Compr
         errors = output_errors_on(source, result.model, check, [o.name for o in source.graph.output])
     widths = tuple(GroupWidth(p.group.name, "heads" if p.group.block > 1 else "channels", p.group.channels, p.width)
                    for p in result.plans)
-    dims = macs_dims(source, config, batches)
     report = CompressionReport(before=model_stats(source, dims), after=model_stats(result.model, dims), layers=(),
                                skipped=(), macs_unresolved=unresolved_dims(source, dims),
                                output_errors=errors, seconds=time.perf_counter() - start,

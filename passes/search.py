@@ -182,19 +182,20 @@ def _numbers(ctx: PassContext, compressed: onnx.ModelProto) -> str:
     return f"params {count_params(compressed) / max(count_params(ctx.source), 1):.3f}, output error {error:.3g}"
 
 
-def to_latency(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto]:
+def to_latency(prepared, ctx: PassContext, round_fn=run_round) -> Tuple[PassContext, onnx.ModelProto]:
     """Rounds of allocation until the written model's measured speedup is within
     `LATENCY_TOLERANCE` of the target. The measured speedup grows with the speedup asked of
     the prediction, so the ask is searched in log space: scaled by target / measured until the
     target is bracketed, then bisected. The target is a floor: when no round lands within the
     tolerance, the slowest round measured above the target is the result (with a warning); when
-    every round measures below it, the target is unreachable (`_unreachable`, nearest round)."""
+    every round measures below it, the target is unreachable (`_unreachable`, nearest round).
+    `round_fn` (as `run_round`) runs a round: another run type's (`passes.width_and_rank`)."""
     config = ctx.config
     wanted = config.target_latency
     feed = deployment_feed(ctx.source, ctx.calibration, ctx.config)
     correction, slow, fast, rounds = 1.0, None, None, []
     for index in range(1, TARGET_ROUNDS + 1):
-        result_ctx, compressed = run_round(prepared, ctx, correction)
+        result_ctx, compressed = round_fn(prepared, ctx, correction)
         measured = compare_latency(ctx.source, compressed, feed, threads=config.latency_threads, runs=60).speedup
         result_ctx.allocation = dataclasses.replace(result_ctx.allocation, measured_speedup=measured, rounds=index)
         log.info("latency round %d: asked %.3fx of the prediction, measured %.3fx (target %.3fx)", index,
@@ -226,7 +227,7 @@ def to_latency(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto
     return result_ctx, compressed
 
 
-def to_error(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto]:
+def to_error(prepared, ctx: PassContext, round_fn=run_round) -> Tuple[PassContext, onnx.ModelProto]:
     """Rounds of allocation until the verified output error (the largest over the outputs)
     is at most `max_error`: each round shrinks the error budget by the excess measured. If no
     round gets there the target is unreachable (`_unreachable`; the lowest-error round)."""
@@ -234,7 +235,7 @@ def to_error(prepared, ctx: PassContext) -> Tuple[PassContext, onnx.ModelProto]:
     correction = 1.0
     rounds = []
     for index in range(1, TARGET_ROUNDS + 1):
-        result_ctx, compressed = run_round(prepared, ctx, correction)
+        result_ctx, compressed = round_fn(prepared, ctx, correction)
         measured = max(result_ctx.output_errors.values(), default=0.0)
         result_ctx.allocation = dataclasses.replace(result_ctx.allocation, rounds=index)
         log.info("error round %d: predicted %.4g, measured %.4g (target %.4g)", index,
@@ -259,7 +260,8 @@ def _quantized_for_metric(ctx: PassContext, compressed: onnx.ModelProto) -> onnx
     return quantize_model(compressed, mode, split_holdout(ctx.calibration, ctx.config.holdout_every).fit)
 
 
-def to_metric(prepared, ctx: PassContext, metric: Metric, max_drop: float) -> Tuple[PassContext, onnx.ModelProto]:
+def to_metric(prepared, ctx: PassContext, metric: Metric, max_drop: float,
+              round_fn=run_round) -> Tuple[PassContext, onnx.ModelProto]:
     """The smallest params ratio whose model's metric is at most `max_drop` below the
     original's, by bisection over `target_params` in (0, 1] (the metric is assumed to fall as
     the model shrinks; a ratio below the smallest allocation counts as too small). With
@@ -271,7 +273,7 @@ def to_metric(prepared, ctx: PassContext, metric: Metric, max_drop: float) -> Tu
     for _ in range(METRIC_STEPS):
         mid = 0.5 * (lo + hi)
         try:
-            round_ctx, compressed = run_round(prepared, ctx, target_params=mid)
+            round_ctx, compressed = round_fn(prepared, ctx, target_params=mid)
         except LrsdError:  # unreachable: the allocation refuses before fitting anything
             lo = mid
             continue

@@ -342,8 +342,8 @@ def test_compress_method_prune_through_the_api_and_the_cli(tmp_path):
     assert [b.name for b in listed.blocked_groups] == ["head"] and "graph output" in listed.blocked_groups[0].reason
     with pytest.raises(LrsdError, match="calibration"):
         compress(model, method="prune")
-    with pytest.raises(LrsdError, match="target_latency"):
-        compress(model, calibration=calibration, method="prune", target_latency=1.5)
+    with pytest.raises(LrsdError, match="stages"):
+        compress(model, calibration=calibration, method="prune", keep=0.5, stages=2)
 
     path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(model, str(path))
