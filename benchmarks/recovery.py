@@ -397,26 +397,8 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
     width` file renders its own section (`_width_sections`), named by its output prefix."""
     if _section(data) != "recovery":
         return {_section(data): _width_sections(data)}
-    headers = ["task (metrics): original", "budget", "params", "closed form", "+ recovery",
-               "latency b1 closed / recovered", "latency b32 closed / recovered", "compress + recover s"]
-    rows, verdicts = [], []
-    for task in data["tasks"]:
-        names = list(task["original"])
-        first = (f"{README_LABELS.get(task['task'], task['task'])} ({', '.join(names)}): "
-                 + " / ".join(fmt(task["original"][m]) for m in names))
-        for row in task["rows"]:
-            lat = {int(k): v for k, v in row["latency"].items()}
-            rows.append([first, _budget_label(row["budget"]), fmt(row["params_ratio"]),
-                         " / ".join(fmt(row["closed"][m]) for m in names),
-                         " / ".join(fmt(row["recovered"][m]) for m in names),
-                         *(f"{fmt(lat[b]['closed_ratio'], 2)} / {fmt(lat[b]['recovered_ratio'], 2)}" for b in (1, 32)),
-                         f"{fmt(row['compress_s'], 1)} + {fmt(row['recovery']['seconds'], 0)}"])
-            first = ""
-        checks = "; ".join(f"{_budget_label(r['budget'])} {_bar_check(task, {**r, 'latency': {int(k): v for k, v in r['latency'].items()}}, 'recovered')}"
-                           for r in task["rows"])
-        verdicts.append(f"{README_LABELS.get(task['task'], task['task'])}: {_recovery_setup(task)}. Bar: {task['bar']}; "
-                        f"after recovery {checks}.")
-    text = (markdown_table(headers, rows, "llrllrrr")
+    rows, _, verdicts = _rows_and_verdicts(data)
+    text = (markdown_table(HEADERS, rows, "llrllrrr")
             + "\n\nClosed form: `compress` with data-aware independent fits on the calibration samples; + recovery: "
               "the same graph after `onnx_lrsd.recover` (end-to-end distillation against the original, Adam, "
               "augmented inputs), which keeps its best step by the loss on a held-out fifth of its unlabeled "
@@ -429,27 +411,13 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
     return {"recovery": text}
 
 
-def _section(data: dict[str, Any]) -> str:
-    """The README section of a results file: its output prefix's name (`recovery` by default)."""
-    argv = data.get("argv", [])
-    return Path(argv[argv.index("--output") + 1]).name if "--output" in argv else "recovery"
+HEADERS = ["task (metrics): original", "budget", "params", "closed form", "+ recovery",
+           "latency b1 closed / recovered", "latency b32 closed / recovered", "compress + recover s"]
 
 
-def _int8_check(task: dict[str, Any], row: dict[str, Any]) -> str:
-    """Recovered + int8 against onnxruntime's int8 of the original: smaller, faster (b1, b32), recall@1."""
-    int8, lat = row["int8"], {int(k): v for k, v in row["latency"].items()}
-    faster = {b: lat[b]["recovered_int8_ratio"] / lat[b]["original_int8_ratio"] for b in (1, 32)}
-    ours, theirs = int8["metrics"]["recall@1"], int8["original_metrics"]["recall@1"]
-    ok = int8["file_ratio"] < 1 and all(f < 1 for f in faster.values()) and ours >= theirs
-    return (f"{'met' if ok else 'missed'} against int8 alone (file {int8['file_ratio']:.2f}×, latency "
-            f"{faster[1]:.2f}× at b1 / {faster[32]:.2f}× at b32 of int8 alone's, recall@1 {fmt(ours)} vs {fmt(theirs)})")
-
-
-def _width_sections(data: dict[str, Any]) -> str:
-    """A `--kind width` results file: per budget every metric of the width-reduced closed form and
-    after recovery, params, latency, times; MiniLM also the int8 stacking; the bar's verdicts."""
-    headers = ["task (metrics): original", "budget", "params", "closed form", "+ recovery",
-               "latency b1 closed / recovered", "latency b32 closed / recovered", "compress + recover s"]
+def _rows_and_verdicts(data: dict[str, Any]) -> tuple[list, list, list[str]]:
+    """The README table's rows (`HEADERS`), the int8 stacking rows (where measured) and each
+    task's bar verdicts after recovery."""
     rows, int8_rows, verdicts = [], [], []
     for task in data["tasks"]:
         names = list(task["original"])
@@ -476,7 +444,30 @@ def _width_sections(data: dict[str, Any]) -> str:
             + (f", stacked with int8 {_int8_check(task, r)}" if "int8" in r else "") for r in task["rows"])
         verdicts.append(f"{README_LABELS.get(task['task'], task['task'])}: {_recovery_setup(task)}. Bar: {task['bar']}; "
                         f"after recovery {checks}.")
-    text = markdown_table(headers, rows, "llrllrrr")
+    return rows, int8_rows, verdicts
+
+
+def _section(data: dict[str, Any]) -> str:
+    """The README section of a results file: its output prefix's name (`recovery` by default)."""
+    argv = data.get("argv", [])
+    return Path(argv[argv.index("--output") + 1]).name if "--output" in argv else "recovery"
+
+
+def _int8_check(task: dict[str, Any], row: dict[str, Any]) -> str:
+    """Recovered + int8 against onnxruntime's int8 of the original: smaller, faster (b1, b32), recall@1."""
+    int8, lat = row["int8"], {int(k): v for k, v in row["latency"].items()}
+    faster = {b: lat[b]["recovered_int8_ratio"] / lat[b]["original_int8_ratio"] for b in (1, 32)}
+    ours, theirs = int8["metrics"]["recall@1"], int8["original_metrics"]["recall@1"]
+    ok = int8["file_ratio"] < 1 and all(f < 1 for f in faster.values()) and ours >= theirs
+    return (f"{'met' if ok else 'missed'} against int8 alone (file {int8['file_ratio']:.2f}×, latency "
+            f"{faster[1]:.2f}× at b1 / {faster[32]:.2f}× at b32 of int8 alone's, recall@1 {fmt(ours)} vs {fmt(theirs)})")
+
+
+def _width_sections(data: dict[str, Any]) -> str:
+    """A `--kind width` results file: per budget every metric of the width-reduced closed form and
+    after recovery, params, latency, times; MiniLM also the int8 stacking; the bar's verdicts."""
+    rows, int8_rows, verdicts = _rows_and_verdicts(data)
+    text = markdown_table(HEADERS, rows, "llrllrrr")
     if int8_rows:
         text += ("\n\nStacked with int8 (onnxruntime dynamic quantization; file size and latency relative to the "
                  "float original):\n\n" + markdown_table(

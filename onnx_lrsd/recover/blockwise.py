@@ -24,7 +24,7 @@ import onnx
 
 from ..errors import LrsdError
 from .distill import (RecoveryResult, _build_gradient, _chunks, _relative_error, _take, adam_loop, recover_models,
-                      stack_samples, support_masks, trainable_tensors, with_values)
+                      split_samples, support_masks, trainable_tensors, with_values)
 from .gradients import TARGET, prepared_copy
 from .types import LeftAsFitted, RecoverConfig, RecoverProgress, RecoveryReport
 
@@ -108,14 +108,8 @@ def recover_blockwise(student: onnx.ModelProto, teacher: onnx.ModelProto,
     their normalized held-out losses; its output errors are of the model output."""
     config = config or RecoverConfig()
     start_time = time.perf_counter()
-    samples = stack_samples(calibration)
-    n = len(next(iter(samples.values())))
-    if n < 2:
-        raise LrsdError(f"recovery needs at least 2 calibration samples, got {n}")
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n)
-    n_held = min(n - 1, max(1, int(round(config.holdout * n))))
-    held_idx, train_idx = np.sort(order[:n_held]), np.sort(order[n_held:])
+    samples, held_idx, train_idx, rng = split_samples(calibration, config)
+    n, n_held = len(next(iter(samples.values()))), len(held_idx)
     output = config.output or teacher.graph.output[0].name
     current = prepared_copy(student)
     reference = prepared_copy(teacher)

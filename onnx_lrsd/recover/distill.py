@@ -152,6 +152,21 @@ def stack_samples(batches: Sequence[Mapping[str, np.ndarray]]) -> Dict[str, np.n
     return out
 
 
+def split_samples(calibration: Sequence[Mapping[str, np.ndarray]], config: RecoverConfig
+                  ) -> Tuple[Dict[str, np.ndarray], np.ndarray, np.ndarray, np.random.Generator]:
+    """(stacked samples, held-out indices, training indices, the generator that drew them): a
+    seeded permutation (`config.seed`) holds out a `config.holdout` share, at least one sample,
+    leaving at least one to train on."""
+    samples = stack_samples(calibration)
+    n = len(next(iter(samples.values())))
+    if n < 2:
+        raise LrsdError(f"recovery needs at least 2 calibration samples, got {n}")
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(n)
+    n_held = min(n - 1, max(1, int(round(config.holdout * n))))
+    return samples, np.sort(order[:n_held]), np.sort(order[n_held:]), rng
+
+
 def _take(samples: Mapping[str, np.ndarray], index: np.ndarray) -> Dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v[index]) for k, v in samples.items()}
 
@@ -348,15 +363,8 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
     if config.level != "end-to-end":
         raise LrsdError(f"level {config.level} is run by onnx_lrsd.recover.blockwise.recover_at_level")
     start = time.perf_counter()
-    samples = stack_samples(calibration)
-    n = len(next(iter(samples.values())))
-    if n < 2:
-        raise LrsdError(f"recovery needs at least 2 calibration samples, got {n}")
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(n)
-    n_held = min(n - 1, max(1, int(round(config.holdout * n))))
-    held = _take(samples, np.sort(order[:n_held]))
-    train_idx = np.sort(order[n_held:])
+    samples, held_idx, train_idx, rng = split_samples(calibration, config)
+    held, n_held = _take(samples, held_idx), len(held_idx)
     output = config.output or teacher.graph.output[0].name
     if output not in [o.name for o in student.graph.output]:
         raise LrsdError(f"output '{output}' is not an output of the compressed model")
