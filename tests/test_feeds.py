@@ -129,9 +129,9 @@ def test_unsupported_input_dtype_is_an_error():
 
 
 def test_exporters_unknown_dims_are_named_on_load():
-    """−1, an empty dim and the '?' placeholder on inputs become dims named after input and
-    axis, which --dim or calibration data can then give; −1 on an output becomes unknown; the
-    caller's model is not modified."""
+    """−1, an empty dim and the '?' placeholder naming several dims become dims named after
+    input and axis, which --dim or calibration data can then give; −1 on an output becomes
+    unknown; the caller's model is not modified; a '?' naming one dim keeps its name."""
     from onnx_lrsd.model.io import load_model
 
     model = _model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, None, "?", "?", 3])])
@@ -143,3 +143,6 @@ def test_exporters_unknown_dims_are_named_on_load():
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1
     shapes = resolve_input_shapes(loaded, dims={"x_dim1": 2, "x_dim2": 4, "x_dim3": 5})
     assert shapes["x"][0] == (1, 2, 4, 5, 3)
+    single = load_model(_model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, "?", 8])]))
+    assert [d.dim_param or d.dim_value for d in single.graph.input[0].type.tensor_type.shape.dim] == [
+        "x_dim0", 3, "?", 8]

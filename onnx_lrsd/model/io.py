@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 ModelSource = Union[str, os.PathLike, bytes, onnx.ModelProto]
 
 PLACEHOLDER_DIM_NAMES = ("?",)
-"""dim_param values some exporters write for "unknown" (Paddle2ONNX): taken as unnamed, not as
-one dim shared by every place that carries them (which is what a dim_param means in ONNX)."""
+"""dim_param values some exporters write for "unknown" (Paddle2ONNX): where one names several
+input dims it is taken as unnamed, not as one dim shared by all of them (which is what a
+repeated dim_param means in ONNX); where it names one dim it stays that dim's name."""
 
 PROTOBUF_LIMIT = 2**31 - 1
 """A serialized ModelProto cannot exceed 2 GB; larger models go to external data."""
@@ -78,16 +79,18 @@ def load_source(source: ModelSource, map_above: Optional[int] = None) -> Tuple[o
 def name_unknown_dims(model: onnx.ModelProto) -> None:
     """Name every graph-input dim that is dynamic but has no usable name — `dim_value` −1 (a
     common exporters' convention, outside the ONNX spec), neither value nor name, or a
-    placeholder of `PLACEHOLDER_DIM_NAMES` — as ``{input}_dim{axis}``, so that calibration
-    data or ``--dim`` can give it a value; a −1 of a graph output or value_info becomes an
-    unknown dim. Other negative dims are left for `check_model` to refuse."""
-    taken = {d.dim_param for v in model.graph.input if v.type.HasField("tensor_type")
-             for d in v.type.tensor_type.shape.dim}
+    placeholder of `PLACEHOLDER_DIM_NAMES` that names several dims — as ``{input}_dim{axis}``,
+    so that calibration data or ``--dim`` can give it a value; a −1 of a graph output or
+    value_info becomes an unknown dim. Other negative dims are left for `check_model` to refuse."""
+    params = [d.dim_param for v in model.graph.input if v.type.HasField("tensor_type")
+              for d in v.type.tensor_type.shape.dim]
+    taken = set(params)
+    placeholders = {p for p in PLACEHOLDER_DIM_NAMES if params.count(p) > 1}
     for value in model.graph.input:
         if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
             continue
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-            unnamed = not dim.HasField("dim_value") and dim.dim_param in ("", *PLACEHOLDER_DIM_NAMES)
+            unnamed = not dim.HasField("dim_value") and dim.dim_param in ("", *placeholders)
             if unnamed or (dim.HasField("dim_value") and dim.dim_value == -1):
                 name = f"{value.name}_dim{axis}"
                 while name in taken:
