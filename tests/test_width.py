@@ -182,12 +182,9 @@ def test_mobile_cut_equals_zeroed_consumers(opset):
     assert next(a.i for a in depthwise.attribute if a.name == "group") == 5
 
 
-@pytest.mark.parametrize("builder,feeds", [(ffn_model, ffn_feeds), (mobile_model, mobile_feeds)])
-def test_refit_lowers_the_output_error_and_more_width_lowers_it_further(builder, feeds):
-    model = builder()
-    rng = np.random.default_rng(3)
-    calibration = [feeds(rng, 8) for _ in range(6)]
-    held_out = feeds(np.random.default_rng(99), 16)
+def _pruned_error(model, calibration, held_out):
+    """error(**PruneOptions): the relative output error on `held_out` of the model pruned with
+    those options (group statistics collected once)."""
     want = run(model, held_out)[0]
     groups, _ = channel_groups(model)
     stats = group_statistics(model, groups, calibration)
@@ -195,6 +192,17 @@ def test_refit_lowers_the_output_error_and_more_width_lowers_it_further(builder,
     def error(**options):
         pruned = prune_model(model, calibration, PruneOptions(**options), stats=stats).model
         return float(np.linalg.norm(run(pruned, held_out)[0] - want) / np.linalg.norm(want))
+
+    return error
+
+
+@pytest.mark.parametrize("builder,feeds", [(ffn_model, ffn_feeds), (mobile_model, mobile_feeds)])
+def test_refit_lowers_the_output_error_and_more_width_lowers_it_further(builder, feeds):
+    model = builder()
+    rng = np.random.default_rng(3)
+    calibration = [feeds(rng, 8) for _ in range(6)]
+    held_out = feeds(np.random.default_rng(99), 16)
+    error = _pruned_error(model, calibration, held_out)
 
     for criterion in ("energy", "nystrom", "greedy"):
         cut, refit = error(keep=0.5, criterion=criterion, refit=False), error(keep=0.5, criterion=criterion)
@@ -294,20 +302,14 @@ def test_attention_heads_refit_beats_cut_and_full_width_is_exact():
     rng = np.random.default_rng(6)
     calibration = [attention_feeds(rng, 8, 6) for _ in range(6)]
     held_out = attention_feeds(np.random.default_rng(60), 8, 6)
-    want = run(model, held_out)[0]
-    groups, _ = channel_groups(model)
-    stats = group_statistics(model, groups, calibration)
-
-    def error(**options):
-        pruned = prune_model(model, calibration, PruneOptions(**options), stats=stats).model
-        return float(np.linalg.norm(run(pruned, held_out)[0] - want) / np.linalg.norm(want))
+    error = _pruned_error(model, calibration, held_out)
 
     assert error(keep=0.5) < error(keep=0.5, refit=False)
     assert error(keep=1.0) == 0.0
     from onnx_lrsd.errors import LrsdError
 
     with pytest.raises(LrsdError, match="no channel group"):
-        prune_model(model, calibration, PruneOptions(keep=0.5, heads=False), stats=stats)
+        prune_model(model, calibration, PruneOptions(keep=0.5, heads=False))
 
 
 def test_heads_blocked_when_softmax_mixes_heads():
