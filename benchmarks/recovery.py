@@ -85,7 +85,8 @@ WIDTH_PLANS: dict[str, TaskPlan] = {
         recover={"steps": 300, "lr": 1e-3, "batch": 32, "eval_every": 25, "patience": 8},
         bar=PLANS["digits_cnn"].bar),
     "ppocr_rec": TaskPlan(
-        budgets=({"width": 0.7, "sequential": True, "multiple": 16}, {"width": 0.6, "sequential": True, "multiple": 16}),
+        budgets=tuple({"method": "prune", "target_latency": speedup, "mode": "sequential", "best_effort": True,
+                       "level": "blocks"} for speedup in (1.55, 1.7)),
         calib_samples=128, calib_batch=16, recover_samples=640,
         recover={"lr": 1e-4, "batch": 8, "eval_every": 10, "patience": 6},
         bar=PLANS["ppocr_rec"].bar),
@@ -98,10 +99,13 @@ WIDTH_PLANS: dict[str, TaskPlan] = {
                                   "same recall@1",
         extra={"int8": True}),
 }
-"""`--kind width`: structured width reduction (`onnx_lrsd.passes.prune.prune_model`: every coupled
+"""`--kind width`: structured width reduction as the closed form, then the same recovery (trainable:
+the narrowed layers). A budget with `width` runs `onnx_lrsd.passes.prune.prune_model` (every coupled
 channel group keeps `width` of its channels, widths rounded to `multiple`, chosen by `criterion`
-(default greedy), `sequential` groups refitted one after another; attention heads untouched) as the
-closed form, then the same recovery (trainable: the narrowed layers). MiniLM also quantizes the
+(default greedy), `sequential` groups refitted one after another; attention heads untouched); any
+other budget is `compress` options, e.g. PP-OCR's `method="prune"` at a measured `target_latency`
+(the width allocation over the groups, rounds timed in onnxruntime), recovered block-wise
+(`level="blocks"`: on width-reduced PP-OCR the end-to-end phase kept its step 0). MiniLM also quantizes the
 recovered model (dynamic int8) and compares it with onnxruntime's dynamic int8 of the original."""
 QUICK_WIDTH = {"digits_cnn": {"budgets": ({"width": 0.5},), "recover": {"steps": 100}}}
 
@@ -485,8 +489,10 @@ def _width_sections(data: dict[str, Any]) -> str:
                 "original, 2 threads. Full results: `benchmarks/results/" + _section(data) + ".md`.\n\n"
                 + "\n".join(f"- {v}" for v in verdicts))
     return (text + "\n\nClosed form: `onnx_lrsd.passes.prune.prune_model` (what `compress --method prune` runs) on the "
-            "calibration samples, widths rounded to the multiple shown; + recovery: `onnx_lrsd.recover` on the "
-            "narrowed graph (trainable: the narrowed layers' weights and biases; a depthwise conv's weight has no "
+            "calibration samples, widths rounded to the multiple shown, or, where the budget names `method prune` and "
+            "a `target_latency`, `compress` searching the width allocation by speedups it measures in onnxruntime "
+            "(batch 1, 2 threads); + recovery: `onnx_lrsd.recover` (end-to-end, or block-wise at `level blocks`) on "
+            "the narrowed graph (trainable: the narrowed layers' weights and biases; a depthwise conv's weight has no "
             "gradient rule and stays as fitted), best step by the loss on a held-out fifth of the unlabeled recovery "
             "samples, never by a reported metric. Calibration and recovery samples come from the task's calibration "
             "source, disjoint from the evaluation data. Latency: interleaved median ratio to the original, 2 threads. "

@@ -55,7 +55,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("profile_layers", "benchmarks.profile_layers", (), ("--quick",), 10, 3),
     Benchmark("recovery", "benchmarks.recovery", (), ("--quick",), 58, 0.2),
     Benchmark("recovery_width", "benchmarks.recovery",
-              ("--kind", "width", "--tasks", "ppocr_rec", "--ppocr-minutes", "12", "--output",
+              ("--kind", "width", "--tasks", "ppocr_rec", "--ppocr-minutes", "8", "--output",
                "benchmarks/results/recovery_width"),
               ("--kind", "width", "--quick", "--output", "benchmarks/results/recovery_width.quick"), 58, 0.2),
     Benchmark("recovery_width_minilm", "benchmarks.recovery",
