@@ -85,8 +85,8 @@ WIDTH_PLANS: dict[str, TaskPlan] = {
         recover={"steps": 300, "lr": 1e-3, "batch": 32, "eval_every": 25, "patience": 8},
         bar=PLANS["digits_cnn"].bar),
     "ppocr_rec": TaskPlan(
-        budgets=tuple({"method": "prune", "target_latency": speedup, "mode": "sequential", "best_effort": True,
-                       "level": "blocks"} for speedup in (1.55, 1.7)),
+        budgets=tuple({"method": method, "target_latency": 1.55, "mode": "sequential", "best_effort": True,
+                       "level": "blocks"} for method in ("prune", "prune+lowrank")),
         calib_samples=128, calib_batch=16, recover_samples=640,
         recover={"lr": 1e-4, "batch": 8, "eval_every": 10, "patience": 6},
         bar=PLANS["ppocr_rec"].bar),
@@ -103,8 +103,9 @@ WIDTH_PLANS: dict[str, TaskPlan] = {
 the narrowed layers). A budget with `width` runs `onnx_lrsd.passes.prune.prune_model` (every coupled
 channel group keeps `width` of its channels, widths rounded to `multiple`, chosen by `criterion`
 (default greedy), `sequential` groups refitted one after another; attention heads untouched); any
-other budget is `compress` options, e.g. PP-OCR's `method="prune"` at a measured `target_latency`
-(the width allocation over the groups, rounds timed in onnxruntime), recovered block-wise
+other budget is `compress` options, e.g. PP-OCR's `method="prune"` (widths alone) and
+`"prune+lowrank"` (widths and low-rank factors in one allocation) at a measured `target_latency`
+(rounds timed in onnxruntime; `best_effort`: the nearest round if none reaches it), recovered block-wise
 (`level="blocks"`: on width-reduced PP-OCR the end-to-end phase kept its step 0). MiniLM also quantizes the
 recovered model (dynamic int8) and compares it with onnxruntime's dynamic int8 of the original."""
 QUICK_WIDTH = {"digits_cnn": {"budgets": ({"width": 0.5},), "recover": {"steps": 100}}}
