@@ -128,7 +128,7 @@ class _Run:
         counted = node_macs(self.source, self.dims)
         scale = macs_scale(ctx)
         macs = {name: t.macs * scale.get(name, 1.0) for name, t in targets.items()}
-        reads = {c: g.name for g in groups for c in g.consumers}
+        reads = {c: g.name for g in groups for c in g.consumers if g.read_at(c) == (0, g.channels)}
         writes = {p: g.name for g in groups for p in g.producers}
         total_macs = float(model_macs(self.source, self.dims))
         times, rate = {}, 0.0
@@ -157,6 +157,9 @@ class _Run:
         per_channel = {}
         for group in groups:
             members = [m for m in dict.fromkeys(group.producers + group.consumers) if m not in targets]
+            # a Concat reader's rows of the group: costed here, its layer unit is not scaled by the widths
+            partial = {c: group.channels / group.read_at(c)[1] for c in group.consumers
+                       if c in targets and c not in reads}
             if field == "params":
                 weights = {targets[n].weight_tensor for n in group.producers + group.consumers if n in targets}
                 sizes = {}
@@ -166,9 +169,11 @@ class _Run:
                         sizes[tensor.name] = int(resolve_constant(tensor).values.size)
                 for m in members:
                     sizes[nodes[m].inputs[1].name] = int(resolve_constant(nodes[m].inputs[1]).values.size)
-                per_channel[group.name] = sum(sizes.values()) / group.channels
+                share = sum(targets[c].params * part for c, part in partial.items())
+                per_channel[group.name] = (sum(sizes.values()) + share) / group.channels
             else:
-                held = depthwise_macs(self.graph, group, counted) + sum(counted.get(m, 0) for m in members)
+                held = depthwise_macs(self.graph, group, counted) + sum(counted.get(m, 0) for m in members) + \
+                    sum(counted.get(c, 0) * part for c, part in partial.items())
                 per_channel[group.name] = held / group.channels * (rate if field == "ms" else 1.0)
         widths = {g.name: width_options(g.channels, self._multiple(g)) for g in groups}
         units = width_units({g.name: self.group_curves[g.name].errors for g in groups}, self.group_sensitivity,
