@@ -16,7 +16,7 @@ from onnx_lrsd.plan.width import group_consumers
 from test_width import IR, run, zero_inputs
 
 
-def conv_concat_model(opset=13, axis=1, with_input=False, after="Relu", seed=0):
+def conv_concat_model(opset=13, axis=1, with_input=False, after="Relu", seed=0, unknown_rank=False):
     """x [batch, 3, 8, 9] → branch a: Conv 3→4 (3×3, bias) → Relu; branch b: Conv 3→5 → BN;
     Concat(a, [x,] b) on `axis` → `after` (an op on the concatenated tensor, or None) → head
     Conv (3×3, bias) → y. Groups a and b; head reads a at offset 0, b at 4 (7 with x between)."""
@@ -25,7 +25,11 @@ def conv_concat_model(opset=13, axis=1, with_input=False, after="Relu", seed=0):
     b.node("Conv", [x, b.init("a_w", b.randn(4, 3, 3, 3, scale=0.4)), b.init("a_b", b.randn(4, scale=0.1))],
            ["a_conv"], name="a", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
     b.node("Relu", ["a_conv"], ["a_out"], name="a_relu")
-    b.node("Conv", [x, b.init("b_w", b.randn(5, 3, 1, 1, scale=0.5))], ["b_conv"], name="b", kernel_shape=[1, 1])
+    b_in = x
+    if unknown_rank:  # b's tensors get no recorded shape: its channel count comes from its weight
+        b.node("Reshape", [x, b.input("shape", ["rank"], np.int64)], ["x_view"], name="x_view")
+        b_in = "x_view"
+    b.node("Conv", [b_in, b.init("b_w", b.randn(5, 3, 1, 1, scale=0.5))], ["b_conv"], name="b", kernel_shape=[1, 1])
     bn = [b.init(f"bn_{k}", v.astype(np.float32)) for k, v in (
         ("scale", b.randn(5, scale=0.1) + 1), ("bias", b.randn(5, scale=0.2)), ("mean", b.randn(5, scale=0.1)),
         ("var", np.abs(b.randn(5)) * 0.2 + 0.5))]
@@ -94,6 +98,14 @@ def test_concat_parts_keep_their_groups_and_the_reader_reads_each_at_its_offset(
     assert groups["b"].read_at("head") == (7 if with_input else 4, width)
     assert groups["a"].concats == groups["b"].concats == ("cat",)
     assert groups["b"].producers == ("b",) and groups["b"].channels == 5
+
+
+def test_a_part_without_a_recorded_shape_is_counted_from_its_layer():
+    model = conv_concat_model(unknown_rank=True)
+    graph = import_graph(model)
+    assert graph.tensors()["b_out"].shape is None
+    groups, _ = find_channel_groups(graph)
+    assert {g.name: g.read_at("head") for g in groups} == {"a": (0, 9), "b": (4, 9)}
 
 
 @pytest.mark.parametrize("opset,axis,with_input", [(7, 1, False), (11, -3, True), (13, 1, True), (21, -3, False)])

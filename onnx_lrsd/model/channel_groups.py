@@ -369,16 +369,37 @@ class _Finder:
             raise _Blocked(f"Concat '{node.name}' joins the channels with themselves")
         sizes = []
         for part in node.inputs:
-            size = space.channels if part is via else \
-                (part.shape[channel_axis] if part.shape is not None and len(part.shape) == (rank or len(part.shape))
-                 else None)
-            if not isinstance(size, (int, np.integer)) or size < 0:
+            size = space.channels if part is via else self.part_channels(part, channel_axis, rank)
+            if size is None:
                 raise _Blocked(f"Concat '{node.name}' has a part '{part.name}' of unknown channel count")
             sizes.append(int(size))
         at = next(i for i, t in enumerate(node.inputs) if t is via)
         space.concats[node.name] = node
         self.concat_readers(node, sum(sizes[:at]), sum(sizes), space, first)
         return []
+
+    def part_channels(self, tensor: gs.Tensor, axis: int, rank: Optional[int], depth: int = 0) -> Optional[int]:
+        """The channel count of a Concat part: its recorded shape, else that of the layer
+        writing it (a Conv's or MatMul's constant weight) through channel-wise ops."""
+        shape = tensor.shape
+        if shape is not None and len(shape) == (rank or len(shape)) and isinstance(shape[axis], (int, np.integer)) \
+                and shape[axis] >= 0:
+            return int(shape[axis])
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or depth > 64:
+            return None
+        if node.op in ("Conv", "MatMul"):
+            weight = resolve_constant(node.inputs[1]) if len(node.inputs) > 1 else None
+            if weight is None or weight.values.ndim < 2:
+                return None
+            return int(weight.values.shape[0] if node.op == "Conv" else weight.values.shape[-1])
+        if node.op in UNARY | BINARY | POOLS | {"BatchNormalization", "Resize", "Upsample"}:
+            for source in node.inputs:
+                if source.name and self.constant(source) is None:
+                    found = self.part_channels(source, axis, rank, depth + 1)
+                    if found is not None:
+                        return found
+        return None
 
     def concat_readers(self, concat: gs.Node, offset: int, total: int, space: _Space, first: bool) -> None:
         """Record the readers of a channel Concat's output (past param-free unary ops) as
