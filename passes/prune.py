@@ -316,7 +316,7 @@ def group_infos(model: onnx.ModelProto) -> Tuple[tuple, tuple]:
 
     groups, blocked = channel_groups(model)
     return (tuple(ChannelGroupInfo(g.name, "heads" if g.block > 1 else "channels", g.channels, g.block, g.producers,
-                                   g.consumers, g.depthwise) for g in groups),
+                                   g.consumers, g.depthwise, g.residual_adds, g.concats) for g in groups),
             tuple(BlockedGroupInfo(b.name, b.channels, b.reason) for b in blocked))
 
 

@@ -202,3 +202,11 @@ def test_concat_refit_reproduces_the_part_and_full_width_round_trips(with_input)
     for batch in (1, 5):
         x = conv_feeds(rng, batch)
         np.testing.assert_array_equal(run(full, x)[0], run(model, x)[0])
+
+
+def test_inspect_names_the_concat_of_each_part():
+    from onnx_lrsd import inspect_model
+
+    listed = inspect_model(conv_concat_model(with_input=True))
+    assert {g.name: g.concats for g in listed.channel_groups} == {"a": ("cat",), "b": ("cat",)}
+    assert "  b  5 channels: b -> head  Concat cat" in listed.to_text().splitlines()

@@ -24,8 +24,9 @@ class TargetInfo:
 @dataclass(frozen=True)
 class ChannelGroupInfo:
     """A coupled group `prune` can narrow: `channels` (heads for kind "heads", each `block`
-    features wide), the layers writing them, the layers reading them through a weight, and the
-    depthwise convs between."""
+    features wide), the layers writing them, the layers reading them through a weight, the
+    depthwise convs between, the residual Adds that tie its chains into one group, and the
+    channel Concats through which readers see the channels at an offset."""
 
     name: str
     kind: str
@@ -34,6 +35,8 @@ class ChannelGroupInfo:
     producers: Tuple[str, ...]
     consumers: Tuple[str, ...]
     depthwise: Tuple[str, ...]
+    residual_adds: Tuple[str, ...] = ()
+    concats: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ class InspectReport:
             lines.append(f"channel groups {len(self.channel_groups)} (narrowed together by prune):")
             for g in self.channel_groups:
                 unit = f"{g.channels} heads of {g.block}" if g.kind == "heads" else f"{g.channels} channels"
-                extra = f"  depthwise {', '.join(g.depthwise)}" if g.depthwise else ""
+                extra = "".join(f"  {label} {', '.join(names)}" for label, names in (
+                    ("depthwise", g.depthwise), ("residual Adds", g.residual_adds), ("Concat", g.concats)) if names)
                 lines.append(f"  {g.name}  {unit}: {', '.join(g.producers)} -> {', '.join(g.consumers)}{extra}")
         if self.blocked_groups:
             lines.append(f"blocked groups {len(self.blocked_groups)}:")
