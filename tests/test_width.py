@@ -374,3 +374,28 @@ def test_sequential_narrowing_repairs_earlier_groups():
 
     assert error(sequential=True) < error()
     assert prune_model(model, calibration, PruneOptions(keep=1.0, sequential=True)).plans[0].width == 8
+
+
+@pytest.mark.parametrize("report_name", ["r.md", "r.html"])
+def test_a_width_only_summary_says_what_it_narrowed(tmp_path, report_name):
+    """`compress --method prune` factorizes nothing: its summary, Markdown and HTML report say
+    which groups it narrowed and how many channels it kept, not "0 of 0 layers factorized"."""
+    import html
+
+    from click.testing import CliRunner
+
+    from onnx_lrsd.cli import main
+
+    path, out, report = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / report_name
+    onnx.save(mobile_model(), str(path))
+    rng = np.random.default_rng(7)
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([mobile_feeds(rng, 16)["x"] for _ in range(6)]))
+    done = CliRunner().invoke(main, ["compress", str(path), "-o", str(out), "--method", "prune", "--keep", "0.5",
+                                     "--calib", str(tmp_path / "calib.npz"), "--report", str(report)])
+    assert done.exit_code == 0, done.output
+    assert "channel groups narrowed 3 of 3, channels kept 9 of 18: stem 4/8, se_reduce 2/4, mid 3/6" in done.output
+    assert "factorized" not in done.output
+    text = html.unescape(report.read_text())
+    assert "3 of 3 channel groups narrowed, 9 of 18 channels kept" in text
+    assert "layers factorized" not in text and "0 of 0" not in text
+    assert "Layers" not in text and "Channel groups" in text and "se_reduce" in text

@@ -367,12 +367,16 @@ class CompressionReport:
             + (f"  (input dims {', '.join(self.macs_unresolved)} counted as 1: give --dim)"
                if self.macs_unresolved else ""),
             f"{'file bytes':12}{self.before.file_bytes:>16,}{self.after.file_bytes:>16,}{self.size_ratio:>9.3f}",
-            f"layers factorized {len(factorized)} of {len(self.layers)} targets; {len(self.skipped)} weight layers skipped",
         ]
+        if self.layers or not self.widths:  # a width-only run factorizes nothing: it says what it narrowed
+            lines.append(f"layers factorized {len(factorized)} of {len(self.layers)} targets; "
+                         f"{len(self.skipped)} weight layers skipped")
         lines.extend(self._residual_lines())
         narrowed = [w for w in self.widths if w.kept < w.channels]
         if self.widths:
-            lines.append(f"channel groups narrowed {len(narrowed)} of {len(self.widths)}: "
+            kept, channels = sum(w.kept for w in self.widths), sum(w.channels for w in self.widths)
+            lines.append(f"channel groups narrowed {len(narrowed)} of {len(self.widths)}, "
+                         f"channels kept {kept:,} of {channels:,}: "
                          + ", ".join(f"{w.name} {w.kept}/{w.channels}{' heads' if w.kind == 'heads' else ''}"
                                      for w in narrowed[:12]) + (", …" if len(narrowed) > 12 else ""))
         if self.residual_check is not None:
