@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import benchmark_main, fmt, markdown_table, time_against_original
+from benchmarks.common import benchmark_main, fmt, markdown_table, results_header, time_against_original
 
 LOGGER = logging.getLogger("benchmarks.width")
 
@@ -312,13 +312,8 @@ METRICS = {"minilm": ("recall@1", "mrr", "cosine"), "ppocr_rec": ("char_acc", "c
 
 
 def render(data: dict[str, Any]) -> str:
-    machine = data["machine"]
-    lines = ["# Structured width reduction against low rank at matched latency", "",
-             f"`python -m benchmarks.width {' '.join(data['argv'])}` — {machine['date']}, onnx_lrsd commit "
-             f"{machine['git_commit']}, {machine['cpu']}, onnxruntime {machine['onnxruntime']}; total "
-             f"{data.get('total_s', 0) / 60:.1f} min. Machine shared with other jobs (load average at start "
-             f"{machine['load_average_at_start']}): latency as interleaved ratios to the original (2 threads, "
-             "block medians; below 1 is faster). See the module docstring for what each row is.", ""]
+    lines = results_header(data, "Structured width reduction against low rank at matched latency",
+                           "benchmarks.width")
     for t in data["tasks"]:
         metrics = METRICS[t["task"]]
         lines += [f"## {t['task']}", ""]
