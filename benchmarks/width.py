@@ -124,7 +124,8 @@ def _low_rank(source: Path, feeds, settings, mask_input, macs: float, path: Path
 
 def _group_summary(groups, blocked) -> dict[str, Any]:
     return {"groups": [{"name": g.name, "channels": g.channels, "producers": list(g.producers),
-                        "consumers": list(g.consumers), "depthwise": list(g.depthwise)} for g in groups],
+                        "consumers": list(g.consumers), "depthwise": list(g.depthwise),
+                        "concats": list(g.concats)} for g in groups],
             "blocked": [{"name": b.name, "channels": b.channels, "reason": b.reason} for b in blocked]}
 
 
@@ -333,7 +334,8 @@ def render(data: dict[str, Any]) -> str:
                       + ", ".join(f"{k} {v:.0f} s" for k, v in t["order_s"].items()) + ".", ""]
         lines += [f"{len(t['groups'])} coupled groups ("
                   + ", ".join(f"{g['name']} {g['channels']}" for g in t["groups"][:8])
-                  + (", …" if len(t["groups"]) > 8 else "") + f"); {len(t['blocked'])} blocked:", ""]
+                  + (", …" if len(t["groups"]) > 8 else "") + f"); {_through_concat(t)}{len(t['blocked'])} blocked:",
+                  ""]
         reasons: dict[str, list[str]] = {}
         for b in t["blocked"]:
             kind = b["reason"].split("'")[0].strip() or b["reason"]
@@ -350,6 +352,15 @@ def _requested(data: dict[str, Any]) -> list[str]:
         return list(TASK_NAMES)
     rest = argv[argv.index("--tasks") + 1:]
     return [a for a in rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]]
+
+
+def _through_concat(t: dict[str, Any]) -> str:
+    """'N read through a channel Concat (names); ' when groups reach readers through a Concat."""
+    joined = [g for g in t["groups"] if g.get("concats")]
+    if not joined:
+        return ""
+    concats = sorted({c for g in joined for c in g["concats"]})
+    return f"{len(joined)} read through a channel Concat ({', '.join(concats)}) at their offsets; "
 
 
 def readme_sections(data: dict[str, Any]) -> dict[str, str]:
@@ -377,8 +388,8 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
         parts += [f"**{t['task']}** ({', '.join(metrics)}):",
                   markdown_table(["configuration", " / ".join(metrics), "output error", "params", "MACs",
                                   "latency b1 / b32"], rows, "llrrrr"),
-                  f"{len(t['groups'])} coupled channel groups; {len(t['blocked'])} blocked by "
-                  + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items())) + "."]
+                  f"{len(t['groups'])} coupled channel groups; {_through_concat(t)}{len(t['blocked'])} blocked"
+                  + (" by " + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items())) if reasons else "") + "."]
     missing = [n for n in requested if n not in {t["task"] for t in data["tasks"]}]
     if missing:
         parts.append(f"Not measured in this run: {', '.join(missing)}.")
