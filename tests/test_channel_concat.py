@@ -210,3 +210,22 @@ def test_inspect_names_the_concat_of_each_part():
     listed = inspect_model(conv_concat_model(with_input=True))
     assert {g.name: g.concats for g in listed.channel_groups} == {"a": ("cat",), "b": ("cat",)}
     assert "  b  5 channels: b -> head  Concat cat" in listed.to_text().splitlines()
+
+
+@pytest.mark.parametrize("method,kind", [("prune", "target_params"), ("prune", "target_macs"),
+                                         ("prune+lowrank", "target_macs")])
+def test_targets_are_met_with_readers_of_a_concat(method, kind):
+    """The allocations cost a Concat reader's rows with the group that owns them: the written
+    model meets the target (MACs at the data's dims) and stays close to the original."""
+    from onnx_lrsd import compress
+
+    model = conv_concat_model(with_input=True, after=None)
+    rng = np.random.default_rng(3)
+    calibration = [conv_feeds(rng, 8) for _ in range(6)]
+    result = compress(model, calibration=calibration, method=method, **{kind: 0.7})
+    ratio = result.report.params_ratio if kind == "target_params" else result.report.macs_ratio
+    assert ratio <= 0.7 + 0.01
+    assert any(w.kept < w.channels for w in result.report.widths)
+    x = conv_feeds(rng, 3)
+    want = run(model, x)[0]
+    assert np.linalg.norm(run(result.model, x)[0] - want) / np.linalg.norm(want) < 0.5
