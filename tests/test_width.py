@@ -344,8 +344,8 @@ def test_compress_method_prune_through_the_api_and_the_cli(tmp_path):
     assert [b.name for b in listed.blocked_groups] == ["head"] and "graph output" in listed.blocked_groups[0].reason
     with pytest.raises(LrsdError, match="calibration"):
         compress(model, method="prune")
-    with pytest.raises(LrsdError, match="stages"):
-        compress(model, calibration=calibration, method="prune", keep=0.5, stages=2)
+    with pytest.raises(LrsdError, match="stages work with keep, target_params and target_macs"):
+        compress(model, calibration=calibration, method="prune", max_error=0.5, stages=2)
 
     path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(model, str(path))
@@ -399,3 +399,27 @@ def test_a_width_only_summary_says_what_it_narrowed(tmp_path, report_name):
     assert "3 of 3 channel groups narrowed, 9 of 18 channels kept" in text
     assert "layers factorized" not in text and "0 of 0" not in text
     assert "Layers" not in text and "Channel groups" in text and "se_reduce" in text
+
+
+def test_width_methods_in_stages_narrow_the_previous_stage_further():
+    """`--stages 2`: prune keeps keep^(1/2) of every group twice (widths against the original's
+    channels); prune+lowrank reaches target^(k/2) of the original's MACs at stage k; errors
+    are against the original."""
+    from onnx_lrsd import compress
+
+    model = mobile_model()
+    rng = np.random.default_rng(7)
+    calibration = [mobile_feeds(rng, 16) for _ in range(6)]
+    staged = compress(model, calibration=calibration, method="prune", keep=0.5, stages=2).report
+    assert {(w.name, w.channels, w.kept) for w in staged.widths} == {("stem", 8, 4), ("se_reduce", 4, 2),
+                                                                      ("mid", 6, 3)}
+    assert len(staged.stages) == 2 and staged.stages[0].params_ratio > staged.stages[1].params_ratio
+    both = compress(model, calibration=calibration, method="prune+lowrank", target_macs=0.6, stages=2).report
+    first, second = (s.macs_ratio for s in both.stages)
+    assert first <= 0.6 ** 0.5 + 0.01 and second < first and second <= 0.61
+    assert both.macs_ratio <= 0.61 and all(w.channels == {"stem": 8, "se_reduce": 4, "mid": 6}[w.name]
+                                           for w in both.widths)
+    x = mobile_feeds(rng, 3)
+    want = run(model, x)[0]
+    got = run(compress(model, calibration=calibration, method="prune+lowrank", target_macs=0.6, stages=2).model, x)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1.0
