@@ -7,7 +7,7 @@ one block of k² columns per channel); `onnx_lrsd.decompose.channels` does the m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
