@@ -10,8 +10,8 @@ constant is a new initializer named ``{node}/lrsd/{role}``, so shared constants 
 Attention-head groups also rewrite the Reshape constants that count heads, and channel groups
 the C in the shape of a flatten into a classifier or of a [C] vector reshaped to [1, C, 1, 1]. Shapes recorded
 for the narrowed tensors are dropped (they changed). A consumer reading the group through a
-channel Concat has its rows cut (or refitted) at the group's offset. Graph inputs and outputs never belong to
-a group, so dynamic batch and sequence dims are untouched.
+channel Concat has its rows cut (or refitted) at the group's offset. Graph inputs and outputs
+never belong to a group, so dynamic batch and sequence dims are untouched.
 """
 from __future__ import annotations
 
@@ -180,12 +180,12 @@ def _narrow_consumers(graph: gs.Graph, plans: Sequence[GroupPlan], nodes: Dict[s
     for name, reads in parts.items():
         node = nodes[name]
         target = weight_target(node, graph)
-        W = target.matrix()
+        W = np.asarray(target.matrix(), np.float64)  # cast back to the weight's dtype when written
         for offset, plan, refit in sorted(reads, key=lambda read: -read[0]):
             block = plan.group.block * (int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1)
             start, end = offset * block, (offset + plan.group.channels) * block
             part = refit.weight if refit is not None else W[start:end][_columns(plan.kept, block)]
-            W = np.concatenate([W[:start], np.asarray(part, W.dtype), W[end:]])
+            W = np.concatenate([W[:start], np.asarray(part, np.float64), W[end:]])
             if refit is not None:
                 _shift_bias(node, refit.bias_shift, values, extra_bias, outputs, graph)
         values.get(name, 1)
