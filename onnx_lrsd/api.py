@@ -16,7 +16,8 @@ from .errors import LrsdError, NothingToCompress, OutputErrorTooLarge
 from .model.io import ModelSource, check_output_directory, load_model, save_model
 from .passes.context import new_context
 from .passes.pipeline import inspect
-from .passes.search import CompressionResult, Metric, compress_in_stages, compress_model, recover_result
+from .passes.search import (CompressionResult, Metric, compress_in_stages, compress_model, quantize_result,
+                            recover_result)
 from .passes.search import sweep as sweep_rounds
 from .plan.cost import count_params, node_macs, unresolved_dims
 from .passes.prune import compress_widths, group_infos
@@ -76,9 +77,11 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
     if config.method in (PRUNE, PRUNE_AND_LOW_RANK):
         if config.stages > 1:
             return compress_in_stages(model, config, calibration, progress, run=_width_run)
-        result = _width_run(model, config.replace(recover=None, recover_time=None), calibration, progress, metric,
-                            config.max_metric_drop)
-        return recover_result(model, result, config, calibration, progress) if config.recovers else result
+        result = _width_run(model, config.replace(recover=None, recover_time=None, then_quantize=None), calibration,
+                            progress, metric, config.max_metric_drop)
+        if config.recovers:
+            result = recover_result(model, result, config, calibration, progress)
+        return quantize_result(model, result, config, calibration) if config.then_quantize is not None else result
     if config.stages > 1:
         return compress_in_stages(model, config, calibration, progress)
     return compress_model(model, config, calibration, progress, metric, config.max_metric_drop)

@@ -157,6 +157,23 @@ def recover_result(model: ModelSource, result: CompressionResult, config: Compre
         seconds=report.seconds + time.perf_counter() - start))
 
 
+def quantize_result(model: ModelSource, result: CompressionResult, config: CompressConfig,
+                    calibration: Calibration) -> CompressionResult:
+    """`result` (a finished run, e.g. width reduction) quantized by `config.then_quantize`
+    (static: calibrated on the fit split), its report updated: the model's stats, the output
+    errors against the original on the batches the run verified on, the quantization."""
+    source = load_model(model)
+    batches = calibration_batches(calibration, source, config)
+    fit, held = split_holdout(batches, config.holdout_every)
+    verify = (held or batches[:2]) if config.verify and result.report.output_errors else []
+    quantized, summary = then_quantize(source, result.model, config.then_quantize, fit or batches, verify,
+                                       result.report.output_errors)
+    dims = macs_dims(source, config, batches)
+    return CompressionResult(quantized, dataclasses.replace(
+        result.report, after=model_stats(quantized, dims), quantization=summary,
+        output_errors=dict(summary.output_errors) if verify else dict(result.report.output_errors)))
+
+
 def then_quantize(source: onnx.ModelProto, compressed: onnx.ModelProto, mode: str, fit_batches, verify_batches,
                   errors_before):
     """(int8 model of `compressed`, its `QuantizationSummary`): static quantization calibrates

@@ -423,3 +423,25 @@ def test_width_methods_in_stages_narrow_the_previous_stage_further():
     want = run(model, x)[0]
     got = run(compress(model, calibration=calibration, method="prune+lowrank", target_macs=0.6, stages=2).model, x)[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1.0
+
+
+@pytest.mark.parametrize("method,target", [("prune", {"keep": 0.5}), ("prune+lowrank", {"target_params": 0.6})])
+def test_width_methods_then_quantize(method, target):
+    """`then_quantize` after a width method: the narrowed model is quantized (it was ignored by
+    prune and refused by prune+lowrank), errors against the original on the held-out batches."""
+    from onnx_lrsd import compress
+
+    model = ffn_model()
+    rng = np.random.default_rng(5)
+    calibration = [ffn_feeds(rng, 8) for _ in range(6)]
+    plain = compress(model, calibration=calibration, method=method, **target)
+    result = compress(model, calibration=calibration, method=method, then_quantize="dynamic", **target)
+    summary = result.report.quantization
+    assert summary is not None and summary.mode == "dynamic" and summary.integer_nodes > 0
+    assert summary.output_errors_before == plain.report.output_errors
+    assert result.report.output_errors == summary.output_errors and set(summary.output_errors) == {"y", "q"}
+    assert {n.op_type for n in result.model.graph.node} & {"MatMulInteger", "DynamicQuantizeLinear"}
+    assert summary.int8_weights > 0
+    x = ffn_feeds(rng, 3, 7)
+    want = run(model, x)[0]
+    assert np.linalg.norm(run(result.model, x)[0] - want) / np.linalg.norm(want) < 1.0
