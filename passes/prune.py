@@ -21,8 +21,9 @@ from ..runtime.activations import collect_statistics
 
 log = logging.getLogger(__name__)
 
-CORRECTION_ROUNDS = 4
-"""Allocations tried for a params / MACs target, each asking the shortfall of the last one more."""
+CORRECTION_ROUNDS = 6
+"""Allocations tried for a params / MACs target, each asking the shortfall of the last one more
+(over the share of its predicted saving the last one achieved)."""
 
 TARGET_SLACK = 0.002
 """A params / MACs target is met within this share of the model's total."""
@@ -282,8 +283,9 @@ def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup],
                   ) -> Dict[str, int]:
     """Per-group widths for `options.target_params` / `target_macs` (MACs at `options.dims`):
     error curves from the statistics, each group's sensitivity (`group_sensitivities`), then
-    `allocate_widths`, the saving raised by the shortfall measured on the narrowed model
-    (a weight narrowed on both sides is counted twice by the linear costs) for up to
+    `allocate_widths`, the saving raised by the shortfall measured on the narrowed model over
+    the share of its predicted saving that model achieved (a weight narrowed on both sides is
+    counted twice by the linear costs, so the achieved share is below 1) for up to
     `CORRECTION_ROUNDS` allocations. A target still missed after them is an LrsdError."""
     from ..plan.cost import count_params, model_macs, node_macs
 
@@ -302,10 +304,14 @@ def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup],
             raise LrsdError(f"target_{kind} {target}: {exc}") from None
         narrowed = prune_model(model, batches[:2], PruneOptions(criterion=options.criterion, refit=False),
                                stats=stats, widths=widths, orders=orders).model
-        shortfall = measure(narrowed) - target * total
+        kept = measure(narrowed)
+        shortfall = kept - target * total
         if shortfall <= TARGET_SLACK * total:
             return widths
-        saving += shortfall
+        predicted = sum((costs[g].params_saved if kind == "params" else costs[g].macs_saved)(k)
+                        for g, k in widths.items())
+        achieved = min(max((total - kept) / max(predicted, 1e-30), 0.25), 1.0)
+        saving += shortfall / achieved
     raise LrsdError(f"target_{kind} {target} missed: the nearest width allocation keeps "
                     f"{measure(narrowed) / total:.3f} after {CORRECTION_ROUNDS} corrections")
 
