@@ -151,6 +151,28 @@ def run_record(module: str, argv: Sequence[str] | None) -> dict[str, Any]:
             "finished": None, "shared_machine": True, "machine": machine_info()}
 
 
+INTERLEAVED = ("latency as interleaved ratios to the original (2 threads, block medians; below 1 is faster). "
+               "See the module docstring for what each row is.")
+"""What the latency columns of the task benchmarks are."""
+
+
+def results_header(data: Mapping[str, Any], title: str, module: str, note: str = INTERLEAVED) -> list[str]:
+    """The first lines of a results page: `title`, then the command, the date, the commit (and
+    an uncommitted diff), CPU, onnxruntime, total time and the load at start, from the file's
+    `run_record` (a file from before run records: its machine record and argv), then `note`."""
+    run, machine = data.get("run"), data["machine"]
+    if run:
+        command, commit = run["command"], run.get("commit")
+        if run.get("dirty"):
+            commit = f"{commit} with uncommitted changes (diff {run.get('diff_sha1', '')[:10]})"
+    else:
+        command, commit = f"python -m {module} {' '.join(data.get('argv', []))}".rstrip(), machine.get("git_commit")
+    return [f"# {title}", "",
+            f"`{command}` — {machine['date']}, onnx_lrsd commit {commit}, {machine['cpu']}, onnxruntime "
+            f"{machine['onnxruntime']}; total {data.get('total_s', 0) / 60:.1f} min. Machine shared with other jobs "
+            f"(load average at start {machine['load_average_at_start']}): {note}", ""]
+
+
 class RowCache:
     """Finished rows of one benchmark at this code, so an interrupted run resumes where it
     stopped: ``benchmarks/cache/rows/<benchmark>/<commit>[-dirty-<diff hash>]/<key>.json``

@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import benchmark_main, fmt, markdown_table, time_against_original
+from benchmarks.common import benchmark_main, fmt, markdown_table, results_header, time_against_original
 
 LOGGER = logging.getLogger("benchmarks.width")
 
@@ -124,7 +124,8 @@ def _low_rank(source: Path, feeds, settings, mask_input, macs: float, path: Path
 
 def _group_summary(groups, blocked) -> dict[str, Any]:
     return {"groups": [{"name": g.name, "channels": g.channels, "producers": list(g.producers),
-                        "consumers": list(g.consumers), "depthwise": list(g.depthwise)} for g in groups],
+                        "consumers": list(g.consumers), "depthwise": list(g.depthwise),
+                        "concats": list(g.concats)} for g in groups],
             "blocked": [{"name": b.name, "channels": b.channels, "reason": b.reason} for b in blocked]}
 
 
@@ -312,13 +313,8 @@ METRICS = {"minilm": ("recall@1", "mrr", "cosine"), "ppocr_rec": ("char_acc", "c
 
 
 def render(data: dict[str, Any]) -> str:
-    machine = data["machine"]
-    lines = ["# Structured width reduction against low rank at matched latency", "",
-             f"`python -m benchmarks.width {' '.join(data['argv'])}` — {machine['date']}, onnx_lrsd commit "
-             f"{machine['git_commit']}, {machine['cpu']}, onnxruntime {machine['onnxruntime']}; total "
-             f"{data.get('total_s', 0) / 60:.1f} min. Machine shared with other jobs (load average at start "
-             f"{machine['load_average_at_start']}): latency as interleaved ratios to the original (2 threads, "
-             "block medians; below 1 is faster). See the module docstring for what each row is.", ""]
+    lines = results_header(data, "Structured width reduction against low rank at matched latency",
+                           "benchmarks.width")
     for t in data["tasks"]:
         metrics = METRICS[t["task"]]
         lines += [f"## {t['task']}", ""]
@@ -338,7 +334,8 @@ def render(data: dict[str, Any]) -> str:
                       + ", ".join(f"{k} {v:.0f} s" for k, v in t["order_s"].items()) + ".", ""]
         lines += [f"{len(t['groups'])} coupled groups ("
                   + ", ".join(f"{g['name']} {g['channels']}" for g in t["groups"][:8])
-                  + (", …" if len(t["groups"]) > 8 else "") + f"); {len(t['blocked'])} blocked:", ""]
+                  + (", …" if len(t["groups"]) > 8 else "") + f"); {_through_concat(t)}{len(t['blocked'])} blocked:",
+                  ""]
         reasons: dict[str, list[str]] = {}
         for b in t["blocked"]:
             kind = b["reason"].split("'")[0].strip() or b["reason"]
@@ -355,6 +352,15 @@ def _requested(data: dict[str, Any]) -> list[str]:
         return list(TASK_NAMES)
     rest = argv[argv.index("--tasks") + 1:]
     return [a for a in rest[:next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]]
+
+
+def _through_concat(t: dict[str, Any]) -> str:
+    """'N read through a channel Concat (names); ' when groups reach readers through a Concat."""
+    joined = [g for g in t["groups"] if g.get("concats")]
+    if not joined:
+        return ""
+    concats = sorted({c for g in joined for c in g["concats"]})
+    return f"{len(joined)} read through a channel Concat ({', '.join(concats)}) at their offsets; "
 
 
 def readme_sections(data: dict[str, Any]) -> dict[str, str]:
@@ -382,8 +388,8 @@ def readme_sections(data: dict[str, Any]) -> dict[str, str]:
         parts += [f"**{t['task']}** ({', '.join(metrics)}):",
                   markdown_table(["configuration", " / ".join(metrics), "output error", "params", "MACs",
                                   "latency b1 / b32"], rows, "llrrrr"),
-                  f"{len(t['groups'])} coupled channel groups; {len(t['blocked'])} blocked by "
-                  + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items())) + "."]
+                  f"{len(t['groups'])} coupled channel groups; {_through_concat(t)}{len(t['blocked'])} blocked"
+                  + (" by " + ", ".join(f"{k} ({v})" for k, v in sorted(reasons.items())) if reasons else "") + "."]
     missing = [n for n in requested if n not in {t["task"] for t in data["tasks"]}]
     if missing:
         parts.append(f"Not measured in this run: {', '.join(missing)}.")

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import benchmark_main, fmt, markdown_table, time_against_original
+from benchmarks.common import benchmark_main, fmt, markdown_table, results_header, time_against_original
 
 LOGGER = logging.getLogger("benchmarks.width_and_rank")
 
@@ -194,13 +194,8 @@ def _headers(metrics) -> list[str]:
 
 
 def render(data: dict[str, Any]) -> str:
-    machine = data["machine"]
-    lines = ["# Low rank, width, and both in one allocation at the same measured latency", "",
-             f"`python -m benchmarks.width_and_rank {' '.join(data['argv'])}` — {machine['date']}, onnx_lrsd commit "
-             f"{machine['git_commit']}, {machine['cpu']}, onnxruntime {machine['onnxruntime']}; total "
-             f"{data.get('total_s', 0) / 60:.1f} min. Machine shared with other jobs (load average at start "
-             f"{machine['load_average_at_start']}): latency as interleaved ratios to the original (2 threads, block "
-             "medians; below 1 is faster). See the module docstring for what each row is.", ""]
+    lines = results_header(data, "Low rank, width, and both in one allocation at the same measured latency",
+                           "benchmarks.width_and_rank")
     for t in data["tasks"]:
         metrics = METRICS[t["task"]]
         lines += [f"## {t['task']}", "",

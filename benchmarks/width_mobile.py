@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import benchmark_main, fmt, markdown_table, time_against_original
+from benchmarks.common import benchmark_main, fmt, markdown_table, results_header, time_against_original
 
 LOGGER = logging.getLogger("benchmarks.width_mobile")
 
@@ -281,13 +281,8 @@ def _groups_text(t: dict[str, Any]) -> list[str]:
 
 
 def render(data: dict[str, Any]) -> str:
-    machine = data["machine"]
-    lines = ["# Width reduction on a mobile net (depthwise, squeeze-excitation, residual Adds) against low rank", "",
-             f"`python -m benchmarks.width_mobile {' '.join(data['argv'])}` — {machine['date']}, onnx_lrsd commit "
-             f"{machine['git_commit']}, {machine['cpu']}, onnxruntime {machine['onnxruntime']}; total "
-             f"{data.get('total_s', 0) / 60:.1f} min. Machine shared with other jobs (load average at start "
-             f"{machine['load_average_at_start']}): latency as interleaved ratios to the original (2 threads, "
-             "block medians; below 1 is faster). See the module docstring for what each row is.", ""]
+    lines = results_header(data, "Width reduction on a mobile net (depthwise, squeeze-excitation, residual Adds) "
+                           "against low rank", "benchmarks.width_mobile")
     for t in data["tasks"]:
         lines += [f"## {t['task']}", "", _rows_table(t), ""]
         if "stats_s" in t:

@@ -16,7 +16,8 @@ from .errors import LrsdError, NothingToCompress, OutputErrorTooLarge
 from .model.io import ModelSource, check_output_directory, load_model, save_model
 from .passes.context import new_context
 from .passes.pipeline import inspect
-from .passes.search import CompressionResult, Metric, compress_in_stages, compress_model, recover_result
+from .passes.search import (CompressionResult, Metric, compress_in_stages, compress_model, quantize_result,
+                            recover_result)
 from .passes.search import sweep as sweep_rounds
 from .plan.cost import count_params, node_macs, unresolved_dims
 from .passes.prune import compress_widths, group_infos
@@ -73,19 +74,27 @@ def compress(model: ModelSource, config: Optional[CompressConfig] = None, calibr
         raise LrsdError("a metric and max_metric_drop go together")
     if metric is not None and (config.target is not None or config.stages > 1):
         raise LrsdError("max_metric_drop is a target of its own: drop the other target and stages")
-    searched = metric is not None or (config.target is not None and config.target[0] in ("latency", "error"))
     if config.method in (PRUNE, PRUNE_AND_LOW_RANK):
         if config.stages > 1:
-            raise LrsdError(f"method {config.method} takes keep or a target (no stages yet)")
-        if config.method == PRUNE and not searched:
-            result = CompressionResult(*compress_widths(model, config, calibration))
-        else:
-            result = compress_width_and_rank(model, config.replace(recover=None, recover_time=None), calibration,
-                                             progress, metric, config.max_metric_drop)
-        return recover_result(model, result, config, calibration, progress) if config.recovers else result
+            return compress_in_stages(model, config, calibration, progress, run=_width_run)
+        result = _width_run(model, config.replace(recover=None, recover_time=None, then_quantize=None), calibration,
+                            progress, metric, config.max_metric_drop)
+        if config.recovers:
+            result = recover_result(model, result, config, calibration, progress)
+        return quantize_result(model, result, config, calibration) if config.then_quantize is not None else result
     if config.stages > 1:
         return compress_in_stages(model, config, calibration, progress)
     return compress_model(model, config, calibration, progress, metric, config.max_metric_drop)
+
+
+def _width_run(model: ModelSource, config: CompressConfig, calibration: Calibration, progress,
+               metric: Optional[Metric] = None, max_metric_drop: Optional[float] = None) -> CompressionResult:
+    """One run of method prune (keep, params or MACs: `compress_widths`) or prune+lowrank (and
+    prune with a searched target: `compress_width_and_rank`), without recovery."""
+    searched = metric is not None or (config.target is not None and config.target[0] in ("latency", "error"))
+    if config.method == PRUNE and not searched:
+        return CompressionResult(*compress_widths(model, config, calibration))
+    return compress_width_and_rank(model, config, calibration, progress, metric, max_metric_drop)
 
 
 def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Optional[CompressConfig] = None,

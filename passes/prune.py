@@ -15,14 +15,15 @@ from ..errors import LrsdError
 from ..model.channel_groups import BlockedGroup, ChannelGroup, find_channel_groups, find_head_groups, weight_target
 from ..model.graph import export_model, import_graph, model_template, resolve_constant
 from ..model.narrow import GroupPlan, narrow_graph
-from ..plan.width import (GroupCost, GroupCurve, allocate_widths, consumer_stats, group_cost, group_error_curve,
-                         keep_count, plan_group)
+from ..plan.width import (GroupCost, GroupCurve, allocate_widths, consumer_stats, group_consumers, group_cost,
+                         group_error_curve, keep_count, plan_group)
 from ..runtime.activations import collect_statistics
 
 log = logging.getLogger(__name__)
 
-CORRECTION_ROUNDS = 4
-"""Allocations tried for a params / MACs target, each asking the shortfall of the last one more."""
+CORRECTION_ROUNDS = 6
+"""Allocations tried for a params / MACs target, each asking the shortfall of the last one more
+(over the share of its predicted saving the last one achieved)."""
 
 TARGET_SLACK = 0.002
 """A params / MACs target is met within this share of the model's total."""
@@ -106,7 +107,7 @@ def group_statistics(model: onnx.ModelProto, groups: Sequence[ChannelGroup], bat
 def channel_orders(groups: Sequence[ChannelGroup], stats: Mapping[str, ConsumerStats], criterion: str
                    ) -> Dict[str, np.ndarray]:
     """Every group's channels in the order `criterion` keeps them (the first k: width k)."""
-    return {g.name: channel_order([stats[c] for c in g.consumers], criterion) for g in groups}
+    return {g.name: channel_order(group_consumers(g, stats), criterion) for g in groups}
 
 
 def prune_model(model: onnx.ModelProto, batches: Sequence[Mapping], options: PruneOptions = PruneOptions(),
@@ -165,13 +166,34 @@ def _prune_sequentially(model: onnx.ModelProto, groups: Sequence[ChannelGroup], 
         nodes = {n.name: n for n in graph.nodes}
         targets = [weight_target(nodes[name], graph) for name in group.consumers]
         paired = collect_paired_statistics(model, current, targets, batches, mask_input=options.mask_input,
-                                           max_positions=options.max_positions)
+                                           max_positions=options.max_positions,
+                                           columns=_original_columns(targets, groups, plans))
         stats = {t.name: consumer_stats(t, paired[t.name].fit, group.block) for t in targets}
         plan = plan_group(group, stats, keeps[group.name], options.criterion, options.refit)
         plans.append(plan)
         current = _narrowed(current, graph, [plan])
         log.info("%s: %d of %d channels (sequential)", group.name, plan.width, group.channels)
     return PruneResult(current, tuple(plans), tuple(blocked))
+
+
+def _original_columns(targets, groups: Sequence[ChannelGroup], plans: Sequence[GroupPlan]) -> Dict[str, np.ndarray]:
+    """For a reader of a channel Concat whose other parts earlier plans narrowed: the input
+    features (im2col columns) of the original reader that its current inputs are (`groups`
+    as found on the original model, so offsets are the original's)."""
+    original = {g.name: g for g in groups}
+    columns = {}
+    for target in targets:
+        dropped, channels = [], None
+        for plan in plans:
+            group = original[plan.group.name]
+            if target.name in group.consumers and plan.width < group.channels:
+                offset, channels = group.read_at(target.name)
+                dropped.append(offset + np.setdiff1d(np.arange(group.channels), plan.kept))
+        if dropped:
+            block = int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1
+            kept = np.setdiff1d(np.arange(channels), np.concatenate(dropped))
+            columns[target.name] = (kept[:, None] * block + np.arange(block)).reshape(-1)
+    return columns
 
 
 def group_costs(graph, groups: Sequence[ChannelGroup], macs: Optional[Mapping[str, int]] = None
@@ -261,8 +283,9 @@ def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup],
                   ) -> Dict[str, int]:
     """Per-group widths for `options.target_params` / `target_macs` (MACs at `options.dims`):
     error curves from the statistics, each group's sensitivity (`group_sensitivities`), then
-    `allocate_widths`, the saving raised by the shortfall measured on the narrowed model
-    (a weight narrowed on both sides is counted twice by the linear costs) for up to
+    `allocate_widths`, the saving raised by the shortfall measured on the narrowed model over
+    the share of its predicted saving that model achieved (a weight narrowed on both sides is
+    counted twice by the linear costs, so the achieved share is below 1) for up to
     `CORRECTION_ROUNDS` allocations. A target still missed after them is an LrsdError."""
     from ..plan.cost import count_params, model_macs, node_macs
 
@@ -281,10 +304,14 @@ def target_widths(model: onnx.ModelProto, graph, groups: Sequence[ChannelGroup],
             raise LrsdError(f"target_{kind} {target}: {exc}") from None
         narrowed = prune_model(model, batches[:2], PruneOptions(criterion=options.criterion, refit=False),
                                stats=stats, widths=widths, orders=orders).model
-        shortfall = measure(narrowed) - target * total
+        kept = measure(narrowed)
+        shortfall = kept - target * total
         if shortfall <= TARGET_SLACK * total:
             return widths
-        saving += shortfall
+        predicted = sum((costs[g].params_saved if kind == "params" else costs[g].macs_saved)(k)
+                        for g, k in widths.items())
+        achieved = min(max((total - kept) / max(predicted, 1e-30), 0.25), 1.0)
+        saving += shortfall / achieved
     raise LrsdError(f"target_{kind} {target} missed: the nearest width allocation keeps "
                     f"{measure(narrowed) / total:.3f} after {CORRECTION_ROUNDS} corrections")
 
@@ -295,7 +322,7 @@ def group_infos(model: onnx.ModelProto) -> Tuple[tuple, tuple]:
 
     groups, blocked = channel_groups(model)
     return (tuple(ChannelGroupInfo(g.name, "heads" if g.block > 1 else "channels", g.channels, g.block, g.producers,
-                                   g.consumers, g.depthwise) for g in groups),
+                                   g.consumers, g.depthwise, g.residual_adds, g.concats) for g in groups),
             tuple(BlockedGroupInfo(b.name, b.channels, b.reason) for b in blocked))
 
 

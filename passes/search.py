@@ -157,6 +157,23 @@ def recover_result(model: ModelSource, result: CompressionResult, config: Compre
         seconds=report.seconds + time.perf_counter() - start))
 
 
+def quantize_result(model: ModelSource, result: CompressionResult, config: CompressConfig,
+                    calibration: Calibration) -> CompressionResult:
+    """`result` (a finished run, e.g. width reduction) quantized by `config.then_quantize`
+    (static: calibrated on the fit split), its report updated: the model's stats, the output
+    errors against the original on the batches the run verified on, the quantization."""
+    source = load_model(model)
+    batches = calibration_batches(calibration, source, config)
+    fit, held = split_holdout(batches, config.holdout_every)
+    verify = (held or batches[:2]) if config.verify and result.report.output_errors else []
+    quantized, summary = then_quantize(source, result.model, config.then_quantize, fit or batches, verify,
+                                       result.report.output_errors)
+    dims = macs_dims(source, config, batches)
+    return CompressionResult(quantized, dataclasses.replace(
+        result.report, after=model_stats(quantized, dims), quantization=summary,
+        output_errors=dict(summary.output_errors) if verify else dict(result.report.output_errors)))
+
+
 def then_quantize(source: onnx.ModelProto, compressed: onnx.ModelProto, mode: str, fit_batches, verify_batches,
                   errors_before):
     """(int8 model of `compressed`, its `QuantizationSummary`): static quantization calibrates
@@ -299,13 +316,15 @@ def to_metric(prepared, ctx: PassContext, metric: Metric, max_drop: float,
 
 
 def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: Calibration,
-                       progress) -> CompressionResult:
+                       progress, run=compress_model) -> CompressionResult:
     """MUSCO's multi-stage compression: `config.stages` runs, each compressing the previous
     run's model further and refitting on its own feature maps (calibration through the
     current model). Stage k keeps keep^(1/N) of each layer (chains are re-factored, never
-    re-expanded), or reaches target^(k/N) of the original; errors are against the original.
-    With `config.recovers`, each stage's model is fine-tuned against the original before the
-    next stage fits on it (a 1/N share of the recovery budget each)."""
+    re-expanded; a width method: of each group), or reaches target^(k/N) of the original;
+    errors are against the original. With `config.recovers`, each stage's model is fine-tuned
+    against the original before the next stage fits on it (a 1/N share of the recovery budget
+    each). `run(model, config, calibration, progress)` is one stage (`compress_model`, or a
+    width method's run); the groups' widths are reported against the original's channels."""
     kind = config.target[0] if config.target is not None else None
     if kind not in STAGE_TARGETS:
         raise LrsdError("stages work with keep, target_params and target_macs")
@@ -316,7 +335,7 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
     names = [o.name for o in source.graph.output]
     dims = macs_dims(source, config, batches)
     before = model_stats(source, dims)
-    current, stages, result, recoveries = source, [], None, []
+    current, stages, result, recoveries, widths = source, [], None, [], ()
     for stage in range(1, config.stages + 1):
         began = time.perf_counter()
         if kind is None:
@@ -327,9 +346,10 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
             now = count_params(current) if kind == "params" else model_macs(current, dims)
             wanted = getattr(config, field) ** (stage / config.stages) * total / now
             stage_config = config.replace(stages=1, **{field: min(1.0, wanted)})
-        result = compress_model(current, stage_config.replace(then_quantize=None, recover=None, recover_time=None),
-                                batches or None, progress)
+        result = run(current, stage_config.replace(then_quantize=None, recover=None, recover_time=None),
+                     batches or None, progress)
         current = result.model
+        widths = _widths_against(widths if stage > 1 else result.report.widths, result.report.widths)
         if config.recovers:  # MUSCO: recover against the original before the next stage
             fit = split_holdout(batches, config.holdout_every).fit
             current, recovery = recover_compressed(source, current, calibration, fit, config, progress,
@@ -353,11 +373,18 @@ def compress_in_stages(model: ModelSource, config: CompressConfig, calibration: 
                                  output_errors=dict(quantization.output_errors) if quantization
                                  else stages[-1].output_errors,
                                  stages=tuple(stages), seconds=time.perf_counter() - start,
-                                 recovery=recoveries[-1] if recoveries else None,
+                                 recovery=recoveries[-1] if recoveries else None, widths=widths,
                                  config=dataclasses.asdict(config),
                                  verified_on="held-out calibration batches, against the original"
                                  if verify_batches else result.report.verified_on)
     return CompressionResult(model=current, report=report)
+
+
+def _widths_against(first, last) -> tuple:
+    """The groups' widths of the last stage (`last`) against the channels they had before the
+    first (`first`; a group is named by its first producer, which keeps its name)."""
+    channels = {w.name: w.channels for w in first}
+    return tuple(dataclasses.replace(w, channels=channels.get(w.name, w.channels)) for w in last)
 
 
 def sweep(model: ModelSource, values: Sequence[float] = SWEEP_POINTS, config: Optional[CompressConfig] = None,

@@ -128,7 +128,12 @@ class _Run:
         counted = node_macs(self.source, self.dims)
         scale = macs_scale(ctx)
         macs = {name: t.macs * scale.get(name, 1.0) for name, t in targets.items()}
-        reads = {c: g.name for g in groups for c in g.consumers}
+        reads = {c: g.name for g in groups for c in g.consumers if g.read_at(c) == (0, g.channels)}
+        parts: Dict[str, List[Tuple[str, float]]] = {}  # readers of a channel Concat: (group, share of the input)
+        for g in groups:
+            for c in g.consumers:
+                if c not in reads:
+                    parts.setdefault(c, []).append((g.name, g.channels / g.read_at(c)[1]))
         writes = {p: g.name for g in groups for p in g.producers}
         total_macs = float(model_macs(self.source, self.dims))
         times, rate = {}, 0.0
@@ -153,10 +158,12 @@ class _Run:
             else:  # not allocatable, not measured
                 dense, costs, damages = macs[name] * rate, (), ()
             layers.append(RankUnit(name, t.in_features, t.out_features, dense, costs, damages, reads.get(name),
-                                   writes.get(name)))
+                                   writes.get(name), tuple(parts.get(name, ()))))
         per_channel = {}
         for group in groups:
-            members = [m for m in dict.fromkeys(group.producers + group.consumers) if m not in targets]
+            # members no unit costs, with the share of them the group holds (a Concat reader: its rows of the group)
+            members = {m: group.channels / group.read_at(m)[1] if m in group.consumers else 1.0
+                       for m in dict.fromkeys(group.producers + group.consumers) if m not in targets}
             if field == "params":
                 weights = {targets[n].weight_tensor for n in group.producers + group.consumers if n in targets}
                 sizes = {}
@@ -164,11 +171,12 @@ class _Run:
                     tensor = nodes[p.node].inputs[p.index]
                     if tensor.name not in weights:
                         sizes[tensor.name] = int(resolve_constant(tensor).values.size)
-                for m in members:
-                    sizes[nodes[m].inputs[1].name] = int(resolve_constant(nodes[m].inputs[1]).values.size)
+                for m, share in members.items():
+                    sizes[nodes[m].inputs[1].name] = resolve_constant(nodes[m].inputs[1]).values.size * share
                 per_channel[group.name] = sum(sizes.values()) / group.channels
             else:
-                held = depthwise_macs(self.graph, group, counted) + sum(counted.get(m, 0) for m in members)
+                held = depthwise_macs(self.graph, group, counted) + \
+                    sum(counted.get(m, 0) * share for m, share in members.items())
                 per_channel[group.name] = held / group.channels * (rate if field == "ms" else 1.0)
         widths = {g.name: width_options(g.channels, self._multiple(g)) for g in groups}
         units = width_units({g.name: self.group_curves[g.name].errors for g in groups}, self.group_sensitivity,
@@ -215,7 +223,7 @@ class _Run:
             if not choice:
                 continue
             unit, candidate = units[name], self.curves[name][choice - 1]
-            a, b = scale.get(unit.in_group, 1.0), scale.get(unit.out_group, 1.0)
+            a, b = unit.in_scale(lambda g: scale.get(g, 1.0)), scale.get(unit.out_group, 1.0)
             n, m = unit.in_features, unit.out_features
             if candidate.cost.params * (a * n + b * m) / (n + m) < unit.dense * a * b:
                 overrides.append(LayerOverride(name, rank=int(candidate.ranks[0]), method=candidate.method))

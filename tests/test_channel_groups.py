@@ -1,6 +1,8 @@
 """Residual-Add groups (ResNet- and MobileNetV2-style chains joined into one group), squeeze-
 excitation biases stored as reshaped vectors, and the flatten of pooled channels into a
 classifier: found from the graph, narrowed, and checked against onnxruntime."""
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -329,3 +331,26 @@ def test_a_refit_bias_shift_lands_in_the_reshaped_bias_that_follows_the_reader()
             init.CopyFrom(numpy_helper.from_array(w, init.name))
     x = feeds(rng, 3)
     np.testing.assert_allclose(run(cut, x)[0], run(reference, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_inspect_lists_each_groups_residual_adds_and_the_blocked_reasons(tmp_path):
+    from click.testing import CliRunner
+
+    from onnx_lrsd.cli import main
+
+    runner = CliRunner()
+    joined, blocked = tmp_path / "joined.onnx", tmp_path / "blocked.onnx"
+    onnx.save(resnet_model(), str(joined))
+    onnx.save(resnet_model(pool=False), str(blocked))
+    listed = runner.invoke(main, ["inspect", str(joined)])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    groups = lines[lines.index("channel groups 3 (narrowed together by prune):") + 1:]
+    assert "  stem  8 channels: stem, b1_c2, b2_c2 -> b1_c1, b2_c1, fc  residual Adds b1_add, b2_add" in groups
+    assert "  b1_c1  4 channels: b1_c1 -> b1_c2" in groups
+    assert "blocked groups 1:" in lines and "  fc  5: 'y' is a graph output" in lines
+    as_json = json.loads(runner.invoke(main, ["inspect", str(joined), "--json"]).output)
+    assert {g["name"]: g["residual_adds"] for g in as_json["channel_groups"]}["stem"] == ["b1_add", "b2_add"]
+    listed = runner.invoke(main, ["inspect", str(blocked)])
+    assert listed.exit_code == 0 and \
+        "  stem  8: Flatten 'flatten' flattens channels with a spatial extent" in listed.output.splitlines()

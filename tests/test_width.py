@@ -344,8 +344,8 @@ def test_compress_method_prune_through_the_api_and_the_cli(tmp_path):
     assert [b.name for b in listed.blocked_groups] == ["head"] and "graph output" in listed.blocked_groups[0].reason
     with pytest.raises(LrsdError, match="calibration"):
         compress(model, method="prune")
-    with pytest.raises(LrsdError, match="stages"):
-        compress(model, calibration=calibration, method="prune", keep=0.5, stages=2)
+    with pytest.raises(LrsdError, match="stages work with keep, target_params and target_macs"):
+        compress(model, calibration=calibration, method="prune", max_error=0.5, stages=2)
 
     path, out = tmp_path / "m.onnx", tmp_path / "out.onnx"
     onnx.save(model, str(path))
@@ -374,3 +374,74 @@ def test_sequential_narrowing_repairs_earlier_groups():
 
     assert error(sequential=True) < error()
     assert prune_model(model, calibration, PruneOptions(keep=1.0, sequential=True)).plans[0].width == 8
+
+
+@pytest.mark.parametrize("report_name", ["r.md", "r.html"])
+def test_a_width_only_summary_says_what_it_narrowed(tmp_path, report_name):
+    """`compress --method prune` factorizes nothing: its summary, Markdown and HTML report say
+    which groups it narrowed and how many channels it kept, not "0 of 0 layers factorized"."""
+    import html
+
+    from click.testing import CliRunner
+
+    from onnx_lrsd.cli import main
+
+    path, out, report = tmp_path / "m.onnx", tmp_path / "out.onnx", tmp_path / report_name
+    onnx.save(mobile_model(), str(path))
+    rng = np.random.default_rng(7)
+    np.savez(tmp_path / "calib.npz", x=np.concatenate([mobile_feeds(rng, 16)["x"] for _ in range(6)]))
+    done = CliRunner().invoke(main, ["compress", str(path), "-o", str(out), "--method", "prune", "--keep", "0.5",
+                                     "--calib", str(tmp_path / "calib.npz"), "--report", str(report)])
+    assert done.exit_code == 0, done.output
+    assert "channel groups narrowed 3 of 3, channels kept 9 of 18: stem 4/8, se_reduce 2/4, mid 3/6" in done.output
+    assert "factorized" not in done.output
+    text = html.unescape(report.read_text())
+    assert "3 of 3 channel groups narrowed, 9 of 18 channels kept" in text
+    assert "layers factorized" not in text and "0 of 0" not in text
+    assert "Layers" not in text and "Channel groups" in text and "se_reduce" in text
+
+
+def test_width_methods_in_stages_narrow_the_previous_stage_further():
+    """`--stages 2`: prune keeps keep^(1/2) of every group twice (widths against the original's
+    channels); prune+lowrank reaches target^(k/2) of the original's MACs at stage k; errors
+    are against the original."""
+    from onnx_lrsd import compress
+
+    model = mobile_model()
+    rng = np.random.default_rng(7)
+    calibration = [mobile_feeds(rng, 16) for _ in range(6)]
+    staged = compress(model, calibration=calibration, method="prune", keep=0.5, stages=2).report
+    assert {(w.name, w.channels, w.kept) for w in staged.widths} == {("stem", 8, 4), ("se_reduce", 4, 2),
+                                                                      ("mid", 6, 3)}
+    assert len(staged.stages) == 2 and staged.stages[0].params_ratio > staged.stages[1].params_ratio
+    both = compress(model, calibration=calibration, method="prune+lowrank", target_macs=0.6, stages=2).report
+    first, second = (s.macs_ratio for s in both.stages)
+    assert first <= 0.6 ** 0.5 + 0.01 and second < first and second <= 0.61
+    assert both.macs_ratio <= 0.61 and all(w.channels == {"stem": 8, "se_reduce": 4, "mid": 6}[w.name]
+                                           for w in both.widths)
+    x = mobile_feeds(rng, 3)
+    want = run(model, x)[0]
+    got = run(compress(model, calibration=calibration, method="prune+lowrank", target_macs=0.6, stages=2).model, x)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1.0
+
+
+@pytest.mark.parametrize("method,target", [("prune", {"keep": 0.5}), ("prune+lowrank", {"target_params": 0.6})])
+def test_width_methods_then_quantize(method, target):
+    """`then_quantize` after a width method: the narrowed model is quantized (it was ignored by
+    prune and refused by prune+lowrank), errors against the original on the held-out batches."""
+    from onnx_lrsd import compress
+
+    model = ffn_model()
+    rng = np.random.default_rng(5)
+    calibration = [ffn_feeds(rng, 8) for _ in range(6)]
+    plain = compress(model, calibration=calibration, method=method, **target)
+    result = compress(model, calibration=calibration, method=method, then_quantize="dynamic", **target)
+    summary = result.report.quantization
+    assert summary is not None and summary.mode == "dynamic" and summary.integer_nodes > 0
+    assert summary.output_errors_before == plain.report.output_errors
+    assert result.report.output_errors == summary.output_errors and set(summary.output_errors) == {"y", "q"}
+    assert {n.op_type for n in result.model.graph.node} & {"MatMulInteger", "DynamicQuantizeLinear"}
+    assert summary.int8_weights > 0
+    x = ffn_feeds(rng, 3, 7)
+    want = run(model, x)[0]
+    assert np.linalg.norm(run(result.model, x)[0] - want) / np.linalg.norm(want) < 1.0

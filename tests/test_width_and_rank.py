@@ -58,6 +58,20 @@ def test_a_layer_of_a_narrowed_group_costs_at_its_narrowed_shape():
     assert layer_cost(unit, 1, 0.1, 0.2) == 5000.0 * 0.02  # a chain that no longer saves costs as the dense layer
 
 
+def test_a_reader_of_a_channel_concat_scales_by_the_share_of_each_part():
+    """`head` reads g1 (4 channels) and g2 (5) beside 3 channels of a graph input: narrowing g1
+    to 2 leaves 10 of its 12 input channels; the allocation's cost says so."""
+    groups = [WidthUnit("g1", 4, (1, 2, 3, 4), (0.4, 0.2, 0.1, 0.0), 1.0),
+              WidthUnit("g2", 5, (1, 2, 3, 4, 5), (9.0, 8.0, 7.0, 6.0, 0.0), 1.0)]
+    head = RankUnit("head", 12 * 9, 6, 12 * 9 * 6.0, in_parts=(("g1", 4 / 12), ("g2", 5 / 12)))
+    assert head.reads == ("g1", "g2") and head.in_scale({"g1": 0.5, "g2": 1.0}.get) == pytest.approx(10 / 12)
+    found = allocate_width_and_rank(groups, [head], budget=4 + 5 + 12 * 9 * 6.0 - 2 - 2 * 9 * 6.0)
+    assert found.widths == {"g1": 2, "g2": 5}
+    assert found.cost == pytest.approx(2 + 5 + 10 * 9 * 6.0)
+    with pytest.raises(ValueError, match="in_parts"):
+        RankUnit("bad", 12, 6, 72.0, in_group="g1", in_parts=(("g2", 0.5),))
+
+
 def test_damage_bound_gives_the_cheapest_found_within_it():
     groups, layers = units()
     loose = allocate_width_and_rank(groups, layers, max_damage=0.2)

@@ -11,6 +11,11 @@ where μ = E[h] and Σ = E[h hᵀ] − μ μᵀ (the dropped channels' mean fold
 mean squared output error per row is ``tr(Wᵀ R_S W)`` with R_S = Σ − Σ_:S Σ_SS⁻¹ Σ_S: the
 Schur complement (the part of h that the kept channels cannot explain linearly).
 
+A consumer that reads the channels beside others (a Concat on the channel axis) sees them as
+rows offset·block … (offset + C)·block of its input: `ConsumerStats.part` takes that diagonal
+block of its Gram and those rows of W, and the refit reproduces that part's share h_A W_A of the
+output (the other parts keep their rows).
+
 Selection criteria (all return nested orders, so one pass gives every width):
 - ``energy``: E[h_j²]·‖W_j‖², the channel's share of the output energy (no interaction);
 - ``nystrom``: greedy column-subset selection on Σ (Nyström / pivoted-Cholesky type): each
@@ -87,6 +92,17 @@ class ConsumerStats:
         if self.cross is None:
             return self.covariance
         return np.asarray(self.cross, np.float64) / self.count - np.outer(self.mean, self.target_mean)
+
+    def part(self, offset: int, channels: int) -> "ConsumerStats":
+        """The statistics of input channels offset … offset + channels alone: the diagonal
+        block of the Gram (and of the cross statistics), those entries of the sums, those rows of W."""
+        if offset < 0 or offset + channels > self.channels:
+            raise ValueError(f"channels {offset}..{offset + channels} outside the {self.channels} inputs")
+        rows = slice(offset * self.block, (offset + channels) * self.block)
+        return ConsumerStats(gram=np.asarray(self.gram)[rows, rows], total=np.asarray(self.total)[rows],
+                             count=self.count, weight=np.asarray(self.weight)[rows], block=self.block,
+                             cross=None if self.cross is None else np.asarray(self.cross)[rows, rows],
+                             target_total=None if self.target_total is None else np.asarray(self.target_total)[rows])
 
     def columns(self, channels: np.ndarray) -> np.ndarray:
         """The weight rows (im2col columns) of `channels`, in order."""

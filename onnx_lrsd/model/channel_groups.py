@@ -26,10 +26,17 @@ narrowed, the whole chain is blocked and the reason names the residual Add whose
 blocked it.
 
 It ends at consumers: Conv / MatMul / Gemm that read the channels through a constant weight
-(input channels sliced, weight refitted). Anything else that touches the space blocks the
-group, with the reason: a graph input or output, Reshape / Transpose / Concat / LayerNorm /
-Softmax, a residual Add with a tensor produced by an op outside these rules, a constant that
-broadcasts against the channels in another way. A Shape that reads the channels is allowed
+(input channels sliced, weight refitted). A Concat on the channel axis (1 channel-first, the
+last channel-last; negative axes too) puts the channels at an offset beside other channels:
+the readers of its output through a weight (past param-free unary ops) are consumers that read
+the group's channels at that offset (`ChannelGroup.offsets`), while the Concat's other parts
+keep their own groups. Anything else reading the concatenated tensor (a graph output, a
+Reshape, a per-channel op) blocks.
+
+Anything else that touches the space blocks the group, with the reason: a graph input or
+output, Reshape / Transpose / LayerNorm / Softmax, a Concat along another axis or reached from
+its output, a residual Add with a tensor produced by an op outside these rules, a constant
+that broadcasts against the channels in another way. A Shape that reads the channels is allowed
 when only the batch entry of its result is used.
 """
 from __future__ import annotations
@@ -97,6 +104,17 @@ class ChannelGroup:
     block: int = 1
     shapes: Tuple[ShapeEdit, ...] = ()
     residual_adds: Tuple[str, ...] = ()
+    offsets: Tuple[Tuple[str, int, int], ...] = ()
+    concats: Tuple[str, ...] = ()
+
+    def read_at(self, consumer: str) -> Tuple[int, int]:
+        """(offset, input channels) of `consumer`: it reads the group's channels as its input
+        channels offset … offset + channels (a Concat put others beside them; `offsets` lists
+        those consumers as (name, offset, input channels)), else (0, channels)."""
+        for name, offset, width in self.offsets:
+            if name == consumer:
+                return offset, width
+        return 0, self.channels
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,8 @@ class _Space:
     shapes: List[ShapeEdit] = field(default_factory=list)
     residual: Dict[str, None] = field(default_factory=dict)
     branch: Dict[str, str] = field(default_factory=dict)  # tensor → the residual Add whose operand it feeds
+    offsets: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # consumer → (offset, its input channels)
+    concats: Dict[str, gs.Node] = field(default_factory=dict)  # channel Concats the space enters at an offset
     reason: Optional[str] = None  # why the space cannot be narrowed (the first block met)
 
 
@@ -237,6 +257,10 @@ class _Finder:
                             self.block(space, tensor, reason)
             except _Blocked as reason:
                 self.block(space, tensor, reason)
+        for concat in space.concats.values():
+            if sum(t.name in space.tensors for t in concat.inputs) > 1:
+                self.block(space, concat.inputs[0], _Blocked(f"Concat '{concat.name}' joins the channels with "
+                                                             "themselves"))
         if space.reason is not None:
             raise _Blocked(space.reason)
         if not space.consumers:
@@ -303,6 +327,8 @@ class _Finder:
             return []
         if node.op in ("Reshape", "Flatten"):
             return self.flatten(node, via, space)
+        if node.op == "Concat":
+            return self.concat(node, via, space, produced, first)
         if node.op in UNARY:
             for index, extra in enumerate(node.inputs[1:], 1):
                 if extra.name:
@@ -324,6 +350,83 @@ class _Finder:
                                                 or node.name)
             return joined
         raise _Blocked(f"{node.op} '{node.name}' {'writes' if produced else 'reads'} the channels")
+
+    # ------------------------------------------------------------------ channel Concat
+    def concat(self, node: gs.Node, via: gs.Tensor, space: _Space, produced: bool, first: bool) -> List[gs.Tensor]:
+        """`via` is part of a Concat on the channel axis: the channels sit at an offset (the
+        parts before them) of its output. Its readers through a weight become consumers at that
+        offset (`concat_readers`); the other parts are not joined. Nothing joins the space."""
+        if produced:
+            raise _Blocked(f"Concat '{node.name}' writes the channels (its parts are other channels)")
+        rank = space.rank if first else (len(via.shape) if via.shape is not None else None)
+        axis = int(node.attrs.get("axis", 1))
+        channel_axis = 1 if first else (rank - 1 if rank is not None else -1)
+        if rank is not None:
+            axis %= rank
+        if axis != channel_axis:
+            raise _Blocked(f"Concat '{node.name}' joins along axis {node.attrs.get('axis', 1)}, not the channel axis")
+        if sum(t is via for t in node.inputs) > 1:
+            raise _Blocked(f"Concat '{node.name}' joins the channels with themselves")
+        sizes = []
+        for part in node.inputs:
+            size = space.channels if part is via else self.part_channels(part, channel_axis, rank)
+            if size is None:
+                raise _Blocked(f"Concat '{node.name}' has a part '{part.name}' of unknown channel count")
+            sizes.append(int(size))
+        at = next(i for i, t in enumerate(node.inputs) if t is via)
+        space.concats[node.name] = node
+        self.concat_readers(node, sum(sizes[:at]), sum(sizes), space, first)
+        return []
+
+    def part_channels(self, tensor: gs.Tensor, axis: int, rank: Optional[int], depth: int = 0) -> Optional[int]:
+        """The channel count of a Concat part: its recorded shape, else that of the layer
+        writing it (a Conv's or MatMul's constant weight) through channel-wise ops."""
+        shape = tensor.shape
+        if shape is not None and len(shape) == (rank or len(shape)) and isinstance(shape[axis], (int, np.integer)) \
+                and shape[axis] >= 0:
+            return int(shape[axis])
+        node = tensor.inputs[0] if tensor.inputs else None
+        if node is None or depth > 64:
+            return None
+        if node.op in ("Conv", "MatMul"):
+            weight = resolve_constant(node.inputs[1]) if len(node.inputs) > 1 else None
+            if weight is None or weight.values.ndim < 2:
+                return None
+            return int(weight.values.shape[0] if node.op == "Conv" else weight.values.shape[-1])
+        if node.op in UNARY | BINARY | POOLS | {"BatchNormalization", "Resize", "Upsample"}:
+            for source in node.inputs:
+                if source.name and self.constant(source) is None:
+                    found = self.part_channels(source, axis, rank, depth + 1)
+                    if found is not None:
+                        return found
+        return None
+
+    def concat_readers(self, concat: gs.Node, offset: int, total: int, space: _Space, first: bool) -> None:
+        """Record the readers of a channel Concat's output (past param-free unary ops) as
+        consumers reading the channels at `offset` of their `total` input channels."""
+        pending = deque([concat.outputs[0]])
+        while pending:
+            tensor = pending.popleft()
+            if tensor.name in self.outputs:
+                raise _Blocked(f"the output '{tensor.name}' of Concat '{concat.name}' is a graph output")
+            for reader in tensor.outputs:
+                if reader.op in UNARY and reader.inputs[0] is tensor and \
+                        all(not extra.name or self.scalar(extra) for extra in reader.inputs[1:]):
+                    pending.append(reader.outputs[0])
+                    continue
+                target = self.target(reader) if reader.op in ("Conv", "MatMul", "Gemm") else None
+                if target is None or reader.inputs[0] is not tensor or _in_channels(target) != total or \
+                        (target.conv is not None) != first:
+                    raise _Blocked(f"{reader.op} '{reader.name}' reads the output of Concat '{concat.name}' "
+                                   "not through a weight")
+                if space.offsets.get(reader.name, (offset, total)) != (offset, total):
+                    raise _Blocked(f"'{reader.name}' reads the channels at two offsets")
+                space.consumers[reader.name] = reader
+                space.offsets[reader.name] = (offset, total)
+
+    def scalar(self, tensor: gs.Tensor) -> bool:
+        values = self.constant(tensor)
+        return values is not None and values.size == 1
 
     def per_channel(self, node: gs.Node, index: int, tensor: gs.Tensor, space: _Space, first: bool,
                     scalar_only: bool = False) -> bool:
@@ -555,7 +658,9 @@ def find_channel_groups(graph: gs.Graph) -> Tuple[List[ChannelGroup], List[Block
             name=node.name, channels=space.channels, channel_first=space.channel_first,
             producers=tuple(space.producers), consumers=tuple(space.consumers), params=tuple(params),
             depthwise=tuple(space.depthwise), tensors=tuple(space.tensors), shapes=tuple(space.shapes),
-            residual_adds=tuple(space.residual)))
+            residual_adds=tuple(space.residual),
+            offsets=tuple((name, offset, width) for name, (offset, width) in space.offsets.items()),
+            concats=tuple(space.concats)))
     return groups, blocked
 
 

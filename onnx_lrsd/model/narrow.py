@@ -9,8 +9,9 @@ bias input, or the constant of the Add that follows a MatMul), or a bias is adde
 constant is a new initializer named ``{node}/lrsd/{role}``, so shared constants stay intact.
 Attention-head groups also rewrite the Reshape constants that count heads, and channel groups
 the C in the shape of a flatten into a classifier or of a [C] vector reshaped to [1, C, 1, 1]. Shapes recorded
-for the narrowed tensors are dropped (they changed); graph inputs and outputs never belong to
-a group, so dynamic batch and sequence dims are untouched.
+for the narrowed tensors are dropped (they changed). A consumer reading the group through a
+channel Concat has its rows cut (or refitted) at the group's offset. Graph inputs and outputs
+never belong to a group, so dynamic batch and sequence dims are untouched.
 """
 from __future__ import annotations
 
@@ -121,19 +122,7 @@ def narrow_graph(graph: gs.Graph, plans: Sequence[GroupPlan]) -> int:
     values = _Values(nodes)
     extra_bias: Dict[str, np.ndarray] = {}
     plans = [p for p in plans if p.width < p.group.channels]
-    for plan in plans:  # consumers first: refits are fitted on the full output width
-        refits = {r.node: r for r in plan.refits}
-        for name in plan.group.consumers:
-            node = nodes[name]
-            target = weight_target(node, graph)
-            block = plan.group.block * (int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1)
-            cols = _columns(plan.kept, block)
-            refit = refits.get(name)
-            W = refit.weight if refit is not None else target.matrix()[cols]
-            values.get(name, 1)
-            values.set(name, 1, _to_layout(node, W, graph))
-            if refit is not None:
-                _shift_bias(node, refit.bias_shift, values, extra_bias, outputs, graph)
+    _narrow_consumers(graph, plans, nodes, values, extra_bias, outputs)
     for plan in plans:
         kept = plan.kept
         for param in dict.fromkeys(plan.group.params):
@@ -177,6 +166,32 @@ def narrow_graph(graph: gs.Graph, plans: Sequence[GroupPlan]) -> int:
     return len(plans)
 
 
+def _narrow_consumers(graph: gs.Graph, plans: Sequence[GroupPlan], nodes: Dict[str, gs.Node], values: _Values,
+                      extra_bias: Dict[str, np.ndarray], outputs: set) -> None:
+    """Cut (or refit) the consumers' input rows, first of all: refits are fitted on the full
+    output width. A consumer reading several groups beside each other (a channel Concat) has
+    its parts rewritten from the last offset to the first, so the rows before a part keep
+    their places; the refits' bias shifts add up."""
+    parts: Dict[str, list] = {}
+    for plan in plans:
+        refits = {r.node: r for r in plan.refits}
+        for name in plan.group.consumers:
+            parts.setdefault(name, []).append((plan.group.read_at(name)[0], plan, refits.get(name)))
+    for name, reads in parts.items():
+        node = nodes[name]
+        target = weight_target(node, graph)
+        W = np.asarray(target.matrix(), np.float64)  # cast back to the weight's dtype when written
+        for offset, plan, refit in sorted(reads, key=lambda read: -read[0]):
+            block = plan.group.block * (int(np.prod(target.conv.kernel_shape)) if target.conv is not None else 1)
+            start, end = offset * block, (offset + plan.group.channels) * block
+            part = refit.weight if refit is not None else W[start:end][_columns(plan.kept, block)]
+            W = np.concatenate([W[:start], np.asarray(part, np.float64), W[end:]])
+            if refit is not None:
+                _shift_bias(node, refit.bias_shift, values, extra_bias, outputs, graph)
+        values.get(name, 1)
+        values.set(name, 1, _to_layout(node, W, graph))
+
+
 def _shift_bias(node: gs.Node, shift: np.ndarray, values: _Values, extra_bias: Dict[str, np.ndarray],
                 outputs: set, graph: gs.Graph) -> None:
     """Add the refit's bias shift [out] to the consumer's bias, else to the constant bias Add
@@ -190,10 +205,10 @@ def _shift_bias(node: gs.Node, shift: np.ndarray, values: _Values, extra_bias: D
         beta = float(node.attrs.get("beta", 1.0))
         values.set(node.name, 2, values.get(node.name, 2) + shift / beta)
     elif node.op == "Gemm":
-        extra_bias[node.name] = shift / float(node.attrs.get("beta", 1.0))
+        extra_bias[node.name] = extra_bias.get(node.name, 0.0) + shift / float(node.attrs.get("beta", 1.0))
     elif follows is not None:
         owner, index = follows
         current = values.get(owner.name, index)
         values.set(owner.name, index, current + shift.reshape(current.shape))
     else:
-        extra_bias[node.name] = shift
+        extra_bias[node.name] = extra_bias.get(node.name, 0.0) + shift

@@ -7,7 +7,7 @@ one block of k² columns per channel); `onnx_lrsd.decompose.channels` does the m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -18,8 +18,8 @@ from ..model.channel_groups import ChannelGroup
 from ..model.layers import LayerTarget
 from ..model.narrow import ConsumerRefit, GroupPlan
 
-__all__ = ["consumer_stats", "keep_count", "plan_group", "group_error_curve", "GroupCurve", "GroupCost",
-           "group_cost", "width_options", "allocate_widths"]
+__all__ = ["consumer_stats", "group_consumers", "keep_count", "plan_group", "group_error_curve", "GroupCurve",
+           "GroupCost", "group_cost", "width_options", "allocate_widths"]
 
 
 def group_cost(group: ChannelGroup, targets: Mapping[str, LayerTarget], param_sizes: Mapping[Tuple[str, int], int],
@@ -27,8 +27,10 @@ def group_cost(group: ChannelGroup, targets: Mapping[str, LayerTarget], param_si
     """`GroupCost` from the producers' and consumers' targets, the sizes of the group's sliced
     constants (`param_sizes[(node, input)]`) and the depthwise convs' MACs at full width."""
     C = group.channels
-    params = sum(size for key, size in param_sizes.items()) + sum(targets[c].weight.size for c in group.consumers)
-    macs = sum(targets[p].macs for p in group.producers) + sum(targets[c].macs for c in group.consumers)
+    share = {c: C / group.read_at(c)[1] for c in group.consumers}  # a Concat reader: the group's share of its input
+    params = sum(size for key, size in param_sizes.items()) + \
+        sum(targets[c].weight.size * share[c] for c in group.consumers)
+    macs = sum(targets[p].macs for p in group.producers) + sum(targets[c].macs * share[c] for c in group.consumers)
     return GroupCost(group.name, C, params / C, (macs + depthwise_macs) / C)
 
 
@@ -39,6 +41,16 @@ def consumer_stats(target: LayerTarget, acc: GramAccumulator, channel_block: int
     cross = (np.asarray(acc.cross), acc.target_mean * acc.count) if acc.track_cross else (None, None)
     return ConsumerStats(gram=np.asarray(acc.gram), total=acc.mean * acc.count, count=acc.count,
                          weight=target.matrix(), block=block, cross=cross[0], target_total=cross[1])
+
+
+def group_consumers(group: ChannelGroup, stats: Mapping[str, ConsumerStats]) -> List[ConsumerStats]:
+    """Each consumer's statistics on the group's channels (`stats`: its whole input; a reader
+    of a channel Concat sees the group's rows from its offset, `ConsumerStats.part`)."""
+    out = []
+    for name in group.consumers:
+        offset, width = group.read_at(name)
+        out.append(stats[name] if (offset, width) == (0, group.channels) else stats[name].part(offset, group.channels))
+    return out
 
 
 def keep_count(channels: int, fraction: float, multiple: int = 1) -> int:
@@ -57,13 +69,14 @@ def plan_group(group: ChannelGroup, stats: Mapping[str, ConsumerStats], keep: in
     """Keep `keep` channels chosen by `criterion` over all consumers (or the first `keep` of a
     precomputed `order`); refit each consumer by least squares with an intercept (`refit`),
     or cut it plainly."""
-    consumers = [stats[name] for name in group.consumers]
+    consumers = group_consumers(group, stats)
     if keep >= group.channels:
         return GroupPlan(group, np.arange(group.channels))
     kept = np.sort(order[:keep]) if order is not None else select_channels(consumers, keep, criterion)
     refits = ()
     if refit:
-        refits = tuple(ConsumerRefit(name, *refit_consumer(stats[name], kept)) for name in group.consumers)
+        refits = tuple(ConsumerRefit(name, *refit_consumer(part, kept)) for name, part in zip(group.consumers,
+                                                                                               consumers))
     return GroupPlan(group, kept, refits)
 
 
@@ -81,7 +94,7 @@ def group_error_curve(group: ChannelGroup, stats: Mapping[str, ConsumerStats], c
                       order: np.ndarray | None = None) -> GroupCurve:
     """Closed-form error of every width of a group (nested selections of one criterion, or
     of a precomputed `order`)."""
-    consumers = [stats[name] for name in group.consumers]
+    consumers = group_consumers(group, stats)
     order = channel_order(consumers, criterion) if order is None else order
     errors = sum(width_errors(c, order) for c in consumers)
     energy = sum(output_energy(c) for c in consumers)

@@ -8,7 +8,9 @@ Two kinds of decision share one budget:
   depthwise convs; the weight layers are costed below);
 - a weight layer l (in n, out m) stays dense or takes a low-rank candidate j (rank r_j,
   damage D_lj, cost C_lj at full width). Narrowing scales its sides: a = k_in / C_in for
-  the group it reads, b = k_out / C_out for the group it writes (1 when none), so
+  the group it reads, b = k_out / C_out for the group it writes (1 when none; a layer reading
+  a channel Concat reads a share σ_g = C_g / C of its C input channels from each part's group:
+  a = 1 − Σ_g σ_g (1 − k_g / C_g)), so
 
       dense:     C_l · a · b              candidate j:  C_lj · (a·n + b·m) / (n + m),
 
@@ -58,7 +60,9 @@ class WidthUnit:
 class RankUnit:
     """A weight layer: its `dense` cost and its candidates' `costs` and `damages` at full
     width; `in_features` / `out_features` the sides a narrowing scales (`in_group` /
-    `out_group`: the groups it reads and writes, None when none)."""
+    `out_group`: the groups it reads and writes, None when none; `in_parts`: instead of
+    `in_group`, (group, share of the input channels) of each group it reads through a channel
+    Concat)."""
 
     name: str
     in_features: int
@@ -68,10 +72,25 @@ class RankUnit:
     damages: Tuple[float, ...] = ()
     in_group: Optional[str] = None
     out_group: Optional[str] = None
+    in_parts: Tuple[Tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.costs) != len(self.damages):
             raise ValueError(f"{self.name}: one damage per candidate")
+        if self.in_parts and (self.in_group is not None or sum(share for _, share in self.in_parts) > 1 + 1e-9):
+            raise ValueError(f"{self.name}: in_parts are shares of the input (and replace in_group)")
+
+    @property
+    def reads(self) -> Tuple[str, ...]:
+        """The groups whose widths scale the input side."""
+        return tuple(g for g, _ in self.in_parts) if self.in_parts else \
+            ((self.in_group,) if self.in_group is not None else ())
+
+    def in_scale(self, scale) -> float:
+        """a from the groups' width ratios `scale(group)`."""
+        if self.in_parts:
+            return 1.0 - sum(share * (1.0 - scale(group)) for group, share in self.in_parts)
+        return scale(self.in_group)
 
 
 @dataclass(frozen=True)
@@ -107,11 +126,10 @@ class _State:
         self.choice = [0] * len(self.layers)
         self.members: Dict[str, List[int]] = {g.name: [] for g in groups}
         for index, unit in enumerate(self.layers):
-            for side in (unit.in_group, unit.out_group):
-                if side is not None:
-                    if side not in self.groups:
-                        raise ValueError(f"{unit.name}: unknown group {side!r}")
-                    self.members[side].append(index)
+            for side in dict.fromkeys(unit.reads + ((unit.out_group,) if unit.out_group is not None else ())):
+                if side not in self.groups:
+                    raise ValueError(f"{unit.name}: unknown group {side!r}")
+                self.members[side].append(index)
 
     def scale(self, group: Optional[str], override: Optional[Tuple[str, int]] = None) -> float:
         if group is None:
@@ -123,7 +141,7 @@ class _State:
     def layer_cost(self, index: int, choice: Optional[int] = None, override=None) -> float:
         unit = self.layers[index]
         return layer_cost(unit, self.choice[index] if choice is None else choice,
-                          self.scale(unit.in_group, override), self.scale(unit.out_group, override))
+                          unit.in_scale(lambda g: self.scale(g, override)), self.scale(unit.out_group, override))
 
     def group_cost(self, name: str, width_index: Optional[int] = None) -> float:
         unit = self.groups[name]
@@ -148,7 +166,7 @@ class _State:
         for index, unit in enumerate(self.layers):
             if not unit.costs:
                 continue
-            a, b = self.scale(unit.in_group), self.scale(unit.out_group)
+            a, b = unit.in_scale(self.scale), self.scale(unit.out_group)
             current = self.choice[index]
             before = layer_cost(unit, current, a, b)
             was = unit.damages[current - 1] if current else 0.0

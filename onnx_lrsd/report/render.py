@@ -175,10 +175,28 @@ def _profile_text(profiles: Optional[Tuple[LayerProfile, LayerProfile]], note: s
 
 
 def _intro(report: CompressionReport) -> str:
-    factorized = sum(layer.method != "dense" for layer in report.layers)
-    return (f"{factorized} of {len(report.layers)} target layers factorized; {len(report.skipped)} weight layers "
-            f"skipped. Error: held-out relative reconstruction error of the layer's output on the calibration data "
-            f"(none for data-free fits).")
+    """What the run did: layers factorized and / or channel groups narrowed (a width-only run
+    factorizes nothing and says only what it narrowed)."""
+    said = []
+    if report.layers or not report.widths:
+        factorized = sum(layer.method != "dense" for layer in report.layers)
+        said.append(f"{factorized} of {len(report.layers)} target layers factorized; {len(report.skipped)} weight "
+                    f"layers skipped. Error: held-out relative reconstruction error of the layer's output on the "
+                    f"calibration data (none for data-free fits).")
+    if report.widths:
+        narrowed = sum(w.kept < w.channels for w in report.widths)
+        kept, channels = sum(w.kept for w in report.widths), sum(w.channels for w in report.widths)
+        said.append(f"{narrowed} of {len(report.widths)} channel groups narrowed, {kept:,} of {channels:,} channels "
+                    f"kept (attention heads count as channels); the layers reading them refitted by least squares "
+                    f"on the calibration data.")
+    return " ".join(said)
+
+
+def _width_rows(report: CompressionReport) -> List[List[str]]:
+    return [[w.name, w.kind, f"{w.channels:,}", f"{w.kept:,}", f"{w.kept / w.channels:.3f}"] for w in report.widths]
+
+
+_WIDTH_HEADER = ["group", "kind", "channels", "kept", "ratio"]
 
 
 def markdown_report(report: CompressionReport, title: str, profiles=None, sweep=None, images=None, plot_note: str = "",
@@ -205,8 +223,11 @@ def markdown_report(report: CompressionReport, title: str, profiles=None, sweep=
             parts += ["", f"![{caption}]({images[key]})"]
     if plot_note and plot_note != NO_MATPLOTLIB:
         parts += ["", f"*{plot_note}*"]
-    parts += ["", "## Layers", "", table(_layer_header(timed_alone, profiles is not None),
-                                         [_layer_cells(r, timed_alone, profiles is not None) for r in rows])]
+    if report.widths:
+        parts += ["", "## Channel groups", "", table(_WIDTH_HEADER, _width_rows(report))]
+    if report.layers or not report.widths:
+        parts += ["", "## Layers", "", table(_layer_header(timed_alone, profiles is not None),
+                                             [_layer_cells(r, timed_alone, profiles is not None) for r in rows])]
     if report.skipped:
         parts += ["", "## Skipped weight layers", "",
                   table(["layer", "op", "reason"], [[s.name, s.op, s.reason] for s in report.skipped])]
@@ -250,9 +271,12 @@ def html_report(report: CompressionReport, title: str, profiles=None, sweep=None
         if key in images:
             parts.append(f"<figure><img alt='{esc(caption)}' src='{images[key]}'><figcaption>{esc(caption)}"
                          f"</figcaption></figure>")
-    parts += ["<h2>Layers</h2>", table(_layer_header(timed_alone, profiles is not None),
-                                       [_layer_cells(r, timed_alone, profiles is not None) for r in rows],
-                                       ["dense" if r.layer.method == "dense" else "" for r in rows])]
+    if report.widths:
+        parts += ["<h2>Channel groups</h2>", table(_WIDTH_HEADER, _width_rows(report))]
+    if report.layers or not report.widths:
+        parts += ["<h2>Layers</h2>", table(_layer_header(timed_alone, profiles is not None),
+                                           [_layer_cells(r, timed_alone, profiles is not None) for r in rows],
+                                           ["dense" if r.layer.method == "dense" else "" for r in rows])]
     if report.skipped:
         parts += ["<h2>Skipped weight layers</h2>",
                   table(["layer", "op", "reason"], [[s.name, s.op, s.reason] for s in report.skipped])]

@@ -24,8 +24,9 @@ class TargetInfo:
 @dataclass(frozen=True)
 class ChannelGroupInfo:
     """A coupled group `prune` can narrow: `channels` (heads for kind "heads", each `block`
-    features wide), the layers writing them, the layers reading them through a weight, and the
-    depthwise convs between."""
+    features wide), the layers writing them, the layers reading them through a weight, the
+    depthwise convs between, the residual Adds that tie its chains into one group, and the
+    channel Concats through which readers see the channels at an offset."""
 
     name: str
     kind: str
@@ -34,6 +35,8 @@ class ChannelGroupInfo:
     producers: Tuple[str, ...]
     consumers: Tuple[str, ...]
     depthwise: Tuple[str, ...]
+    residual_adds: Tuple[str, ...] = ()
+    concats: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,8 @@ class InspectReport:
             lines.append(f"channel groups {len(self.channel_groups)} (narrowed together by prune):")
             for g in self.channel_groups:
                 unit = f"{g.channels} heads of {g.block}" if g.kind == "heads" else f"{g.channels} channels"
-                extra = f"  depthwise {', '.join(g.depthwise)}" if g.depthwise else ""
+                extra = "".join(f"  {label} {', '.join(names)}" for label, names in (
+                    ("depthwise", g.depthwise), ("residual Adds", g.residual_adds), ("Concat", g.concats)) if names)
                 lines.append(f"  {g.name}  {unit}: {', '.join(g.producers)} -> {', '.join(g.consumers)}{extra}")
         if self.blocked_groups:
             lines.append(f"blocked groups {len(self.blocked_groups)}:")
@@ -363,12 +367,16 @@ class CompressionReport:
             + (f"  (input dims {', '.join(self.macs_unresolved)} counted as 1: give --dim)"
                if self.macs_unresolved else ""),
             f"{'file bytes':12}{self.before.file_bytes:>16,}{self.after.file_bytes:>16,}{self.size_ratio:>9.3f}",
-            f"layers factorized {len(factorized)} of {len(self.layers)} targets; {len(self.skipped)} weight layers skipped",
         ]
+        if self.layers or not self.widths:  # a width-only run factorizes nothing: it says what it narrowed
+            lines.append(f"layers factorized {len(factorized)} of {len(self.layers)} targets; "
+                         f"{len(self.skipped)} weight layers skipped")
         lines.extend(self._residual_lines())
         narrowed = [w for w in self.widths if w.kept < w.channels]
         if self.widths:
-            lines.append(f"channel groups narrowed {len(narrowed)} of {len(self.widths)}: "
+            kept, channels = sum(w.kept for w in self.widths), sum(w.channels for w in self.widths)
+            lines.append(f"channel groups narrowed {len(narrowed)} of {len(self.widths)}, "
+                         f"channels kept {kept:,} of {channels:,}: "
                          + ", ".join(f"{w.name} {w.kept}/{w.channels}{' heads' if w.kind == 'heads' else ''}"
                                      for w in narrowed[:12]) + (", …" if len(narrowed) > 12 else ""))
         if self.residual_check is not None:

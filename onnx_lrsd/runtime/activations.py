@@ -226,10 +226,13 @@ def collect_paired_statistics(original: onnx.ModelProto, compressed: onnx.ModelP
                               targets: Sequence[LayerTarget], batches: Sequence[Feeds], holdout_every: int = 0,
                               mask_input: Optional[str] = None, max_positions: int = 4096,
                               seed: int = 0, first_index: int = 0, total_batches: Optional[int] = None,
-                              threads: int = 0) -> Dict[str, LayerStatistics]:
+                              threads: int = 0, columns: Optional[Mapping[str, np.ndarray]] = None
+                              ) -> Dict[str, LayerStatistics]:
     """X̂ᵀX̂, X̂ᵀX and the means, where X are a target's input rows in the original model and
     X̂ the same rows in the partly compressed one (sequential reconstruction); held-out
-    batches and shards as in `collect_statistics`."""
+    batches and shards as in `collect_statistics`. `columns[name]`: the original's input
+    features (im2col columns) that the compressed layer's are, where earlier narrowing cut
+    some of its input (a reader of a channel Concat)."""
     names = sorted({t.activation for t in targets})
     reference, current = ActivationRunner(original, names, threads), ActivationRunner(compressed, names, threads)
     total = len(batches) if total_batches is None else total_batches
@@ -248,6 +251,8 @@ def collect_paired_statistics(original: onnx.ModelProto, compressed: onnx.ModelP
             # the same positions must be drawn for both: one generator state per batch and layer
             rows, row_mask = layer_rows(target, x[target.activation], mask, max_positions,
                                         np.random.default_rng([seed, index]))
+            if columns is not None and target.name in columns:
+                rows = rows[..., columns[target.name]]
             rows_hat, _ = layer_rows(target, x_hat[target.activation], mask, max_positions,
                                      np.random.default_rng([seed, index]))
             layer = stats[target.name]
