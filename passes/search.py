@@ -127,7 +127,10 @@ def recover_compressed(source: onnx.ModelProto, compressed: onnx.ModelProto, cal
     else:  # "auto": the time budget alone, else the default number of steps
         steps = None if config.recover_time is not None else max(1, round(DEFAULT_STEPS * share))
     options = RecoverConfig(steps=steps, time_budget=config.recover_time * share if config.recover_time else None,
-                            seed=config.seed, mask_input=config.mask_input, threads=config.latency_threads)
+                            seed=config.seed, mask_input=config.mask_input, threads=config.latency_threads,
+                            level=config.recover_level, block_size=config.recover_block_size,
+                            warmup=config.recover_warmup, executor=config.executor, workers=config.workers,
+                            ray_address=config.ray_address)
 
     def on_step(p) -> None:
         if progress is not None:
