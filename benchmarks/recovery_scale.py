@@ -44,14 +44,14 @@ SHARD_PLANS: dict[str, dict[str, Any]] = {
 QUICK_SHARDS = {"steps": 12, "repeats": 1}
 
 WARMUP_PLANS: dict[str, dict[str, Any]] = {
-    "digits_cnn": {"budgets": ({"keep": 0.05}, {"keep": 0.02, "min_rank": 2}, {"width": 0.5}),
-                   "calib": (128, 16), "samples": 2048, "recover": {"lr": 1e-3, "batch": 32},
-                   "steps": 150, "eval_every": 5, "warmups": (0, 10, 25, 50)},
-    "ppocr_rec": {"budgets": ({"width": 0.7, "sequential": True, "multiple": 16},), "calib": (128, 16),
-                  "samples": 320, "recover": {"lr": 1e-4, "batch": 8}, "steps": 30, "eval_every": 5,
-                  "warmups": (0, 10)},
+    "digits_cnn": {"settings": (({"keep": 0.05}, 1e-3), ({"keep": 0.05}, 1e-4), ({"keep": 0.02, "min_rank": 2}, 1e-3),
+                                ({"width": 0.5}, 1e-3)),
+                   "calib": (128, 16), "samples": 2048, "batch": 32, "steps": 150, "eval_every": 5,
+                   "warmups": (0, 10, 20, 40), "seeds": (0, 1, 2)},
+    "ppocr_rec": {"settings": (({"width": 0.7, "sequential": True, "multiple": 16}, 1e-4),), "calib": (128, 16),
+                  "samples": 320, "batch": 8, "steps": 30, "eval_every": 5, "warmups": (0, 20), "seeds": (0,)},
 }
-QUICK_WARMUP = {"budgets": ({"keep": 0.05},), "steps": 40, "warmups": (0, 10)}
+QUICK_WARMUP = {"settings": (({"keep": 0.05}, 1e-3),), "steps": 40, "warmups": (0, 10), "seeds": (0,)}
 EARLY_STEPS = 20
 """The warm-up study's "early" window: the held-out loss's highest value over steps 1..EARLY_STEPS."""
 
@@ -108,7 +108,8 @@ def _shards(name: str, workdir: Path, args) -> dict[str, Any]:
         models.setdefault(label, result.model)
         LOGGER.info("%s %s: %.3f s/step, setup %.1f s, load %.1f", name, label, per_step, setup, load[0])
         runs.append({"config": label, "per_step_s": per_step, "setup_s": setup, "total_s": total,
-                     "steps": result.report.steps, "loss_after": result.report.loss_after,
+                     "steps": result.report.steps, "best_step": result.report.best_step,
+                     "loss_before": result.report.loss_before, "loss_end": result.report.curve[-1][1],
                      "error_after": result.report.error_after, "load": list(load)})
     metrics = {}
     for label, model in models.items():
@@ -131,37 +132,42 @@ def _warmup(name: str, workdir: Path, args) -> dict[str, Any]:
     task.prepare()
     teacher = onnx.load(str(task.model_path))
     calib_feeds = task.calibration_feeds(*plan["calib"])
-    recover_feeds = task.calibration_feeds(plan["samples"], plan["recover"]["batch"])
+    recover_feeds = task.calibration_feeds(plan["samples"], plan["batch"])
     original = task.evaluate(task.model_path)
-    rows = []
-    for budget in plan["budgets"]:
-        closed = _closed_form(task, teacher, calib_feeds, plan["calib"], budget)
-        path = workdir / f"{name}_closed.onnx"
-        onnx.save(closed, str(path))
-        closed_metrics = task.evaluate(path)
+    rows, closed_forms = [], {}
+    path = workdir / f"{name}_model.onnx"
+    for budget, lr in plan["settings"]:
+        key = str(budget)
+        if key not in closed_forms:
+            closed = _closed_form(task, teacher, calib_feeds, plan["calib"], budget)
+            onnx.save(closed, str(path))
+            closed_forms[key] = (closed, task.evaluate(path))
+        closed, closed_metrics = closed_forms[key]
         for warmup in plan["warmups"]:
-            gc.collect()
-            load = os.getloadavg()
-            config = RecoverConfig(steps=plan["steps"], eval_every=plan["eval_every"], patience=None, warmup=warmup,
-                                   threads=THREADS, mask_input=task.mask_input, **plan["recover"])
-            result = recover(closed, teacher, recover_feeds, config)
-            onnx.save(result.model, str(path))
-            metrics = task.evaluate(path)
-            curve = result.report.curve
-            start = curve[0][1]
-            early = [loss for step, loss in curve if 0 < step <= EARLY_STEPS]
-            row = {"budget": budget, "warmup": warmup, "curve": curve, "loss_0": start,
-                   "early_max_ratio": max(early) / start if early else None,
-                   "first_below_start": next((s for s, loss in curve if s > 0 and loss < start), None),
-                   "loss_end": curve[-1][1], "best": result.report.loss_after, "best_step": result.report.best_step,
-                   "closed": closed_metrics, "recovered": metrics, "seconds": result.report.seconds,
-                   "load": list(load)}
-            LOGGER.info("%s %s warmup %d: loss %.4g, early max x%.3f, end %.4g, best %.4g @%d, %s", name, budget,
-                        warmup, start, row["early_max_ratio"] or float("nan"), row["loss_end"], row["best"],
-                        row["best_step"], metrics)
-            rows.append(row)
-    return {"task": name, "study": "warmup", "original": original, "recover": plan["recover"], "steps": plan["steps"],
-            "eval_every": plan["eval_every"], "samples": plan["samples"], "rows": rows}
+            for seed in plan["seeds"]:
+                gc.collect()
+                load = os.getloadavg()
+                config = RecoverConfig(steps=plan["steps"], eval_every=plan["eval_every"], patience=None,
+                                       warmup=warmup, seed=seed, lr=lr, batch=plan["batch"], threads=THREADS,
+                                       mask_input=task.mask_input)
+                result = recover(closed, teacher, recover_feeds, config)
+                onnx.save(result.model, str(path))
+                metrics = task.evaluate(path)
+                curve = result.report.curve
+                start = curve[0][1]
+                early = [loss for step, loss in curve if 0 < step <= EARLY_STEPS]
+                row = {"budget": budget, "lr": lr, "warmup": warmup, "seed": seed, "curve": curve, "loss_0": start,
+                       "early_max_ratio": max(early) / start if early else None,
+                       "first_below_start": next((s for s, loss in curve if s > 0 and loss < start), None),
+                       "end_ratio": curve[-1][1] / start, "best_ratio": result.report.loss_after / start,
+                       "best_step": result.report.best_step, "closed": closed_metrics, "recovered": metrics,
+                       "seconds": result.report.seconds, "load": list(load)}
+                LOGGER.info("%s %s lr %g warmup %d seed %d: early max x%.3f, end x%.3f, best x%.3f @%d, %s", name,
+                            budget, lr, warmup, seed, row["early_max_ratio"] or float("nan"), row["end_ratio"],
+                            row["best_ratio"], row["best_step"], metrics)
+                rows.append(row)
+    return {"task": name, "study": "warmup", "original": original, "batch": plan["batch"], "steps": plan["steps"],
+            "eval_every": plan["eval_every"], "samples": plan["samples"], "seeds": list(plan["seeds"]), "rows": rows}
 
 
 def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args, results_dir: Path) -> dict[str, Any]:
@@ -194,8 +200,8 @@ def render(data: dict[str, Any]) -> str:
 
 def _render_shards(task: dict[str, Any]) -> list[str]:
     budget = ", ".join(f"{k} {v}" for k, v in task["budget"].items())
-    rows = [[r["config"], fmt(r["per_step_s"], 3), fmt(r["setup_s"], 1), f"{r['load'][0]:.1f}", fmt(r["loss_after"], 4)]
-            for r in task["runs"]]
+    rows = [[r["config"], fmt(r["per_step_s"], 3), fmt(r["setup_s"], 1), f"{r['load'][0]:.1f}",
+             f"{fmt(r['loss_before'], 4)} → {fmt(r['loss_end'], 4)}"] for r in task["runs"]]
     by = {}
     for r in task["runs"]:
         by.setdefault(r["config"], []).append(r["per_step_s"])
@@ -204,7 +210,8 @@ def _render_shards(task: dict[str, Any]) -> list[str]:
     names = list(next(iter(task["metrics"].values())))
     return [f"Closed form {budget}; recovery of {task['steps']} Adam steps, batch {task['recover']['batch']}, "
             f"lr {task['recover']['lr']:g}, {task['samples']} samples, end-to-end.", "",
-            markdown_table(["configuration", "s / step", "setup s", "load", "held-out loss"], rows), "",
+            markdown_table(["configuration", "s / step", "setup s", "load (1 min)", "held-out loss step 0 → end"],
+                           rows), "",
             f"- Median time per step: 1 process {fmt(one, 3)} s, pool of 2 {fmt(pool, 3)} s: the pool takes "
             f"{fmt(pool / one, 2)}× the time of one process per step.",
             f"- The pool's model is byte-identical to the same 2 shards run in one process: "
@@ -214,23 +221,26 @@ def _render_shards(task: dict[str, Any]) -> list[str]:
 
 def _render_warmup(task: dict[str, Any]) -> list[str]:
     metric_names = list(task["original"])
-    rows = []
+    groups: dict[tuple, list] = {}
     for r in task["rows"]:
-        budget = ", ".join(f"{k} {v}" for k, v in r["budget"].items())
-        rows.append([budget, r["warmup"], fmt(r["loss_0"], 4), fmt(r["early_max_ratio"], 3),
-                     r["first_below_start"] if r["first_below_start"] is not None else "never",
-                     fmt(r["loss_end"], 4), f"{fmt(r['best'], 4)} @{r['best_step']}",
-                     *(fmt(r["recovered"][m], 4) for m in metric_names),
-                     *(fmt(r["closed"][m], 4) for m in metric_names)])
-    curves = [f"- {', '.join(f'{k} {v}' for k, v in r['budget'].items())}, warm-up {r['warmup']}: "
-              + ", ".join(f"{s}: {loss:.4g}" for s, loss in r["curve"]) for r in task["rows"]]
-    return [f"End-to-end recovery, {task['steps']} steps, batch {task['recover']['batch']}, lr {task['recover']['lr']:g} "
-            f"(cosine), held-out loss every {task['eval_every']} steps, {task['samples']} samples (a fifth held out). "
-            f"Original: {', '.join(f'{k} {fmt(v, 4)}' for k, v in task['original'].items())}. "
-            f"'early max' is the highest held-out loss over steps 1..{EARLY_STEPS} over the step-0 loss.", "",
-            markdown_table(["budget", "warm-up", "loss step 0", "early max ×", "first step below", "loss end",
-                            "best", *[f"{m} recovered" for m in metric_names], *[f"{m} closed" for m in metric_names]],
-                           rows), "", "Held-out curves (step: loss):", "", *curves, ""]
+        groups.setdefault((", ".join(f"{k} {v}" for k, v in r["budget"].items()), r["lr"], r["warmup"]), []).append(r)
+    med = lambda rs, f: statistics.median(f(r) for r in rs)  # noqa: E731
+    rows = [[budget, f"{lr:g}", warmup, fmt(med(rs, lambda r: r["early_max_ratio"]), 3),
+             " / ".join(str(r["first_below_start"]) if r["first_below_start"] is not None else "never" for r in rs),
+             fmt(med(rs, lambda r: r["end_ratio"]), 3), fmt(med(rs, lambda r: r["best_ratio"]), 3),
+             *(fmt(med(rs, lambda r: r["recovered"][m]), 4) for m in metric_names),
+             *(fmt(rs[0]["closed"][m], 4) for m in metric_names)]
+            for (budget, lr, warmup), rs in groups.items()]
+    curves = [f"- {', '.join(f'{k} {v}' for k, v in r['budget'].items())}, lr {r['lr']:g}, warm-up {r['warmup']}, "
+              f"seed {r['seed']}: " + ", ".join(f"{s}: {loss:.4g}" for s, loss in r["curve"]) for r in task["rows"]]
+    return [f"End-to-end recovery, {task['steps']} steps, batch {task['batch']}, cosine schedule, held-out loss every "
+            f"{task['eval_every']} steps, {task['samples']} samples (a fifth held out), seeds {task['seeds']} "
+            f"(medians over them; 'first below' per seed). Original: "
+            f"{', '.join(f'{k} {fmt(v, 4)}' for k, v in task['original'].items())}. Losses are ratios to the "
+            f"step-0 held-out loss; 'early max' is the highest over steps 1..{EARLY_STEPS}; 'best' is the step kept.",
+            "", markdown_table(["budget", "lr", "warm-up", "early max ×", "first step below step 0", "end ×", "best ×",
+                                *[f"{m} recovered" for m in metric_names], *[f"{m} closed" for m in metric_names]],
+                               rows), "", "Held-out curves (step: loss):", "", *curves, ""]
 
 
 def _extra_args(parser) -> None:
