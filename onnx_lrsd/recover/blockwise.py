@@ -11,6 +11,12 @@ samples) and its Adam steps stream batches of them (`distill.adam_loop`; the inp
 activations, not augmented). A boundary whose tensor has another shape in the teacher (inside
 a narrowed channel group) is not used. The step and time budgets are shared equally by the
 blocks; each keeps its best held-out step.
+
+Blocks run one after the other, not as parallel tasks: block b learns from x̂_b as the trained
+blocks before it produce it, which the fitted prefix does not (training every block from the
+fitted prefix would make them independent, but each would then be fitted to inputs it never
+sees once the blocks before it change). What runs on the executor is each step's gradient,
+cut into shards of the batch (`shards`), as in end-to-end distillation.
 """
 from __future__ import annotations
 

@@ -15,8 +15,9 @@ runs with the same number of onnxruntime threads, `SHARD_THREADS`).
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Tuple
 
 import numpy as np
 import onnx
@@ -137,22 +138,12 @@ def parent_batch(config: RecoverConfig, shards: int) -> int:
     return config.batch if shards <= 1 else shard_sizes(config.batch, shards)[0]
 
 
-def open_for(config: RecoverConfig, executor: Optional[Executor] = None):
-    """The executor to run the shards on: `executor` as given (left open), else one opened from
-    `config` (closed by the caller's ``with``)."""
-    if executor is not None:
-        return _Borrowed(executor)
-    return open_executor(config.executor, config.workers, config.ray_address)
-
-
-class _Borrowed:
-    """A context manager handing out an executor its owner closes."""
-
-    def __init__(self, executor: Executor):
-        self.executor = executor
-
-    def __enter__(self) -> Executor:
-        return self.executor
-
-    def __exit__(self, *exc) -> None:
-        return None
+@contextmanager
+def open_for(config: RecoverConfig) -> Iterator[Executor]:
+    """The executor `config` asks for, closed on leaving; this process's shard adjoints (those
+    the in-process executor built) are dropped then too."""
+    try:
+        with open_executor(config.executor, config.workers, config.ray_address) as executor:
+            yield executor
+    finally:
+        _WORKER_GRADIENTS.clear()
