@@ -280,8 +280,8 @@ class CompressConfig:
     max_output_error: a compressed model whose verified relative output error exceeds this is
         not written (`OutputErrorTooLarge`, exit 4) unless `accept_error`; None never refuses.
     accept_error: write the model even when its verified output error exceeds `max_output_error`.
-    executor: where calibration shards, per-layer fits, error curves, sensitivity probes and
-        latency microbenchmarks run (`onnx_lrsd.parallel.executor`): "local" (this process, or a process
+    executor: where calibration shards, per-layer fits, error curves, sensitivity probes,
+        latency microbenchmarks and recovery's gradient shards run (`onnx_lrsd.parallel.executor`): "local" (this process, or a process
         pool of `workers` > 1) or "ray" (the cluster at `ray_address`, else a local Ray).
         The result does not depend on it (up to float rounding of summed statistics).
     """
@@ -384,8 +384,8 @@ class CompressConfig:
     then_quantize: Optional[str] = option(
         None, "Quantize the compressed model to int8 with onnxruntime's quantizer: dynamic (all ops), "
               "dynamic-matmul (MatMul only) or static (QDQ, calibrated on --calib).", choices=QUANTIZE_MODES)
-    executor: str = option("local", "Where calibration shards and per-layer work run: this machine or a Ray "
-                                    "cluster.", commands=EXECUTION, choices=EXECUTORS)
+    executor: str = option("local", "Where calibration shards, per-layer work and recovery's gradient shards "
+                                    "run: this machine or a Ray cluster.", commands=EXECUTION, choices=EXECUTORS)
     workers: int = option(1, "Local executor: processes (1: this process).", commands=EXECUTION, minimum=1)
     ray_address: Optional[str] = option(None, "Ray executor: the cluster to join (host:port, auto, ray://...); "
                                               "default: a local Ray.", commands=EXECUTION, metavar="ADDR")

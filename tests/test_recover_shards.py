@@ -210,3 +210,12 @@ def test_recover_command_on_two_workers_writes_the_bytes_of_two_local_shards(tmp
     bad = CliRunner().invoke(main, ["recover", str(small), "--teacher", str(DIGITS), "--calib", str(CALIB), "-o",
                                     str(tmp_path / "x.onnx"), "--executor", "ray", "--ray-address", ""])
     assert bad.exit_code == 2 and not (tmp_path / "x.onnx").exists()
+
+
+def test_recover_command_takes_the_executor_options_of_the_config():
+    from onnx_lrsd.cli import recover as recover_command
+    from onnx_lrsd.config import EXECUTORS
+
+    params = {p.name: p for p in recover_command.params}
+    assert list(params["executor"].type.choices) == list(EXECUTORS) and params["workers"].default is None
+    assert "ray_address" in params and params["warmup"].help.endswith(f"[{RecoverConfig.warmup}]")
