@@ -128,10 +128,10 @@ def test_recovery_gradient_shards_on_the_cluster_equal_local(cluster):
     order: the recovered model has the bytes of the same shards run in this process."""
     from onnx_lrsd.recover import RecoverConfig, recover
 
-    small = onnx_lrsd.compress(DIGITS, calibration=DIGITS_CALIB, keep=0.1, verify=False).model
+    small = onnx_lrsd.compress(DIGITS, calibration=DIGITS_CALIB, keep=0.02, min_rank=2, verify=False).model
     config = RecoverConfig(steps=4, lr=1e-3, batch=8, eval_every=2, patience=None, samples=64, shards=2)
     local = recover(small, DIGITS, DIGITS_CALIB, config)
     remote = recover(small, DIGITS, DIGITS_CALIB, config.replace(executor="ray", ray_address=cluster.address))
-    assert local.report.best_step > 0
+    assert local.report.best_step > 0 and remote.report.curve == local.report.curve
     assert remote.model.SerializeToString() == local.model.SerializeToString()
     assert not ray.is_initialized()
