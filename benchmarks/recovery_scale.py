@@ -213,7 +213,9 @@ def _render_shards(task: dict[str, Any]) -> list[str]:
             markdown_table(["configuration", "s / step", "setup s", "load (1 min)", "held-out loss step 0 → end"],
                            rows), "",
             f"- Median time per step: 1 process {fmt(one, 3)} s, pool of 2 {fmt(pool, 3)} s: the pool takes "
-            f"{fmt(pool / one, 2)}× the time of one process per step.",
+            f"{fmt(pool / one, 2)}× the time of one process per step (runs of one configuration spread over "
+            f"{fmt(min(by['1 process, 2 threads']), 3)}–{fmt(max(by['1 process, 2 threads']), 3)} s and "
+            f"{fmt(min(by['pool of 2, 2 shards']), 3)}–{fmt(max(by['pool of 2, 2 shards']), 3)} s under the load shown).",
             f"- The pool's model is byte-identical to the same 2 shards run in one process: "
             f"{'yes' if task['pool_equals_local_shards'] else 'NO'}.", "",
             markdown_table(["configuration", *names], metric_rows), ""]
@@ -241,6 +243,22 @@ def _render_warmup(task: dict[str, Any]) -> list[str]:
             "", markdown_table(["budget", "lr", "warm-up", "early max ×", "first step below step 0", "end ×", "best ×",
                                 *[f"{m} recovered" for m in metric_names], *[f"{m} closed" for m in metric_names]],
                                rows), "", "Held-out curves (step: loss):", "", *curves, ""]
+
+
+def readme_sections(data: dict[str, Any]) -> dict[str, str]:
+    """The README section of a full run: ``recovery_shards`` or ``recovery_warmup`` (its tables,
+    without the curves)."""
+    tasks = data.get("tasks", [])
+    study = tasks[0]["study"] if tasks else "shards"
+    parts = []
+    for task in tasks:
+        body = _render_shards(task) if study == "shards" else _render_warmup(task)
+        if study == "warmup":
+            body = body[:body.index("Held-out curves (step: loss):")]
+        parts += [f"**{task['task']}**", "", *body]
+    name = "recovery_shards" if study == "shards" else "recovery_warmup"
+    parts.append(f"Full results: `benchmarks/results/{name}.md`.")
+    return {name: "\n".join(parts)}
 
 
 def _extra_args(parser) -> None:
