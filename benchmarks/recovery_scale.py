@@ -48,7 +48,8 @@ WARMUP_PLANS: dict[str, dict[str, Any]] = {
                                 ({"width": 0.5}, 1e-3)),
                    "calib": (128, 16), "samples": 2048, "batch": 32, "steps": 150, "eval_every": 5,
                    "warmups": (0, 10, 20, 40), "seeds": (0, 1, 2)},
-    "ppocr_rec": {"settings": (({"width": 0.7, "sequential": True, "multiple": 16}, 1e-4),), "calib": (128, 16),
+    "ppocr_rec": {"settings": (({"width": 0.7, "sequential": True, "multiple": 16}, 1e-4),
+                               ({"width": 0.7, "sequential": True, "multiple": 16}, 3e-5)), "calib": (128, 16),
                   "samples": 320, "batch": 8, "steps": 30, "eval_every": 5, "warmups": (0, 20), "seeds": (0,)},
 }
 QUICK_WARMUP = {"settings": (({"keep": 0.05}, 1e-3),), "steps": 40, "warmups": (0, 10), "seeds": (0,)}

@@ -118,7 +118,8 @@ def sharded(parent: LossGradient, model: onnx.ModelProto, sample_shapes: Mapping
             shards: int):
     """`parent` itself for one shard (the whole batch in this process), else a `ShardedGradient`
     over `shards` shards of `batch` samples of `model` (the parent's adjoint only serves to find
-    which weights have gradient rules; its loss session evaluates held-out losses)."""
+    which weights have gradient rules and never gets a session; its loss session evaluates
+    held-out losses)."""
     if shards <= 1:
         return parent
     spec = GradientSpec(model.SerializeToString(), tuple(parent.trainable),
