@@ -568,13 +568,12 @@ def recover(model: Path, teacher: Path, calib, output: Path, steps, time_budget,
     from .model.io import write_atomic
     from .recover import recover_file
 
-    executor_options = options
-    options = {k: v for k, v in dict(steps=steps, time_budget=time_budget, lr=lr, batch=batch, samples=samples,
-                                      loss=loss, augment=augment, trainable=trainable, level=level,
-                                      block_size=block_size, warmup=warmup, shards=shards, mask_input=mask_input,
-                                      seed=seed).items()
-               if v is not None}
-    config = _usage(lambda: RecoverConfig(**options, **executor_options))
+    given = {k: v for k, v in dict(steps=steps, time_budget=time_budget, lr=lr, batch=batch, samples=samples,
+                                    loss=loss, augment=augment, trainable=trainable, level=level,
+                                    block_size=block_size, warmup=warmup, shards=shards, mask_input=mask_input,
+                                    seed=seed).items()
+             if v is not None}
+    config = _usage(lambda: RecoverConfig(**given, **options))  # options: the executor's, from CompressConfig
     if plot_file is not None:
         from .report.plot import require_matplotlib
         require_matplotlib()

@@ -10,7 +10,7 @@ A block's inputs and targets are computed once for it (two onnxruntime passes ov
 samples) and its Adam steps stream batches of them (`distill.adam_loop`; the inputs are
 activations, not augmented). A boundary whose tensor has another shape in the teacher (inside
 a narrowed channel group) is not used. The step and time budgets are shared equally by the
-blocks; each keeps its best held-out step.
+blocks; each keeps its best held-out step and warms its step size up anew.
 
 Blocks run one after the other, not as parallel tasks: block b learns from x̂_b as the trained
 blocks before it produce it, which the fitted prefix does not (training every block from the
@@ -142,10 +142,8 @@ def recover_blockwise(student: onnx.ModelProto, teacher: onnx.ModelProto,
     error_before = _relative_error(_session(current, config.threads), _take(samples, held_idx), held_out, output,
                                    config.batch)
     budget = config.step_budget
-    block_steps = max(1, budget // len(blocks)) if budget is not None else None
-    per_block = config.replace(steps=block_steps,
-                               time_budget=config.time_budget / len(blocks) if config.time_budget else None,
-                               warmup=min(config.warmup, block_steps // 4) if block_steps else config.warmup)
+    per_block = config.replace(steps=max(1, budget // len(blocks)) if budget is not None else None,
+                               time_budget=config.time_budget / len(blocks) if config.time_budget else None)
     shards = shard_count(config, executor)
     left: List[LeftAsFitted] = []
     before = after = 0.0

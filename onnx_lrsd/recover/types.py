@@ -29,7 +29,7 @@ class RecoverConfig:
       (steps or time, whichever is further), or "constant".
     warmup: the step size of step k (k = 1, 2, ...) is multiplied by min(1, k / warmup), so it
       rises linearly over the first `warmup` steps (0: none); each block of block-wise
-      reconstruction warms up anew, over at most a quarter of its steps.
+      reconstruction warms up anew (its steps are the budget's share of the block).
     loss: "kl" on probability or logit outputs, "mse" (scaled by the teacher's mean square)
       otherwise; "auto" picks from the teacher's output on the data.
     augment: "image" (contrast, brightness, noise, blur, scale), "tokens" (token dropout to
