@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import click
 
-from .config import (COMPRESS, FULL_RANK, SWEEP, SWEEP_POINTS, CliOption, CompressConfig, LayerOverride,
+from .config import (COMPRESS, FULL_RANK, RECOVER, SWEEP, SWEEP_POINTS, CliOption, CompressConfig, LayerOverride,
                      load_config_file, parse_dim, parse_duration)
 from .errors import LrsdError, UsageError
 from .recover.types import (AUGMENT_CHOICES, DEFAULT_STEPS, LEVEL_CHOICES, LOSS_CHOICES, TRAINABLE_CHOICES,
@@ -545,6 +545,11 @@ def _recover_progress_printer(quiet: bool):
                    f"end-to-end. [{RecoverConfig.level}]")
 @click.option("--block-size", type=click.IntRange(min=1), default=None,
               help=f"Block-wise: nodes reading trained weights per block. [{RecoverConfig.block_size}]")
+@click.option("--warmup", type=click.IntRange(min=0), default=None,
+              help=f"Steps over which Adam's step size rises linearly to --lr. [{RecoverConfig.warmup}]")
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="Cut each batch's gradient into N shards of samples, one executor task each, summed in order "
+                   "(the model depends on N, not on where shards run). [one per worker]")
 @click.option("--mask-input", default=None, metavar="NAME", help="Input whose zeros mark padding (token models).")
 @click.option("--seed", type=int, default=None, help=f"Seed of the split, sampling and augmentation. [{RecoverConfig.seed}]")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -553,19 +558,22 @@ def _recover_progress_printer(quiet: bool):
               help="Also draw the held-out loss curve to this PNG (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@config_options(RECOVER)
 @guarded
 def recover(model: Path, teacher: Path, calib, output: Path, steps, time_budget, lr, batch, samples, loss, augment,
-            trainable, level, block_size, mask_input, seed, report_file, plot_file, as_json, quiet) -> None:
+            trainable, level, block_size, warmup, shards, mask_input, seed, report_file, plot_file, as_json, quiet,
+            options) -> None:
     """Fine-tune the compressed MODEL to reproduce TEACHER (the original) on unlabeled data
     (distillation with onnxruntime gradients, end-to-end or block by block) and write it to OUTPUT."""
     from .model.io import write_atomic
     from .recover import recover_file
 
-    options = {k: v for k, v in dict(steps=steps, time_budget=time_budget, lr=lr, batch=batch, samples=samples,
-                                      loss=loss, augment=augment, trainable=trainable, level=level,
-                                      block_size=block_size, mask_input=mask_input, seed=seed).items()
-               if v is not None}
-    config = RecoverConfig(**options)
+    given = {k: v for k, v in dict(steps=steps, time_budget=time_budget, lr=lr, batch=batch, samples=samples,
+                                    loss=loss, augment=augment, trainable=trainable, level=level,
+                                    block_size=block_size, warmup=warmup, shards=shards, mask_input=mask_input,
+                                    seed=seed).items()
+             if v is not None}
+    config = _usage(lambda: RecoverConfig(**given, **options))  # options: the executor's, from CompressConfig
     if plot_file is not None:
         from .report.plot import require_matplotlib
         require_matplotlib()

@@ -41,6 +41,20 @@ tests/test_svd_solvers.py checks the two lists agree)."""
 EXECUTORS = ("local", "ray")
 """Where the independent work runs (`onnx_lrsd.parallel.executor`)."""
 
+RECOVER_LEVELS = ("end-to-end", "blocks", "blocks+end-to-end")
+"""Levels of recovery (`onnx_lrsd.recover.blockwise.recover_at_level`): end-to-end distillation
+on the model output, block-wise reconstruction, or blocks on half the budget then end-to-end."""
+
+RECOVER_LEVEL = "end-to-end"
+RECOVER_BLOCK_SIZE = 6
+"""Block-wise reconstruction: nodes reading trained weights per block."""
+RECOVER_WARMUP = 0
+"""Steps over which recovery's Adam step size rises linearly to its value. None by default: at
+the default step size (1e-4) a warm-up changed no recovered metric (digit CNN keep 0.05, PP-OCR
+rec width 0.7; `python -m benchmarks recovery_warmup`); it shrinks the held-out loss's early rise
+where the step size is large for the model (digit CNN keep 0.05 at 1e-3) and slows models far
+from the original (digit CNN keep 0.02 at 1e-3)."""
+
 QUANTIZE_MODES = ("dynamic", "dynamic-matmul", "static")
 """int8 quantization after compression (see `onnx_lrsd.runtime.quantize`)."""
 
@@ -111,8 +125,8 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-COMPRESS, SWEEP = "compress", "sweep"
-"""The commands that take `CompressConfig` fields as options."""
+COMPRESS, SWEEP, RECOVER = "compress", "sweep", "recover"
+"""The commands that take `CompressConfig` fields as options (`recover`: the executor's)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,7 @@ def option(default, help: str, **cli) -> Any:
 
 
 BOTH = (COMPRESS, SWEEP)
+EXECUTION = (COMPRESS, SWEEP, RECOVER)
 
 
 @dataclass(frozen=True)
@@ -253,6 +268,9 @@ class CompressConfig:
         original on the calibration batches the fits use (`onnx_lrsd.recover`, end-to-end
         distillation): "auto" or a number of Adam steps, and/or a time budget in seconds; with
         `stages`, after every stage against the original, the budget split evenly.
+    recover_level, recover_block_size, recover_warmup: the recovery's level (`RECOVER_LEVELS`),
+        block size and step-size warm-up (`onnx_lrsd.recover.RecoverConfig` level, block_size,
+        warmup); its gradient shards run on the run's executor.
     then_quantize: quantize the compressed model to int8 with onnxruntime's quantizer as the
         last step (one of `onnx_lrsd.runtime.quantize.QUANTIZE_MODES`; ``static`` calibrates on the
         same calibration batches). Targets apply to the low-rank model; the report gives the
@@ -266,8 +284,8 @@ class CompressConfig:
     max_output_error: a compressed model whose verified relative output error exceeds this is
         not written (`OutputErrorTooLarge`, exit 4) unless `accept_error`; None never refuses.
     accept_error: write the model even when its verified output error exceeds `max_output_error`.
-    executor: where calibration shards, per-layer fits, error curves, sensitivity probes and
-        latency microbenchmarks run (`onnx_lrsd.parallel.executor`): "local" (this process, or a process
+    executor: where calibration shards, per-layer fits, error curves, sensitivity probes,
+        latency microbenchmarks and recovery's gradient shards run (`onnx_lrsd.parallel.executor`): "local" (this process, or a process
         pool of `workers` > 1) or "ray" (the cluster at `ray_address`, else a local Ray).
         The result does not depend on it (up to float rounding of summed statistics).
     """
@@ -360,14 +378,21 @@ class CompressConfig:
               "stage (MUSCO).", metavar="[auto|STEPS]", parse=parse_recover, flag_value="auto")
     recover_time: Optional[float] = option(None, "Time budget of the recovery (all stages), e.g. 10m, 600s, 1h.",
                                            metavar="DURATION", parse=parse_duration)
+    recover_level: str = option(RECOVER_LEVEL, "Recovery: end-to-end distillation on the output, block-wise "
+                                               "reconstruction, or blocks on half the budget then end-to-end.",
+                                choices=RECOVER_LEVELS)
+    recover_block_size: int = option(RECOVER_BLOCK_SIZE, "Block-wise recovery: nodes reading trained weights per "
+                                                         "block.", minimum=1)
+    recover_warmup: int = option(RECOVER_WARMUP, "Recovery: steps over which Adam's step size rises linearly to "
+                                                 "its value.", minimum=0)
     then_quantize: Optional[str] = option(
         None, "Quantize the compressed model to int8 with onnxruntime's quantizer: dynamic (all ops), "
               "dynamic-matmul (MatMul only) or static (QDQ, calibrated on --calib).", choices=QUANTIZE_MODES)
-    executor: str = option("local", "Where calibration shards and per-layer work run: this machine or a Ray "
-                                    "cluster.", commands=BOTH, choices=EXECUTORS)
-    workers: int = option(1, "Local executor: processes (1: this process).", commands=BOTH, minimum=1)
+    executor: str = option("local", "Where calibration shards, per-layer work and recovery's gradient shards "
+                                    "run: this machine or a Ray cluster.", commands=EXECUTION, choices=EXECUTORS)
+    workers: int = option(1, "Local executor: processes (1: this process).", commands=EXECUTION, minimum=1)
     ray_address: Optional[str] = option(None, "Ray executor: the cluster to join (host:port, auto, ray://...); "
-                                              "default: a local Ray.", commands=BOTH, metavar="ADDR")
+                                              "default: a local Ray.", commands=EXECUTION, metavar="ADDR")
 
     @property
     def recovers(self) -> bool:
@@ -465,6 +490,12 @@ class CompressConfig:
             raise UsageError(f"recover must be 'auto' or a number of steps >= 0, got {self.recover!r}")
         if self.recover_time is not None and not (isinstance(self.recover_time, (int, float)) and self.recover_time > 0):
             raise UsageError(f"recover_time must be > 0 seconds, got {self.recover_time!r}")
+        if self.recover_level not in RECOVER_LEVELS:
+            raise UsageError(f"unknown recover_level {self.recover_level!r} (choose from {', '.join(RECOVER_LEVELS)})")
+        for name, least in (("recover_block_size", 1), ("recover_warmup", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UsageError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.then_quantize is not None and self.then_quantize not in QUANTIZE_MODES:
             raise UsageError(f"unknown then_quantize {self.then_quantize!r} (choose from {', '.join(QUANTIZE_MODES)})")
         if self.metric_command is not None and (not isinstance(self.metric_command, str)

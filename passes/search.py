@@ -89,7 +89,8 @@ def compress_model(model: ModelSource, config: CompressConfig, calibration: Cali
             if mapped_dir is not None:
                 raise LrsdError("recovery needs the model's weights in memory: raise map_weights_above_mb")
             fit = split_holdout(ctx.calibration, config.holdout_every).fit
-            compressed, recovery = recover_compressed(source, compressed, calibration, fit, config, progress)
+            compressed, recovery = recover_compressed(source, compressed, calibration, fit, config, progress,
+                                                      executor=ctx.executor)
             if config.verify:
                 held, _ = verification_batches(ctx)
                 ctx.output_errors = output_errors_on(source, compressed, held, [o.name for o in source.graph.output])
@@ -112,10 +113,12 @@ def compress_model(model: ModelSource, config: CompressConfig, calibration: Cali
 
 
 def recover_compressed(source: onnx.ModelProto, compressed: onnx.ModelProto, calibration: Calibration, batches,
-                       config: CompressConfig, progress, share: float = 1.0):
+                       config: CompressConfig, progress, share: float = 1.0, executor=None):
     """(recovered model, `RecoveryReport`): `compressed` fine-tuned against `source` on
     `batches` (the fit split of the calibration data) with `config.recover` steps ("auto": the
-    default) and `config.recover_time`, both scaled by `share` (a MUSCO stage's part)."""
+    default) and `config.recover_time`, both scaled by `share` (a MUSCO stage's part), at
+    `config.recover_level`; its gradient shards run on `executor` (the run's, still open) or on
+    one opened from `config`'s executor options."""
     from ..recover import RecoverConfig, recover_at_level
     from ..recover.types import DEFAULT_STEPS
 
@@ -127,13 +130,16 @@ def recover_compressed(source: onnx.ModelProto, compressed: onnx.ModelProto, cal
     else:  # "auto": the time budget alone, else the default number of steps
         steps = None if config.recover_time is not None else max(1, round(DEFAULT_STEPS * share))
     options = RecoverConfig(steps=steps, time_budget=config.recover_time * share if config.recover_time else None,
-                            seed=config.seed, mask_input=config.mask_input, threads=config.latency_threads)
+                            seed=config.seed, mask_input=config.mask_input, threads=config.latency_threads,
+                            level=config.recover_level, block_size=config.recover_block_size,
+                            warmup=config.recover_warmup, executor=config.executor, workers=config.workers,
+                            ray_address=config.ray_address)
 
     def on_step(p) -> None:
         if progress is not None:
             total = p.total or int(p.time_budget)
             progress("recover", min(p.step if p.total else int(p.seconds), total), total)
-    result = recover_at_level(compressed, source, batches, options, on_step)
+    result = recover_at_level(compressed, source, batches, options, on_step, executor)
     return result.model, result.report
 
 

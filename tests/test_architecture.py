@@ -21,7 +21,7 @@ ALLOWED = {
     "runtime": {"errors", "config", "decompose", "model", "plan", "report"},
     "parallel": {"errors", "config", "decompose", "model", "plan", "report", "runtime"},
     "testing": {"errors", "config", "model", "runtime"},
-    "recover": {"errors", "config", "decompose", "model", "plan", "report", "runtime"},
+    "recover": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel"},
     "passes": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel", "recover"},
     "api": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel", "passes", "recover"},
     "cli": {"errors", "config", "decompose", "model", "plan", "report", "runtime", "parallel", "api", "recover"},

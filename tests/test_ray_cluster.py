@@ -121,3 +121,17 @@ def test_a_worker_killed_mid_run_is_retried_and_the_output_is_unchanged(cluster,
     remote = onnx_lrsd.compress(DIGITS, executor="ray", ray_address=cluster.address, **GLOBAL)
     assert os.path.exists(marker)  # a worker did die
     assert_same_compression(remote, local_global)
+
+
+def test_recovery_gradient_shards_on_the_cluster_equal_local(cluster):
+    """A batch's gradient cut into 2 shards, each a Ray task (on either node), summed in shard
+    order: the recovered model has the bytes of the same shards run in this process."""
+    from onnx_lrsd.recover import RecoverConfig, recover
+
+    small = onnx_lrsd.compress(DIGITS, calibration=DIGITS_CALIB, keep=0.02, min_rank=2, verify=False).model
+    config = RecoverConfig(steps=4, lr=1e-3, batch=8, eval_every=2, patience=None, samples=64, shards=2)
+    local = recover(small, DIGITS, DIGITS_CALIB, config)
+    remote = recover(small, DIGITS, DIGITS_CALIB, config.replace(executor="ray", ray_address=cluster.address))
+    assert local.report.best_step > 0 and remote.report.curve == local.report.curve
+    assert remote.model.SerializeToString() == local.model.SerializeToString()
+    assert not ray.is_initialized()

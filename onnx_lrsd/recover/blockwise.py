@@ -10,7 +10,13 @@ A block's inputs and targets are computed once for it (two onnxruntime passes ov
 samples) and its Adam steps stream batches of them (`distill.adam_loop`; the inputs are
 activations, not augmented). A boundary whose tensor has another shape in the teacher (inside
 a narrowed channel group) is not used. The step and time budgets are shared equally by the
-blocks; each keeps its best held-out step.
+blocks; each keeps its best held-out step and warms its step size up anew.
+
+Blocks run one after the other, not as parallel tasks: block b learns from x̂_b as the trained
+blocks before it produce it, which the fitted prefix does not (training every block from the
+fitted prefix would make them independent, but each would then be fitted to inputs it never
+sees once the blocks before it change). What runs on the executor is each step's gradient,
+cut into shards of the batch (`shards`), as in end-to-end distillation.
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ import onnx
 from ..errors import LrsdError
 from .distill import (RecoveryResult, _build_gradient, _chunks, _relative_error, _take, adam_loop, recover_models,
                       split_samples, support_masks, trainable_tensors, with_values)
+from ..parallel.executor import Executor
 from .gradients import TARGET, prepared_copy
+from .shards import open_for, parent_batch, shard_count, sharded
 from .types import LeftAsFitted, RecoverConfig, RecoverProgress, RecoveryReport
 
 log = logging.getLogger(__name__)
@@ -102,11 +110,16 @@ def _run_all(model: onnx.ModelProto, names: Sequence[str], samples: Mapping[str,
 
 def recover_blockwise(student: onnx.ModelProto, teacher: onnx.ModelProto,
                       calibration: Sequence[Mapping[str, np.ndarray]], config: Optional[RecoverConfig] = None,
-                      on_step: Optional[Callable[[RecoverProgress], None]] = None) -> RecoveryResult:
+                      on_step: Optional[Callable[[RecoverProgress], None]] = None,
+                      executor: Optional[Executor] = None) -> RecoveryResult:
     """Block-wise reconstruction of `student` against `teacher` on `calibration` (unlabeled feed
     dicts); neither model is modified. The report's losses and curve are the sum over blocks of
-    their normalized held-out losses; its output errors are of the model output."""
+    their normalized held-out losses; its output errors are of the model output. Gradient
+    shards run on `executor` (None: one opened from `config`)."""
     config = config or RecoverConfig()
+    if executor is None:
+        with open_for(config) as executor:
+            return recover_blockwise(student, teacher, calibration, config, on_step, executor)
     start_time = time.perf_counter()
     samples, held_idx, train_idx, rng = split_samples(calibration, config)
     n, n_held = len(next(iter(samples.values()))), len(held_idx)
@@ -131,6 +144,7 @@ def recover_blockwise(student: onnx.ModelProto, teacher: onnx.ModelProto,
     budget = config.step_budget
     per_block = config.replace(steps=max(1, budget // len(blocks)) if budget is not None else None,
                                time_budget=config.time_budget / len(blocks) if config.time_budget else None)
+    shards = shard_count(config, executor)
     left: List[LeftAsFitted] = []
     before = after = 0.0
     steps, trained, curve = 0, set(), []
@@ -145,11 +159,13 @@ def recover_blockwise(student: onnx.ModelProto, teacher: onnx.ModelProto,
             inputs = {start: _run_all(current, [start], samples, config.batch, config.threads)[start]}
         targets = _run_all(reference, [end], samples, config.batch, config.threads)[end]
         scale = float(np.mean(targets.astype(np.float64) ** 2)) or 1.0
-        shapes = {k: (per_block.batch,) + v.shape[1:] for k, v in inputs.items()}
+        shapes = {k: (parent_batch(config, shards),) + v.shape[1:] for k, v in inputs.items()}
         lg, names, blocked = _build_gradient(block, block, names, shapes, "mse", end, False, scale, config.threads)
         left.extend(blocked)
         if lg is None:
             continue
+        lg = sharded(lg, block, {k: v.shape[1:] for k, v in inputs.items()}, "mse", end, False, scale, executor,
+                     config.batch, shards)
         fit = adam_loop(lg, inputs, train_idx, _take(inputs, held_idx), {TARGET: targets[held_idx]},
                         lambda picks, feeds: {TARGET: targets[picks]}, None, support_masks(current, names), per_block,
                         rng, time.perf_counter(), on_step)
@@ -189,24 +205,29 @@ def _session(model: onnx.ModelProto, threads: int):
 
 def recover_at_level(student: onnx.ModelProto, teacher: onnx.ModelProto,
                      calibration: Sequence[Mapping[str, np.ndarray]], config: Optional[RecoverConfig] = None,
-                     on_step: Optional[Callable[[RecoverProgress], None]] = None) -> RecoveryResult:
+                     on_step: Optional[Callable[[RecoverProgress], None]] = None,
+                     executor: Optional[Executor] = None) -> RecoveryResult:
     """Recovery at `config.level`: end-to-end distillation (`distill.recover_models`), block-wise
     reconstruction (`recover_blockwise`), or block-wise on half the budget followed by
-    end-to-end on the other half (one report for both)."""
+    end-to-end on the other half (one report for both). Gradient shards run on `executor`
+    (None: one opened from `config`, for both levels)."""
     import dataclasses
 
     config = config or RecoverConfig()
+    if executor is None:
+        with open_for(config) as executor:
+            return recover_at_level(student, teacher, calibration, config, on_step, executor)
     if config.level == "end-to-end":
-        return recover_models(student, teacher, calibration, config, on_step)
+        return recover_models(student, teacher, calibration, config, on_step, executor)
     both = config.level == "blocks+end-to-end"
     share = 0.5 if both else 1.0
     steps = config.step_budget
     half = config.replace(level="end-to-end", steps=max(1, round(steps * share)) if steps else steps,
                           time_budget=config.time_budget * share if config.time_budget else None)
-    blocks = recover_blockwise(student, teacher, calibration, half, on_step)
+    blocks = recover_blockwise(student, teacher, calibration, half, on_step, executor)
     if not both:
         return blocks
-    result = recover_models(blocks.model, teacher, calibration, half, on_step)
+    result = recover_models(blocks.model, teacher, calibration, half, on_step, executor)
     done, report = blocks.report.steps, result.report
     return RecoveryResult(result.model, dataclasses.replace(
         report, level=f"{blocks.report.level} + end-to-end", error_before=blocks.report.error_before,

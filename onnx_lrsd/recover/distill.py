@@ -6,7 +6,9 @@ the teacher label them, and takes one Adam step with onnxruntime's loss and grad
 
     m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − lr_t·m̂/(√v̂ + ε)   (m̂, v̂ bias-corrected)
 
-with lr_t = lr·½(1 + cos πt) (t: spent share of the step or time budget) or constant.
+with lr_t = lr·w_k·½(1 + cos πt) (t: spent share of the step or time budget; or without the
+cosine factor), w_k = min(1, k / warmup) at step k = 1, 2, ... (a linear warm-up; 1 without).
+The gradient g of a batch may be summed from shards of it computed by executor tasks (`shards`).
 
 A residual stored as a sparse initializer keeps its support: its gradient is masked to it.
 Every `eval_every` steps the loss on the held-out samples (not augmented) is measured; the
@@ -28,7 +30,9 @@ from onnx import numpy_helper
 
 from ..errors import LrsdError
 from .augment import input_kind, make_augment
+from ..parallel.executor import Executor
 from .gradients import TARGET, TEACHER_LOGP, TEACHER_PROB, LossGradient, UnsupportedOp, prepared_copy
+from .shards import open_for, parent_batch, shard_count, sharded
 from .types import LeftAsFitted, RecoverConfig, RecoverProgress, RecoveryReport
 
 log = logging.getLogger(__name__)
@@ -210,6 +214,13 @@ def _relative_error(session, feeds: Mapping[str, np.ndarray], teacher_out: np.nd
     return math.sqrt(num / den) if den else math.sqrt(num)
 
 
+def step_size(config: RecoverConfig, step: int, seconds: float) -> float:
+    """lr of step `step` (1, 2, ...) taken `seconds` into the run: lr·w·d, w the linear warm-up
+    min(1, step / warmup), d the schedule's decay at the spent share before the step."""
+    warm = min(1.0, step / config.warmup) if config.warmup else 1.0
+    return config.lr * warm * _decay(config, step - 1, seconds)
+
+
 def _decay(config: RecoverConfig, step: int, seconds: float) -> float:
     """The schedule's factor on lr: ½(1 + cos πt), t the spent share of the budget."""
     if config.schedule == "constant":
@@ -318,7 +329,7 @@ def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np
             break
         step += 1
         b1, b2 = config.beta1, config.beta2
-        lr = config.lr * _decay(config, step - 1, time.perf_counter() - start)
+        lr = step_size(config, step, time.perf_counter() - start)
         for name, g in grads.items():
             g = g.astype(np.float64)
             if name in masks:
@@ -352,16 +363,20 @@ def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np
 
 
 def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibration: Sequence[Mapping[str, np.ndarray]],
-            config: Optional[RecoverConfig] = None,
-            on_step: Optional[Callable[[RecoverProgress], None]] = None) -> RecoveryResult:
+                   config: Optional[RecoverConfig] = None, on_step: Optional[Callable[[RecoverProgress], None]] = None,
+                   executor: Optional[Executor] = None) -> RecoveryResult:
     """Fine-tune `student` (compressed) to reproduce `teacher` (original) on `calibration`
     (feed dicts, unlabeled) by end-to-end distillation; neither model is modified. Ctrl-C
-    propagates and keeps nothing. The other levels: `blockwise.recover_at_level`."""
+    propagates and keeps nothing. Gradient shards run on `executor` (None: one opened from
+    `config`). The other levels: `blockwise.recover_at_level`."""
     from ..runtime.bench import make_session
 
     config = config or RecoverConfig()
     if config.level != "end-to-end":
         raise LrsdError(f"level {config.level} is run by onnx_lrsd.recover.blockwise.recover_at_level")
+    if executor is None:
+        with open_for(config) as executor:
+            return recover_models(student, teacher, calibration, config, on_step, executor)
     start = time.perf_counter()
     samples, held_idx, train_idx, rng = split_samples(calibration, config)
     held, n_held = _take(samples, held_idx), len(held_idx)
@@ -385,7 +400,8 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
     if not trainable:
         raise LrsdError("nothing to train: the model has no compressed or narrowed layers (tensors named "
                         "'<node>/lrsd/...'); use trainable='all'")
-    shapes = {k: (config.batch,) + v.shape[1:] for k, v in samples.items()}
+    shards = shard_count(config, executor)
+    shapes = {k: (parent_batch(config, shards),) + v.shape[1:] for k, v in samples.items()}
     lg, trainable, left = _build_gradient(student, prepared, trainable, shapes, loss, output, probabilities, scale,
                                           config.threads)
     student_session = make_session(student, config.threads)
@@ -398,6 +414,8 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
         return RecoveryResult(student, report)
 
     masks = support_masks(student, trainable)
+    lg = sharded(lg, student, {k: v.shape[1:] for k, v in samples.items()}, loss, output, probabilities, scale,
+                 executor, config.batch, shards)
     teach = lambda picks, feeds: targets(teacher_session.run([output], feeds)[0])  # noqa: E731
     fit = adam_loop(lg, samples, train_idx, held, targets(held_out), teach, augment, masks, config, rng, start,
                     on_step)

@@ -257,7 +257,8 @@ class LossGradient:
     """L(params; feeds, targets) and ∂L/∂params for a fixed input shape, in onnxruntime.
 
     `trainable` names float initializers (after `Constant` promotion). `loss_only` evaluates
-    L on any batch size; `__call__` returns (L, gradients) for inputs of `input_shapes`.
+    L on any batch size; `__call__` returns (L, gradients) for inputs of `input_shapes` (the
+    adjoint's onnxruntime session is made on the first call).
     """
 
     def __init__(self, model: onnx.ModelProto, trainable: Sequence[str], input_shapes: Mapping[str, Sequence[int]],
@@ -288,7 +289,7 @@ class LossGradient:
         self._grad_names = ["lrsd_adj_" + name for name in self.trainable]
         self._dtype = helper.tensor_dtype_to_np_dtype(base.graph.output[0].type.tensor_type.elem_type)
         self._loss_session = _session(base, threads)
-        self._adjoint_session = _session(adjoint, threads)
+        self._adjoint, self._adjoint_session, self._threads = adjoint, None, threads
         self.input_shapes = {k: tuple(v) for k, v in input_shapes.items()}
 
     def _feeds(self, feeds: Mapping[str, np.ndarray], targets: Mapping[str, np.ndarray],
@@ -305,6 +306,8 @@ class LossGradient:
     def __call__(self, feeds, targets, params) -> Tuple[float, Dict[str, np.ndarray]]:
         run_feeds = self._feeds(feeds, targets, params)
         run_feeds[self._seed_name] = np.ones([1], dtype=self._dtype)
+        if self._adjoint_session is None:  # made on first use: a parent whose shards run elsewhere never runs it
+            self._adjoint_session, self._adjoint = _session(self._adjoint, self._threads), None
         results = self._adjoint_session.run([LOSS] + self._grad_names, run_feeds)
         grads = {name: g[..., 0] for name, g in zip(self.trainable, results[1:])}
         return float(results[0]), grads

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from ..config import EXECUTORS, RECOVER_BLOCK_SIZE, RECOVER_LEVEL, RECOVER_LEVELS, RECOVER_WARMUP, check_executor
 from ..errors import LrsdError
 from ..report.types import LeftAsFitted, RecoveryReport  # noqa: F401  (reports live in report/)
 
@@ -12,7 +13,7 @@ LOSS_CHOICES = ("auto", "kl", "mse")
 AUGMENT_CHOICES = ("auto", "none", "image", "tokens", "noise")
 TRAINABLE_CHOICES = ("compressed", "all")
 SCHEDULE_CHOICES = ("cosine", "constant")
-LEVEL_CHOICES = ("end-to-end", "blocks", "blocks+end-to-end")
+LEVEL_CHOICES = RECOVER_LEVELS
 DEFAULT_STEPS = 200
 """Steps when neither `steps` nor `time_budget` is given ("auto")."""
 
@@ -26,6 +27,9 @@ class RecoverConfig:
     lr, beta1, beta2: Adam's step size and moment decays.
     schedule: "cosine" decays the step size as lr·½(1 + cos πt), t the spent share of the budget
       (steps or time, whichever is further), or "constant".
+    warmup: the step size of step k (k = 1, 2, ...) is multiplied by min(1, k / warmup), so it
+      rises linearly over the first `warmup` steps (0: none); each block of block-wise
+      reconstruction warms up anew (its steps are the budget's share of the block).
     loss: "kl" on probability or logit outputs, "mse" (scaled by the teacher's mean square)
       otherwise; "auto" picks from the teacher's output on the data.
     augment: "image" (contrast, brightness, noise, blur, scale), "tokens" (token dropout to
@@ -39,6 +43,12 @@ class RecoverConfig:
     level: "end-to-end" distillation on the model output, "blocks" (block-wise reconstruction,
       `recover.blockwise`), or "blocks+end-to-end" (blocks on half the budget, then end-to-end);
       block_size: nodes reading trainable weights per block.
+    executor, workers, ray_address: where the gradient shards run (`onnx_lrsd.parallel.executor`,
+      as `CompressConfig` has them); shards: a batch's gradient is the sample-weighted sum of
+      this many shards' gradients (contiguous, near-equal runs of the batch), each one executor
+      task, summed in shard order in float64 (None: one per executor slot). The model depends
+      on `shards`, not on where they run: the same shards in this process, on a process pool or
+      on Ray give the same bytes.
     """
 
     steps: Optional[int] = None
@@ -60,8 +70,13 @@ class RecoverConfig:
     samples: Optional[int] = None
     seed: int = 0
     threads: int = 2
-    level: str = "end-to-end"
-    block_size: int = 6
+    level: str = RECOVER_LEVEL
+    block_size: int = RECOVER_BLOCK_SIZE
+    warmup: int = RECOVER_WARMUP
+    shards: Optional[int] = None
+    executor: str = EXECUTORS[0]
+    workers: int = 1
+    ray_address: Optional[str] = None
 
     def __post_init__(self):
         checks = [
@@ -88,10 +103,15 @@ class RecoverConfig:
             (self.level in LEVEL_CHOICES, f"level must be one of {', '.join(LEVEL_CHOICES)}, got {self.level!r}"),
             (isinstance(self.block_size, int) and self.block_size >= 1,
              f"block_size must be >= 1, got {self.block_size!r}"),
+            (isinstance(self.warmup, int) and not isinstance(self.warmup, bool) and self.warmup >= 0,
+             f"warmup must be >= 0 steps, got {self.warmup!r}"),
+            (self.shards is None or (isinstance(self.shards, int) and self.shards >= 1),
+             f"shards must be >= 1, got {self.shards!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise LrsdError(message)
+        check_executor(self.executor, self.workers, self.ray_address)
 
     @property
     def step_budget(self) -> Optional[int]:
