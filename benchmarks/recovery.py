@@ -311,7 +311,8 @@ def render(data: dict[str, Any]) -> str:
     plot(data, RESULTS_DIR)
     machine = data["machine"]
     kinds = {t.get("kind", "lowrank") for t in data["tasks"]}
-    width, blocks = "width" in kinds, "blocks" in kinds
+    levels = {row.get("recover_config", {}).get("level") for t in data["tasks"] for row in t["rows"]}
+    width, blocks = "width" in kinds, "blocks" in kinds or "blocks+end-to-end" in levels
     lines = [f"# Recovery: {'width reduction' if width else 'closed form'} vs "
              f"{'width reduction' if width else 'closed form'} + "
              f"{'block-wise reconstruction and ' if blocks else ''}end-to-end distillation", "",
@@ -324,8 +325,11 @@ def render(data: dict[str, Any]) -> str:
              + ("; rows with `level blocks+end-to-end` first run block-wise reconstruction on half the time budget "
                 "(MSE per block, not augmented), then end-to-end on the other half: their held-out loss and curve are "
                 "the end-to-end part's (its step 0 is after the blocks). " if blocks else ". ")
-             + ("Closed form: width reduction (`prune_model`, see `WIDTH_PLANS`); trainable: the narrowed layers' "
-                "weights and biases. " if width else "Trainable: the compressed layers' factors and biases. ")
+             + ("Rows with `level blocks` spend the whole budget on block-wise reconstruction (MSE per block, from "
+                "the compressed prefix's tensor to the original's, not augmented; a tensor inside a narrowed group "
+                "is no block boundary). " if "blocks" in levels else "")
+             + ("Closed form: width reduction (see `WIDTH_PLANS`); trainable: the narrowed layers' weights and "
+                "biases (and the factors of layers also factorized). " if width else "Trainable: the compressed layers' factors and biases. ")
              + "Calibration/recovery data come from the task's calibration source, disjoint from the evaluation "
              "data. Held-out loss curves: "
              f"`{_section(data) + ('.quick' if _quick(data) and not width else '')}_<task>.png`.", ""]
