@@ -148,7 +148,7 @@ def test_warmup_changes_the_first_steps_only_as_scheduled():
     teacher = _conv_net()
     student = _perturbed(teacher)
     config = RecoverConfig(steps=1, lr=1e-3, batch=8, eval_every=1, patience=None, trainable="all", augment="none",
-                           schedule="constant", holdout=0.5, warmup=0)
+                           schedule="constant", holdout=0.5, warmup=0, level="end-to-end")
     weights = lambda m: {t.name: numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}  # noqa: E731
     start = weights(student)
     plain = weights(recover_at_level(student, teacher, _images(), config).model)

@@ -114,7 +114,7 @@ def test_compress_method_prune_with_recover_reports_the_recovered_model():
     names = list(result.report.output_errors)
     assert result.report.output_errors == pytest.approx(output_errors_on(onnx.load(str(DIGITS)), result.model,
                                                                          held, names), rel=1e-6)
-    assert "recovery (end-to-end" in result.report.to_text()
+    assert "recovery (block-wise (1 blocks) + end-to-end" in result.report.to_text()  # the default level
 
 
 def test_cli_compress_method_prune_with_recover(tmp_path):

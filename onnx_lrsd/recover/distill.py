@@ -366,14 +366,12 @@ def recover_models(student: onnx.ModelProto, teacher: onnx.ModelProto, calibrati
                    config: Optional[RecoverConfig] = None, on_step: Optional[Callable[[RecoverProgress], None]] = None,
                    executor: Optional[Executor] = None) -> RecoveryResult:
     """Fine-tune `student` (compressed) to reproduce `teacher` (original) on `calibration`
-    (feed dicts, unlabeled) by end-to-end distillation; neither model is modified. Ctrl-C
-    propagates and keeps nothing. Gradient shards run on `executor` (None: one opened from
-    `config`). The other levels: `blockwise.recover_at_level`."""
+    (feed dicts, unlabeled) by end-to-end distillation, whatever `config.level` says (the levels
+    are chosen by `blockwise.recover_at_level`); neither model is modified. Ctrl-C propagates and
+    keeps nothing. Gradient shards run on `executor` (None: one opened from `config`)."""
     from ..runtime.bench import make_session
 
-    config = config or RecoverConfig()
-    if config.level != "end-to-end":
-        raise LrsdError(f"level {config.level} is run by onnx_lrsd.recover.blockwise.recover_at_level")
+    config = (config or RecoverConfig()).replace(level="end-to-end")
     if executor is None:
         with open_for(config) as executor:
             return recover_models(student, teacher, calibration, config, on_step, executor)
