@@ -1,6 +1,7 @@
 """Block-wise reconstruction: the compressed model (student) cut into blocks at tensors that
-alone carry everything later nodes read from earlier ones, each block holding compressed
-layers; block b is trained to reproduce the original's (teacher's) tensor y_b at its end from
+alone carry everything later nodes read from earlier ones (besides tensors of the graph inputs
+alone, such as a transformer's attention-mask bias read by every layer, which become extra
+block inputs), each block holding compressed layers; block b is trained to reproduce the original's (teacher's) tensor y_b at its end from
 the student's tensor x̂_b at its start, blocks in graph order (x̂_b comes from the blocks
 before it as already trained, so errors do not accumulate):
 
