@@ -23,6 +23,10 @@ benchmarks/results/recovery_width`` (and ``--tasks minilm --minilm-minutes 8 --o
 benchmarks/results/recovery_width_minilm``, which also stacks dynamic int8 on the recovered model and
 compares it with onnxruntime's int8 of the original). Each such file renders the README section
 named by its output prefix.
+
+``--kind params`` (`PARAMS_PLANS`): MiniLM at ≤ 0.8 of the parameters: ``python -m benchmarks.recovery
+--kind params --tasks minilm --minilm-minutes 3 --output benchmarks/results/recovery_params_minilm``
+(about 80 min on the shared machine: four budgets, then the samples study at 256 / 1024 / 4096).
 """
 from __future__ import annotations
 
