@@ -23,6 +23,10 @@ benchmarks/results/recovery_width`` (and ``--tasks minilm --minilm-minutes 8 --o
 benchmarks/results/recovery_width_minilm``, which also stacks dynamic int8 on the recovered model and
 compares it with onnxruntime's int8 of the original). Each such file renders the README section
 named by its output prefix.
+
+``--kind params`` (`PARAMS_PLANS`): MiniLM at ≤ 0.8 of the parameters: ``python -m benchmarks.recovery
+--kind params --tasks minilm --minilm-minutes 3 --output benchmarks/results/recovery_params_minilm``
+(about 80 min on the shared machine: four budgets, then the samples study at 256 / 1024 / 4096).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from benchmarks.common import PeakRSS, benchmark_main, fmt, markdown_table, time_against_original
@@ -124,6 +129,30 @@ BLOCK_PLANS: dict[str, TaskPlan] = {
 """`--kind blocks`: the low-rank closed form recovered end-to-end, and by block-wise reconstruction
 on half the budget followed by end-to-end on the other half (same closed form, data and budget)."""
 
+MINILM_RECOVER_KEYS = ("lr", "schedule", "samples")
+"""More budget keys that go to `RecoverConfig` (`--kind params`)."""
+_FFN = {"criterion": "energy", "multiple": 8}
+PARAMS_PLANS: dict[str, TaskPlan] = {
+    "minilm": TaskPlan(
+        budgets=(
+            {"width": 0.35, **_FFN},
+            {"width": 0.35, **_FFN, "level": "blocks+end-to-end", "block_size": 4, "samples": 512},
+            {"width": 0.75, **_FFN, "embedding_rank": 288},
+            {"width": 0.6, **_FFN, "embedding_rank": 320},
+        ),
+        calib_samples=256, calib_batch=32, recover_samples=1280,
+        recover={"lr": 3e-5, "schedule": "constant", "batch": 8, "eval_every": 10, "patience": 6},
+        bar=WIDTH_PLANS["minilm"].bar, extra={
+            "int8": True,
+            "sample_study": {"budget": {"width": 0.35, **_FFN}, "samples": (256, 1024, 4096), "closed_form_too": True}}),
+}
+"""`--kind params` (MiniLM at ≤ 0.8 of the parameters, word embeddings included): FFN width alone,
+recovered end-to-end, or block-wise (one block ≈ one layer: 4 narrowed tensors; on 512 samples,
+as each block's inputs and targets cost two passes over them) then end-to-end; FFN width with
+the word-embedding table factored (`embedding_rank`, see `factor_embedding`). Recovery at lr
+3e-5, constant (lr 1e-4 with the cosine schedule raised the held-out loss over its first steps).
+The samples study fits the closed form and recovers on the same n sentences."""
+
 
 def _budget_label(budget: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in budget.items())
@@ -136,7 +165,8 @@ def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args
     from onnx_lrsd.recover import RecoverConfig, recover
     from onnx_lrsd.runtime.quantize import quantize_model
 
-    plan, quick = {"width": (WIDTH_PLANS, QUICK_WIDTH), "blocks": (BLOCK_PLANS, {})}.get(args.kind, (PLANS, QUICK))
+    plan, quick = {"width": (WIDTH_PLANS, QUICK_WIDTH), "blocks": (BLOCK_PLANS, {}),
+                   "params": (PARAMS_PLANS, {})}.get(args.kind, (PLANS, QUICK))
     plan = plan[name]
     budgets = plan.budgets
     recover_options = dict(plan.recover)
@@ -165,8 +195,8 @@ def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args
     for index, budget in enumerate(budgets):
         gc.collect()
         start = time.perf_counter()
-        if "width" in budget:
-            closed_model = _narrowed(teacher, calib_feeds, budget, task.mask_input)
+        if _structured(budget):
+            closed_model = _closed_form(teacher, calib_feeds, budget, task.mask_input)
             params_ratio = count_params(closed_model) / count_params(teacher)
         else:
             result = compress(task.model_path, calibration=calib_feeds, calib_samples=plan.calib_samples,
@@ -178,8 +208,8 @@ def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args
         onnx.save(closed_model, str(closed_path))
         closed_metrics = task.evaluate(closed_path)
         LOGGER.info("%s %s closed form: %s", name, _budget_label(budget), closed_metrics)
-        config = RecoverConfig(mask_input=task.mask_input, threads=THREADS, **recover_options,
-                               **{k: v for k, v in budget.items() if k in RECOVER_KEYS})
+        config = RecoverConfig(mask_input=task.mask_input, threads=THREADS,
+                               **{**recover_options, **_recover_keys(budget)})
 
         def show(p):
             if p.heldout_loss is not None:
@@ -215,46 +245,119 @@ def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args
                      "recovery": recovered.report.to_dict(), "recover_config": config.__dict__,
                      "recover_memory": memory.to_dict(), **({"int8": row_int8} if int8 else {})})
     out = {"task": name, "kind": args.kind, "original": original_metrics, "bar": plan.bar,
-           "calib_samples": plan.calib_samples, "recover_samples": plan.recover_samples, "rows": rows}
+           "calib_samples": plan.calib_samples, "recover_samples": plan.recover_samples, "rows": rows,
+           **({"param_shares": param_shares(teacher)} if name == "minilm" else {})}
     study = plan.extra.get("sample_study")
     if study and not args.quick:
         out["sample_study"] = sample_study(task, teacher, calib_feeds, plan, study, recover_options)
     return out
 
 
-def _narrowed(model: onnx.ModelProto, feeds, budget: dict[str, Any], mask_input) -> onnx.ModelProto:
-    """The width-reduced closed form of a `--kind width` budget (see `WIDTH_PLANS`)."""
+def _structured(budget: dict[str, Any]) -> bool:
+    """A budget whose closed form is `_closed_form` (width reduction, the embedding table), not `compress`."""
+    return bool({"width", "target_params", "embedding_rank"} & set(budget)) and "keep" not in budget
+
+
+def _recover_keys(budget: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in budget.items() if k in RECOVER_KEYS + MINILM_RECOVER_KEYS}
+
+
+def _closed_form(model: onnx.ModelProto, feeds, budget: dict[str, Any], mask_input) -> onnx.ModelProto:
+    """The closed form of a `--kind width` / `--kind params` budget: width reduction
+    (`onnx_lrsd.passes.prune.prune_model`: every coupled channel group keeps `width` of its
+    channels, or the widths allocated for `target_params`; attention heads only with `heads`),
+    then the word-embedding table factored to `embedding_rank` (`factor_embedding`)."""
     from onnx_lrsd.passes.prune import PruneOptions, prune_model
 
-    options = PruneOptions(keep=budget["width"], criterion=budget.get("criterion", "greedy"),
-                           multiple=budget.get("multiple", 1), sequential=budget.get("sequential", False),
-                           mask_input=mask_input, heads=False)
-    return prune_model(model, feeds, options).model
+    if "width" in budget or "target_params" in budget:
+        options = PruneOptions(keep=budget.get("width", 0.5), target_params=budget.get("target_params"),
+                               criterion=budget.get("criterion", "greedy"), multiple=budget.get("multiple", 1),
+                               sequential=budget.get("sequential", False), mask_input=mask_input,
+                               heads=budget.get("heads", False))
+        model = prune_model(model, feeds, options).model
+    if "embedding_rank" in budget:
+        model = factor_embedding(model, budget["embedding_rank"], feeds, mask_input)
+    return model
+
+
+EMBEDDING_INPUT = "input_ids"
+
+
+def factor_embedding(model: onnx.ModelProto, rank: int, feeds, mask_input: str | None,
+                     ridge: float = 1.0) -> onnx.ModelProto:
+    """The word-embedding lookup Gather(E, ids), E [vocab, d], replaced by Gather(A, ids) @ B
+    with A [vocab, rank], B [rank, d]: E's best rank-`rank` fit weighted by how often each token
+    occurs in `feeds` (positions where `mask_input` is 0 not counted) plus `ridge`:
+    min Σ_v (c_v + ridge)·‖E_v − A_v B‖², i.e. B = the top right singular vectors of
+    diag(√(c + ridge))·E and A = E·Bᵀ (the whitened fit of a layer whose input is the one-hot
+    token, whose Gram is diag(c)). Not a library pass: `onnx_lrsd` does not factor Gather
+    tables; this measures what it would give. New tensors `{node}/lrsd/{A,B}` (recovery trains
+    them)."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    index, node = next((i, n) for i, n in enumerate(graph.node) if n.op_type == "Gather"
+                       and n.input[1] == EMBEDDING_INPUT and n.input[0] in initializers)
+    table = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float64)
+    counts = np.zeros(table.shape[0])
+    for feed in feeds:
+        ids = feed[EMBEDDING_INPUT] if mask_input is None else feed[EMBEDDING_INPUT][feed[mask_input] > 0]
+        np.add.at(counts, ids.ravel(), 1.0)
+    weights = np.sqrt(counts + ridge)[:, None]
+    basis = np.linalg.svd(table * weights, full_matrices=False)[2][:rank]
+    a_name, b_name, codes = f"{node.name}/lrsd/A", f"{node.name}/lrsd/B", f"{node.name}/lrsd/codes"
+    graph.initializer.remove(initializers[node.input[0]])
+    graph.initializer.extend([numpy_helper.from_array((table @ basis.T).astype(np.float32), a_name),
+                              numpy_helper.from_array(basis.astype(np.float32), b_name)])
+    del graph.node[index]
+    graph.node.insert(index, helper.make_node("MatMul", [codes, b_name], [node.output[0]], name=f"{node.name}/lrsd/MatMul"))
+    graph.node.insert(index, helper.make_node("Gather", [a_name, node.input[1]], [codes], name=f"{node.name}/lrsd/Gather",
+                                              axis=0))
+    return model
 
 
 def sample_study(task, teacher, calib_feeds, plan: TaskPlan, study: dict[str, Any], recover_options: dict[str, Any]):
-    """How the recovered metric grows with the number of unlabeled samples (same budget, steps, seed)."""
+    """How the recovered metric grows with the number of unlabeled samples (same budget, time or
+    steps, seed); with `closed_form_too` the closed form is fitted on the same n samples."""
     from onnx_lrsd import compress
     from onnx_lrsd.recover import RecoverConfig, recover
 
     budget = study["budget"]
-    compressed = compress(task.model_path, calibration=calib_feeds, calib_samples=plan.calib_samples,
-                          calib_batch=plan.calib_batch, mask_input=task.mask_input, verify=False, **budget).model
+
+    def closed_form(feeds, n):
+        if _structured(budget):
+            return _closed_form(teacher, feeds, budget, task.mask_input)
+        return compress(task.model_path, calibration=feeds, calib_samples=n, calib_batch=plan.calib_batch,
+                        mask_input=task.mask_input, verify=False,
+                        **{k: v for k, v in budget.items() if k not in RECOVER_KEYS}).model
+
+    compressed = None if study.get("closed_form_too") else closed_form(calib_feeds, plan.calib_samples)
+    workdir = Path(tempfile.mkdtemp(prefix="recovery_study_"))
     rows = []
     for n in study["samples"]:
         feeds = task.calibration_feeds(n, plan.calib_batch)
-        result = recover(compressed, teacher, feeds, RecoverConfig(mask_input=task.mask_input, threads=THREADS,
-                                                                   **recover_options))
-        path = Path(tempfile.mkdtemp(prefix="recovery_study_")) / "model.onnx"
-        onnx.save(result.model, str(path))
-        metrics = task.evaluate(path)
-        path.unlink()
-        path.parent.rmdir()
+        row: dict[str, Any] = {"samples": n}
+        model = compressed
+        if model is None:
+            start = time.perf_counter()
+            model = closed_form(feeds, n)
+            row["compress_s"] = time.perf_counter() - start
+            onnx.save(model, str(workdir / "closed.onnx"))
+            row["closed"] = task.evaluate(workdir / "closed.onnx")
+        result = recover(model, teacher, feeds, RecoverConfig(mask_input=task.mask_input, threads=THREADS,
+                                                              **{**recover_options, **_recover_keys(budget)}))
+        onnx.save(result.model, str(workdir / "model.onnx"))
+        metrics = task.evaluate(workdir / "model.onnx")
         LOGGER.info("%s %s with %d samples: %s", task.name, _budget_label(budget), n, metrics)
-        rows.append({"samples": n, "metrics": metrics, "steps": result.report.steps,
+        rows.append({**row, "metrics": metrics, "steps": result.report.steps,
                      "best_step": result.report.best_step, "seconds": result.report.seconds,
                      "loss_before": result.report.loss_before, "loss_after": result.report.loss_after})
-    return {"budget": budget, "rows": rows}
+    for path in workdir.iterdir():
+        path.unlink()
+    workdir.rmdir()
+    return {"budget": budget, "rows": rows, "closed_form_too": bool(study.get("closed_form_too"))}
 
 
 def _bar_check(task: dict[str, Any], row: dict[str, Any], which: str) -> str:
@@ -312,7 +415,8 @@ def render(data: dict[str, Any]) -> str:
     machine = data["machine"]
     kinds = {t.get("kind", "lowrank") for t in data["tasks"]}
     levels = {row.get("recover_config", {}).get("level") for t in data["tasks"] for row in t["rows"]}
-    width, blocks = "width" in kinds, "blocks" in kinds or "blocks+end-to-end" in levels
+    width = bool({"width", "params"} & kinds)
+    blocks = bool({"blocks", "params"} & kinds) or "blocks+end-to-end" in levels
     lines = [f"# Recovery: {'width reduction' if width else 'closed form'} vs "
              f"{'width reduction' if width else 'closed form'} + "
              f"{'block-wise reconstruction and ' if blocks else ''}end-to-end distillation", "",
@@ -328,8 +432,10 @@ def render(data: dict[str, Any]) -> str:
              + ("Rows with `level blocks` spend the whole budget on block-wise reconstruction (MSE per block, from "
                 "the compressed prefix's tensor to the original's, not augmented; a tensor inside a narrowed group "
                 "is no block boundary). " if "blocks" in levels else "")
-             + ("Closed form: width reduction (see `WIDTH_PLANS`); trainable: the narrowed layers' weights and "
-                "biases (and the factors of layers also factorized). " if width else "Trainable: the compressed layers' factors and biases. ")
+             + (PARAMS_CLOSED_FORM if "params" in kinds else
+                "Closed form: width reduction (see `WIDTH_PLANS`); trainable: the narrowed layers' weights and "
+                "biases (and the factors of layers also factorized). " if width else
+                "Trainable: the compressed layers' factors and biases. ")
              + "Calibration/recovery data come from the task's calibration source, disjoint from the evaluation "
              "data. Held-out loss curves: "
              f"`{_section(data) + ('.quick' if _quick(data) and not width else '')}_<task>.png`.", ""]
@@ -372,17 +478,29 @@ def render(data: dict[str, Any]) -> str:
                          f"peak RSS added by recovery {fmt(mem.get('rss_added_mb'), 0)} MB, "
                          f"{rec['trainable_params']:,} trainable parameters in {rec['trainable_tensors']} tensors, "
                          f"stopped by {rec['stopped_by']}; held-out curve (step: loss) {curve}; left as fitted: {left}.")
+        if task.get("param_shares"):
+            lines.append(f"- {_shares_note(task)}")
         lines.append("")
-        study = task.get("sample_study")
-        if study:
-            names = list(task["original"])
-            lines += [f"**More unlabeled data** ({_budget_label(study['budget'])}, same steps and seed; a fifth held "
-                      "out):", "", markdown_table(
-                          ["samples", *names, "steps (best)", "held-out loss before → after", "recover s"],
-                          [[r["samples"], *[fmt(r["metrics"][m]) for m in names], f"{r['steps']} ({r['best_step']})",
-                            f"{r['loss_before']:.4f} → {r['loss_after']:.4f}", fmt(r["seconds"], 1)]
-                           for r in study["rows"]], "r" * (len(names) + 4)), ""]
+        if task.get("sample_study"):
+            lines += [_study_table(task), ""]
     return "\n".join(lines)
+
+
+def _study_table(task: dict[str, Any]) -> str:
+    """The samples study: per number of unlabeled samples, the metrics after recovery (and of the
+    closed form fitted on them, where it was)."""
+    study, names = task["sample_study"], list(task["original"])
+    closed = study.get("closed_form_too")
+    head = (f"**More unlabeled data** ({_budget_label(study['budget'])}, same "
+            f"{'time budget' if task['rows'][0]['recover_config'].get('time_budget') else 'steps'} and seed; "
+            + ("n samples for the closed form's statistics and for recovery; " if closed else "")
+            + "a fifth held out):")
+    headers = ["samples", *(["closed form " + " / ".join(names), "compress s"] if closed else []), *names,
+               "steps (best)", "held-out loss before → after", "recover s"]
+    rows = [[r["samples"], *([" / ".join(fmt(r["closed"][m]) for m in names), fmt(r["compress_s"], 1)] if closed else []),
+             *[fmt(r["metrics"][m]) for m in names], f"{r['steps']} ({r['best_step']})",
+             f"{r['loss_before']:.4f} → {r['loss_after']:.4f}", fmt(r["seconds"], 1)] for r in study["rows"]]
+    return head + "\n\n" + markdown_table(headers, rows, "r" * len(headers))
 
 
 def _recovery_setup(task: dict[str, Any]) -> str:
@@ -483,6 +601,16 @@ def _width_sections(data: dict[str, Any]) -> str:
                      ["width", "int8 alone", "recovered + int8", "file int8 alone / ours",
                       "latency b1 int8 alone / ours", "latency b32 int8 alone / ours"],
                      int8_rows, "lllrrr"))
+    if any(t.get("kind") == "params" for t in data["tasks"]):
+        task = data["tasks"][0]
+        return (text + "\n\n" + PARAMS_CLOSED_FORM + "Recovery: `onnx_lrsd.recover` end-to-end, or (`level "
+                "blocks+end-to-end`) block-wise reconstruction on half the budget, then end-to-end on the other half; "
+                "best steps by the held-out fifth of the recovery samples, never by a reported metric; samples from "
+                "the task's calibration source, disjoint from the evaluation data. Latency: interleaved median ratio "
+                "to the original, 2 threads. " + _shares_note(task) + " Full results with held-out curves: "
+                "`benchmarks/results/" + _section(data) + ".md`.\n\n"
+                + (_study_table(task) + "\n\n" if task.get("sample_study") else "")
+                + "\n".join(f"- {v}" for v in verdicts))
     if any(t.get("kind") == "blocks" for t in data["tasks"]):
         return (text + "\n\nClosed form: `compress` (low rank, data-aware, independent fits) on the calibration "
                 "samples; + recovery: `onnx_lrsd.recover` end-to-end, or (`level blocks+end-to-end`) block-wise "
@@ -505,12 +633,51 @@ def _width_sections(data: dict[str, Any]) -> str:
             + "\n".join(f"- {v}" for v in verdicts))
 
 
+PARAMS_CLOSED_FORM = (
+    "Closed form: width reduction (`prune_model`: `width` of every FFN's neurons, or FFN neurons and attention heads "
+    "allocated for `target_params`), then, with `embedding_rank`, the word-embedding table E factored as "
+    "Gather(A, ids)·B, the rank-r fit of E weighted by each token's count in the calibration samples + 1 "
+    "(`factor_embedding` in this benchmark: the library has no pass for Gather tables); trainable in recovery: "
+    "the narrowed layers' weights and biases and A, B. ")
+
+
+def param_shares(model: onnx.ModelProto) -> dict[str, float]:
+    """MiniLM's parameters by part, as fractions of the total: word embeddings, other embeddings
+    and LayerNorms, attention (Q, K, V, output), FFN (intermediate and output dense)."""
+    from onnx import numpy_helper
+
+    sizes = {t.name: numpy_helper.to_array(t).size for t in model.graph.initializer}
+    total = sum(sizes.values())
+
+    def part(name: str) -> str:
+        if "word_embeddings" in name:
+            return "word_embeddings"
+        if "attention" in name and "LayerNorm" not in name:
+            return "attention"
+        if ("intermediate.dense" in name or ".output.dense" in name) and "attention" not in name:
+            return "ffn"
+        return "other"
+    shares: dict[str, float] = {}
+    for name, size in sizes.items():
+        shares[part(name)] = shares.get(part(name), 0.0) + size / total
+    return shares
+
+
+def _shares_note(task: dict[str, Any]) -> str:
+    shares = task["param_shares"]
+    return (f"Where the parameters are: word embeddings {shares['word_embeddings']:.2f}, FFN {shares['ffn']:.2f}, "
+            f"attention {shares['attention']:.2f}, the rest {shares['other']:.2f}; so FFN neurons alone reach params "
+            f"0.8 only by removing {0.2 / shares['ffn']:.0%} of them, and FFN + attention only by removing "
+            f"{0.2 / (shares['ffn'] + shares['attention']):.0%} of all their weights.")
+
+
 def _extra_args(parser) -> None:
     parser.add_argument("--ppocr-minutes", type=float, default=8.0, help="time budget of each PP-OCR recovery")
     parser.add_argument("--minilm-minutes", type=float, default=6.0, help="time budget of each MiniLM recovery")
-    parser.add_argument("--kind", choices=("lowrank", "width", "blocks"), default="lowrank",
+    parser.add_argument("--kind", choices=("lowrank", "width", "blocks", "params"), default="lowrank",
                         help="closed form: low rank (`compress`) or width reduction (`WIDTH_PLANS`); blocks: "
-                             "low rank recovered end-to-end and block-wise + end-to-end (`BLOCK_PLANS`)")
+                             "low rank recovered end-to-end and block-wise + end-to-end (`BLOCK_PLANS`); params: "
+                             "MiniLM at a params target (`PARAMS_PLANS`)")
 
 
 def main(argv: list[str] | None = None) -> None:

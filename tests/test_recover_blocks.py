@@ -84,3 +84,51 @@ def test_blockwise_lowers_the_output_error_and_repeats(pair):
 def test_bad_level_is_one_line_error():
     with pytest.raises(LrsdError, match="level must be one of"):
         RecoverConfig(level="layers")
+
+
+def _masked_mlp(seed=0, layers=3, width=48):
+    """x, m → (MatMul, Add, Add mask bias, Tanh) × layers → MatMul → y; the mask bias (1 − m)·(−5)
+    is computed once from the input m and read by every layer, as a transformer's attention mask."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Sub", ["one", "m"], ["inverted"], name="mask_sub"),
+             helper.make_node("Mul", ["inverted", "big"], ["mask_bias"], name="mask_mul")]
+    inits = {"one": np.array(1.0, np.float32), "big": np.array(-5.0, np.float32)}
+    prev, size = "x", 16
+    for i in range(layers):
+        inits[f"W{i}"] = (rng.normal(size=(size, width)) / np.sqrt(size)).astype(np.float32)
+        inits[f"b{i}"] = (0.1 * rng.normal(size=width)).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [prev, f"W{i}"], [f"h{i}"], name=f"fc{i}"),
+                  helper.make_node("Add", [f"h{i}", f"b{i}"], [f"a{i}"], name=f"fc{i}_bias"),
+                  helper.make_node("Add", [f"a{i}", "mask_bias"], [f"z{i}"], name=f"mask{i}"),
+                  helper.make_node("Tanh", [f"z{i}"], [f"t{i}"], name=f"act{i}")]
+        prev, size = f"t{i}", width
+    inits["Wo"] = (rng.normal(size=(width, 4)) / np.sqrt(width)).astype(np.float32)
+    nodes.append(helper.make_node("MatMul", [prev, "Wo"], ["y"], name="out"))
+    return make_model(nodes, [("x", F, ["n", 16]), ("m", F, ["n", width])], [("y", F, ["n", 4])], inits, opset=17)
+
+
+def _masked_data(n=96, seed=3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    m = (rng.random(size=(n, 48)) < 0.8).astype(np.float32)
+    return [{"x": x[i:i + 16], "m": m[i:i + 16]} for i in range(0, n, 16)]
+
+
+def test_a_tensor_of_the_inputs_alone_read_by_every_layer_does_not_prevent_cuts():
+    from onnx_lrsd.recover.blockwise import _block_model, side_tensors
+
+    model = _masked_mlp()
+    assert {"m", "inverted", "mask_bias"} <= side_tensors(model) and "t0" not in side_tensors(model)
+    assert {"t0", "t1"} <= {t for _, t in cut_points(model)}
+    block = _block_model(model, "t0", "t1")
+    assert sorted(i.name for i in block.graph.input if i.name not in {t.name for t in block.graph.initializer}) \
+        == ["mask_bias", "t0"]
+    rng = np.random.default_rng(5)  # the weights knocked off, so there is something to recover
+    weights = {t.name: np.frombuffer(t.raw_data, np.float32).reshape(t.dims) for t in model.graph.initializer
+               if t.name.startswith("W")}
+    student = with_values(model, {k: v + 0.3 * v.std() * rng.normal(size=v.shape) for k, v in weights.items()})
+    config = RecoverConfig(steps=60, lr=3e-3, batch=8, eval_every=10, patience=None, level="blocks", block_size=2,
+                           trainable="all")
+    report = recover_models(student, model, _masked_data(), config).report
+    assert int(report.level.split("(")[1].split()[0]) >= 2
+    assert report.loss_after < report.loss_before and report.error_after < report.error_before

