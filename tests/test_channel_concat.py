@@ -1,18 +1,17 @@
 """Channel Concats join groups: each part keeps its own group, the readers of the concatenated
 tensor are consumers at the part's offset; narrowed, refitted and checked against onnxruntime."""
 import numpy as np
-import onnx
 import pytest
 from onnx import numpy_helper
 
 from helpers.graphs import Builder
 from onnx_lrsd.decompose.channels import refit_error
 from onnx_lrsd.model.channel_groups import find_channel_groups
-from onnx_lrsd.model.graph import export_model, import_graph, model_template
-from onnx_lrsd.model.narrow import GroupPlan, narrow_graph
+from onnx_lrsd.model.graph import import_graph
 from onnx_lrsd.passes.prune import PruneOptions, channel_groups, group_statistics, prune_model
 from onnx_lrsd.plan.width import group_consumers
 
+from test_channel_groups import by_name, narrowed
 from test_width import IR, run, zero_inputs
 
 
@@ -71,20 +70,6 @@ def matmul_concat_model(opset=17, axis=-1):
 
 def conv_feeds(rng, batch=2):
     return {"x": rng.standard_normal((batch, 3, 8, 9)).astype(np.float32)}
-
-
-def by_name(model):
-    groups, blocked = find_channel_groups(import_graph(model))
-    return {g.name: g for g in groups}, {b.name: b for b in blocked}
-
-
-def narrowed(model, kept):
-    groups, _ = by_name(model)
-    graph = import_graph(model)
-    narrow_graph(graph, [GroupPlan(groups[name], np.asarray(k)) for name, k in kept.items()])
-    out = export_model(graph, model_template(model))
-    onnx.checker.check_model(out)
-    return out
 
 
 @pytest.mark.parametrize("axis", [1, -3])

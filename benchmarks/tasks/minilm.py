@@ -105,23 +105,31 @@ def split_docstring(doc: str) -> tuple[str, str] | None:
     return (lines[0].strip(), body) if body else None
 
 
-def collect_pairs(module_names: tuple[str, ...]) -> list[DocPair]:
-    """Summary/body pairs of the public routines of ``module_names`` (see the module docstring)."""
-    seen_objects: set[int] = set()
-    seen_texts: set[str] = set()
-    pairs: list[DocPair] = []
+def _public_objects(module_names: tuple[str, ...], classes: bool):
+    """(module name, attribute, object) of every public routine (and class if `classes`) of
+    `module_names`, sorted by module and name, each object once."""
+    seen: set[int] = set()
     for module_name in module_names:
         module = importlib.import_module(module_name)
         for attr in sorted(name for name in dir(module) if not name.startswith("_")):
             obj = getattr(module, attr)
-            if not (inspect.isroutine(obj) or isinstance(obj, np.ufunc)) or id(obj) in seen_objects:
+            if not (inspect.isroutine(obj) or (classes and inspect.isclass(obj)) or isinstance(obj, np.ufunc)) \
+                    or id(obj) in seen:
                 continue
-            seen_objects.add(id(obj))
-            split = split_docstring(inspect.getdoc(obj) or "")
-            if split is None or split[0] in seen_texts or split[1] in seen_texts:
-                continue
-            seen_texts.update(split)
-            pairs.append(DocPair(f"{module_name}.{attr}", *split))
+            seen.add(id(obj))
+            yield module_name, attr, obj
+
+
+def collect_pairs(module_names: tuple[str, ...]) -> list[DocPair]:
+    """Summary/body pairs of the public routines of ``module_names`` (see the module docstring)."""
+    seen_texts: set[str] = set()
+    pairs: list[DocPair] = []
+    for module_name, attr, obj in _public_objects(module_names, classes=False):
+        split = split_docstring(inspect.getdoc(obj) or "")
+        if split is None or split[0] in seen_texts or split[1] in seen_texts:
+            continue
+        seen_texts.update(split)
+        pairs.append(DocPair(f"{module_name}.{attr}", *split))
     return pairs
 
 
@@ -129,22 +137,14 @@ def collect_paragraphs(module_names: tuple[str, ...]) -> list[str]:
     """Paragraphs (blank-line separated, at least `MIN_PARAGRAPH` characters) of the docstrings
     of the public routines and classes of `module_names` (sorted by module and name, each
     object and paragraph once)."""
-    seen_objects: set[int] = set()
     seen: set[str] = set()
     paragraphs: list[str] = []
-    for module_name in module_names:
-        module = importlib.import_module(module_name)
-        for attr in sorted(name for name in dir(module) if not name.startswith("_")):
-            obj = getattr(module, attr)
-            if not (inspect.isroutine(obj) or inspect.isclass(obj) or isinstance(obj, np.ufunc)) \
-                    or id(obj) in seen_objects:
-                continue
-            seen_objects.add(id(obj))
-            for part in re.split(r"\n\s*\n", inspect.getdoc(obj) or ""):
-                part = part.strip()
-                if len(part) >= MIN_PARAGRAPH and part not in seen:
-                    seen.add(part)
-                    paragraphs.append(part)
+    for _, _, obj in _public_objects(module_names, classes=True):
+        for part in re.split(r"\n\s*\n", inspect.getdoc(obj) or ""):
+            part = part.strip()
+            if len(part) >= MIN_PARAGRAPH and part not in seen:
+                seen.add(part)
+                paragraphs.append(part)
     return paragraphs
 
 
