@@ -137,8 +137,8 @@ PARAMS_PLANS: dict[str, TaskPlan] = {
         budgets=(
             {"width": 0.35, **_FFN},
             {"width": 0.35, **_FFN, "level": "blocks+end-to-end", "block_size": 4, "samples": 512},
-            {"width": 0.75, **_FFN, "embedding_rank": 288},
-            {"width": 0.6, **_FFN, "embedding_rank": 320},
+            {"method": "prune+lowrank", "target_params": 0.8, "width_criterion": "energy"},
+            {"method": "prune+lowrank", "target_params": 0.75, "width_criterion": "energy"},
         ),
         calib_samples=256, calib_batch=32, recover_samples=1280,
         recover={"lr": 3e-5, "schedule": "constant", "batch": 8, "eval_every": 10, "patience": 6},
@@ -148,8 +148,10 @@ PARAMS_PLANS: dict[str, TaskPlan] = {
 }
 """`--kind params` (MiniLM at ≤ 0.8 of the parameters, word embeddings included): FFN width alone,
 recovered end-to-end, or block-wise (one block ≈ one layer: 4 narrowed tensors; on 512 samples,
-as each block's inputs and targets cost two passes over them) then end-to-end; FFN width with
-the word-embedding table factored (`embedding_rank`, see `factor_embedding`). Recovery at lr
+as each block's inputs and targets cost two passes over them) then end-to-end; `compress` with
+``method="prune+lowrank"`` at `target_params`: FFN / head widths and every layer's rank, the
+word-embedding table's included (a Gather table is a low-rank target of the library), in one
+allocation. Recovery at lr
 3e-5, constant (lr 1e-4 with the cosine schedule raised the held-out loss over its first steps).
 The samples study fits the closed form and recovers on the same n sentences."""
 
@@ -200,8 +202,7 @@ def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args
             params_ratio = count_params(closed_model) / count_params(teacher)
         else:
             result = compress(task.model_path, calibration=calib_feeds, calib_samples=plan.calib_samples,
-                              calib_batch=plan.calib_batch, mask_input=task.mask_input,
-                              **{k: v for k, v in budget.items() if k not in RECOVER_KEYS})
+                              calib_batch=plan.calib_batch, mask_input=task.mask_input, **_compress_keys(budget))
             closed_model, params_ratio = result.model, result.report.params_ratio
         compress_s = time.perf_counter() - start
         closed_path = workdir / f"{name}_{index}_closed.onnx"
@@ -254,68 +255,29 @@ def run_one(name: str, workdir: Path, latency_budget_s: float, blocks: int, args
 
 
 def _structured(budget: dict[str, Any]) -> bool:
-    """A budget whose closed form is `_closed_form` (width reduction, the embedding table), not `compress`."""
-    return bool({"width", "target_params", "embedding_rank"} & set(budget)) and "keep" not in budget
+    """A budget whose closed form is `_closed_form` (width reduction by `prune_model`), not `compress`."""
+    return bool({"width", "target_params"} & set(budget)) and not {"keep", "method"} & set(budget)
 
 
 def _recover_keys(budget: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in budget.items() if k in RECOVER_KEYS + MINILM_RECOVER_KEYS}
 
 
+def _compress_keys(budget: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in budget.items() if k not in RECOVER_KEYS + MINILM_RECOVER_KEYS}
+
+
 def _closed_form(model: onnx.ModelProto, feeds, budget: dict[str, Any], mask_input) -> onnx.ModelProto:
-    """The closed form of a `--kind width` / `--kind params` budget: width reduction
+    """The closed form of a `--kind width` / `--kind params` width budget: width reduction
     (`onnx_lrsd.passes.prune.prune_model`: every coupled channel group keeps `width` of its
-    channels, or the widths allocated for `target_params`; attention heads only with `heads`),
-    then the word-embedding table factored to `embedding_rank` (`factor_embedding`)."""
+    channels, or the widths allocated for `target_params`; attention heads only with `heads`)."""
     from onnx_lrsd.passes.prune import PruneOptions, prune_model
 
-    if "width" in budget or "target_params" in budget:
-        options = PruneOptions(keep=budget.get("width", 0.5), target_params=budget.get("target_params"),
-                               criterion=budget.get("criterion", "greedy"), multiple=budget.get("multiple", 1),
-                               sequential=budget.get("sequential", False), mask_input=mask_input,
-                               heads=budget.get("heads", False))
-        model = prune_model(model, feeds, options).model
-    if "embedding_rank" in budget:
-        model = factor_embedding(model, budget["embedding_rank"], feeds, mask_input)
-    return model
-
-
-EMBEDDING_INPUT = "input_ids"
-
-
-def factor_embedding(model: onnx.ModelProto, rank: int, feeds, mask_input: str | None,
-                     ridge: float = 1.0) -> onnx.ModelProto:
-    """The word-embedding lookup Gather(E, ids), E [vocab, d], replaced by Gather(A, ids) @ B
-    with A [vocab, rank], B [rank, d]: E's best rank-`rank` fit weighted by how often each token
-    occurs in `feeds` (positions where `mask_input` is 0 not counted) plus `ridge`:
-    min Σ_v (c_v + ridge)·‖E_v − A_v B‖², i.e. B = the top right singular vectors of
-    diag(√(c + ridge))·E and A = E·Bᵀ (the whitened fit of a layer whose input is the one-hot
-    token, whose Gram is diag(c)). Not a library pass: `onnx_lrsd` does not factor Gather
-    tables; this measures what it would give. New tensors `{node}/lrsd/{A,B}` (recovery trains
-    them)."""
-    from onnx import helper, numpy_helper
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    index, node = next((i, n) for i, n in enumerate(graph.node) if n.op_type == "Gather"
-                       and n.input[1] == EMBEDDING_INPUT and n.input[0] in initializers)
-    table = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float64)
-    counts = np.zeros(table.shape[0])
-    for feed in feeds:
-        ids = feed[EMBEDDING_INPUT] if mask_input is None else feed[EMBEDDING_INPUT][feed[mask_input] > 0]
-        np.add.at(counts, ids.ravel(), 1.0)
-    weights = np.sqrt(counts + ridge)[:, None]
-    basis = np.linalg.svd(table * weights, full_matrices=False)[2][:rank]
-    a_name, b_name, codes = f"{node.name}/lrsd/A", f"{node.name}/lrsd/B", f"{node.name}/lrsd/codes"
-    graph.initializer.remove(initializers[node.input[0]])
-    graph.initializer.extend([numpy_helper.from_array((table @ basis.T).astype(np.float32), a_name),
-                              numpy_helper.from_array(basis.astype(np.float32), b_name)])
-    del graph.node[index]
-    graph.node.insert(index, helper.make_node("MatMul", [codes, b_name], [node.output[0]], name=f"{node.name}/lrsd/MatMul"))
-    graph.node.insert(index, helper.make_node("Gather", [a_name, node.input[1]], [codes], name=f"{node.name}/lrsd/Gather",
-                                              axis=0))
-    return model
+    options = PruneOptions(keep=budget.get("width", 0.5), target_params=budget.get("target_params"),
+                           criterion=budget.get("criterion", "greedy"), multiple=budget.get("multiple", 1),
+                           sequential=budget.get("sequential", False), mask_input=mask_input,
+                           heads=budget.get("heads", False))
+    return prune_model(model, feeds, options).model
 
 
 def sample_study(task, teacher, calib_feeds, plan: TaskPlan, study: dict[str, Any], recover_options: dict[str, Any]):
@@ -330,8 +292,7 @@ def sample_study(task, teacher, calib_feeds, plan: TaskPlan, study: dict[str, An
         if _structured(budget):
             return _closed_form(teacher, feeds, budget, task.mask_input)
         return compress(task.model_path, calibration=feeds, calib_samples=n, calib_batch=plan.calib_batch,
-                        mask_input=task.mask_input, verify=False,
-                        **{k: v for k, v in budget.items() if k not in RECOVER_KEYS}).model
+                        mask_input=task.mask_input, verify=False, **_compress_keys(budget)).model
 
     compressed = None if study.get("closed_form_too") else closed_form(calib_feeds, plan.calib_samples)
     workdir = Path(tempfile.mkdtemp(prefix="recovery_study_"))
@@ -635,10 +596,11 @@ def _width_sections(data: dict[str, Any]) -> str:
 
 PARAMS_CLOSED_FORM = (
     "Closed form: width reduction (`prune_model`: `width` of every FFN's neurons, or FFN neurons and attention heads "
-    "allocated for `target_params`), then, with `embedding_rank`, the word-embedding table E factored as "
-    "Gather(A, ids)·B, the rank-r fit of E weighted by each token's count in the calibration samples + 1 "
-    "(`factor_embedding` in this benchmark: the library has no pass for Gather tables); trainable in recovery: "
-    "the narrowed layers' weights and biases and A, B. ")
+    "allocated for `target_params`), or, with `method prune+lowrank`, `compress` allocating FFN / head widths and "
+    "every layer's rank for `target_params` at once, the word-embedding table E included (factored as "
+    "Gather(U, ids)·V, the rank-r fit of E weighted by each token's count in the calibration samples + "
+    "`lookup_ridge` × the mean count); trainable in recovery: the narrowed layers' weights and biases and the "
+    "factors. ")
 
 
 def param_shares(model: onnx.ModelProto) -> dict[str, float]:

@@ -324,6 +324,9 @@ class CompressConfig:
                                       "in dependency order.", choices=MODES)
     sequential_stages: int = 12
     ridge: float = option(1e-3, "Relative ridge of the whitening.")
+    lookup_ridge: float = option(
+        1.0, "Relative ridge of an embedding table's fit (Gather): each token weighs its calibration count plus "
+             "this times the mean count, so tokens calibration never saw are kept.")
     bias_correction: bool = option(True, "Restore each layer's mean output.")
     mask_input: Optional[str] = option(None, "Input whose zeros mark padding positions (dropped from the "
                                              "statistics).", commands=BOTH, metavar="NAME")
@@ -435,8 +438,10 @@ class CompressConfig:
             raise UsageError(f"max_output_error must be > 0, got {self.max_output_error!r}")
         if self.mode not in MODES:
             raise UsageError(f"unknown mode {self.mode!r} (choose from {', '.join(MODES)})")
-        if not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
-            raise UsageError(f"ridge must be >= 0, got {self.ridge!r}")
+        for name in ("ridge", "lookup_ridge"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise UsageError(f"{name} must be >= 0, got {value!r}")
         for name in ("calib_batch", "conv_positions", "stats_memory_mb", "sequential_stages"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ..runtime.activations import gram_bytes, memory_groups
+from ..runtime.activations import memory_groups, statistics_bytes
 from ..runtime.calibrate import has_held_out
 from ..parallel.tasks import sharded_statistics
 
@@ -32,7 +32,7 @@ class CollectActivationsPass(Pass):
             return PassResult(graph, modified=False, stats={"layers": 0})
         copies = 2 if has_held_out(len(ctx.calibration), config.holdout_every) else 1
         groups = memory_groups(targets, config.stats_memory_mb * 2**20,
-                               lambda t: copies * gram_bytes(t.in_features))
+                               lambda t: copies * statistics_bytes(t))
         batches = len(ctx.calibration)
         for index, group in enumerate(groups):
             def progress(done, total, index=index):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ..model.layers import ADAPTERS, WEIGHT_OPS_NOT_SUPPORTED, LayerTarget, SkippedLayer, classify
+from ..model.layers import LayerTarget, SkippedLayer, classify, is_weight_layer
 
 from .base import Pass, PassResult
 from .context import PassContext
@@ -44,7 +44,7 @@ def _subgraphs(node: gs.Node):
 
 def _subgraph_layers(graph: gs.Graph, reason: str):
     for node in graph.nodes:
-        if node.op in ADAPTERS or node.op in WEIGHT_OPS_NOT_SUPPORTED:
+        if is_weight_layer(node):
             yield SkippedLayer(node.name, node.op, reason)
         for subgraph in _subgraphs(node):
             yield from _subgraph_layers(subgraph, reason)

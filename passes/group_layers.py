@@ -33,7 +33,7 @@ def joint_method(target: LayerTarget) -> str:
 class GroupLayersPass(Pass):
     """Fills `ctx.groups` (when `config.joint` is on): name -> members (in graph order), each
     group two or more layers planned as plain svd / channel chains (no sparse residual, not
-    an existing chain) — with a global target, the layers the allocation may choose for —
+    an existing chain, not a lookup table) — with a global target, the layers the allocation may choose for —
     by `role_key` or by the patterns of `config.joint_groups`."""
 
     name = "group_layers"
@@ -46,11 +46,11 @@ class GroupLayersPass(Pass):
         if config.target is not None:  # the allocation decides; groups are its joint candidates
             allocatable = set(ctx.allocatable)
             eligible = [t for t in ctx.targets.values() if t.name in allocatable and t.chain_rank is None
-                        and config.sparse_share == 0 and config.method in ("auto", joint_method(t))]
+                        and not t.lookup and config.sparse_share == 0 and config.method in ("auto", joint_method(t))]
         else:
             eligible = [t for t in ctx.targets.values()
                         if (plan := ctx.plans[t.name]).factorized and plan.method in ("svd", "channel")
-                        and plan.sparse is None and t.chain_rank is None]
+                        and plan.sparse is None and t.chain_rank is None and not t.lookup]
         groups: Dict[str, List[str]] = {}
         if config.joint_groups:
             for pattern in config.joint_groups:

@@ -266,14 +266,14 @@ def compress_width_and_rank(model, config: CompressConfig, calibration=None, pro
     group widths and layer ranks for the config's target (params, MACs, latency, error) or the
     metric search, executed narrow-first. The report lists the widths (`widths`) and the
     low-rank layers of the narrowed model (`layers`); params / MACs / output errors are against
-    the original."""
+    the original. Layers a skip override names stay dense (they are no candidates)."""
     start = time.perf_counter()
     method = config.method
     if config.stages > 1 or config.recovers or config.then_quantize is not None:
         raise LrsdError(f"method {method} takes a target or the metric search (no stages, recovery or "
                         "quantization yet)")
-    if config.overrides:
-        raise LrsdError(f"method {method} allocates every layer itself: drop the layer overrides")
+    if any(not o.skip for o in config.overrides):
+        raise LrsdError(f"method {method} allocates every layer itself: only --skip overrides apply")
     if metric is None and config.target is None:
         raise LrsdError(f"method {method} needs a target: --target-params, --target-macs, --target-latency, "
                         "--max-error or a metric")

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.linalg.blas import dsyrk
 
-__all__ = ["GramAccumulator", "im2col", "channel_gram"]
+__all__ = ["GramAccumulator", "TokenCounts", "im2col", "channel_gram"]
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -162,6 +162,81 @@ class GramAccumulator:
             a = getattr(self, name)
             if a is not None and not a.flags.writeable:
                 setattr(self, name, a.copy(order="K"))
+
+
+@dataclass
+class TokenCounts:
+    """The statistics of one-hot rows x = e_id, the input of a lookup y = onehot(ids)·E: the
+    Gram XᵀX = diag(c), c_v the count of index v, held as its diagonal c [dim] (never the
+    dense V × V matrix), Σx = c and the row count N = Σ c.
+
+    The interface of a `GramAccumulator` whose ``gram`` is a diagonal: the whitened kernels
+    (`decompose.whitened`) take a 1-D Gram as diag(gram). ``update`` takes the indices
+    [...] themselves. X̂ = X is assumed (no cross statistics): a lookup's indices are model
+    inputs, which compression leaves as they are.
+    """
+
+    dim: int
+    track_cross = False
+    _counts: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)) or self.dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {self.dim!r}")
+        self._counts = np.zeros(self.dim)
+
+    def update(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Count the indices `ids` [...] (negative ones from the end, as Gather reads them);
+        those whose boolean ``mask`` [...] is False are dropped."""
+        index = np.asarray(ids)
+        if not np.issubdtype(index.dtype, np.integer):
+            raise ValueError(f"ids must be integers, got {index.dtype}")
+        if mask is not None:
+            m = np.asarray(mask)
+            if m.dtype != np.bool_ or m.shape != index.shape:
+                raise ValueError(f"mask must be boolean with shape {index.shape}, got {m.dtype} {m.shape}")
+            index = index[m]
+        index = index.ravel().astype(np.int64)
+        if index.size and (index.min() < -self.dim or index.max() >= self.dim):
+            raise ValueError(f"ids must lie in [-{self.dim}, {self.dim}), got [{index.min()}, {index.max()}]")
+        self._counts += np.bincount(np.where(index < 0, index + self.dim, index), minlength=self.dim)
+
+    def update_pair(self, ids_hat: np.ndarray, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Sequential fitting's paired rows: the compressed model's indices are counted."""
+        self.update(ids_hat, mask)
+
+    @property
+    def count(self) -> int:
+        return int(self._counts.sum())
+
+    @property
+    def gram(self) -> np.ndarray:
+        """The diagonal c [dim] of XᵀX (read-only view)."""
+        return _readonly(self._counts)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Column mean of X: the index frequencies c / N [dim]."""
+        if not self.count:
+            raise ValueError("no rows accumulated yet")
+        return self._counts / self.count
+
+    def merge(self, other: TokenCounts) -> TokenCounts:
+        merged = TokenCounts(self.dim)
+        merged.add(self)
+        merged.add(other)
+        return merged
+
+    def add(self, other: TokenCounts) -> None:
+        if not isinstance(other, TokenCounts) or other.dim != self.dim:
+            raise ValueError(f"cannot merge {other!r} into TokenCounts(dim={self.dim})")
+        self.own()
+        self._counts += other._counts
+
+    def own(self) -> None:
+        """Make the counts writable (a copy when they arrived read-only, e.g. from Ray)."""
+        if not self._counts.flags.writeable:
+            self._counts = self._counts.copy()
 
 
 MIRROR_BLOCK = 512

@@ -5,6 +5,12 @@ With G = XᵀX and Σ = G + λ·(tr G / in)·I = L Lᵀ,
 and A ↦ LᵀA is a bijection on rank-r matrices, so the optimum is the truncated SVD of
 LᵀW = P S Qᵀ mapped back: U = L^{-T} P_r S_r^½, V = S_r^½ Q_rᵀ. The ridge pulls the
 approximation towards W (never towards zero), so directions the data never excites are kept.
+
+A diagonal Gram, given as its diagonal g [in] (one-hot inputs: a lookup table's token counts,
+`stats.TokenCounts`), is never made dense: with σ = g + λ·mean(g) the objective is the weighted
+row fit Σ_v σ_v ‖W_v − U_v V‖², whose optimal V spans the top-r right singular vectors of
+diag(√σ)·W; each row's U_v is then its own least-squares fit W_v Vᵀ(VVᵀ)⁻¹, whatever its weight
+(`whitened_svd`). `whitened_spectrum` and `data_error` take the diagonal too.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ __all__ = [
     "SequentialTarget",
     "whitening",
     "whitened_svd",
+    "is_diagonal",
     "sequential_target",
     "data_error",
     "bias_correction",
@@ -29,11 +36,27 @@ __all__ = [
 
 
 def _ridge_shift(gram: np.ndarray, ridge: float) -> float:
-    """λ · tr(G)/in: the ridge relative to the mean eigenvalue (mean taken as 1 if G = 0)."""
+    """λ · tr(G)/in: the ridge relative to the mean eigenvalue (mean taken as 1 if G = 0);
+    G dense [in, in] or its diagonal [in]."""
     if not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be finite and >= 0, got {ridge}")
-    mean_eig = np.trace(gram) / gram.shape[0]
+    mean_eig = (np.trace(gram) if gram.ndim == 2 else np.sum(gram)) / gram.shape[0]
     return ridge * (mean_eig if mean_eig > 0 else 1.0)
+
+
+def is_diagonal(gram) -> bool:
+    """A Gram given as its diagonal [in] (`TokenCounts.gram`), not as [in, in]."""
+    return np.ndim(gram) == 1
+
+
+def diagonal_weights(gram: np.ndarray, dim: int, ridge: float) -> np.ndarray:
+    """σ / scale for a diagonal Gram g [dim]: σ = g + λ·mean(g), scale = mean(g) (1 if g = 0),
+    the row weights of the diagonal whitened objective."""
+    g = np.asarray(gram, dtype=np.float64)
+    if g.shape != (dim,) or not np.all(np.isfinite(g)) or np.any(g < 0):
+        raise ValueError(f"a diagonal gram must be {dim} finite values >= 0, got shape {g.shape}")
+    mean = g.mean()
+    return (g + _ridge_shift(g, ridge)) / (mean if mean > 0 else 1.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,20 +116,39 @@ def whitened_svd(
     """argmin over rank-r U V of ‖X(W − UV)‖²_F + λ·(tr G/in)·‖W − UV‖²_F, G = XᵀX.
 
     Exact (U V = W) at full rank; factor pairs are rescaled to equal norms. `solver` is the
-    truncated SVD's of LᵀW (`truncated_svd`).
+    truncated SVD's of LᵀW (`truncated_svd`). A 1-D `gram` is a diagonal Gram (module docstring).
     """
     m = as_matrix(W)
     rank = check_rank(rank, min(m.shape))
+    if is_diagonal(gram):
+        return _diagonal_whitened_svd(m, diagonal_weights(gram, m.shape[0], ridge), rank, solver)
     wh = whitening(as_square(gram, m.shape[0], "gram"), ridge)
     f = truncated_svd(wh.Lt @ m, rank, solver)
     return _balance(wh.unwhiten(f.U), f.V)
 
 
+def _diagonal_whitened_svd(m: np.ndarray, weights: np.ndarray, rank: int, solver: str) -> LowRankFactors:
+    """argmin Σ_v w_v ‖m_v − U_v V‖²: V from the truncated SVD of diag(√w)·m, U = m Vᵀ(VVᵀ)⁻¹
+    (for a fixed V every row's least-squares fit, independent of its weight)."""
+    if rank == 0:
+        return LowRankFactors(U=np.zeros((m.shape[0], 0)), V=np.zeros((0, m.shape[1])))
+    v = truncated_svd(np.sqrt(weights)[:, None] * m, rank, solver).V
+    keep = np.linalg.norm(v, axis=1) > 0  # directions of zero singular value carry nothing
+    v = v[keep]
+    u = scipy.linalg.solve(v @ v.T, v @ m.T, assume_a="pos").T if v.size else np.zeros((m.shape[0], 0))
+    if not keep.all():
+        u = np.hstack([u, np.zeros((m.shape[0], rank - u.shape[1]))])
+        v = np.vstack([v, np.zeros((rank - v.shape[0], m.shape[1]))])
+    return _balance(u, v)
+
+
 def whitened_spectrum(W: np.ndarray, gram: np.ndarray, ridge: float = 1e-6, solver: str = "auto") -> np.ndarray:
     """Singular values s of LᵀW (LLᵀ = G + ridge), descending: the rank-r whitened SVD leaves
     ‖X(W − W′)‖² = Σ_{i>r} s_i², so one spectrum gives a layer's error at every rank
-    (`singular_values` with `solver`)."""
+    (`singular_values` with `solver`; a 1-D `gram` is diagonal: the singular values of diag(√σ)·W)."""
     m = as_matrix(W)
+    if is_diagonal(gram):
+        return singular_values(np.sqrt(diagonal_weights(gram, m.shape[0], ridge))[:, None] * m, solver)
     wh = whitening(as_square(gram, m.shape[0], "gram"), ridge)
     return singular_values(wh.Lt @ m, solver)
 
@@ -163,12 +205,17 @@ def _same_shape(a: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
 
 
 def data_error(W: np.ndarray, W_approx: np.ndarray, gram: np.ndarray) -> float:
-    """‖X(W − W′)‖_F / ‖XW‖_F = sqrt(tr(DᵀGD) / tr(WᵀGW)), D = W − W′ (inf if XW = 0 ≠ XD)."""
+    """‖X(W − W′)‖_F / ‖XW‖_F = sqrt(tr(DᵀGD) / tr(WᵀGW)), D = W − W′ (inf if XW = 0 ≠ XD);
+    a 1-D `gram` is diag(G): sqrt(Σ_v g_v ‖D_v‖² / Σ_v g_v ‖W_v‖²)."""
     m = as_matrix(W)
     d = m - _same_shape(W_approx, m.shape, "W_approx")
-    g = as_square(gram, m.shape[0], "gram")
-    num = max(float(np.sum(d * (g @ d))), 0.0)
-    den = max(float(np.sum(m * (g @ m))), 0.0)
+    if is_diagonal(gram):
+        g = diagonal_weights(gram, m.shape[0], 0.0)
+        num, den = float(g @ np.sum(d * d, axis=1)), float(g @ np.sum(m * m, axis=1))
+    else:
+        g = as_square(gram, m.shape[0], "gram")
+        num = max(float(np.sum(d * (g @ d))), 0.0)
+        den = max(float(np.sum(m * (g @ m))), 0.0)
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return float(np.sqrt(num / den))

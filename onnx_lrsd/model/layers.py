@@ -1,8 +1,9 @@
-"""Per-op adapters that turn a Gemm / MatMul / Conv node into a `LayerTarget`, or say why not.
+"""Per-op adapters that turn a Gemm / MatMul / Conv / Gather node into a `LayerTarget`, or say why not.
 
 Orientation: every target exposes its weight as a matrix `W` of shape [in, out] with
 ``y = x @ W`` (ONNX MatMul's B). Gemm with transB, MatMul with the weight on the left and Conv
-(through im2col) are converted by their adapter.
+(through im2col) are converted by their adapter. A lookup Gather(E, ids) on a constant table
+E [V, d] (an embedding) is ``y = onehot(ids) @ E``: W = E, in = V, out = d.
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ class LayerTarget:
     """A layer whose constant weight can be factorized.
 
     `rows` is the number of activation rows one inference (batch 1) multiplies by the weight
-    (sequence positions of a MatMul, output positions of a Conv); `macs = rows · in · out`.
+    (sequence positions of a MatMul, output positions of a Conv, indices of a Gather);
+    `macs = rows · in · out`, except for a lookup (`lookup`: a Gather reads rows, 0 MACs).
     `weight_side` is "right" for ``x @ W`` and "left" for ``W @ x`` (MatMul only).
 
     A low-rank chain already in the graph (x·U then ·V; or a conv then a 1×1 conv) is one
@@ -103,8 +105,13 @@ class LayerTarget:
         return self.width if self.chain_rank is not None else int(self.weight.size)
 
     @property
+    def lookup(self) -> bool:
+        """A table read by index (Gather): its input is the one-hot token, its Gram diagonal."""
+        return self.op == "Gather"
+
+    @property
     def macs(self) -> int:
-        return self.rows * self.width
+        return 0 if self.lookup else self.rows * self.width
 
     @property
     def dtype(self) -> np.dtype:
@@ -257,6 +264,24 @@ def conv_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
                        rows=geometry.out_positions, conv=geometry)
 
 
+def gather_target(node: gs.Node, graph: gs.Graph) -> LayerTarget:
+    """y = Gather(E, ids) along axis 0 with E [V, d] a constant table: y = onehot(ids) @ E, one
+    row per index (`rows`: the indices' known dims; symbolic ones count as 1)."""
+    resolved = _weight(node, 0, graph)
+    table = resolved.values
+    if table.ndim != 2:
+        raise NotATarget(f"table has rank {table.ndim} (2-D tables are factorized)")
+    if int(node.attrs.get("axis", 0)) not in (0, -2):
+        raise NotATarget("gathers along axis 1 (columns of the table)")
+    if resolve_constant(node.inputs[1]) is not None:
+        raise NotATarget("indices are constant")
+    ids_shape = _shape(node.inputs[1])
+    return LayerTarget(name=node.name, op="Gather", weight=table, weight_tensor=node.inputs[0].name,
+                       activation=node.inputs[1].name, output=node.outputs[0].name, bias_tensor=None,
+                       in_features=int(table.shape[0]), out_features=int(table.shape[1]),
+                       rows=_known_product(ids_shape) if ids_shape else 1)
+
+
 def _spatial(shape: Optional[Tuple], n: int) -> Optional[Tuple[int, ...]]:
     if shape is None or len(shape) != n + 2:
         return None
@@ -311,7 +336,7 @@ def _in_spatial_chain(node: gs.Node) -> bool:
 
 def chain_target(second: LayerTarget, node: gs.Node, graph: gs.Graph) -> Optional[LayerTarget]:
     """`second` widened to the whole chain ending in `node`, or None when there is none."""
-    first = _chain_head(second, node, graph)
+    first = None if second.lookup else _chain_head(second, node, graph)
     if first is None:
         return None
     try:
@@ -337,7 +362,17 @@ ADAPTERS: Dict[str, Callable[[gs.Node, gs.Graph], LayerTarget]] = {
     "Gemm": gemm_target,
     "MatMul": matmul_target,
     "Conv": conv_target,
+    "Gather": gather_target,
 }
+
+
+def is_weight_layer(node: gs.Node) -> bool:
+    """A node of a weight op; a Gather only when it reads a floating-point constant table (an
+    index or shape Gather is no layer)."""
+    if node.op != "Gather":
+        return node.op in ADAPTERS or node.op in WEIGHT_OPS_NOT_SUPPORTED
+    table = resolve_constant(node.inputs[0]) if node.inputs else None
+    return table is not None and np.issubdtype(table.values.dtype, np.floating)
 
 
 def classify(node: gs.Node, graph: gs.Graph) -> Union[LayerTarget, SkippedLayer, None]:
@@ -347,7 +382,7 @@ def classify(node: gs.Node, graph: gs.Graph) -> Union[LayerTarget, SkippedLayer,
     if node.op in WEIGHT_OPS_NOT_SUPPORTED:
         return SkippedLayer(node.name, node.op, WEIGHT_OPS_NOT_SUPPORTED[node.op])
     adapter = ADAPTERS.get(node.op)
-    if adapter is None:
+    if adapter is None or not is_weight_layer(node):
         return None
     if node.op == "Conv" and _in_spatial_chain(node):
         return SkippedLayer(node.name, node.op, "part of a spatial (k×1, 1×k) chain, which is not re-factored")

@@ -1,5 +1,7 @@
 """Replace each factorized layer by its chain of smaller ops.
 
+A lookup table Gather(E, ids), E ≈ U·V, becomes Gather(U, ids)·V.
+
 The chain is built from the layer's input tensor and ends in the layer's original output
 tensor, so consumers and graph outputs are untouched. MatMul chains are emitted as (x·U)·V:
 written x·(U·V), onnxruntime's constant folding would multiply them back into one matrix.
@@ -308,4 +310,13 @@ def _emit_pointwise_residual(e: _Emitter, fact: LayerFactorization, tail: List[g
     e.op("Conv", "pointwise", [h, weight] + tail, output=e.y, **_pointwise_attrs(n))
 
 
-EMITTERS = {"MatMul": _emit_matmul, "Gemm": _emit_gemm, "Conv": _emit_conv}
+def _emit_gather(e: _Emitter, fact: LayerFactorization) -> List[gs.Node]:
+    """A lookup Gather(E, ids) with E ≈ U·V [V, d]: y = Gather(U, ids)·V (the table U [V, r]
+    read by index, then one MatMul by V [r, d]); plus bias shift if any."""
+    f = fact.factors
+    h = e.op("Gather", "u", [e.const("U", f.U), e.x], axis=0)
+    _emit_last(e, "MatMul", "v", [h, e.const("V", f.V)], fact.bias_shift)
+    return e.nodes
+
+
+EMITTERS = {"MatMul": _emit_matmul, "Gemm": _emit_gemm, "Conv": _emit_conv, "Gather": _emit_gather}

@@ -21,11 +21,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..runtime.activations import (Feeds, LayerStatistics, add_statistics, collect_paired_statistics, collect_statistics,
-                          gram_bytes, own_statistics)
+                          own_statistics, statistics_bytes)
 from ..config import CompressConfig
 from ..plan.candidates import LayerCandidate, layer_candidates
 from .executor import Executor, Task
-from ..plan.factorize import LayerFactorization, factorize_data_aware, factorize_data_free
+from ..plan.factorize import LayerFactorization, factorize_data_aware, factorize_data_free, layer_ridge
 from ..model.graph import export_model
 from ..model.io import initializer_bytes
 from ..runtime.calibrate import has_held_out
@@ -53,7 +53,7 @@ def geometry_only(target: LayerTarget) -> LayerTarget:
 
 def _statistics_memory(model: onnx.ModelProto, targets: Sequence[LayerTarget], holdout: bool, cross: bool) -> int:
     """Peak bytes of a calibration task: its accumulators, the model and one onnxruntime copy."""
-    grams = sum(gram_bytes(t.in_features, cross) for t in targets) * (2 if holdout else 1)
+    grams = sum(statistics_bytes(t, cross) for t in targets) * (2 if holdout else 1)
     return grams + 3 * initializer_bytes(model)
 
 
@@ -116,9 +116,10 @@ def _summed(parts, count: int, done) -> Dict[str, LayerStatistics]:
 
 def fit_memory(target: LayerTarget) -> int:
     """Rough peak bytes of fitting one layer in float64: its Gram and whitening factor
-    (in²), the weight and its whitened and reconstructed copies (in·out), the SVD factors."""
+    (in²; a lookup's diagonal: in), the weight and its whitened and reconstructed copies
+    (in·out), the SVD factors."""
     n, m = target.in_features, target.out_features
-    return 8 * (4 * n * n + 6 * n * m + 2 * min(n, m) * (n + m))
+    return 8 * ((4 * n if target.lookup else 4 * n * n) + 6 * n * m + 2 * min(n, m) * (n + m))
 
 
 def best_fit(target: LayerTarget, options: Sequence[LayerPlan], fit: GramAccumulator,
@@ -136,7 +137,7 @@ FitRequest = Tuple[LayerTarget, Sequence[LayerPlan], LayerStatistics]
 
 def fit_layers(executor: Executor, requests: Sequence[FitRequest], config: CompressConfig):
     """(factorization, chosen plan) of every request, one task per layer, yielded in order."""
-    tasks = [Task((target, list(options), stats.fit, stats.holdout, config.ridge, config.bias_correction,
+    tasks = [Task((target, list(options), stats.fit, stats.holdout, layer_ridge(target, config), config.bias_correction,
                    config.residual_min_gain, config.svd_solver), memory=fit_memory(target))
              for target, options, stats in requests]
     return executor.imap(best_fit, tasks)

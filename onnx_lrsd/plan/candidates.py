@@ -6,7 +6,8 @@ from the calibration statistics alone, without writing a model.
 - spatial: the same on the spatial matrix [Cin·kh, Cout·kw] with the vertical-patch Gram (the
   objective the spatial fit minimises).
 - tucker2: a whitened Tucker-2 fit per grid point, scored with the full im2col Gram.
-Without statistics (data-free), XᵀX = I: the plain singular values.
+Without statistics (data-free), XᵀX = I: the plain singular values (a lookup table's I given as
+its diagonal). A lookup's statistics are its token counts, a diagonal Gram (`stats.TokenCounts`).
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..config import CompressConfig
-from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks
+from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks, pays
 from ..decompose import (conv_to_matrix, data_error, relative_tail_errors, spatial_matrix, tucker2, tucker2_whitened,
                         whitened_spectrum)
-from .factorize import TUCKER_ITERATIONS, channel_block_gram, vertical_gram
+from .factorize import TUCKER_ITERATIONS, channel_block_gram, layer_ridge, vertical_gram
 from .rank_select import round_conv_rank
 from ..model.layers import LayerTarget
 
@@ -41,10 +42,6 @@ class LayerCandidate:
     error: float
 
 
-def saves(cost: Cost, dense: Cost) -> bool:
-    return cost.params < dense.params and cost.macs < dense.macs
-
-
 def rank_grid(largest: int, smallest: int, multiple: int, points: int = GRID_POINTS) -> List[int]:
     """Up to 2·`points` ranks from `smallest` to `largest` (linear and geometric), multiples of `multiple` where that
     loses little (conv blocks), ascending and distinct."""
@@ -58,12 +55,14 @@ def rank_grid(largest: int, smallest: int, multiple: int, points: int = GRID_POI
 
 
 def _largest_saving_rank(target: LayerTarget, method: str) -> int:
-    """The largest single rank at which the factorization still cuts params and MACs."""
+    """The largest single rank at which the factorization still pays (`pays`)."""
     dense = dense_cost(target)
     (limit,) = full_ranks(target, method)
     per_rank = factorized_cost(target, method, (1,))
-    bound = min(limit, (dense.params - 1) // max(per_rank.params, 1), (dense.macs - 1) // max(per_rank.macs, 1))
-    while bound > 0 and not saves(factorized_cost(target, method, (bound,)), dense):
+    bound = min(limit, (dense.params - 1) // max(per_rank.params, 1))
+    if not target.lookup:
+        bound = min(bound, (dense.macs - 1) // max(per_rank.macs, 1))
+    while bound > 0 and not pays(target, factorized_cost(target, method, (bound,))):
         bound -= 1
     return int(bound)
 
@@ -81,7 +80,7 @@ def layer_candidates(target: LayerTarget, gram: Optional[np.ndarray], config: Co
         ranks = rank_grid(_largest_saving_rank(target, kind), config.min_rank, multiple)
         if not ranks:
             continue
-        errors = relative_tail_errors(_spectrum(target, kind, gram, config.ridge, config.svd_solver))
+        errors = relative_tail_errors(_spectrum(target, kind, gram, layer_ridge(target, config), config.svd_solver))
         candidates.extend(LayerCandidate(kind, (r,), factorized_cost(target, kind, (r,)), float(errors[r]))
                           for r in ranks)
     return candidates
@@ -95,7 +94,7 @@ def _spectrum(target: LayerTarget, kind: str, gram: Optional[np.ndarray], ridge:
         g = np.eye(cin * kh) if gram is None else vertical_gram(gram, cin, kh, kw)
     else:
         matrix = target.matrix()
-        g = np.eye(matrix.shape[0]) if gram is None else gram
+        g = gram if gram is not None else np.ones(matrix.shape[0]) if target.lookup else np.eye(matrix.shape[0])
     return whitened_spectrum(matrix, g, ridge, solver)
 
 
@@ -110,7 +109,7 @@ def _tucker2_candidates(target: LayerTarget, gram: Optional[np.ndarray], config:
         ranks = (round_conv_rank(max(1, int(rho * cin)), config.conv_rank_multiple, cin),
                  round_conv_rank(max(1, int(rho * cout)), config.conv_rank_multiple, cout))
         cost = factorized_cost(target, "tucker2", ranks)
-        if ranks in seen or min(ranks) < config.min_rank or not saves(cost, dense):
+        if ranks in seen or min(ranks) < config.min_rank or not pays(target, cost):
             continue
         seen.add(ranks)
         if gram is None:

@@ -4,6 +4,9 @@
 Chains, for a layer with ``in`` = n, ``out`` = m and `rows` activation rows:
 - svd / channel: rank r, params r·(n + m), MACs rows·r·(n + m); for Conv, n = Cin·k and the
   second factor is a 1×1 conv, both at the output resolution.
+- a lookup table (Gather, n = V rows of m = d): dense 0 MACs; Gather(A, ids)·B at rank r, params
+  r·(V + d), MACs rows·r·d (the Gather reads, only the MatMul multiplies). It pays when it cuts
+  params alone: r < V·d / (V + d).
 - spatial (2-D conv): k_h×1 Cin→r then 1×k_w r→Cout: params r·(Cin·k_h + Cout·k_w); the first
   conv runs on H_out × W_in positions, the second on H_out × W_out.
 - svd / channel with a sparse residual (W ≈ UV + S): "rows" (k input rows, [x·U, x[:, P]]·[V; S_P])
@@ -38,8 +41,8 @@ def factorized_cost(target: LayerTarget, method: str, ranks: Tuple[int, ...]) ->
     """Params and MACs of `target` factorized by `method` at `ranks`."""
     if method in ("svd", "channel"):
         (r,) = ranks
-        return Cost(params=r * (target.in_features + target.out_features),
-                    macs=target.rows * r * (target.in_features + target.out_features))
+        multiplied = target.out_features if target.lookup else target.in_features + target.out_features
+        return Cost(params=r * (target.in_features + target.out_features), macs=target.rows * r * multiplied)
     conv = target.conv
     if conv is None:
         raise ValueError(f"{method} applies to Conv layers only")
@@ -59,6 +62,13 @@ def factorized_cost(target: LayerTarget, method: str, ranks: Tuple[int, ...]) ->
         return Cost(params=cin * r_in + r_in * r_out * k + r_out * cout,
                     macs=in_positions * cin * r_in + conv.out_positions * (r_in * r_out * k + r_out * cout))
     raise ValueError(f"unknown method {method!r}")
+
+
+def pays(target: LayerTarget, cost: Cost) -> bool:
+    """A factorization pays when it cuts params and MACs; a lookup's, which adds MACs to a
+    layer that had none, when it cuts params."""
+    dense = dense_cost(target)
+    return cost.params < dense.params and (target.lookup or cost.macs < dense.macs)
 
 
 def residual_cost(target: LayerTarget, rank: int, structure: str, size: int) -> Cost:

@@ -83,6 +83,13 @@ class LayerFactorization:
         return self.factors.sparse if isinstance(self.factors, LowRankSparse) else None
 
 
+def layer_ridge(target: LayerTarget, config) -> float:
+    """The relative ridge of the layer's whitened fit: `config.lookup_ridge` for a lookup table
+    (its unseen tokens are directions calibration never excites, weighted λ·mean count),
+    `config.ridge` for the rest."""
+    return config.lookup_ridge if target.lookup else config.ridge
+
+
 def low_rank(matrix: np.ndarray, rank: int, seed: int = 0, solver: str = "auto") -> LowRankFactors:
     """Best rank-`rank` factors of `matrix` by `solver` (`truncated_svd`); the exact solver
     goes randomized for large, thin-rank problems."""

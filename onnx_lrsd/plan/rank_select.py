@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 
 from ..config import AUTO_SHARES, FULL_RANK, CompressConfig
-from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks, residual_cost
+from .cost import Cost, applicable_methods, dense_cost, factorized_cost, full_ranks, pays, residual_cost
 from ..decompose import evbmf_rank, rank_for_energy, singular_values, spatial_matrix, weakened_rank
 from ..model.layers import LayerTarget
 
@@ -72,7 +72,7 @@ def sparse_applies(target: LayerTarget, method: str) -> bool:
     channel Gather concatenated into the chain); any other conv keeps whole input channels,
     a Gather and a conv of the layer's geometry on them (`residual_group` rows each)."""
     if method == "svd":
-        return target.conv is None and target.weight_side == "right"
+        return target.conv is None and target.weight_side == "right" and not target.lookup
     return method == "channel" and target.conv is not None
 
 
@@ -149,8 +149,8 @@ def plan_layer(target: LayerTarget, config: CompressConfig, total_params: int = 
 
 
 def candidate_plans(target: LayerTarget, config: CompressConfig, total_params: int = 0) -> List[LayerPlan]:
-    """Every plan the configuration allows for the layer: one per applicable kind that cuts
-    both params and MACs at the layer's budget (a data-aware fit then keeps the one with the
+    """Every plan the configuration allows for the layer: one per applicable kind that pays
+    (`pays`: cuts params and MACs; a lookup's, params) at the layer's budget (a data-aware fit then keeps the one with the
     lowest error), a single forced plan, or a single dense plan with the reason. Plans ask for
     a sparse residual within the same budget when `config.sparse_share` is set."""
     return [with_sparse_request(plan, target, config) for plan in _low_rank_plans(target, config, total_params)]
@@ -190,7 +190,7 @@ def _low_rank_plans(target: LayerTarget, config: CompressConfig, total_params: i
         if wanted is not None:
             ranks = tuple(min(budget, max(rank, config.min_rank)) for budget, rank in zip(ranks, wanted))
         cost = factorized_cost(target, kind, ranks)
-        if cost.params < dense.params and cost.macs < dense.macs and min(ranks) >= config.min_rank:
+        if pays(target, cost) and min(ranks) >= config.min_rank:
             plans.append(LayerPlan(target.name, target.op, kind, ranks, cost, dense))
     return plans or [dense_plan(target, f"no factorization at keep={keep:g} cuts both params and MACs "
                                         f"with rank >= {config.min_rank}")]

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 LOSSES = ("mse", "kl")
 MIN_OPSET = 13
 """onnx_ad's Softmax/ReduceSum rules follow opset 13; older models are converted to 17."""
+GATHER_MIN_OPSET = 16
+"""The adjoint of a Gather is a ScatterND with reduction "add" (opset 16): a model whose trainable
+tensor is a Gather's table (a factorized embedding) is converted to 17 below it."""
 CONVERT_TO = 17
 TARGET = "lrsd_target"
 TEACHER_PROB = "lrsd_teacher_prob"
@@ -84,13 +87,16 @@ def densify_sparse(model: onnx.ModelProto) -> None:
     del model.graph.sparse_initializer[:]
 
 
-def prepared_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy ready for differentiation: opset ≥ 13, weights as dense initializers."""
+def prepared_copy(model: onnx.ModelProto, trainable: Sequence[str] = ()) -> onnx.ModelProto:
+    """A copy ready for differentiation: opset ≥ 13 (≥ 16 when a `trainable` tensor is a
+    Gather's table), weights as dense initializers."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     promote_constants(copy)
     densify_sparse(copy)
-    if _default_opset(copy) < MIN_OPSET:
+    tables = {n.input[0] for n in copy.graph.node if n.op_type == "Gather" and n.input}
+    least = GATHER_MIN_OPSET if tables.intersection(trainable) else MIN_OPSET
+    if _default_opset(copy) < least:
         from onnx import version_converter
 
         try:
@@ -268,7 +274,7 @@ class LossGradient:
 
         if not trainable:
             raise LrsdError("nothing to train: no trainable tensors")
-        base = prepared_copy(model)
+        base = prepared_copy(model, trainable)
         self.output = output or base.graph.output[0].name
         self.trainable = tuple(trainable)
         self.loss = loss

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import onnx
@@ -20,7 +20,7 @@ import onnxruntime as ort
 from ..errors import LrsdError, runtime_message
 from ..model.io import serialize_for_runtime
 from ..model.mapped import runtime_options
-from ..decompose.stats import GramAccumulator, im2col
+from ..decompose.stats import GramAccumulator, TokenCounts, im2col
 from ..model.layers import ConvGeometry, LayerTarget
 from .calibrate import has_held_out, is_held_out
 
@@ -29,21 +29,37 @@ log = logging.getLogger(__name__)
 Feeds = Mapping[str, np.ndarray]
 
 
+Accumulator = Union[GramAccumulator, TokenCounts]
+
+
 @dataclass
 class LayerStatistics:
     """Calibration statistics of one layer's input rows: `fit` for fitting, `holdout` (when
-    held-out batches exist) for an honest reconstruction error."""
+    held-out batches exist) for an honest reconstruction error. A lookup table's are its
+    token counts (`TokenCounts`: the diagonal of its one-hot inputs' Gram)."""
 
-    fit: GramAccumulator
-    holdout: Optional[GramAccumulator] = None
+    fit: Accumulator
+    holdout: Optional[Accumulator] = None
 
     @property
     def nbytes(self) -> int:
-        return gram_bytes(self.fit.dim, self.fit.track_cross) * (2 if self.holdout is not None else 1)
+        one = 8 * self.fit.dim if isinstance(self.fit, TokenCounts) else gram_bytes(self.fit.dim, self.fit.track_cross)
+        return one * (2 if self.holdout is not None else 1)
 
 
 def gram_bytes(dim: int, cross: bool = False) -> int:
     return 8 * dim * dim * (2 if cross else 1)
+
+
+def statistics_bytes(target: LayerTarget, cross: bool = False) -> int:
+    """Bytes of one accumulator of the target's statistics: a Gram (and cross term), or a
+    lookup's counts."""
+    return 8 * target.in_features if target.lookup else gram_bytes(target.in_features, cross)
+
+
+def new_accumulator(target: LayerTarget, cross: bool = False) -> Accumulator:
+    """Empty statistics for the target: token counts for a lookup, else a Gram accumulator."""
+    return TokenCounts(target.in_features) if target.lookup else GramAccumulator(target.in_features, track_cross=cross)
 
 
 def explicit_pads(geometry: ConvGeometry, in_spatial: Sequence[int]) -> tuple:
@@ -67,7 +83,10 @@ def explicit_pads(geometry: ConvGeometry, in_spatial: Sequence[int]) -> tuple:
 def layer_rows(target: LayerTarget, x: np.ndarray, mask: Optional[np.ndarray], max_positions: int,
                rng: np.random.Generator):
     """The rows X [..., in] that the layer multiplies by its [in, out] weight, and the row
-    mask (a [...] boolean array, or None) derived from the user's padding mask."""
+    mask (a [...] boolean array, or None) derived from the user's padding mask. A lookup's
+    rows are its indices themselves (one-hot rows, counted by `TokenCounts`)."""
+    if target.lookup:
+        return x, (mask if mask is not None and x.shape == mask.shape else None)
     if target.conv is not None:
         g = target.conv
         pads = explicit_pads(g, x.shape[2:])
@@ -189,8 +208,8 @@ def collect_statistics(model: onnx.ModelProto, targets: Sequence[LayerTarget], b
     total = len(batches) if total_batches is None else total_batches
     runner = ActivationRunner(model, sorted({t.activation for t in targets}), threads)
     has_holdout = has_held_out(total, holdout_every)
-    stats = {t.name: LayerStatistics(GramAccumulator(t.in_features),
-                                     GramAccumulator(t.in_features) if has_holdout else None) for t in targets}
+    stats = {t.name: LayerStatistics(new_accumulator(t), new_accumulator(t) if has_holdout else None)
+             for t in targets}
     for index, (feeds, activations) in enumerate(prefetched(runner.run, batches), first_index):
         mask = _row_mask(feeds, mask_input)
         held_out = is_held_out(index, total, holdout_every)
@@ -237,9 +256,8 @@ def collect_paired_statistics(original: onnx.ModelProto, compressed: onnx.ModelP
     reference, current = ActivationRunner(original, names, threads), ActivationRunner(compressed, names, threads)
     total = len(batches) if total_batches is None else total_batches
     has_holdout = has_held_out(total, holdout_every)
-    stats = {t.name: LayerStatistics(GramAccumulator(t.in_features, track_cross=True),
-                                     GramAccumulator(t.in_features, track_cross=True) if has_holdout else None)
-             for t in targets}
+    stats = {t.name: LayerStatistics(new_accumulator(t, cross=True),
+                                     new_accumulator(t, cross=True) if has_holdout else None) for t in targets}
 
     def both(feeds: Feeds) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
         return reference.run(feeds), current.run(feeds)

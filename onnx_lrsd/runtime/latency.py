@@ -40,7 +40,7 @@ RATIO_BLOCKS = 7
 """Interleaved blocks a residual's time over its plain chain is measured in (the median of the
 blocks' ratios): a single microbenchmark of a µs-sized layer is mostly noise."""
 KINDS = {"MatMul": ("dense", "svd", "svd+rows"), "Gemm": ("dense", "svd", "svd+rows"),
-         "Conv": ("dense", "channel", "spatial", "tucker2", "channel+rows")}
+         "Conv": ("dense", "channel", "spatial", "tucker2", "channel+rows"), "Gather": ("dense", "svd")}
 """Candidate kinds per op; "<kind>+rows" is the chain with a residual of k input rows, ranks (r, k)."""
 RESIDUAL = "+rows"
 LAYER = "layer"
@@ -87,6 +87,8 @@ class LatencyKey:
 
 def layer_attrs(target: LayerTarget) -> Dict[str, object]:
     """The ONNX attributes of the target op (as the one-layer model writes them)."""
+    if target.lookup:
+        return {"axis": 0}
     if target.gemm is not None:
         g = target.gemm
         return {"alpha": g.alpha, "beta": g.beta, "transA": int(g.trans_a), "transB": int(g.trans_b)}
@@ -99,17 +101,19 @@ def layer_attrs(target: LayerTarget) -> Dict[str, object]:
 
 
 def layer_model(target: LayerTarget, input_shape: Sequence[int], seed: int = 0) -> onnx.ModelProto:
-    """One float32 node like `target` (weight shape, attributes, bias [out] if any) on input `x`."""
+    """One float32 node like `target` (weight shape, attributes, bias [out] if any) on input `x`
+    (a lookup's: int64 indices)."""
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal(target.weight.shape) / np.sqrt(target.in_features)).astype(np.float32)
     inits = [numpy_helper.from_array(w, "W")]
-    inputs = ["W", "x"] if target.weight_side == "left" else ["x", "W"]
+    inputs = ["W", "x"] if target.weight_side == "left" or target.lookup else ["x", "W"]
     if target.bias_tensor is not None:
         bias = 0.1 * rng.standard_normal(target.out_features)
         inits.append(numpy_helper.from_array(bias.astype(np.float32), "B"))
         inputs.append("B")
     node = helper.make_node(target.op, inputs, ["y"], name=LAYER, **layer_attrs(target))
-    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in (("x", list(input_shape)), ("y", None)))
+    x = helper.make_tensor_value_info("x", TensorProto.INT64 if target.lookup else TensorProto.FLOAT, list(input_shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     graph = helper.make_graph([node], "latency", [x], [y], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
@@ -157,15 +161,17 @@ def check_request(target: LayerTarget, input_shape: Sequence[int], candidates: S
     shape = tuple(input_shape)
     if not shape or any(not isinstance(d, (int, np.integer)) or d < 1 for d in shape):
         raise ValueError(f"{target.name}: input_shape must be positive integers, got {shape}")
-    if target.conv is not None:
+    if target.lookup:
+        rank, axis, expected = len(shape), None, None  # indices of any shape
+    elif target.conv is not None:
         rank, axis, expected = 2 + len(target.conv.kernel_shape), 1, target.in_channels
     elif target.gemm is not None:
         rank, axis, expected = 2, 0 if target.gemm.trans_a else 1, target.in_features
     else:
         rank, axis, expected = None, -2 if target.weight_side == "left" else -1, target.in_features
-    if (rank is not None and len(shape) != rank) or len(shape) < 2:
+    if (rank is not None and len(shape) != rank) or (len(shape) < 2 and not target.lookup):
         raise ValueError(f"{target.name}: {target.op} input must have {rank or '>= 2'} dims, got {shape}")
-    if shape[axis] != expected:
+    if axis is not None and shape[axis] != expected:
         raise ValueError(f"{target.name}: input_shape {shape} has {shape[axis]} on axis {axis}, the layer "
                          f"takes {expected} ({'channels' if target.conv is not None else 'features'})")
     if target.conv is not None and not target.conv.auto_pad.startswith("SAME"):
@@ -187,6 +193,15 @@ def check_request(target: LayerTarget, input_shape: Sequence[int], candidates: S
                 for r, lim in zip(ranks, limits)):
             raise ValueError(f"{target.name}: {kind} needs a tuple of {len(limits)} ranks in [1, {limits}], "
                              f"got {ranks!r}")
+
+
+def layer_input(target: LayerTarget, input_shape: Sequence[int]) -> np.ndarray:
+    """A seeded input of `input_shape` for the one-layer models: normal floats, or a lookup's
+    uniform indices."""
+    rng = np.random.default_rng(0)
+    if target.lookup:
+        return rng.integers(0, target.in_features, size=tuple(input_shape), dtype=np.int64)
+    return rng.standard_normal(tuple(input_shape)).astype(np.float32)
 
 
 class LatencyModel:
@@ -234,7 +249,7 @@ class LatencyModel:
                      tuple(input_shape), self.threads)
             models = [candidate_model(target, input_shape, c) for c in missing.values()]
             sessions = [make_session(m, self.threads) for m in models]
-            x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
+            x = layer_input(target, input_shape)
             stats = time_sessions(sessions, {"x": x}, runs=self.runs, warmup=self.warmup)
             self._times.update({k: s.median_ms for k, s in zip(missing, stats)})
             self._save()
@@ -256,7 +271,7 @@ class LatencyModel:
                      len(missing), tuple(input_shape), self.threads)
             models = [candidate_model(target, input_shape, c) for c in (chain, *missing.values())]
             sessions = [make_session(m, self.threads) for m in models]
-            x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
+            x = layer_input(target, input_shape)
             blocks = [time_sessions(sessions, {"x": x}, runs=self.runs, warmup=self.warmup if b == 0 else 1)
                       for b in range(RATIO_BLOCKS)]
             self._times[chain_key] = float(np.median([b[0].median_ms for b in blocks]))

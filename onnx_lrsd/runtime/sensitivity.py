@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 
 from ..model.layers import LayerTarget
 from ..plan.candidates import LayerCandidate
-from ..plan.factorize import factorize_data_aware
+from ..plan.factorize import factorize_data_aware, layer_ridge
 from ..plan.rank_select import LayerPlan
 from .activations import Feeds
 from .calibrate import split_holdout
@@ -49,7 +49,7 @@ def probe_layer(source: Union[gs.Graph, onnx.ModelProto], template: onnx.ModelPr
     data-aware fit at each plan; `source` is the prepared graph or its model."""
     points = []
     for plan in plans:
-        fact = factorize_data_aware(target, plan, fit, config.ridge, config.bias_correction,
+        fact = factorize_data_aware(target, plan, fit, layer_ridge(target, config), config.bias_correction,
                                     solver=config.svd_solver)
         session = rewritten_session(source, template, {target.name: target}, [fact], config.latency_threads)
         points.append(squared_output_error(session, batches, reference))
