@@ -31,7 +31,7 @@ from benchmarks.common import benchmark_main, fmt, markdown_table
 LOGGER = logging.getLogger("benchmarks.embedding_table")
 TABLE = "embeddings/word/Gather"
 TABLE_RANK = 128
-RIDGES = (0.0, 0.1, 1.0, 10.0)
+RIDGES = (0.0, 0.1, 1.0, 4.0, 16.0)
 CALIB_SAMPLES, CALIB_BATCH = 256, 32
 PARAMS = 0.8
 SPLIT = "search"

@@ -128,18 +128,12 @@ def whitened_svd(
 
 
 def _diagonal_whitened_svd(m: np.ndarray, weights: np.ndarray, rank: int, solver: str) -> LowRankFactors:
-    """argmin Σ_v w_v ‖m_v − U_v V‖²: V from the truncated SVD of diag(√w)·m, U = m Vᵀ(VVᵀ)⁻¹
-    (for a fixed V every row's least-squares fit, independent of its weight)."""
+    """argmin Σ_v w_v ‖m_v − U_v V‖²: V from the truncated SVD of diag(√w)·m, U = m V⁺ (for a
+    fixed V every row's least-squares fit, independent of its weight)."""
     if rank == 0:
         return LowRankFactors(U=np.zeros((m.shape[0], 0)), V=np.zeros((0, m.shape[1])))
     v = truncated_svd(np.sqrt(weights)[:, None] * m, rank, solver).V
-    keep = np.linalg.norm(v, axis=1) > 0  # directions of zero singular value carry nothing
-    v = v[keep]
-    u = scipy.linalg.solve(v @ v.T, v @ m.T, assume_a="pos").T if v.size else np.zeros((m.shape[0], 0))
-    if not keep.all():
-        u = np.hstack([u, np.zeros((m.shape[0], rank - u.shape[1]))])
-        v = np.vstack([v, np.zeros((rank - v.shape[0], m.shape[1]))])
-    return _balance(u, v)
+    return _balance(np.linalg.lstsq(v.T, m.T, rcond=None)[0].T, v)
 
 
 def whitened_spectrum(W: np.ndarray, gram: np.ndarray, ridge: float = 1e-6, solver: str = "auto") -> np.ndarray:
