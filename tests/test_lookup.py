@@ -208,8 +208,8 @@ def test_skip_and_rank_patterns_apply_to_the_table():
 def test_target_params_meets_its_budget_with_the_table_in_play():
     model = _model(ffn=True)
     total = V * D + 2 * D * 64
-    result = compress(model, calibration=_feeds(), mask_input="mask", target_params=0.6, verify=False)
-    assert result.report.params_ratio <= 0.6 + 1e-9
+    result = compress(model, calibration=_feeds(), mask_input="mask", target_params=0.65, verify=False)
+    assert result.report.params_ratio <= 0.65 + 1e-9
     plans = {layer.name: layer for layer in result.report.layers}
     assert plans["word"].method == "svd" and plans["word"].ranks[0] < V * D / (V + D)
     assert result.report.before.params == total
@@ -217,9 +217,9 @@ def test_target_params_meets_its_budget_with_the_table_in_play():
 
 def test_prune_and_low_rank_allocates_widths_and_the_table_rank_together():
     model = _model(ffn=True)
-    result = compress(model, calibration=_feeds(batches=10), mask_input="mask", target_params=0.6,
+    result = compress(model, calibration=_feeds(batches=10), mask_input="mask", target_params=0.65,
                       method="prune+lowrank", verify=False)
-    assert result.report.params_ratio <= 0.6 + 0.002
+    assert result.report.params_ratio <= 0.65 + 0.002
     assert any(layer.name == "word" and layer.method == "svd" for layer in result.report.layers)
     feed = _feeds(batches=1, seed=9)[0]
     error = np.linalg.norm(_run(result.model, feed) - _run(model, feed)) / np.linalg.norm(_run(model, feed))
