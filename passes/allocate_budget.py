@@ -170,7 +170,7 @@ def _static(ctx: PassContext, kind: str, value: float, names: List[str], curves,
     scale = macs_scale(ctx) if kind == "macs" else {}
     total = (model_macs(ctx.source, _dims(ctx)) if kind == "macs" else count_params(ctx.source))
     layer_options = {n: [Option(getattr(ctx.plans[n].dense, field) * scale.get(n, 1.0), 0.0)] +
-                     [Option(getattr(c.cost, field) * scale.get(n, 1.0) + shift_params(ctx, n, field), d)
+                     [Option(getattr(c.cost, field) * scale.get(n, 1.0) + _shift_params(ctx, n, field), d)
                       for c, d in zip(curves[n], damages[n])] for n in names}
     grouped = {n for members in ctx.groups.values() for n in members}
     units = [_Unit((n,), None, tuple(("layer", (i,)) for i in range(len(layer_options[n]))))
@@ -213,7 +213,7 @@ def _group_unit(ctx: PassContext, group: str, members: List[str], layer_options,
             options.append(option)
     weights = [t.matrix() for t in targets]
     grams = [_gram(ctx, n) for n in members]
-    shifts = sum(shift_params(ctx, n, field) for n in members)
+    shifts = sum(_shift_params(ctx, n, field) for n in members)
     dense_params = sum(t.params for t in targets)
     dense_macs = sum(t.macs for t in targets)
     multiple = config.conv_rank_multiple if targets[0].conv is not None else 1
@@ -263,7 +263,7 @@ def _plan_joint(ctx: PassContext, unit: _Unit, side: str, rank: int) -> str:
     return f"{unit.group} {side} {rank}"
 
 
-def shift_params(ctx: PassContext, name: str, field: str) -> int:
+def _shift_params(ctx: PassContext, name: str, field: str) -> int:
     """A bias correction may add a bias vector to a layer that has none (when no Add follows
     to fold it into): counted, so a params target holds either way."""
     target = ctx.targets[name]

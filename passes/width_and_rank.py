@@ -40,7 +40,7 @@ from ..plan.width_and_rank import RankUnit, WidthRankAllocation, WidthUnit, allo
 from ..report.types import AllocationSummary, CompressionReport, GroupWidth
 from ..runtime.bench import output_errors_on
 from ..runtime.calibrate import calibration_batches, split_holdout
-from .allocate_budget import candidate_ms, layer_sensitivities, macs_scale, shift_params
+from .allocate_budget import candidate_ms, layer_sensitivities, macs_scale
 from .context import PassContext, new_context
 from .pipeline import prepare
 from .prune import (PruneOptions, channel_groups, channel_orders, depthwise_macs, group_sensitivities,
@@ -149,8 +149,7 @@ class _Run:
             candidates = self.curves.get(name, [])
             damages = tuple(self.sensitivity[name].at(c.error) for c in candidates)
             if field == "params":
-                dense, costs = float(t.params), tuple(float(c.cost.params + shift_params(ctx, name, field))
-                                                      for c in candidates)
+                dense, costs = float(t.params), tuple(float(c.cost.params) for c in candidates)
             elif field == "macs":
                 factor = scale.get(name, 1.0)
                 dense, costs = macs[name], tuple(c.cost.macs * factor for c in candidates)
