@@ -282,3 +282,22 @@ def test_latency_candidates_of_a_table_run():
     assert out.shape == (2, 7, D)
     times = LatencyModel(cache_path=None).measure(target, (2, 7), [("dense", ()), ("svd", (4,))])
     assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_prune_and_low_rank_leaves_a_skipped_table_dense():
+    model = _model(ffn=True)
+    result = compress(model, calibration=_feeds(batches=10), mask_input="mask", target_params=0.75,
+                      method="prune+lowrank", bias_correction=False, overrides=(LayerOverride("word", skip=True),),
+                      verify=False)
+    assert "E" in {t.name for t in result.model.graph.initializer}
+    with pytest.raises(Exception, match="only --skip overrides"):
+        compress(model, calibration=_feeds(), mask_input="mask", target_params=0.75, method="prune+lowrank",
+                 overrides=(LayerOverride("word", rank=4),), verify=False)
+
+
+def test_token_counts_read_negative_ids_from_the_end_and_refuse_out_of_range_ones():
+    counts = TokenCounts(5)
+    counts.update(np.array([[0, -1, 4]]))
+    np.testing.assert_array_equal(counts.gram, [1, 0, 0, 0, 2])
+    with pytest.raises(ValueError, match="ids must lie"):
+        counts.update(np.array([5]))
