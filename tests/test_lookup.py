@@ -301,3 +301,14 @@ def test_token_counts_read_negative_ids_from_the_end_and_refuse_out_of_range_one
     np.testing.assert_array_equal(counts.gram, [1, 0, 0, 0, 2])
     with pytest.raises(ValueError, match="ids must lie"):
         counts.update(np.array([5]))
+
+
+def test_sequential_mode_fits_the_table_on_its_counts():
+    model = _model(ffn=True)
+    result = compress(model, calibration=_feeds(), mask_input="mask", mode="sequential", keep=0.7, verify=False)
+    plans = {layer.name: layer for layer in result.report.layers}
+    assert plans["word"].method == "svd" and plans["word"].data_error is not None
+    full = compress(model, calibration=_feeds(), mask_input="mask", mode="sequential",
+                    overrides=(LayerOverride("word", rank="full"), LayerOverride("*", skip=True)), verify=False)
+    feed = _feeds(batches=1, seed=5)[0]
+    np.testing.assert_allclose(_run(full.model, feed), _run(model, feed), atol=1e-5)
