@@ -84,6 +84,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
               ("--tasks", "minilm", "--targets", "1.15", "--output", "benchmarks/results/width_and_rank_minilm_mild"),
               None, 20),
     Benchmark("width_mobile", "benchmarks.width_mobile", (), ("--quick",), 9, 0.5),
+    Benchmark("embedding_table", "benchmarks.embedding_table", (), None, 15),
     Benchmark("compressor_cost", "benchmarks.compressor_cost", ("--before", "4145c4a", "--cap", "300", "--layer-cap", "90"),
               ("--quick", "--before", "4145c4a", "--cap", "120"), 40, 1.6),
     Benchmark("scale_out", "benchmarks.scale_out", (), ("--quick", "--models", "synthetic", "--blocks", "2"), 15, 3),
