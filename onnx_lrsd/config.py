@@ -325,6 +325,9 @@ class CompressConfig:
     sequential_stages: int = 12
     ridge: float = option(1e-3, "Relative ridge of the whitening.")
     bias_correction: bool = option(True, "Restore each layer's mean output.")
+    fuse_elementwise: bool = option(True, "Write hard swishes spelled out in elementwise ops as one op and fold "
+                                          "constant scales and shifts into the neighbouring convs: the same "
+                                          "function in fewer kernels.")
     mask_input: Optional[str] = option(None, "Input whose zeros mark padding positions (dropped from the "
                                              "statistics).", commands=BOTH, metavar="NAME")
     calib_samples: Optional[int] = option(None, "Use at most N calibration samples.", commands=BOTH, minimum=1)

@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LrsdError
+from ..model.io import default_opset
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,6 @@ class UnsupportedOp(LrsdError):
         self.op_type, self.node, self.inputs = op_type, node, inputs
         where = f" (node '{node}')" if node else ""
         super().__init__(f"no gradient rule for {op_type}{where}" + (f": {detail}" if detail else ""))
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def promote_constants(model: onnx.ModelProto) -> None:
@@ -90,7 +87,7 @@ def prepared_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy.CopyFrom(model)
     promote_constants(copy)
     densify_sparse(copy)
-    if _default_opset(copy) < MIN_OPSET:
+    if default_opset(copy) < MIN_OPSET:
         from onnx import version_converter
 
         try:
