@@ -91,7 +91,7 @@ WIDTH_PLANS: dict[str, TaskPlan] = {
         bar=PLANS["digits_cnn"].bar),
     "ppocr_rec": TaskPlan(
         budgets=tuple({"method": "prune+lowrank", "target_latency": target, "mode": "sequential", "best_effort": True,
-                       "level": "blocks"} for target in (1.55, 2.0)),
+                       "level": "blocks"} for target in (2.0, 2.4)),
         calib_samples=128, calib_batch=16, recover_samples=640,
         recover={"lr": 1e-4, "batch": 8, "eval_every": 10, "patience": 6},
         bar=PLANS["ppocr_rec"].bar),
@@ -109,11 +109,12 @@ the narrowed layers). A budget with `width` runs `onnx_lrsd.passes.prune.prune_m
 channel group keeps `width` of its channels, widths rounded to `multiple`, chosen by `criterion`
 (default greedy), `sequential` groups refitted one after another; attention heads untouched); any
 other budget is `compress` options, e.g. PP-OCR's `method="prune+lowrank"` (widths and low-rank factors
-in one allocation) at a measured `target_latency` of 1.55 and 2.0 (rounds timed in onnxruntime;
+in one allocation) at a measured `target_latency` of 2.0 and 2.4 (rounds timed in onnxruntime;
 `best_effort`: the nearest round if none reaches it), recovered block-wise (`level="blocks"`: on
 width-reduced PP-OCR the end-to-end phase kept its step 0). The compressed models have their
 elementwise ops fused (`fuse_elementwise`, the default); the original so fused, which alone is
-lossless, is timed beside them, so the table shows what fusion gives and what compression adds. MiniLM also quantizes the
+lossless, is timed beside them, so the table shows what fusion gives and what compression adds
+(asked for 1.55×, the search narrows nothing on PP-OCR: the fused original alone measures faster). MiniLM also quantizes the
 recovered model (dynamic int8) and compares it with onnxruntime's dynamic int8 of the original."""
 QUICK_WIDTH = {"digits_cnn": {"budgets": ({"width": 0.5},), "recover": {"steps": 100}}}
 
