@@ -569,6 +569,12 @@ def _rows_and_verdicts(data: dict[str, Any]) -> tuple[list, list, list[str]]:
         names = list(task["original"])
         first = (f"{README_LABELS.get(task['task'], task['task'])} ({', '.join(names)}): "
                  + " / ".join(fmt(task["original"][m]) for m in names))
+        if task.get("original_fused"):  # the lossless elementwise fusion alone, timed in the first budget's run
+            lat = {int(k): v for k, v in task["rows"][0]["latency"].items()}
+            fused = " / ".join(fmt(task["original_fused"][m]) for m in names)
+            rows.append([first, "the original, elementwise ops fused (lossless)", "1", fused, fused,
+                         *(f"{fmt(lat[b]['original_fused_ratio'], 2)}" for b in (1, 32)), ""])
+            first = ""
         for row in task["rows"]:
             lat = {int(k): v for k, v in row["latency"].items()}
             rows.append([first, _budget_label(row["budget"]), fmt(row["params_ratio"]),
