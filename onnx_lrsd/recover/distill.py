@@ -4,10 +4,17 @@ output matches the original's (teacher's) on augmented unlabeled inputs.
 Each step draws `batch` training samples (a seeded permutation per epoch), augments them, lets
 the teacher label them, and takes one Adam step with onnxruntime's loss and gradients:
 
-    m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − lr_t·m̂/(√v̂ + ε)   (m̂, v̂ bias-corrected)
+    m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − lr_t·s_θ·m̂/(√v̂ + ε)   (m̂, v̂ bias-corrected)
 
 with lr_t = lr·w_k·½(1 + cos πt) (t: spent share of the step or time budget; or without the
 cosine factor), w_k = min(1, k / warmup) at step k = 1, 2, ... (a linear warm-up; 1 without).
+s_θ scales the step of each tensor θ (`step_scale`): 1 ("absolute", plain Adam: each weight
+moves by about lr_t a step, whatever its tensor's scale and fan-in), or ("relative", the
+Adafactor / LAMB idea of a step relative to the weight's scale)
+
+    s_θ = max(RMS(θ₀), f·mean_τ RMS(τ₀))   (θ₀: the tensor when the run or block starts)
+
+over the trained tensors τ, f = `RELATIVE_FLOOR`, so a zero-initialized bias still moves.
 The gradient g of a batch may be summed from shards of it computed by executor tasks (`shards`).
 
 A residual stored as a sparse initializer keeps its support: its gradient is masked to it.
@@ -40,6 +47,9 @@ log = logging.getLogger(__name__)
 ADAM_EPS = 1e-8
 PROB_TOLERANCE = 1e-3
 MAX_RETRIES = 8
+RELATIVE_FLOOR = 0.1
+"""`step_scale="relative"`: a tensor's scale is at least this share of the trained tensors' mean
+RMS (zero-initialized biases still move)."""
 
 
 @dataclass(frozen=True)
@@ -268,6 +278,16 @@ def _weights_of(model: onnx.ModelProto, exc: UnsupportedOp, trainable: Sequence[
     return [t for t in trainable if t in read]
 
 
+def step_scales(params: Mapping[str, np.ndarray], mode: str) -> Dict[str, float]:
+    """The factor s_θ on each tensor's Adam step: 1 ("absolute"), or ("relative")
+    s_θ = max(RMS(θ₀), f·mean over tensors of RMS(θ₀)), f = `RELATIVE_FLOOR`."""
+    if mode == "absolute":
+        return {name: 1.0 for name in params}
+    rms = {name: float(np.sqrt(np.mean(np.square(value)))) if value.size else 0.0 for name, value in params.items()}
+    floor = RELATIVE_FLOOR * float(np.mean(list(rms.values()))) if rms else 0.0
+    return {name: max(value, floor) or 1.0 for name, value in rms.items()}
+
+
 @dataclass(frozen=True)
 class LoopResult:
     """What `adam_loop` returns: the best held-out step's parameters and the run's record."""
@@ -293,6 +313,7 @@ def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np
     params = {k: v.astype(np.float64) for k, v in lg.initial.items()}
     moment1 = {k: np.zeros_like(v) for k, v in params.items()}
     moment2 = {k: np.zeros_like(v) for k, v in params.items()}
+    scales = step_scales(params, config.step_scale)
 
     def heldout_loss() -> float:
         total = 0.0
@@ -338,7 +359,7 @@ def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np
             moment2[name] = b2 * moment2[name] + (1 - b2) * g * g
             m_hat = moment1[name] / (1 - b1 ** step)
             v_hat = moment2[name] / (1 - b2 ** step)
-            params[name] -= lr * m_hat / (np.sqrt(v_hat) + ADAM_EPS)
+            params[name] -= lr * scales[name] * m_hat / (np.sqrt(v_hat) + ADAM_EPS)
         evaluated = None
         last = budget is not None and step >= budget
         if step % config.eval_every == 0 or last:

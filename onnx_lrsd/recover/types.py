@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import EXECUTORS, RECOVER_BLOCK_SIZE, RECOVER_LEVEL, RECOVER_LEVELS, RECOVER_WARMUP, check_executor
+from ..config import (EXECUTORS, RECOVER_BLOCK_SIZE, RECOVER_LEVEL, RECOVER_LEVELS, RECOVER_STEP_SCALE,
+                      RECOVER_STEP_SCALES, RECOVER_WARMUP, check_executor)
 from ..errors import LrsdError
 from ..report.types import LeftAsFitted, RecoveryReport  # noqa: F401  (reports live in report/)
 
@@ -14,6 +15,7 @@ AUGMENT_CHOICES = ("auto", "none", "image", "tokens", "noise")
 TRAINABLE_CHOICES = ("compressed", "all")
 SCHEDULE_CHOICES = ("cosine", "constant")
 LEVEL_CHOICES = RECOVER_LEVELS
+STEP_SCALE_CHOICES = RECOVER_STEP_SCALES
 DEFAULT_STEPS = 200
 """Steps when neither `steps` nor `time_budget` is given ("auto")."""
 
@@ -30,6 +32,10 @@ class RecoverConfig:
     warmup: the step size of step k (k = 1, 2, ...) is multiplied by min(1, k / warmup), so it
       rises linearly over the first `warmup` steps (0: none); each block of block-wise
       reconstruction warms up anew (its steps are the budget's share of the block).
+    step_scale: "absolute" (plain Adam: each weight moves by about lr_t per step) or "relative"
+      (each tensor's step is multiplied by s_θ = max(RMS(θ₀), f·mean RMS), its RMS when the
+      run or block starts, floored by a share f of the mean over the trained tensors, so lr is
+      a step relative to the weight's scale: `distill.step_scales`).
     loss: "kl" on probability or logit outputs, "mse" (scaled by the teacher's mean square)
       otherwise; "auto" picks from the teacher's output on the data.
     augment: "image" (contrast, brightness, noise, blur, scale), "tokens" (token dropout to
@@ -73,6 +79,7 @@ class RecoverConfig:
     level: str = RECOVER_LEVEL
     block_size: int = RECOVER_BLOCK_SIZE
     warmup: int = RECOVER_WARMUP
+    step_scale: str = RECOVER_STEP_SCALE
     shards: Optional[int] = None
     executor: str = EXECUTORS[0]
     workers: int = 1
@@ -105,6 +112,8 @@ class RecoverConfig:
              f"block_size must be >= 1, got {self.block_size!r}"),
             (isinstance(self.warmup, int) and not isinstance(self.warmup, bool) and self.warmup >= 0,
              f"warmup must be >= 0 steps, got {self.warmup!r}"),
+            (self.step_scale in STEP_SCALE_CHOICES,
+             f"step_scale must be one of {', '.join(STEP_SCALE_CHOICES)}, got {self.step_scale!r}"),
             (self.shards is None or (isinstance(self.shards, int) and self.shards >= 1),
              f"shards must be >= 1, got {self.shards!r}"),
         ]
