@@ -20,7 +20,7 @@ The gradient g of a batch may be summed from shards of it computed by executor t
 A residual stored as a sparse initializer keeps its support: its gradient is masked to it.
 Every `eval_every` steps the loss on the held-out samples (not augmented) is measured; the
 parameters of the best held-out step are returned, and `patience` evaluations without a new
-best stop the run. Memory: the samples, the held-out teacher outputs and three copies of the
+best stop the run once `min_evals` evaluations are done. Memory: the samples, the held-out teacher outputs and three copies of the
 trainable weights (parameters, two moments) plus the best step's; nothing grows with steps.
 """
 from __future__ import annotations
@@ -308,7 +308,8 @@ def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np
     """Adam on `lg`'s trainable weights over `config`'s step / time budget (time from `start`):
     batches of the training samples `train_idx` (a seeded permutation per epoch), augmented,
     labelled by `label(sample indices, feeds)`; the held-out loss every `eval_every` steps
-    keeps the best step and stops after `patience` evaluations without improvement."""
+    keeps the best step and stops after `patience` evaluations without improvement (not before
+    `min_evals` evaluations)."""
     n_held = len(next(iter(held_targets.values())))
     params = {k: v.astype(np.float64) for k, v in lg.initial.items()}
     moment1 = {k: np.zeros_like(v) for k, v in params.items()}
@@ -372,7 +373,7 @@ def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np
         if on_step is not None:
             on_step(RecoverProgress(step, budget, time.perf_counter() - start, config.time_budget, train_loss,
                                     evaluated, best[0]))
-        if config.patience is not None and stale >= config.patience:
+        if config.patience is not None and stale >= config.patience and len(curve) > config.min_evals:
             stopped_by = "early stop"
             break
     if curve[-1][0] != step and stopped_by != "diverged":

@@ -18,6 +18,8 @@ LEVEL_CHOICES = RECOVER_LEVELS
 STEP_SCALE_CHOICES = RECOVER_STEP_SCALES
 DEFAULT_STEPS = 200
 """Steps when neither `steps` nor `time_budget` is given ("auto")."""
+MIN_EVALS = 0
+"""Held-out evaluations before `patience` may stop a run (`RecoverConfig.min_evals`)."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,9 @@ class RecoverConfig:
       layers) or "all" float weights.
     holdout: fraction of the samples held out for early stopping and for keeping the best step.
     eval_every: steps between held-out evaluations; patience: evaluations without improvement
-      before stopping (None: never stop early).
+      before stopping (None: never stop early); min_evals: evaluations before patience may stop
+      the run (the held-out loss often rises over the first steps before it falls below its
+      start: `benchmarks/results/recovery_step.md`).
     samples: use at most this many calibration samples (None: all the source gives).
     level: "end-to-end" distillation on the model output, "blocks" (block-wise reconstruction,
       `recover.blockwise`), or "blocks+end-to-end" (blocks on half the budget, then end-to-end);
@@ -70,6 +74,7 @@ class RecoverConfig:
     holdout: float = 0.2
     eval_every: int = 10
     patience: Optional[int] = 5
+    min_evals: int = MIN_EVALS
     output: Optional[str] = None
     mask_input: Optional[str] = None
     unk_id: int = 100
@@ -105,6 +110,8 @@ class RecoverConfig:
             (isinstance(self.eval_every, int) and self.eval_every >= 1,
              f"eval_every must be >= 1, got {self.eval_every!r}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience!r}"),
+            (isinstance(self.min_evals, int) and not isinstance(self.min_evals, bool) and self.min_evals >= 0,
+             f"min_evals must be >= 0, got {self.min_evals!r}"),
             (self.samples is None or self.samples >= 2, f"samples must be >= 2, got {self.samples!r}"),
             (isinstance(self.threads, int) and self.threads >= 1, f"threads must be >= 1, got {self.threads!r}"),
             (self.level in LEVEL_CHOICES, f"level must be one of {', '.join(LEVEL_CHOICES)}, got {self.level!r}"),
