@@ -42,6 +42,7 @@ from typing import Any
 import onnx
 
 from benchmarks.common import benchmark_main, fmt, markdown_table, results_header
+from onnx_lrsd.recover.types import MIN_EVALS
 
 LOGGER = logging.getLogger("benchmarks.recovery_scale")
 THREADS = 2
@@ -83,8 +84,7 @@ QUICK_STEP = {"cases": (({"width": 0.5}, "end-to-end"), ({"width": 0.5}, "blocks
 PATIENCE = 5
 """The step study's early-stopping rule replayed on each full curve: `PATIENCE` evaluations
 without a new best (`RecoverConfig.patience`'s default), counted from the first evaluation or only
-after `MIN_EVALS` evaluations."""
-MIN_EVALS = 10
+after `MIN_EVALS` evaluations (`RecoverConfig.min_evals`'s default)."""
 
 
 class _Setup:

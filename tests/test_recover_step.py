@@ -19,7 +19,7 @@ from onnx_lrsd.config import RECOVER_STEP_SCALES, CompressConfig, load_config_fi
 from onnx_lrsd.errors import LrsdError, UsageError
 from onnx_lrsd.recover.distill import ADAM_EPS, RELATIVE_FLOOR, adam_loop, recover_models, step_scales, with_values
 from onnx_lrsd.recover.gradients import TARGET, LossGradient
-from onnx_lrsd.recover.types import STEP_SCALE_CHOICES, RecoverConfig
+from onnx_lrsd.recover.types import MIN_EVALS, STEP_SCALE_CHOICES, RecoverConfig
 
 F = TensorProto.FLOAT
 REPO = Path(__file__).resolve().parent.parent
@@ -132,10 +132,11 @@ def test_patience_waits_for_min_evals():
     student = _student(teacher)
     config = RecoverConfig(steps=60, lr=1e-3, batch=8, eval_every=3, patience=2, trainable="all", augment="none",
                            level="end-to-end", schedule="constant")
-    eager = recover_models(student, teacher, _data(), config).report
+    eager = recover_models(student, teacher, _data(), config.replace(min_evals=0)).report
     assert (eager.steps, eager.best_step, eager.stopped_by) == (6, 0, "early stop")
-    waiting = recover_models(student, teacher, _data(), config.replace(min_evals=10)).report
+    waiting = recover_models(student, teacher, _data(), config).report  # the default: 10
     assert waiting.steps >= 30 and waiting.best_step > 0 and waiting.loss_after < 0.9 * waiting.loss_before
+    assert RecoverConfig().min_evals == MIN_EVALS == 10
     with pytest.raises(LrsdError, match="min_evals"):
         RecoverConfig(min_evals=-1)
 
