@@ -20,8 +20,9 @@ The gradient g of a batch may be summed from shards of it computed by executor t
 A residual stored as a sparse initializer keeps its support: its gradient is masked to it.
 Every `eval_every` steps the loss on the held-out samples (not augmented) is measured; the
 parameters of the best held-out step are returned, and `patience` evaluations without a new
-best stop the run once `min_evals` evaluations are done. Memory: the samples, the held-out teacher outputs and three copies of the
-trainable weights (parameters, two moments) plus the best step's; nothing grows with steps.
+best stop the run once `min_evals` evaluations are done. Memory: the samples, the held-out
+teacher outputs and three copies of the trainable weights (parameters, two moments) plus the
+best step's; nothing grows with steps.
 """
 from __future__ import annotations
 
