@@ -132,7 +132,8 @@ def recover_compressed(source: onnx.ModelProto, compressed: onnx.ModelProto, cal
     options = RecoverConfig(steps=steps, time_budget=config.recover_time * share if config.recover_time else None,
                             seed=config.seed, mask_input=config.mask_input, threads=config.latency_threads,
                             level=config.recover_level, block_size=config.recover_block_size,
-                            warmup=config.recover_warmup, executor=config.executor, workers=config.workers,
+                            warmup=config.recover_warmup, step_scale=config.recover_step_scale,
+                            executor=config.executor, workers=config.workers,
                             ray_address=config.ray_address)
 
     def on_step(p) -> None:
