@@ -3,7 +3,8 @@ several compressed layers, each block's loss falls, runs repeat for a seed, and 
 blocks-then-end-to-end level reports both."""
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 import onnx_lrsd
 from helpers.graphs import make_model
@@ -132,3 +133,21 @@ def test_a_tensor_of_the_inputs_alone_read_by_every_layer_does_not_prevent_cuts(
     report = recover_models(student, model, _masked_data(), config).report
     assert int(report.level.split("(")[1].split()[0]) >= 2
     assert report.loss_after < report.loss_before and report.error_after < report.error_before
+
+
+def test_a_block_input_without_the_batch_axis_becomes_a_constant_of_the_block():
+    """A block input computed once per chunk of samples rather than per sample (position terms
+    of a transformer: [1, seq, d] from shapes alone) is the same in every chunk: the block takes
+    the first chunk's copy as a constant instead of indexing it by sample."""
+    from onnx_lrsd.recover.blockwise import _with_shape_only_inputs_fixed
+
+    block = make_model([helper.make_node("Add", ["t", "pos"], ["y"], name="add")],
+                       [("t", F, ["n", 3, 4]), ("pos", F, [1, 3, 4])], [("y", F, ["n", 3, 4])], {}, opset=17)
+    rng = np.random.default_rng(7)
+    pos = rng.normal(size=(1, 3, 4)).astype(np.float32)
+    inputs = {"t": rng.normal(size=(20, 3, 4)).astype(np.float32), "pos": np.concatenate([pos] * 3)}  # 3 chunks of 8
+    fixed, kept = _with_shape_only_inputs_fixed(block, inputs, n=20, batch=8)
+    assert list(kept) == ["t"] and [i.name for i in fixed.graph.input] == ["t"]
+    np.testing.assert_array_equal(numpy_helper.to_array(fixed.graph.initializer[-1]), pos)
+    same, untouched = _with_shape_only_inputs_fixed(block, {"t": inputs["t"]}, n=20, batch=8)
+    assert same is block and list(untouched) == ["t"]

@@ -141,6 +141,26 @@ def _run_all(model: onnx.ModelProto, names: Sequence[str], samples: Mapping[str,
     return {name: np.concatenate([p[name] for p in parts]) for name in names}
 
 
+def _with_shape_only_inputs_fixed(block: onnx.ModelProto, inputs: Dict[str, np.ndarray], n: int, batch: int
+                                  ) -> Tuple[onnx.ModelProto, Dict[str, np.ndarray]]:
+    """A side input without the batch axis (position ids, computed from shapes alone) comes
+    out of `_run_all` once per chunk of `batch` samples, not once per sample: it is the same
+    in every chunk (all samples share one padded shape), so the block gets the first chunk's
+    value as a constant and stops taking it as an input."""
+    from onnx import numpy_helper
+
+    chunks = len(_chunks(n, batch))
+    fixed = {k: v[: len(v) // chunks] for k, v in inputs.items() if len(v) != n and len(v) % chunks == 0}
+    if not fixed:
+        return block, inputs
+    block = onnx.ModelProto.FromString(block.SerializeToString())
+    kept = [i for i in block.graph.input if i.name not in fixed]
+    del block.graph.input[:]
+    block.graph.input.extend(kept)
+    block.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in fixed.items())
+    return block, {k: v for k, v in inputs.items() if k not in fixed}
+
+
 def recover_blockwise(student: onnx.ModelProto, teacher: onnx.ModelProto,
                       calibration: Sequence[Mapping[str, np.ndarray]], config: Optional[RecoverConfig] = None,
                       on_step: Optional[Callable[[RecoverProgress], None]] = None,
@@ -190,6 +210,7 @@ def recover_blockwise(student: onnx.ModelProto, teacher: onnx.ModelProto,
         inputs = {k: samples[k] for k in feeds if k in samples}  # graph inputs; the rest computed once
         inputs.update(_run_all(current, [k for k in feeds if k not in inputs], samples, config.batch, config.threads)
                       if len(inputs) < len(feeds) else {})
+        block, inputs = _with_shape_only_inputs_fixed(block, inputs, n, config.batch)
         targets = _run_all(reference, [end], samples, config.batch, config.threads)[end]
         scale = float(np.mean(targets.astype(np.float64) ** 2)) or 1.0
         shapes = {k: (parent_batch(config, shards),) + v.shape[1:] for k, v in inputs.items()}
