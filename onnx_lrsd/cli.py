@@ -28,8 +28,8 @@ import click
 from .config import (COMPRESS, FULL_RANK, RECOVER, SWEEP, SWEEP_POINTS, CliOption, CompressConfig, LayerOverride,
                      load_config_file, parse_dim, parse_duration)
 from .errors import LrsdError, UsageError
-from .recover.types import (AUGMENT_CHOICES, DEFAULT_STEPS, LEVEL_CHOICES, LOSS_CHOICES, TRAINABLE_CHOICES,
-                            RecoverConfig)
+from .recover.types import (AUGMENT_CHOICES, DEFAULT_STEPS, LEVEL_CHOICES, LOSS_CHOICES, STEP_SCALE_CHOICES,
+                            TRAINABLE_CHOICES, RecoverConfig)
 
 log = logging.getLogger("onnx_lrsd")
 
@@ -547,6 +547,9 @@ def _recover_progress_printer(quiet: bool):
               help=f"Block-wise: nodes reading trained weights per block. [{RecoverConfig.block_size}]")
 @click.option("--warmup", type=click.IntRange(min=0), default=None,
               help=f"Steps over which Adam's step size rises linearly to --lr. [{RecoverConfig.warmup}]")
+@click.option("--step-scale", type=click.Choice(STEP_SCALE_CHOICES), default=None,
+              help="Adam moves every weight by about --lr (absolute) or by --lr times its tensor's RMS at the start "
+                   f"(relative). [{RecoverConfig.step_scale}]")
 @click.option("--shards", type=click.IntRange(min=1), default=None,
               help="Cut each batch's gradient into N shards of samples, one executor task each, summed in order "
                    "(the model depends on N, not on where shards run). [one per worker]")
@@ -561,7 +564,7 @@ def _recover_progress_printer(quiet: bool):
 @config_options(RECOVER)
 @guarded
 def recover(model: Path, teacher: Path, calib, output: Path, steps, time_budget, lr, batch, samples, loss, augment,
-            trainable, level, block_size, warmup, shards, mask_input, seed, report_file, plot_file, as_json, quiet,
+            trainable, level, block_size, warmup, step_scale, shards, mask_input, seed, report_file, plot_file, as_json, quiet,
             options) -> None:
     """Fine-tune the compressed MODEL to reproduce TEACHER (the original) on unlabeled data
     (distillation with onnxruntime gradients, end-to-end or block by block) and write it to OUTPUT."""
@@ -570,7 +573,8 @@ def recover(model: Path, teacher: Path, calib, output: Path, steps, time_budget,
 
     given = {k: v for k, v in dict(steps=steps, time_budget=time_budget, lr=lr, batch=batch, samples=samples,
                                     loss=loss, augment=augment, trainable=trainable, level=level,
-                                    block_size=block_size, warmup=warmup, shards=shards, mask_input=mask_input,
+                                    block_size=block_size, warmup=warmup, step_scale=step_scale, shards=shards,
+                                    mask_input=mask_input,
                                     seed=seed).items()
              if v is not None}
     config = _usage(lambda: RecoverConfig(**given, **options))  # options: the executor's, from CompressConfig

@@ -58,6 +58,17 @@ rec width 0.7; `python -m benchmarks recovery_warmup`); it shrinks the held-out 
 where the step size is large for the model (digit CNN keep 0.05 at 1e-3) and slows models far
 from the original (digit CNN keep 0.02 at 1e-3)."""
 
+RECOVER_STEP_SCALES = ("absolute", "relative")
+"""How far recovery's Adam step moves a tensor (`onnx_lrsd.recover.distill`): by about lr in
+every weight whatever the tensor's scale ("absolute", plain Adam), or by about lr times the
+tensor's RMS at the start ("relative", as Adafactor / LAMB)."""
+RECOVER_STEP_SCALE = "absolute"
+"""The default `RECOVER_STEP_SCALES` entry. Relative steps did not remove the held-out loss's
+early rise, they move where it starts on the lr axis: on the digit CNN at keep 0.05 relative
+3e-3 follows about the curve of absolute 1e-4; on PP-OCRv4 rec narrowed to width 0.7
+(block-wise) relative 1e-3 rose 4.6× over its first 20 steps where absolute 1e-4 rose 1.7× and
+absolute 3e-5 1.09×; no recovered task metric was better (`python -m benchmarks recovery_step`)."""
+
 QUANTIZE_MODES = ("dynamic", "dynamic-matmul", "static")
 """int8 quantization after compression (see `onnx_lrsd.runtime.quantize`)."""
 
@@ -275,9 +286,10 @@ class CompressConfig:
         original on the calibration batches the fits use (`onnx_lrsd.recover`, end-to-end
         distillation): "auto" or a number of Adam steps, and/or a time budget in seconds; with
         `stages`, after every stage against the original, the budget split evenly.
-    recover_level, recover_block_size, recover_warmup: the recovery's level (`RECOVER_LEVELS`),
-        block size and step-size warm-up (`onnx_lrsd.recover.RecoverConfig` level, block_size,
-        warmup); its gradient shards run on the run's executor.
+    recover_level, recover_block_size, recover_warmup, recover_step_scale: the recovery's level
+        (`RECOVER_LEVELS`), block size, step-size warm-up and step scale (`RECOVER_STEP_SCALES`;
+        `onnx_lrsd.recover.RecoverConfig` level, block_size, warmup, step_scale); its gradient
+        shards run on the run's executor.
     then_quantize: quantize the compressed model to int8 with onnxruntime's quantizer as the
         last step (one of `onnx_lrsd.runtime.quantize.QUANTIZE_MODES`; ``static`` calibrates on the
         same calibration batches). Targets apply to the low-rank model; the report gives the
@@ -332,6 +344,9 @@ class CompressConfig:
         0.1, "Relative ridge of an embedding table's fit (Gather): each token weighs its calibration count plus "
              "this times the mean count, so tokens calibration never saw are kept.")
     bias_correction: bool = option(True, "Restore each layer's mean output.")
+    fuse_elementwise: bool = option(True, "Write hard swishes spelled out in elementwise ops as one op and fold "
+                                          "constant scales and shifts into the neighbouring convs: the same "
+                                          "function in fewer kernels.")
     mask_input: Optional[str] = option(None, "Input whose zeros mark padding positions (dropped from the "
                                              "statistics).", commands=BOTH, metavar="NAME")
     calib_samples: Optional[int] = option(None, "Use at most N calibration samples.", commands=BOTH, minimum=1)
@@ -395,6 +410,9 @@ class CompressConfig:
                                                          "block.", minimum=1)
     recover_warmup: int = option(RECOVER_WARMUP, "Recovery: steps over which Adam's step size rises linearly to "
                                                  "its value.", minimum=0)
+    recover_step_scale: str = option(RECOVER_STEP_SCALE, "Recovery: Adam moves every weight by about the step size "
+                                                         "(absolute) or by the step size times its tensor's RMS "
+                                                         "(relative).", choices=RECOVER_STEP_SCALES)
     then_quantize: Optional[str] = option(
         None, "Quantize the compressed model to int8 with onnxruntime's quantizer: dynamic (all ops), "
               "dynamic-matmul (MatMul only) or static (QDQ, calibrated on --calib).", choices=QUANTIZE_MODES)
@@ -504,6 +522,9 @@ class CompressConfig:
             raise UsageError(f"recover_time must be > 0 seconds, got {self.recover_time!r}")
         if self.recover_level not in RECOVER_LEVELS:
             raise UsageError(f"unknown recover_level {self.recover_level!r} (choose from {', '.join(RECOVER_LEVELS)})")
+        if self.recover_step_scale not in RECOVER_STEP_SCALES:
+            raise UsageError(f"unknown recover_step_scale {self.recover_step_scale!r} (choose from "
+                             f"{', '.join(RECOVER_STEP_SCALES)})")
         for name, least in (("recover_block_size", 1), ("recover_warmup", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:

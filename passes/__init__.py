@@ -11,6 +11,7 @@ from .decompose_weights import DecomposeWeightsPass
 from .filter_residual_shares import FilterResidualSharesPass
 from .find_targets import FindTargetsPass
 from .fit_joint_groups import FitJointGroupsPass
+from .fuse_elementwise import FuseElementwisePass
 from .group_layers import GroupLayersPass
 from .measure_layer_latency import MeasureLayerLatencyPass
 from .name_nodes import NameNodesPass
@@ -23,5 +24,6 @@ __all__ = [
     "Pass", "PassContext", "PassManager", "PassResult", "RunState", "RoundState", "RoundOutput",
     "NameNodesPass", "FindTargetsPass", "SelectRanksPass", "CollectActivationsPass", "AllocateBudgetPass",
     "GroupLayersPass", "FitJointGroupsPass", "FilterResidualSharesPass", "ReconstructFeatureMapsPass", "DecomposeWeightsPass",
-    "CheckResidualModelPass", "RewriteLowRankPass", "MeasureLayerLatencyPass", "CleanupGraphPass", "VerifyOutputsPass",
+    "CheckResidualModelPass", "RewriteLowRankPass", "MeasureLayerLatencyPass", "CleanupGraphPass", "FuseElementwisePass",
+    "VerifyOutputsPass",
 ]

@@ -3,7 +3,8 @@
     prepare (once per run)          NameNodes → FindTargets → SelectRanks → CollectActivations
     round   (once per allocation)   GroupLayers → AllocateBudget → FitJointGroups → FilterResidualShares
                                     → ReconstructFeatureMaps → DecomposeWeights → CheckResidualModel
-                                    → RewriteLowRank → MeasureLayerLatency → CleanupGraph [→ VerifyOutputs]
+                                    → RewriteLowRank → MeasureLayerLatency → CleanupGraph → FuseElementwise
+                                    [→ VerifyOutputs]
 
 A run prepares the graph once; a target search (`passes.search`) runs rounds on copies of
 the prepared graph, each with a fresh round state (`PassContext.next_round`)."""
@@ -25,6 +26,7 @@ from .decompose_weights import DecomposeWeightsPass
 from .filter_residual_shares import FilterResidualSharesPass
 from .find_targets import FindTargetsPass
 from .fit_joint_groups import FitJointGroupsPass
+from .fuse_elementwise import FuseElementwisePass
 from .group_layers import GroupLayersPass
 from .measure_layer_latency import MeasureLayerLatencyPass
 from .name_nodes import NameNodesPass
@@ -50,10 +52,10 @@ PREPARED = tuple(p.name for p in prepare_passes())
 
 def round_passes(ctx: PassContext, correction: float = 1.0) -> List[Pass]:
     """Once per allocation: allocate (with a target, its prediction scaled by `correction`),
-    fit, rewrite, clean up and verify."""
+    fit, rewrite, clean up, fuse elementwise ops and verify."""
     passes = [GroupLayersPass(), AllocateBudgetPass(correction), FitJointGroupsPass(), FilterResidualSharesPass(),
               ReconstructFeatureMapsPass(), DecomposeWeightsPass(), CheckResidualModelPass(), RewriteLowRankPass(),
-              MeasureLayerLatencyPass(), CleanupGraphPass()]
+              MeasureLayerLatencyPass(), CleanupGraphPass(), FuseElementwisePass()]
     if ctx.config.verify:
         passes.append(VerifyOutputsPass())
     return passes

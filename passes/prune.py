@@ -13,7 +13,9 @@ import onnx
 from ..decompose.channels import CRITERIA, ConsumerStats, channel_order
 from ..errors import LrsdError
 from ..model.channel_groups import BlockedGroup, ChannelGroup, find_channel_groups, find_head_groups, weight_target
+from ..model.fuse import fuse_elementwise
 from ..model.graph import export_model, import_graph, model_template, resolve_constant
+from ..model.io import default_opset
 from ..model.narrow import GroupPlan, narrow_graph
 from ..plan.width import (GroupCost, GroupCurve, allocate_widths, consumer_stats, group_consumers, group_cost,
                          group_error_curve, keep_count, plan_group)
@@ -85,7 +87,7 @@ def channel_groups(model: onnx.ModelProto) -> Tuple[List[ChannelGroup], List[Blo
 
 
 def _groups(graph, model: onnx.ModelProto):
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    opset = default_opset(model) or 17
     groups, blocked = find_channel_groups(graph)
     heads, heads_blocked = find_head_groups(graph, opset)
     in_heads = {name for g in heads for name in g.producers + g.consumers}
@@ -356,6 +358,8 @@ def compress_widths(model, config, calibration) -> Tuple[onnx.ModelProto, "Compr
                            target_macs=config.target_macs, sequential=config.mode == "sequential",
                            dims=tuple(sorted(dims.items())))
     result = prune_model(source, fit or batches, options)
+    if config.fuse_elementwise:
+        result = dataclasses.replace(result, model=fuse_elementwise(result.model))
     errors, verified_on = {}, ""
     if config.verify:
         check, verified_on = (held, "held-out calibration batches") if held else \

@@ -132,7 +132,8 @@ def recover_compressed(source: onnx.ModelProto, compressed: onnx.ModelProto, cal
     options = RecoverConfig(steps=steps, time_budget=config.recover_time * share if config.recover_time else None,
                             seed=config.seed, mask_input=config.mask_input, threads=config.latency_threads,
                             level=config.recover_level, block_size=config.recover_block_size,
-                            warmup=config.recover_warmup, executor=config.executor, workers=config.workers,
+                            warmup=config.recover_warmup, step_scale=config.recover_step_scale,
+                            executor=config.executor, workers=config.workers,
                             ray_address=config.ray_address)
 
     def on_step(p) -> None:
@@ -446,13 +447,15 @@ def _mark_pareto(points):
 
 
 def model_stats(model: onnx.ModelProto, dims: Optional[Dict[str, int]] = None) -> ModelStats:
-    """Params, MACs (shapes inferred with `dims`, see `model_macs`) and the serialized size
+    """Params, MACs (shapes inferred with `dims`, see `model_macs`), ops (nodes but Constants:
+    roughly the kernels onnxruntime runs) and the serialized size
     (the initializers' bytes above half the protobuf limit, where serializing would fail or
     cost a copy of the weights)."""
     size = initializer_bytes(model)
     if size < PROTOBUF_LIMIT // 2:
         size = model.ByteSize()
-    return ModelStats(params=count_params(model), macs=model_macs(model, dims), file_bytes=size)
+    return ModelStats(params=count_params(model), macs=model_macs(model, dims), file_bytes=size,
+                      ops=sum(node.op_type != "Constant" for node in model.graph.node))
 
 
 def macs_dims(source: onnx.ModelProto, config: CompressConfig, calibration) -> Dict[str, int]:

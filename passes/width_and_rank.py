@@ -28,6 +28,7 @@ from threadpoolctl import threadpool_limits
 
 from ..config import PRUNE_AND_LOW_RANK, CompressConfig, LayerOverride
 from ..errors import LrsdError
+from ..model.fuse import fuse_elementwise
 from ..model.graph import import_graph, resolve_constant
 from ..model.io import load_model
 from ..parallel.executor import executor_for
@@ -216,6 +217,8 @@ class _Run:
         (a choice that no longer saves params on the narrowed layer leaves it dense)."""
         narrowed = prune_model(self.source, self.fit, self.prune, stats=None if self.prune.sequential else self.stats,
                                widths=found.widths, orders=None if self.prune.sequential else self.orders).model
+        if self.config.fuse_elementwise:
+            narrowed = fuse_elementwise(narrowed)
         units = {u.name: u for u in self.problem("params").layers}
         scale = {g.name: found.widths[g.name] / g.channels for g in self.groups}
         overrides = []

@@ -42,6 +42,11 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
     return load_source(source)[0]
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the default (ai.onnx) domain `model` imports (0 if none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def load_source(source: ModelSource, map_above: Optional[int] = None) -> Tuple[onnx.ModelProto, Optional[Path]]:
     """`load_model`, except that a file whose external data exceeds `map_above` bytes is
     checked but not loaded: returns the model and the directory its weights stay in (None

@@ -4,17 +4,25 @@ output matches the original's (teacher's) on augmented unlabeled inputs.
 Each step draws `batch` training samples (a seeded permutation per epoch), augments them, lets
 the teacher label them, and takes one Adam step with onnxruntime's loss and gradients:
 
-    m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − lr_t·m̂/(√v̂ + ε)   (m̂, v̂ bias-corrected)
+    m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − lr_t·s_θ·m̂/(√v̂ + ε)   (m̂, v̂ bias-corrected)
 
 with lr_t = lr·w_k·½(1 + cos πt) (t: spent share of the step or time budget; or without the
 cosine factor), w_k = min(1, k / warmup) at step k = 1, 2, ... (a linear warm-up; 1 without).
+s_θ scales the step of each tensor θ (`step_scale`): 1 ("absolute", plain Adam: each weight
+moves by about lr_t a step, whatever its tensor's scale and fan-in), or ("relative", the
+Adafactor / LAMB idea of a step relative to the weight's scale)
+
+    s_θ = max(RMS(θ₀), f·mean_τ RMS(τ₀))   (θ₀: the tensor when the run or block starts)
+
+over the trained tensors τ, f = `RELATIVE_FLOOR`, so a zero-initialized bias still moves.
 The gradient g of a batch may be summed from shards of it computed by executor tasks (`shards`).
 
 A residual stored as a sparse initializer keeps its support: its gradient is masked to it.
 Every `eval_every` steps the loss on the held-out samples (not augmented) is measured; the
 parameters of the best held-out step are returned, and `patience` evaluations without a new
-best stop the run. Memory: the samples, the held-out teacher outputs and three copies of the
-trainable weights (parameters, two moments) plus the best step's; nothing grows with steps.
+best stop the run once `min_evals` evaluations are done. Memory: the samples, the held-out
+teacher outputs and three copies of the trainable weights (parameters, two moments) plus the
+best step's; nothing grows with steps.
 """
 from __future__ import annotations
 
@@ -40,6 +48,9 @@ log = logging.getLogger(__name__)
 ADAM_EPS = 1e-8
 PROB_TOLERANCE = 1e-3
 MAX_RETRIES = 8
+RELATIVE_FLOOR = 0.1
+"""`step_scale="relative"`: a tensor's scale is at least this share of the trained tensors' mean
+RMS (zero-initialized biases still move)."""
 
 
 @dataclass(frozen=True)
@@ -268,6 +279,16 @@ def _weights_of(model: onnx.ModelProto, exc: UnsupportedOp, trainable: Sequence[
     return [t for t in trainable if t in read]
 
 
+def step_scales(params: Mapping[str, np.ndarray], mode: str) -> Dict[str, float]:
+    """The factor s_θ on each tensor's Adam step: 1 ("absolute"), or ("relative")
+    s_θ = max(RMS(θ₀), f·mean over tensors of RMS(θ₀)), f = `RELATIVE_FLOOR`."""
+    if mode == "absolute":
+        return {name: 1.0 for name in params}
+    rms = {name: float(np.sqrt(np.mean(np.square(value)))) if value.size else 0.0 for name, value in params.items()}
+    floor = RELATIVE_FLOOR * float(np.mean(list(rms.values()))) if rms else 0.0
+    return {name: max(value, floor) or 1.0 for name, value in rms.items()}
+
+
 @dataclass(frozen=True)
 class LoopResult:
     """What `adam_loop` returns: the best held-out step's parameters and the run's record."""
@@ -288,11 +309,13 @@ def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np
     """Adam on `lg`'s trainable weights over `config`'s step / time budget (time from `start`):
     batches of the training samples `train_idx` (a seeded permutation per epoch), augmented,
     labelled by `label(sample indices, feeds)`; the held-out loss every `eval_every` steps
-    keeps the best step and stops after `patience` evaluations without improvement."""
+    keeps the best step and stops after `patience` evaluations without improvement (not before
+    `min_evals` evaluations)."""
     n_held = len(next(iter(held_targets.values())))
     params = {k: v.astype(np.float64) for k, v in lg.initial.items()}
     moment1 = {k: np.zeros_like(v) for k, v in params.items()}
     moment2 = {k: np.zeros_like(v) for k, v in params.items()}
+    scales = step_scales(params, config.step_scale)
 
     def heldout_loss() -> float:
         total = 0.0
@@ -338,7 +361,7 @@ def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np
             moment2[name] = b2 * moment2[name] + (1 - b2) * g * g
             m_hat = moment1[name] / (1 - b1 ** step)
             v_hat = moment2[name] / (1 - b2 ** step)
-            params[name] -= lr * m_hat / (np.sqrt(v_hat) + ADAM_EPS)
+            params[name] -= lr * scales[name] * m_hat / (np.sqrt(v_hat) + ADAM_EPS)
         evaluated = None
         last = budget is not None and step >= budget
         if step % config.eval_every == 0 or last:
@@ -351,7 +374,7 @@ def adam_loop(lg: LossGradient, samples: Mapping[str, np.ndarray], train_idx: np
         if on_step is not None:
             on_step(RecoverProgress(step, budget, time.perf_counter() - start, config.time_budget, train_loss,
                                     evaluated, best[0]))
-        if config.patience is not None and stale >= config.patience:
+        if config.patience is not None and stale >= config.patience and len(curve) > config.min_evals:
             stopped_by = "early stop"
             break
     if curve[-1][0] != step and stopped_by != "diverged":

@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LrsdError
+from ..model.io import default_opset
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ class UnsupportedOp(LrsdError):
         self.op_type, self.node, self.inputs = op_type, node, inputs
         where = f" (node '{node}')" if node else ""
         super().__init__(f"no gradient rule for {op_type}{where}" + (f": {detail}" if detail else ""))
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def promote_constants(model: onnx.ModelProto) -> None:
@@ -96,7 +93,7 @@ def prepared_copy(model: onnx.ModelProto, trainable: Sequence[str] = ()) -> onnx
     densify_sparse(copy)
     tables = {n.input[0] for n in copy.graph.node if n.op_type == "Gather" and n.input}
     least = GATHER_MIN_OPSET if tables.intersection(trainable) else MIN_OPSET
-    if _default_opset(copy) < least:
+    if default_opset(copy) < least:
         from onnx import version_converter
 
         try:

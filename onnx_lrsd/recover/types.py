@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import EXECUTORS, RECOVER_BLOCK_SIZE, RECOVER_LEVEL, RECOVER_LEVELS, RECOVER_WARMUP, check_executor
+from ..config import (EXECUTORS, RECOVER_BLOCK_SIZE, RECOVER_LEVEL, RECOVER_LEVELS, RECOVER_STEP_SCALE,
+                      RECOVER_STEP_SCALES, RECOVER_WARMUP, check_executor)
 from ..errors import LrsdError
 from ..report.types import LeftAsFitted, RecoveryReport  # noqa: F401  (reports live in report/)
 
@@ -14,8 +15,15 @@ AUGMENT_CHOICES = ("auto", "none", "image", "tokens", "noise")
 TRAINABLE_CHOICES = ("compressed", "all")
 SCHEDULE_CHOICES = ("cosine", "constant")
 LEVEL_CHOICES = RECOVER_LEVELS
+STEP_SCALE_CHOICES = RECOVER_STEP_SCALES
 DEFAULT_STEPS = 200
 """Steps when neither `steps` nor `time_budget` is given ("auto")."""
+MIN_EVALS = 10
+"""Held-out evaluations before `patience` may stop a run (`RecoverConfig.min_evals`). The held-out
+loss often rises over the first tens of Adam steps before it falls below its start: on the digit
+CNN at keep 0.05 (lr 1e-3, evaluated every 10 steps) `patience=5` from the first evaluation kept
+nothing in 2 of 3 seeds, waiting for 10 evaluations kept 0.65 of the start loss in all 3
+(`python -m benchmarks recovery_step`)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,10 @@ class RecoverConfig:
     warmup: the step size of step k (k = 1, 2, ...) is multiplied by min(1, k / warmup), so it
       rises linearly over the first `warmup` steps (0: none); each block of block-wise
       reconstruction warms up anew (its steps are the budget's share of the block).
+    step_scale: "absolute" (plain Adam: each weight moves by about lr_t per step) or "relative"
+      (each tensor's step is multiplied by s_θ = max(RMS(θ₀), f·mean RMS), its RMS when the
+      run or block starts, floored by a share f of the mean over the trained tensors, so lr is
+      a step relative to the weight's scale: `distill.step_scales`).
     loss: "kl" on probability or logit outputs, "mse" (scaled by the teacher's mean square)
       otherwise; "auto" picks from the teacher's output on the data.
     augment: "image" (contrast, brightness, noise, blur, scale), "tokens" (token dropout to
@@ -38,7 +50,8 @@ class RecoverConfig:
       layers) or "all" float weights.
     holdout: fraction of the samples held out for early stopping and for keeping the best step.
     eval_every: steps between held-out evaluations; patience: evaluations without improvement
-      before stopping (None: never stop early).
+      before stopping (None: never stop early); min_evals: evaluations before patience may stop
+      the run (`MIN_EVALS`: the held-out loss often rises over the first steps before it falls).
     samples: use at most this many calibration samples (None: all the source gives).
     level: "end-to-end" distillation on the model output, "blocks" (block-wise reconstruction,
       `recover.blockwise`), or "blocks+end-to-end" (blocks on half the budget, then end-to-end);
@@ -64,6 +77,7 @@ class RecoverConfig:
     holdout: float = 0.2
     eval_every: int = 10
     patience: Optional[int] = 5
+    min_evals: int = MIN_EVALS
     output: Optional[str] = None
     mask_input: Optional[str] = None
     unk_id: int = 100
@@ -73,6 +87,7 @@ class RecoverConfig:
     level: str = RECOVER_LEVEL
     block_size: int = RECOVER_BLOCK_SIZE
     warmup: int = RECOVER_WARMUP
+    step_scale: str = RECOVER_STEP_SCALE
     shards: Optional[int] = None
     executor: str = EXECUTORS[0]
     workers: int = 1
@@ -98,6 +113,8 @@ class RecoverConfig:
             (isinstance(self.eval_every, int) and self.eval_every >= 1,
              f"eval_every must be >= 1, got {self.eval_every!r}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience!r}"),
+            (isinstance(self.min_evals, int) and not isinstance(self.min_evals, bool) and self.min_evals >= 0,
+             f"min_evals must be >= 0, got {self.min_evals!r}"),
             (self.samples is None or self.samples >= 2, f"samples must be >= 2, got {self.samples!r}"),
             (isinstance(self.threads, int) and self.threads >= 1, f"threads must be >= 1, got {self.threads!r}"),
             (self.level in LEVEL_CHOICES, f"level must be one of {', '.join(LEVEL_CHOICES)}, got {self.level!r}"),
@@ -105,6 +122,8 @@ class RecoverConfig:
              f"block_size must be >= 1, got {self.block_size!r}"),
             (isinstance(self.warmup, int) and not isinstance(self.warmup, bool) and self.warmup >= 0,
              f"warmup must be >= 0 steps, got {self.warmup!r}"),
+            (self.step_scale in STEP_SCALE_CHOICES,
+             f"step_scale must be one of {', '.join(STEP_SCALE_CHOICES)}, got {self.step_scale!r}"),
             (self.shards is None or (isinstance(self.shards, int) and self.shards >= 1),
              f"shards must be >= 1, got {self.shards!r}"),
         ]

@@ -107,6 +107,7 @@ class ModelStats:
     params: int
     macs: int
     file_bytes: int
+    ops: int = 0
 
 
 @dataclass(frozen=True)
@@ -368,6 +369,9 @@ class CompressionReport:
                if self.macs_unresolved else ""),
             f"{'file bytes':12}{self.before.file_bytes:>16,}{self.after.file_bytes:>16,}{self.size_ratio:>9.3f}",
         ]
+        if self.before.ops:
+            lines.append(f"{'ops':12}{self.before.ops:>16,}{self.after.ops:>16,}{self.after.ops / self.before.ops:>9.3f}"
+                         "  (nodes but Constants)")
         if self.layers or not self.widths:  # a width-only run factorizes nothing: it says what it narrowed
             lines.append(f"layers factorized {len(factorized)} of {len(self.layers)} targets; "
                          f"{len(self.skipped)} weight layers skipped")

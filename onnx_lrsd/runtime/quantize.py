@@ -30,7 +30,7 @@ import onnx
 from .calibrate import ListReader
 from ..config import QUANTIZE_MODES
 from ..errors import LrsdError
-from ..model.io import load_model, save_model, temporary_directory
+from ..model.io import default_opset, load_model, save_model, temporary_directory
 from ..report.types import QuantizationSummary
 
 log = logging.getLogger(__name__)
@@ -72,21 +72,17 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _prepared(model: onnx.ModelProto, mode: str) -> onnx.ModelProto:
     model = load_model(model)  # a copy
     constants_to_initializers(model)
-    if mode == "static" and _opset(model) < STATIC_MIN_OPSET:
+    if mode == "static" and default_opset(model) < STATIC_MIN_OPSET:
         from onnx import version_converter
 
         try:
             model = version_converter.convert_version(model, STATIC_MIN_OPSET)
         except Exception as exc:  # the converter raises its own error types
             raise LrsdError(f"static quantization needs opset {STATIC_MIN_OPSET}; converting from opset "
-                            f"{_opset(model)} failed: {' '.join(str(exc).split())[:200]}") from None
+                            f"{default_opset(model)} failed: {' '.join(str(exc).split())[:200]}") from None
     return model
 
 

@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from ..runtime.session import make_session
 from ..errors import LrsdError
+from ..model.io import default_opset
 from ..runtime.feeds import random_feeds
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class _GraphIndex:
     def __init__(self, model: onnx.ModelProto) -> None:
         graph = model.graph
         self.inits = {init.name: init for init in graph.initializer}
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        self.opset = default_opset(model) or 1
         self.producers = {out: node for node in graph.node for out in node.output}
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
         for node in graph.node:
