@@ -139,7 +139,7 @@ PARAMS_PLANS: dict[str, TaskPlan] = {
     "minilm": TaskPlan(
         budgets=(
             {"width": 0.35, **_FFN},
-            {"method": "prune+lowrank", "target_params": 0.8, "width_criterion": "energy"},
+            {"method": "prune+lowrank", "target_params": 0.8, "width_criterion": "energy", "level": "end-to-end"},
         ),
         calib_samples=256, calib_batch=32, recover_samples=1280,
         recover={"lr": 3e-5, "schedule": "constant", "batch": 8, "eval_every": 10, "patience": 6},
