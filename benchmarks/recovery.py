@@ -139,15 +139,12 @@ PARAMS_PLANS: dict[str, TaskPlan] = {
     "minilm": TaskPlan(
         budgets=(
             {"width": 0.35, **_FFN},
-            {"width": 0.35, **_FFN, "level": "blocks+end-to-end", "block_size": 4, "samples": 512},
-            {"method": "prune+lowrank", "target_params": 0.8, "width_criterion": "energy"},
-            {"method": "prune+lowrank", "target_params": 0.75, "width_criterion": "energy"},
+            {"method": "prune+lowrank", "target_params": 0.8, "width_criterion": "energy", "level": "end-to-end"},
         ),
         calib_samples=256, calib_batch=32, recover_samples=1280,
         recover={"lr": 3e-5, "schedule": "constant", "batch": 8, "eval_every": 10, "patience": 6},
         bar=WIDTH_PLANS["minilm"].bar, extra={
-            "int8": True,
-            "sample_study": {"budget": {"width": 0.35, **_FFN}, "samples": (256, 1024, 4096), "closed_form_too": True}}),
+            "int8": True}),
 }
 """`--kind params` (MiniLM at ≤ 0.8 of the parameters, word embeddings included): FFN width alone,
 recovered end-to-end, or block-wise (one block ≈ one layer: 4 narrowed tensors; on 512 samples,
