@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from ..model.fuse import fold_affines, fuse_hard_swish
+from ..model.fuse import fuse_graph
 from ..model.io import default_opset
 from .base import Pass, PassResult
 from .context import PassContext
@@ -21,6 +21,5 @@ class FuseElementwisePass(Pass):
     def call(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         if not ctx.config.fuse_elementwise:
             return PassResult(graph, modified=False, stats={"fused": 0, "folded": 0})
-        fused = fuse_hard_swish(graph, default_opset(ctx.source))
-        folded = fold_affines(graph)
+        fused, folded = fuse_graph(graph, default_opset(ctx.source))
         return PassResult(graph, modified=bool(fused or folded), stats={"fused": fused, "folded": folded})

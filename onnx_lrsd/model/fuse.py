@@ -1,7 +1,6 @@
 """Lossless elementwise fusion: fewer kernels for the same function (`fuse_elementwise`).
 
-Hard swish. 
-Exporters write hswish(x) = x·min(max(x + 3, 0), 6) / 6 as four kernels — Add, Clip, Mul and a
+Hard swish. Exporters write hswish(x) = x·min(max(x + 3, 0), 6) / 6 as four kernels — Add, Clip, Mul and a
 division by 6 (Div, or Mul by 1/6), dividing either the product or the gate — or as
 Mul(x, HardSigmoid(x; α = 1/6, β = ½)). onnxruntime runs each as its own pass over the tensor.
 `fuse_hard_swish` writes HardSwish(x) (opset ≥ 14) or, below, Mul(x, HardSigmoid(x; 1/6, ½)):
@@ -57,16 +56,21 @@ def _producer(tensor: gs.Tensor, op: str) -> Optional[gs.Node]:
     return tensor.inputs[0] if len(tensor.inputs) == 1 and tensor.inputs[0].op == op else None
 
 
-class _HardSwishMatcher:
-    """Finds hard swishes in `graph`; an intermediate tensor may have one reader only."""
+class _Readers:
+    """Who reads a tensor of `graph`: a rewrite may remove a tensor only its one reader reads."""
 
     def __init__(self, graph: gs.Graph):
         self.outputs: Set[str] = {t.name for t in graph.outputs}
 
     def sole_reader(self, tensor: gs.Tensor) -> Optional[gs.Node]:
+        """The one node reading `tensor`, if nothing else (no other node, no graph output) does."""
         if len(tensor.outputs) != 1 or tensor.name in self.outputs:
             return None
         return tensor.outputs[0]
+
+
+class _HardSwishMatcher(_Readers):
+    """Finds hard swishes in a graph; an intermediate tensor may have one reader only."""
 
     def divides_by_six(self, node: gs.Node, tensor: gs.Tensor) -> bool:
         """`node` computes tensor / 6 or tensor · (1/6)."""
@@ -189,12 +193,8 @@ def _affine(node: gs.Node, tensor: gs.Tensor, rank: int, channels: int) -> Optio
     return {"Mul": (values, zeros), "Div": (1.0 / values, zeros), "Add": (ones, values), "Sub": (ones, -values)}[node.op]
 
 
-class _ConvFolder:
+class _ConvFolder(_Readers):
     """Folds per-channel constant affines into the Convs they follow or feed."""
-
-    def __init__(self, graph: gs.Graph):
-        self.graph = graph
-        self.matcher = _HardSwishMatcher(graph)
 
     def weights(self, conv: gs.Node) -> Optional[Tuple[np.ndarray, Optional[np.ndarray]]]:
         if conv.op != "Conv" or len(conv.inputs) < 2:
@@ -210,7 +210,7 @@ class _ConvFolder:
     def _store(self, conv: gs.Node, index: int, values: np.ndarray, role: str) -> None:
         """`values` as `conv`'s input `index`: the old tensor's name when `conv` alone read it."""
         old = conv.inputs[index] if index < len(conv.inputs) and conv.inputs[index].name else None
-        if old is not None and len(old.outputs) == 1 and old.name not in self.matcher.outputs:
+        if old is not None and len(old.outputs) == 1 and old.name not in self.outputs:
             name = old.name
             old.name = f"{old.name}/before_fold"
         else:
@@ -224,7 +224,7 @@ class _ConvFolder:
         """y = Conv(x)·s + t  →  Conv with W[o]·s[o] and b[o]·s[o] + t[o]."""
         found = self.weights(conv)
         out = conv.outputs[0]
-        reader = self.matcher.sole_reader(out)
+        reader = self.sole_reader(out)
         if found is None or reader is None:
             return False
         weight, bias = found
@@ -247,16 +247,16 @@ class _ConvFolder:
         when the conv pads nothing (a padded border sees zeros, not t)."""
         found = self.weights(conv)
         x = conv.inputs[0]
-        if found is None or len(x.inputs) != 1 or self.matcher.sole_reader(x) is not conv:
+        if found is None or len(x.inputs) != 1 or self.sole_reader(x) is not conv:
             return False
         weight, bias = found
         group = int(conv.attrs.get("group", 1))
         node = x.inputs[0]
-        source = next((t for t in node.inputs if _other(node, t) is not None and
-                       _affine(node, t, weight.ndim, weight.shape[1] * group) is not None), None)
-        if source is None:
+        found = next(((t, affine) for t in node.inputs
+                      for affine in [_affine(node, t, weight.ndim, weight.shape[1] * group)] if affine is not None), None)
+        if found is None:
             return False
-        scale, shift = _affine(node, source, weight.ndim, weight.shape[1] * group)
+        source, (scale, shift) = found
         padded = any(int(p) for p in conv.attrs.get("pads", ())) or \
             conv.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
         if padded and np.any(shift):
@@ -294,9 +294,13 @@ def fold_affines(graph: gs.Graph) -> int:
     return folded
 
 
+def fuse_graph(graph: gs.Graph, opset: int) -> Tuple[int, int]:
+    """Both rewrites in place: (hard swishes fused, affines folded)."""
+    return fuse_hard_swish(graph, opset), fold_affines(graph)
+
+
 def fuse_elementwise(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` with its hard swishes fused and constant affines folded into its Convs;
     `model` itself when there is nothing to fuse."""
     graph = import_graph(model)
-    fused = fuse_hard_swish(graph, default_opset(model)) + fold_affines(graph)
-    return export_model(graph, model_template(model)) if fused else model
+    return export_model(graph, model_template(model)) if any(fuse_graph(graph, default_opset(model))) else model
